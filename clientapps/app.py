@@ -1,0 +1,48 @@
+"""The Bouquet ClientApp: one app for every algorithm.
+
+``run_config["algorithm"]`` picks the recipe (through the registry); the model
+and the node's data come from ``tasks/`` as the run config and the node config
+(``partition-id`` / ``num-partitions``, or a ``data-path``) say. Heavy imports
+happen inside the handlers so that starting a ClientApp process stays cheap.
+"""
+
+from flwr.app import Context, Message
+from flwr.clientapp import ClientApp
+
+app = ClientApp()
+
+
+def _model_and_data(context: Context):  # noqa: ANN202 (lazy torch types)
+    from tasks import DataSpec, build_model, dataset_info, load_client_data
+
+    run_config, node_config = context.run_config, context.node_config
+    spec = DataSpec.from_run_config(
+        {**run_config, **{k: v for k, v in node_config.items() if k == "data-path"}},
+        num_partitions=int(node_config.get("num-partitions", 1)),
+    )
+    data = load_client_data(spec, int(node_config.get("partition-id", 0)))
+    model = build_model(
+        str(run_config.get("model", "mlp")),
+        dataset_info(spec),
+        norm=str(run_config.get("model-norm", "batch")),
+        seed=int(run_config.get("seed", 0)),
+    )
+    return model, data
+
+
+@app.train()
+def train(msg: Message, context: Context) -> Message:
+    """Local training with the run's algorithm."""
+    from clientapps.routine import train_client
+
+    model, data = _model_and_data(context)
+    return train_client(msg, context, model, (data.train_x, data.train_y))
+
+
+@app.evaluate()
+def evaluate(msg: Message, context: Context) -> Message:
+    """Evaluate the global model on the node's held-out split."""
+    from clientapps.routine import evaluate_client
+
+    model, data = _model_and_data(context)
+    return evaluate_client(msg, context, model, (data.test_x, data.test_y))

@@ -1,0 +1,1 @@
+"""Server side app of Bouquet: the single ServerApp and its run machinery."""

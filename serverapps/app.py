@@ -1,0 +1,14 @@
+"""The Bouquet ServerApp: one app for every algorithm (see ``serverapps.run``)."""
+
+from flwr.app import Context
+from flwr.serverapp import Grid, ServerApp
+
+app = ServerApp()
+
+
+@app.main()
+def main(grid: Grid, context: Context) -> None:
+    """Run the algorithm that ``run_config["algorithm"]`` names."""
+    from serverapps.run import run_server
+
+    run_server(grid, context.run_config)

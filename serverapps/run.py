@@ -1,0 +1,164 @@
+"""What the ServerApp does, independent of how it was started.
+
+``run_server(grid, run_config)`` builds the strategy named by the run config,
+the initial model and the central test set from ``tasks/``, then drives the
+rounds with a checkpoint, a results row and a progress line after each. With
+``resume`` set it continues a run directory from its last checkpoint.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Mapping
+from datetime import datetime
+from logging import INFO
+from pathlib import Path
+from typing import Any
+
+from flwr.app import ArrayRecord, ConfigRecord, MetricRecord
+from flwr.serverapp import Grid
+from flwr.serverapp.strategy import Result
+from flwr.supercore import log
+
+from serverapps.results import RunDirectory, progress_line, summary
+from serverapps.settings import (
+    DEFAULTS,
+    TRAIN_CONFIG_KEYS,
+    hyperparameters,
+    setting,
+    strategy_common,
+)
+from strategies.aggregation import to_record
+from strategies.base import BouquetStrategy, RoundReport
+from strategies.registry import get_algorithm
+from strategies.state import ServerState, load_state, save_state
+
+DEFAULT_OUTPUT_DIR = "~/bouquet-runs"
+
+
+def run_directory(run_config: Mapping[str, Any]) -> Path:
+    """The run directory: the one to resume, or a new one under ``output-dir``."""
+    base = Path(setting(run_config, "output-dir") or DEFAULT_OUTPUT_DIR).expanduser()
+    if not base.is_absolute():
+        base = Path.home() / base
+    resume = setting(run_config, "resume")
+    if resume == "latest":
+        candidates = sorted(p for p in base.glob("*/checkpoint.json"))
+        if not candidates:
+            raise FileNotFoundError(f"resume='latest' but no checkpoint under {base}.")
+        return max(candidates, key=lambda p: p.stat().st_mtime).parent
+    if resume:
+        path = Path(resume).expanduser()
+        path = path if path.is_absolute() else base / path
+        if not (path / "checkpoint.json").exists():
+            raise FileNotFoundError(f"Cannot resume: no checkpoint in {path}.")
+        return path
+    stamp = datetime.now().strftime("%Y%m%d-%H%M%S-%f")
+    name = "-".join(
+        str(setting(run_config, k)) for k in ("algorithm", "dataset", "seed")
+    )
+    return base / f"{stamp}-{name}"
+
+
+def wait_for_nodes(grid: Grid, minimum: int, settle: float = 1.0) -> int:
+    """Wait until at least ``minimum`` nodes are connected and the count is stable.
+
+    In simulation the node list can be empty when the ServerApp starts; sampling
+    a fraction of a partial list would silently train fewer nodes in round 1.
+    """
+    last, stable_since = -1, time.monotonic()
+    while True:
+        count = len(list(grid.get_node_ids()))
+        if count != last:
+            last, stable_since = count, time.monotonic()
+        elif count >= minimum and time.monotonic() - stable_since >= settle:
+            return count
+        time.sleep(0.1)
+
+
+def _central_evaluator(run_config: Mapping[str, Any]):  # noqa: ANN202
+    import torch  # noqa: F401 (imported here: the server app starts fast)
+
+    from tasks import DataSpec, build_model, dataset_info, load_central_test
+    from tasks.evaluation import evaluate_model
+
+    spec = DataSpec.from_run_config(run_config, num_partitions=1)
+    info = dataset_info(spec)
+    x, y = load_central_test(spec)
+    model = build_model(
+        setting(run_config, "model"),
+        info,
+        norm=setting(run_config, "model-norm"),
+        seed=setting(run_config, "seed"),
+    )
+
+    def evaluate(server_round: int, arrays: ArrayRecord) -> MetricRecord:
+        model.load_state_dict(arrays.to_torch_state_dict(), strict=True)
+        loss, accuracy = evaluate_model(model, x, y)
+        return MetricRecord(
+            {"loss": loss, "accuracy": accuracy, "num-examples": len(x)}
+        )
+
+    return model, evaluate
+
+
+def build_strategy(run_config: Mapping[str, Any]) -> BouquetStrategy:
+    """The strategy the run config names, with its hyperparameters."""
+    entry = get_algorithm(setting(run_config, "algorithm"))
+    return entry.build(strategy_common(run_config), hyperparameters(entry, run_config))
+
+
+def run_server(
+    grid: Grid, run_config: Mapping[str, Any], *, settle: float = 1.0
+) -> tuple[Result, Path]:
+    """Run a whole federation from the server side; return its result and directory."""
+    run_config = {**DEFAULTS, **run_config}
+    strategy = build_strategy(run_config)  # fails first: unknown algorithm, bad value
+    num_rounds = setting(run_config, "num-server-rounds")
+    model, evaluate = _central_evaluator(run_config)
+    directory = RunDirectory(run_directory(run_config))
+    directory.write_config(dict(run_config))
+
+    arrays, first_round = ArrayRecord(model.state_dict()), 1
+    if (directory.checkpoint_stem.with_suffix(".json")).exists():
+        state = load_state(directory.checkpoint_stem)
+        strategy.load_state(state.strategy)
+        arrays, first_round = to_record(state.arrays), state.round + 1
+        log(INFO, "Resuming %s after round %d", directory.path, state.round)
+
+    def on_round_end(
+        strat: BouquetStrategy, rnd: int, current: ArrayRecord, report: RoundReport
+    ) -> None:
+        if rnd > 0:
+            save_state(
+                ServerState(
+                    rnd,
+                    {k: a.numpy() for k, a in current.items()},
+                    strat.export_state(),
+                ),
+                directory.checkpoint_stem,
+            )
+        log(INFO, "%s", progress_line(directory.add(report), num_rounds))
+
+    log(INFO, "Bouquet run directory: %s", directory.path)
+    wait_for_nodes(grid, setting(run_config, "min-available-nodes"), settle)
+    train_config = ConfigRecord({k: setting(run_config, k) for k in TRAIN_CONFIG_KEYS})
+    result = strategy.start(
+        grid,
+        arrays,
+        num_rounds=num_rounds,
+        timeout=setting(run_config, "round-timeout"),
+        train_config=train_config,
+        evaluate_config=ConfigRecord(),
+        evaluate_fn=evaluate,
+        first_round=first_round,
+        on_round_end=on_round_end,
+    )
+    final = summary(directory.rows)
+    (directory.path / "summary.json").write_text(json.dumps(final, indent=1))
+    directory.plot(
+        f"{setting(run_config, 'algorithm')} on {setting(run_config, 'dataset')}"
+    )
+    log(INFO, "Done: %s | results in %s", json.dumps(final), directory.path)
+    return result, directory.path

@@ -1,0 +1,1 @@
+"""Simulation tooling: the in-process runner, sweeps, plots and reproduction configs."""

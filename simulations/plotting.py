@@ -1,0 +1,36 @@
+"""Plots of per-round results: one line per run, accuracy and loss side by side."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+
+def plot_rounds(
+    runs: Mapping[str, Sequence[Mapping[str, Any]]], target: str | Path
+) -> Path:
+    """Plot central accuracy and train loss per round for every run in ``runs``."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (ax_acc, ax_loss) = plt.subplots(1, 2, figsize=(10, 4))
+    for label, rows in runs.items():
+        for ax, key in ((ax_acc, "central-accuracy"), (ax_loss, "train-loss")):
+            points = [(r["round"], r[key]) for r in rows if r.get(key) is not None]
+            if points:
+                xs, ys = zip(*points, strict=True)
+                ax.plot(xs, ys, marker=".", label=label)
+    ax_acc.set(xlabel="round", ylabel="central accuracy", title="Accuracy")
+    ax_loss.set(xlabel="round", ylabel="train loss", title="Training loss")
+    for ax in (ax_acc, ax_loss):
+        ax.grid(alpha=0.3)
+    if len(runs) <= 12:
+        ax_acc.legend(fontsize="small")
+    fig.tight_layout()
+    target = Path(target)
+    fig.savefig(target, dpi=100)
+    plt.close(fig)
+    return target

@@ -1,0 +1,804 @@
+"""Start, drive and stop real Flower processes on loopback.
+
+Used by the deployment tests and usable from scripts and benchmarks. Everything
+binds to 127.0.0.1 and runs in a private environment: its own ``FLWR_HOME``
+per process, a neutral working directory (the SuperLink's cwd ends up first in
+the Ray workers' ``sys.path``), runtime dependency installation off, telemetry
+and the update check off, Hugging Face offline and a private Ray.
+
+Typical use::
+
+    with FlowerProcesses() as procs:
+        link = procs.start_simulation_superlink()
+        run = procs.submit_run(APP_DIR, link.connection,
+                               run_config={"num-server-rounds": 2},
+                               federation_config={"num-supernodes": 4})
+        assert procs.wait_for_run(run.run_id, link.connection) == STATUS_COMPLETED
+
+Leaving the ``with`` block stops every started process and its whole tree
+(process group, descendants, and anything carrying this instance's tag in its
+environment), even when the block raised. Each process logs to a file under
+:attr:`FlowerProcesses.workdir`; :meth:`FlowerProcesses.logs` collects their
+tails for a failure message.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.error
+import urllib.request
+import uuid
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import TracebackType
+from typing import Any
+
+APP_DIR = Path(__file__).resolve().parent.parent
+"""The Bouquet app directory (the one holding ``pyproject.toml``)."""
+
+HOST = "127.0.0.1"
+TAG_VARIABLE = "BOUQUET_PROCESS_TAG"
+"""Environment variable that marks every process started by one instance."""
+
+STATUS_COMPLETED = "finished:completed"
+STATUS_FAILED = "finished:failed"
+STATUS_STOPPED = "finished:stopped"
+
+PRIVATE_ENV: dict[str, str] = {
+    "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",
+    "FLWR_TELEMETRY_ENABLED": "0",
+    "FLWR_DISABLE_UPDATE_CHECK": "1",
+    "HF_DATASETS_OFFLINE": "1",
+    "HF_HUB_OFFLINE": "1",
+    "RAY_ADDRESS": "local",
+    "RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO": "0",
+    "PYTHONUNBUFFERED": "1",
+}
+"""Environment every started process gets (on top of the caller's)."""
+
+_RUN_ID = re.compile(r"Successfully started run (\d+)")
+
+
+# ----------------------------------------------------------------------------
+# Small building blocks
+# ----------------------------------------------------------------------------
+
+
+def free_ports(count: int = 1) -> list[int]:
+    """Return ``count`` distinct TCP ports that are free on 127.0.0.1 right now.
+
+    Parameters
+    ----------
+    count : int
+        How many ports.
+
+    Returns
+    -------
+    list[int]
+        Distinct ports; all sockets are held open until every port is chosen.
+
+    """
+    sockets = []
+    try:
+        for _ in range(count):
+            sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+            sock.bind((HOST, 0))
+            sockets.append(sock)
+        return [s.getsockname()[1] for s in sockets]
+    finally:
+        for sock in sockets:
+            sock.close()
+
+
+def free_port() -> int:
+    """Return one TCP port that is free on 127.0.0.1 right now."""
+    return free_ports(1)[0]
+
+
+def venv_bin() -> Path:
+    """Return the directory of this interpreter's scripts (``flwr``, ...)."""
+    return Path(sys.executable).parent
+
+
+def flower_env(
+    flwr_home: str | Path,
+    *,
+    cache_dir: str | Path | None = None,
+    base: Mapping[str, str] | None = None,
+    extra: Mapping[str, str] | None = None,
+) -> dict[str, str]:
+    """Environment for a Flower process with a private ``FLWR_HOME``.
+
+    Parameters
+    ----------
+    flwr_home : str or Path
+        ``FLWR_HOME`` of the process.
+    cache_dir : str or Path, optional
+        ``BOUQUET_CACHE_DIR`` (kept from ``base`` if not given).
+    base : Mapping[str, str], optional
+        Starting environment; ``os.environ`` by default.
+    extra : Mapping[str, str], optional
+        Last-word overrides.
+
+    Returns
+    -------
+    dict[str, str]
+        ``base`` plus :data:`PRIVATE_ENV`, ``FLWR_HOME`` and the venv's ``bin``
+        first on ``PATH``.
+
+    """
+    env = dict(os.environ if base is None else base)
+    env.update(PRIVATE_ENV)
+    env["FLWR_HOME"] = str(flwr_home)
+    if cache_dir is not None:
+        env["BOUQUET_CACHE_DIR"] = str(cache_dir)
+    path = env.get("PATH", "")
+    env["PATH"] = os.pathsep.join(p for p in (str(venv_bin()), path) if p)
+    env.update(extra or {})
+    return env
+
+
+def write_connections(
+    flwr_home: str | Path,
+    connections: Mapping[str, str],
+    default: str | None = None,
+) -> Path:
+    """Write ``$FLWR_HOME/config.toml`` with insecure SuperLink connections.
+
+    Parameters
+    ----------
+    flwr_home : str or Path
+        The ``FLWR_HOME`` the ``flwr`` CLI will use.
+    connections : Mapping[str, str]
+        Connection name -> ``host:port`` of a SuperLink.
+    default : str, optional
+        The default connection (the first one if not given).
+
+    Returns
+    -------
+    Path
+        The written file (existing content is replaced).
+
+    """
+    home = Path(flwr_home)
+    home.mkdir(parents=True, exist_ok=True)
+    names = list(connections)
+    if not names:
+        raise ValueError("At least one connection is needed.")
+    lines = ["[superlink]", f'default = "{default or names[0]}"', ""]
+    for name, address in connections.items():
+        lines += [f"[superlink.{name}]", f'address = "{address}"']
+        lines += ["insecure = true", ""]
+    target = home / "config.toml"
+    target.write_text("\n".join(lines))
+    return target
+
+
+def toml_value(value: Any) -> str:
+    """Format a scalar as a TOML value for ``--run-config`` and friends.
+
+    Raises
+    ------
+    TypeError
+        For values TOML overrides cannot carry (``None``, containers).
+    ValueError
+        For a string holding both quote characters.
+
+    """
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, int):
+        return str(value)
+    if isinstance(value, float):
+        text = repr(value)
+        return text if any(c in text for c in ".en") else text + ".0"
+    if isinstance(value, (str, Path)):
+        text = str(value)
+        if "'" not in text:
+            return f"'{text}'"
+        if '"' not in text and "\\" not in text:
+            return f'"{text}"'
+        raise ValueError(f"Cannot pass {text!r} as a Flower config override.")
+    raise TypeError(f"Unsupported config override value {value!r}.")
+
+
+def toml_overrides(values: Mapping[str, Any]) -> str:
+    """Format ``{"lr": 0.1, "algorithm": "x"}`` as ``"lr=0.1 algorithm='x'"``."""
+    return " ".join(f"{key}={toml_value(value)}" for key, value in values.items())
+
+
+def wait_for_health(
+    port: int,
+    timeout: float = 60.0,
+    process: subprocess.Popen | None = None,
+) -> float:
+    """Wait until ``http://127.0.0.1:<port>/health`` answers with success.
+
+    Parameters
+    ----------
+    port : int
+        The SuperLink's HTTP port.
+    timeout : float
+        Seconds before giving up.
+    process : subprocess.Popen, optional
+        The server; its early exit fails the wait at once.
+
+    Returns
+    -------
+    float
+        Seconds waited.
+
+    Raises
+    ------
+    TimeoutError
+        Not healthy in time.
+    RuntimeError
+        ``process`` exited first.
+
+    """
+    start = time.monotonic()
+    url = f"http://{HOST}:{port}/health"
+    while True:
+        if process is not None and process.poll() is not None:
+            raise RuntimeError(f"Process exited with {process.returncode} before {url}")
+        try:
+            with urllib.request.urlopen(url, timeout=1.0) as response:
+                if 200 <= response.status < 300:
+                    return time.monotonic() - start
+        except (urllib.error.URLError, OSError):
+            pass
+        if time.monotonic() - start > timeout:
+            raise TimeoutError(f"{url} not healthy after {timeout:.0f}s")
+        time.sleep(0.2)
+
+
+# ----------------------------------------------------------------------------
+# Process tree inspection (Linux /proc; elsewhere only process groups are used)
+# ----------------------------------------------------------------------------
+
+
+def _proc_stat(pid: int) -> tuple[str, int, int] | None:
+    """(state, ppid, session id) of ``pid`` or None if it is gone."""
+    try:
+        raw = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    fields = raw[raw.rfind(")") + 2 :].split()
+    return fields[0], int(fields[1]), int(fields[3])
+
+
+def _all_pids() -> list[int]:
+    try:
+        return [int(p) for p in os.listdir("/proc") if p.isdigit()]
+    except OSError:
+        return []
+
+
+def descendants(pids: Iterable[int]) -> set[int]:
+    """All live descendants of ``pids`` (not including them)."""
+    children: dict[int, list[int]] = {}
+    for pid in _all_pids():
+        stat = _proc_stat(pid)
+        if stat is not None:
+            children.setdefault(stat[1], []).append(pid)
+    found: set[int] = set()
+    todo = list(pids)
+    while todo:
+        for child in children.get(todo.pop(), []):
+            if child not in found:
+                found.add(child)
+                todo.append(child)
+    return found
+
+
+def tagged_pids(tag: str) -> set[int]:
+    """Live, non-zombie processes whose environment holds ``TAG_VARIABLE=tag``."""
+    needle = f"{TAG_VARIABLE}={tag}".encode()
+    found = set()
+    for pid in _all_pids():
+        if pid == os.getpid():
+            continue
+        try:
+            environ = Path(f"/proc/{pid}/environ").read_bytes()
+        except OSError:
+            continue
+        stat = _proc_stat(pid)
+        if needle in environ.split(b"\0") and stat is not None and stat[0] != "Z":
+            found.add(pid)
+    return found
+
+
+def _alive(pid: int) -> bool:
+    stat = _proc_stat(pid)
+    if stat is not None:
+        return stat[0] != "Z"
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return not Path("/proc").is_dir()
+
+
+def _signal_pid(pid: int, sig: signal.Signals) -> None:
+    try:
+        os.kill(pid, sig)
+    except (ProcessLookupError, PermissionError):
+        pass
+
+
+def _signal_group(pgid: int, sig: signal.Signals) -> None:
+    try:
+        os.killpg(pgid, sig)
+    except (ProcessLookupError, PermissionError):
+        pass
+
+
+# ----------------------------------------------------------------------------
+# Managed processes
+# ----------------------------------------------------------------------------
+
+
+@dataclass
+class ManagedProcess:
+    """One started process: its ``Popen``, name and log file."""
+
+    name: str
+    popen: subprocess.Popen
+    log_path: Path
+    argv: list[str]
+
+    @property
+    def pid(self) -> int:
+        """Process id (also its process group id: it leads a new session)."""
+        return self.popen.pid
+
+    def running(self) -> bool:
+        """Whether the process has not exited yet."""
+        return self.popen.poll() is None
+
+    def log_tail(self, max_chars: int = 6000) -> str:
+        """Return the last ``max_chars`` characters of the process's log."""
+        try:
+            text = self.log_path.read_text(errors="replace")
+        except OSError:
+            return ""
+        return text[-max_chars:]
+
+
+@dataclass
+class SuperLink:
+    """A started SuperLink and the ``flwr`` connection that reaches it."""
+
+    process: ManagedProcess
+    port: int
+    connection: str
+    flwr_home: Path
+
+    @property
+    def address(self) -> str:
+        """``127.0.0.1:<port>`` (Fleet, Control and Runtime API, all HTTP)."""
+        return f"{HOST}:{self.port}"
+
+
+@dataclass
+class SubmittedRun:
+    """A run submitted with ``flwr run``."""
+
+    run_id: int
+    connection: str
+    output: str = ""
+    submit_seconds: float = 0.0
+
+
+@dataclass
+class Deployment:
+    """A deployment SuperLink plus its SuperNodes."""
+
+    superlink: SuperLink
+    supernodes: list[ManagedProcess] = field(default_factory=list)
+
+
+class FlowerProcesses:
+    """Starts Flower processes and guarantees they are all stopped.
+
+    Parameters
+    ----------
+    workdir : str or Path, optional
+        Where logs, ``FLWR_HOME`` folders, neutral cwds and the cache go; a new
+        temporary directory (removed on exit unless ``keep``) if not given.
+    keep : bool
+        Keep a self-made ``workdir`` on exit.
+    grace : float
+        Seconds between SIGTERM and SIGKILL when stopping.
+    env : Mapping[str, str], optional
+        Extra environment for every started process.
+
+    """
+
+    def __init__(
+        self,
+        workdir: str | Path | None = None,
+        *,
+        keep: bool = False,
+        grace: float = 10.0,
+        env: Mapping[str, str] | None = None,
+    ) -> None:
+        self._own_workdir = workdir is None
+        self.workdir = Path(workdir or tempfile.mkdtemp(prefix="bouquet-procs-"))
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        self.keep = keep
+        self.grace = grace
+        self.tag = uuid.uuid4().hex
+        self.extra_env = dict(env or {})
+        self.processes: list[ManagedProcess] = []
+        self.cli_home = self.workdir / "cli-home"
+        self.cache_dir = self.workdir / "cache"
+        self._connections: dict[str, str] = {}
+
+    # -- context manager ----------------------------------------------------
+
+    def __enter__(self) -> FlowerProcesses:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        try:
+            self.stop_all()
+        finally:
+            if self._own_workdir and not self.keep and exc_type is None:
+                shutil.rmtree(self.workdir, ignore_errors=True)
+
+    # -- environment --------------------------------------------------------
+
+    def env(self, flwr_home: str | Path | None = None) -> dict[str, str]:
+        """Return the environment of a started process (tagged, private)."""
+        return flower_env(
+            flwr_home or self.cli_home,
+            cache_dir=self.cache_dir,
+            extra={**self.extra_env, TAG_VARIABLE: self.tag},
+        )
+
+    def neutral_dir(self, name: str) -> Path:
+        """Return an empty directory to use as a cwd (nothing can shadow the app)."""
+        path = self.workdir / "cwd" / name
+        path.mkdir(parents=True, exist_ok=True)
+        return path
+
+    def add_connection(self, name: str, address: str) -> None:
+        """Register a connection in the CLI's ``$FLWR_HOME/config.toml``."""
+        self._connections[name] = address
+        write_connections(self.cli_home, self._connections)
+
+    # -- starting -----------------------------------------------------------
+
+    def start(
+        self,
+        name: str,
+        argv: Sequence[str],
+        *,
+        flwr_home: str | Path | None = None,
+        env: Mapping[str, str] | None = None,
+    ) -> ManagedProcess:
+        """Start ``argv`` in a new session, logging to ``<workdir>/logs/<name>.log``.
+
+        Parameters
+        ----------
+        name : str
+            Unique name (used for the log file and cwd).
+        argv : Sequence[str]
+            Command; a bare program name is looked up in the venv first.
+        flwr_home : str or Path, optional
+            The process's ``FLWR_HOME`` (``<workdir>/homes/<name>`` by default).
+        env : Mapping[str, str], optional
+            Extra environment.
+
+        Returns
+        -------
+        ManagedProcess
+            The running process.
+
+        """
+        if any(p.name == name for p in self.processes):
+            raise ValueError(f"A process named {name!r} was already started.")
+        home = Path(flwr_home or self.workdir / "homes" / name)
+        home.mkdir(parents=True, exist_ok=True)
+        logs = self.workdir / "logs"
+        logs.mkdir(exist_ok=True)
+        log_path = logs / f"{name}.log"
+        full_env = {**self.env(home), **(env or {})}
+        command = list(argv)
+        command[0] = shutil.which(command[0], path=full_env["PATH"]) or command[0]
+        with open(log_path, "ab") as log_file:
+            popen = subprocess.Popen(
+                command,
+                cwd=self.neutral_dir(name),
+                env=full_env,
+                stdin=subprocess.DEVNULL,
+                stdout=log_file,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+            )
+        process = ManagedProcess(name, popen, log_path, command)
+        self.processes.append(process)
+        return process
+
+    def start_simulation_superlink(
+        self,
+        connection: str = "sim",
+        *,
+        port: int | None = None,
+        timeout: float = 90.0,
+    ) -> SuperLink:
+        """Start ``flower-superlink --simulation`` as the ``:local:`` one would be.
+
+        Same flags as the SuperLink ``flwr`` auto-starts for ``:local:`` (and
+        ``--disable-runtime-dependency-installation``), on a free port, with a
+        private ``FLWR_HOME`` and database, from a neutral cwd. Waits for
+        ``/health`` and registers ``connection`` for the ``flwr`` CLI.
+        """
+        return self._start_superlink(connection, port, timeout, simulation=True)
+
+    def start_deployment(
+        self,
+        num_supernodes: int,
+        connection: str = "deploy",
+        *,
+        node_config: Mapping[str, Any] | None = None,
+        timeout: float = 90.0,
+    ) -> Deployment:
+        """Start a deployment SuperLink and ``num_supernodes`` SuperNodes.
+
+        SuperNode ``i`` gets ``--node-config "partition-id=i num-partitions=N"``
+        (plus ``node_config``), its own ``FLWR_HOME`` and its own ``--port``.
+        Returns once the SuperLink is healthy; the SuperNodes connect on
+        their own (the ServerApp waits for ``min-available-nodes``).
+        """
+        link = self._start_superlink(connection, None, timeout, simulation=False)
+        deployment = Deployment(link)
+        for i, port in enumerate(free_ports(num_supernodes)):
+            config = {"partition-id": i, "num-partitions": num_supernodes}
+            config.update(node_config or {})
+            deployment.supernodes.append(
+                self.start(
+                    f"supernode-{i}",
+                    [
+                        "flower-supernode",
+                        "--insecure",
+                        "--superlink",
+                        link.address,
+                        "--host",
+                        HOST,
+                        "--port",
+                        str(port),
+                        "--node-config",
+                        toml_overrides(config),
+                    ],
+                )
+            )
+        return deployment
+
+    def _start_superlink(
+        self, connection: str, port: int | None, timeout: float, *, simulation: bool
+    ) -> SuperLink:
+        port = port or free_port()
+        name = f"superlink-{connection}"
+        home = self.workdir / "homes" / name
+        argv = ["flower-superlink", "--insecure"]
+        if simulation:
+            argv += ["--simulation", "--isolation", "subprocess"]
+        argv += [
+            "--host",
+            HOST,
+            "--port",
+            str(port),
+            "--database",
+            str(home / "state.db"),
+            "--disable-runtime-dependency-installation",
+        ]
+        process = self.start(name, argv, flwr_home=home)
+        try:
+            wait_for_health(port, timeout, process.popen)
+        except (TimeoutError, RuntimeError) as err:
+            raise RuntimeError(f"{err}\n{self.logs()}") from err
+        self.add_connection(connection, f"{HOST}:{port}")
+        return SuperLink(process, port, connection, home)
+
+    # -- the flwr CLI -------------------------------------------------------
+
+    def flwr(
+        self, *args: str, timeout: float = 120.0, check: bool = True
+    ) -> subprocess.CompletedProcess[str]:
+        """Run the ``flwr`` CLI with this instance's ``FLWR_HOME`` and environment.
+
+        Raises
+        ------
+        subprocess.CalledProcessError
+            Non-zero exit and ``check``.
+        subprocess.TimeoutExpired
+            Still running after ``timeout`` (it is killed).
+
+        """
+        env = self.env()
+        command = [shutil.which("flwr", path=env["PATH"]) or "flwr", *args]
+        with subprocess.Popen(
+            command,
+            cwd=self.neutral_dir("flwr-cli"),
+            env=env,
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+            start_new_session=True,
+        ) as popen:
+            try:
+                output, _ = popen.communicate(timeout=timeout)
+            except subprocess.TimeoutExpired:
+                _signal_group(popen.pid, signal.SIGKILL)
+                output, _ = popen.communicate()
+                raise subprocess.TimeoutExpired(command, timeout, output) from None
+        result = subprocess.CompletedProcess(command, popen.returncode, output, None)
+        if check and result.returncode != 0:
+            raise subprocess.CalledProcessError(
+                result.returncode, command, output=output
+            )
+        return result
+
+    def submit_run(
+        self,
+        connection: str,
+        app_dir: str | Path = APP_DIR,
+        *,
+        run_config: Mapping[str, Any] | None = None,
+        federation_config: Mapping[str, Any] | None = None,
+        stream: bool = True,
+        timeout: float = 600.0,
+    ) -> SubmittedRun:
+        """``flwr run <app_dir> <connection>``; return the run id and output.
+
+        With ``stream`` (the default) this returns when the run has ended and
+        ``output`` holds its log; ``flwr run --stream`` exits 0 even when the
+        ServerApp fails, so check :meth:`run_status` /
+        :meth:`wait_for_run`.
+
+        Raises
+        ------
+        RuntimeError
+            The submission failed (no run id in the output).
+
+        """
+        args = ["run", str(Path(app_dir).resolve()), connection]
+        if stream:
+            args.append("--stream")
+        if run_config:
+            args += ["--run-config", toml_overrides(run_config)]
+        if federation_config:
+            args += ["--federation-config", toml_overrides(federation_config)]
+        start = time.monotonic()
+        try:
+            result = self.flwr(*args, timeout=timeout, check=False)
+        except subprocess.TimeoutExpired as err:
+            match = _RUN_ID.search(str(err.output or ""))
+            if match:
+                self.flwr("stop", match.group(1), connection, check=False)
+            raise
+        match = _RUN_ID.search(result.stdout)
+        if match is None:
+            raise RuntimeError(
+                f"flwr run failed (exit {result.returncode}):\n{result.stdout}"
+            )
+        return SubmittedRun(
+            int(match.group(1)), connection, result.stdout, time.monotonic() - start
+        )
+
+    def run_info(self, run_id: int, connection: str) -> dict[str, Any]:
+        """Return the run's row of ``flwr ls --run-id ID <conn> --format json``."""
+        result = self.flwr(
+            "ls", "--run-id", str(run_id), connection, "--format", "json", check=False
+        )
+        text = result.stdout
+        try:
+            payload = json.loads(text[text.index("{") :])
+        except ValueError as err:
+            raise RuntimeError(f"Unexpected `flwr ls` output:\n{text}") from err
+        runs = payload.get("runs") or []
+        if not payload.get("success") or not runs:
+            raise RuntimeError(f"`flwr ls` found no run {run_id}:\n{text}")
+        return runs[0]
+
+    def run_status(self, run_id: int, connection: str) -> str:
+        """Return the run's status, e.g. ``running`` or ``finished:completed``."""
+        return str(self.run_info(run_id, connection)["status"])
+
+    def wait_for_run(
+        self,
+        run_id: int,
+        connection: str,
+        timeout: float = 600.0,
+        poll: float = 1.0,
+    ) -> str:
+        """Wait until the run's status starts with ``finished``; return it.
+
+        Raises
+        ------
+        TimeoutError
+            Not finished in time (the run is stopped with ``flwr stop``).
+
+        """
+        deadline = time.monotonic() + timeout
+        while True:
+            status = self.run_status(run_id, connection)
+            if status.startswith("finished"):
+                return status
+            if time.monotonic() > deadline:
+                self.flwr("stop", str(run_id), connection, check=False)
+                raise TimeoutError(f"Run {run_id} still {status} after {timeout}s")
+            time.sleep(poll)
+
+    def run_log(self, run_id: int, connection: str) -> str:
+        """Return the run's whole log (``flwr log <run-id> <connection> --show``)."""
+        return self.flwr("log", str(run_id), connection, "--show", check=False).stdout
+
+    # -- stopping and reporting ---------------------------------------------
+
+    def stop_all(self) -> None:
+        """Stop every started process, its process group and its descendants.
+
+        SIGTERM to all groups at once, up to :attr:`grace` seconds for them to
+        exit, then SIGKILL to whatever is left: the groups, the descendants
+        seen before, and every process carrying this instance's tag.
+        """
+        leaders = [p for p in self.processes if p.running()]
+        tree = descendants(p.pid for p in leaders) | tagged_pids(self.tag)
+        for process in leaders:
+            _signal_group(process.pid, signal.SIGTERM)
+        deadline = time.monotonic() + self.grace
+        while time.monotonic() < deadline and (
+            any(p.running() for p in leaders) or any(_alive(pid) for pid in tree)
+        ):
+            time.sleep(0.1)
+        for _ in range(50):
+            leftovers = {pid for pid in tree if _alive(pid)} | tagged_pids(self.tag)
+            leftovers |= {p.pid for p in self.processes if p.running()}
+            if not leftovers:
+                break
+            for process in self.processes:
+                _signal_group(process.pid, signal.SIGKILL)
+            for pid in leftovers:
+                _signal_pid(pid, signal.SIGKILL)
+            time.sleep(0.1)
+        for process in self.processes:
+            try:
+                process.popen.wait(timeout=5)
+            except subprocess.TimeoutExpired:
+                pass
+
+    def leftover_pids(self) -> set[int]:
+        """Return this instance's live processes (none after :meth:`stop_all`)."""
+        return tagged_pids(self.tag) | {p.pid for p in self.processes if p.running()}
+
+    def logs(self, max_chars: int = 6000) -> str:
+        """Return the tail of every process's log, for a failure message."""
+        parts = []
+        for process in self.processes:
+            state = "running" if process.running() else f"exit {process.popen.poll()}"
+            parts.append(
+                f"----- {process.name} (pid {process.pid}, {state}) "
+                f"{process.log_path} -----\n{process.log_tail(max_chars)}"
+            )
+        return "\n".join(parts)

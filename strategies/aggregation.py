@@ -1,0 +1,106 @@
+"""Aggregation helpers shared by every strategy: pure functions over arrays.
+
+Arrays are ``dict[str, np.ndarray]`` in state-dict order. Helpers never modify
+their inputs. Means are accumulated in float64 and cast back to each array's
+dtype, so the result does not depend on how many replies there were; integer
+arrays (e.g. BatchNorm's ``num_batches_tracked``) are rounded back.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+
+import numpy as np
+from flwr.app import Array, ArrayRecord, MetricRecord, RecordDict
+
+from strategies import keys
+
+NDArrays = dict[str, np.ndarray]
+
+
+def to_numpy(record: ArrayRecord) -> NDArrays:
+    """ArrayRecord -> ordered dict of numpy arrays."""
+    return {k: v.numpy() for k, v in record.items()}
+
+
+def to_record(arrays: Mapping[str, np.ndarray]) -> ArrayRecord:
+    """Ordered dict of numpy arrays -> ArrayRecord."""
+    return ArrayRecord({k: Array(np.ascontiguousarray(v)) for k, v in arrays.items()})
+
+
+def _cast_like(value: np.ndarray, like: np.ndarray) -> np.ndarray:
+    if like.dtype.kind in "iub":
+        return np.rint(value).astype(like.dtype)
+    return value.astype(like.dtype)
+
+
+def weighted_mean(
+    arrays: Sequence[Mapping[str, np.ndarray]], weights: Sequence[float] | None = None
+) -> NDArrays:
+    """Weighted mean of several array dicts (uniform when ``weights`` is None).
+
+    ``sum_i w_i x_i / sum_i w_i`` per key, accumulated in float64.
+    """
+    if not arrays:
+        raise ValueError("weighted_mean needs at least one set of arrays.")
+    w = np.ones(len(arrays)) if weights is None else np.asarray(weights, np.float64)
+    if w.shape != (len(arrays),) or w.sum() <= 0 or (w < 0).any():
+        raise ValueError(f"Invalid weights {list(w)} for {len(arrays)} replies.")
+    w = w / w.sum()
+    first = arrays[0]
+    out: NDArrays = {}
+    for key, ref in first.items():
+        acc = np.zeros(ref.shape, dtype=np.float64)
+        for wi, a in zip(w, arrays, strict=True):
+            acc += wi * a[key]
+        out[key] = _cast_like(acc, ref)
+    return out
+
+
+def deltas(
+    arrays: Sequence[Mapping[str, np.ndarray]], reference: Mapping[str, np.ndarray]
+) -> list[NDArrays]:
+    """``x_i - reference`` per key, in float64 (client updates, "pseudo-gradients")."""
+    return [
+        {
+            k: a[k].astype(np.float64) - reference[k].astype(np.float64)
+            for k in reference
+        }
+        for a in arrays
+    ]
+
+
+def apply_delta(
+    reference: Mapping[str, np.ndarray],
+    delta: Mapping[str, np.ndarray],
+    scale: float = 1.0,
+) -> NDArrays:
+    """``reference + scale * delta``, cast back to each array's dtype."""
+    return {
+        k: _cast_like(ref.astype(np.float64) + scale * delta[k], ref)
+        for k, ref in reference.items()
+    }
+
+
+def weighted_metrics(records: list[RecordDict], weight_key: str) -> MetricRecord:
+    """Weighted mean of every scalar metric over the replies that report it.
+
+    Unlike Flower's default, replies may report different keys, and the
+    bookkeeping keys (``num-examples``, ``partition-id``) are not averaged;
+    the result carries the total ``num-examples`` instead.
+    """
+    sums: dict[str, float] = {}
+    totals: dict[str, float] = {}
+    num_examples = 0.0
+    for record in records:
+        metrics = next(iter(record.metric_records.values()))
+        weight = float(metrics[weight_key])
+        num_examples += weight
+        for key, value in metrics.items():
+            if key in keys.BOOKKEEPING_METRICS or isinstance(value, list):
+                continue
+            sums[key] = sums.get(key, 0.0) + weight * float(value)
+            totals[key] = totals.get(key, 0.0) + weight
+    result = MetricRecord({k: sums[k] / totals[k] for k in sums})
+    result[keys.NUM_EXAMPLES] = num_examples
+    return result

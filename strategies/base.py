@@ -1,0 +1,368 @@
+"""The base of every Bouquet strategy: a mixin over Flower's message-API strategies.
+
+``BouquetStrategy`` adds to any :class:`flwr.serverapp.strategy.Strategy`:
+
+- **Seeded sampling.** Nodes are sampled from the sorted node ids with a random
+  stream derived from ``(seed, round)``, so a run replays exactly.
+- **Reply validation.** Replies are checked against the arrays that were sent
+  (keys, shapes, dtypes, finiteness) and against the metrics contract
+  (``num-examples`` > 0, finite numbers). Bad replies are dropped with a logged
+  reason and counted; the round goes on with the rest. If fewer than
+  ``min_train_nodes`` good replies remain, the round's update is skipped (the
+  global arrays stay as they were) and the reason is logged as an error.
+- **Deterministic reply order.** Good replies are aggregated in order of the
+  ``partition-id`` they report, so float sums do not depend on arrival order.
+- **State export/load.** ``export_state()`` / ``load_state()`` cover the
+  attributes named in ``state_attributes`` (e.g. FedAdam's moments), so a run
+  can be checkpointed every round and resumed.
+- **One round driver.** :meth:`start` is Flower's ``start`` with a first round
+  (for resume), an ``on_round_end`` callback (checkpoints, results, progress)
+  and per-round accounting (bytes each way, replies, drops, wall time).
+  Algorithms customise rounds through ``configure_*`` / ``aggregate_*``, never
+  by copying the loop.
+
+Use it first in the bases: ``class FedProx(BouquetStrategy, flwr.FedProx)``.
+"""
+
+from __future__ import annotations
+
+import random
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from logging import ERROR, INFO, WARNING
+from typing import Any, ClassVar
+
+import numpy as np
+from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord
+from flwr.serverapp import Grid
+from flwr.serverapp.strategy import Result
+from flwr.supercore import log
+
+from strategies import keys
+from strategies.aggregation import to_numpy, to_record, weighted_metrics
+from strategies.validation import ArraySpec, array_spec, check_reply
+
+_ARRAYRECORD_TAG = "__arrayrecord__"
+
+
+def derive_seed(*parts: int | str) -> int:
+    """A 63-bit seed derived from ``parts`` (e.g. ``seed, round, "train"``)."""
+    words = [
+        p if isinstance(p, int) else int.from_bytes(p.encode(), "little") for p in parts
+    ]
+    return int(np.random.SeedSequence(words).generate_state(2, np.uint64)[0] >> 1)
+
+
+class _SortedNodes:
+    """A view of a Grid whose ``get_node_ids`` is sorted (stable sampling)."""
+
+    def __init__(self, grid: Grid) -> None:
+        self._grid = grid
+
+    def get_node_ids(self) -> list[int]:
+        return sorted(self._grid.get_node_ids())
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._grid, name)
+
+
+@dataclass
+class RoundReport:
+    """Accounting for one round, filled in by the driver and the mixin."""
+
+    round: int
+    train_metrics: dict[str, float] = field(default_factory=dict)
+    evaluate_metrics: dict[str, float] = field(default_factory=dict)
+    central_metrics: dict[str, float] = field(default_factory=dict)
+    train_replies: int = 0
+    train_dropped: int = 0
+    evaluate_replies: int = 0
+    evaluate_dropped: int = 0
+    drop_reasons: list[str] = field(default_factory=list)
+    update_skipped: bool = False
+    bytes_sent: int = 0
+    bytes_received: int = 0
+    wall_time: float = 0.0
+
+
+RoundCallback = Callable[["BouquetStrategy", int, ArrayRecord, RoundReport], None]
+
+
+def _payload_bytes(messages: Iterable[Message]) -> int:
+    total = 0
+    for msg in messages:
+        if msg.has_content():
+            for record in msg.content.array_records.values():
+                total += sum(len(a.data) for a in record.values())
+    return total
+
+
+def _plain(record: MetricRecord | None) -> dict[str, float]:
+    if record is None:
+        return {}
+    return {k: v for k, v in record.items() if not isinstance(v, list)}
+
+
+class BouquetStrategy:
+    """Mixin that gives a Flower strategy Bouquet's guarantees (see module doc).
+
+    Parameters
+    ----------
+    seed : int
+        Root of the sampling stream and of the clients' random streams (sent as
+        ``config["seed"]``).
+    *args, **kwargs
+        Passed to the Flower strategy it is mixed into.
+
+    """
+
+    state_attributes: ClassVar[tuple[str, ...]] = ()
+    """Attributes saved by ``export_state`` and restored by ``load_state``."""
+
+    extra_train_records: ClassVar[tuple[str, ...]] = ()
+    """Names of extra ArrayRecords a train reply carries (shaped like the model)."""
+
+    def __init__(self, *args: Any, seed: int = 0, **kwargs: Any) -> None:
+        kwargs.setdefault("train_metrics_aggr_fn", weighted_metrics)
+        kwargs.setdefault("evaluate_metrics_aggr_fn", weighted_metrics)
+        super().__init__(*args, **kwargs)
+        self.seed = int(seed)
+        self.current_report: RoundReport | None = None
+        self._sent_spec: ArraySpec | None = None
+        self.global_arrays: dict[str, np.ndarray] = {}
+        """The arrays sent this round (the reference for client deltas)."""
+
+    # ----------------------------------------------------------- sampling --
+    def _seeded(
+        self, server_round: int, phase: str, configure: Callable, *args: Any
+    ) -> list[Message]:
+        # Flower's samplers draw from the global `random`: seed it for this call
+        # only, and restore it so that nothing else in the process is affected.
+        saved = random.getstate()
+        random.seed(derive_seed(self.seed, server_round, phase))
+        try:
+            return list(configure(*args))
+        finally:
+            random.setstate(saved)
+
+    def configure_train(
+        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
+    ) -> Iterable[Message]:
+        """Sample nodes (seeded) and send them the arrays and the round's config."""
+        self._sent_spec = array_spec(arrays)
+        self.global_arrays = to_numpy(arrays)
+        config[keys.SEED] = self.seed
+        config.update(self.round_config(server_round))
+        return self._seeded(
+            server_round,
+            "train",
+            super().configure_train,
+            server_round,
+            arrays,
+            config,
+            _SortedNodes(grid),
+        )
+
+    def configure_evaluate(
+        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
+    ) -> Iterable[Message]:
+        """Sample nodes (seeded) for federated evaluation."""
+        config[keys.SEED] = self.seed
+        return self._seeded(
+            server_round,
+            "evaluate",
+            super().configure_evaluate,
+            server_round,
+            arrays,
+            config,
+            _SortedNodes(grid),
+        )
+
+    def round_config(self, server_round: int) -> dict[str, Any]:
+        """Algorithm-specific config values for this round (override to schedule)."""
+        return {}
+
+    # --------------------------------------------------------- validation --
+    def _filter(
+        self, replies: Iterable[Message], array_records: dict[str, ArraySpec]
+    ) -> tuple[list[Message], list[str]]:
+        good, reasons = [], []
+        for msg in replies:
+            reason = check_reply(msg, array_records=array_records)
+            if reason is None:
+                good.append(msg)
+            else:
+                src = msg.metadata.src_node_id
+                reasons.append(f"node {src}: {reason}")
+                log(WARNING, "Dropped reply from node %s: %s", src, reason)
+        good.sort(key=_reply_order)
+        return good, reasons
+
+    def valid_train_replies(
+        self, server_round: int, replies: Iterable[Message]
+    ) -> list[Message]:
+        """Replies fit for aggregation, in deterministic order; logs the rest."""
+        spec = self._sent_spec or {}
+        expected = {keys.ARRAYS: spec}
+        expected.update({name: spec for name in self.extra_train_records})
+        good, reasons = self._filter(replies, expected)
+        report = self.current_report
+        if report is not None:
+            report.train_replies += len(good)
+            report.train_dropped += len(reasons)
+            report.drop_reasons.extend(reasons)
+        return good
+
+    def aggregate_train(
+        self, server_round: int, replies: Iterable[Message]
+    ) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        """Validate, then aggregate with the wrapped strategy's rule."""
+        good = self.valid_train_replies(server_round, replies)
+        minimum = max(1, getattr(self, "min_train_nodes", 1))
+        if len(good) < minimum:
+            log(
+                ERROR,
+                "Round %s: %d valid train replies, fewer than min_train_nodes=%d; "
+                "the global arrays are left unchanged this round.",
+                server_round,
+                len(good),
+                minimum,
+            )
+            if self.current_report is not None:
+                self.current_report.update_skipped = True
+            return None, None
+        return self.aggregate_valid(server_round, good)
+
+    def aggregate_valid(
+        self, server_round: int, replies: list[Message]
+    ) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        """The aggregation rule, over validated replies in deterministic order.
+
+        Defaults to the wrapped Flower strategy's ``aggregate_train``; an
+        algorithm with its own rule overrides this (never ``aggregate_train``,
+        which owns validation).
+        """
+        return super().aggregate_train(server_round, replies)
+
+    def aggregate_evaluate(
+        self, server_round: int, replies: Iterable[Message]
+    ) -> MetricRecord | None:
+        """Validate evaluation replies, then average their metrics."""
+        good, reasons = self._filter(replies, {})
+        if self.current_report is not None:
+            self.current_report.evaluate_replies += len(good)
+            self.current_report.evaluate_dropped += len(reasons)
+            self.current_report.drop_reasons.extend(reasons)
+        if not good:
+            return None
+        return super().aggregate_evaluate(server_round, good)
+
+    # -------------------------------------------------------------- state --
+    def export_state(self) -> dict[str, Any]:
+        """The strategy's own state (not the global arrays) as plain data."""
+        return {name: _export(getattr(self, name)) for name in self.state_attributes}
+
+    def load_state(self, state: dict[str, Any]) -> None:
+        """Restore what :meth:`export_state` returned."""
+        for name in self.state_attributes:
+            if name in state:
+                setattr(self, name, _import(state[name]))
+
+    # ------------------------------------------------------------- driver --
+    def start(
+        self,
+        grid: Grid,
+        initial_arrays: ArrayRecord,
+        num_rounds: int = 3,
+        timeout: float = 3600,
+        train_config: ConfigRecord | None = None,
+        evaluate_config: ConfigRecord | None = None,
+        evaluate_fn: Callable[[int, ArrayRecord], MetricRecord | None] | None = None,
+        *,
+        first_round: int = 1,
+        on_round_end: RoundCallback | None = None,
+    ) -> Result:
+        """Run rounds ``first_round..num_rounds`` (Flower's ``start`` otherwise).
+
+        Parameters
+        ----------
+        first_round : int
+            Round to start at; ``> 1`` when resuming from a checkpoint of round
+            ``first_round - 1`` (load the strategy state first).
+        on_round_end : callable, optional
+            ``on_round_end(strategy, round, arrays, report)`` after every round,
+            e.g. to checkpoint and write results.
+
+        """
+        self.summary()
+        train_config = ConfigRecord() if train_config is None else train_config
+        evaluate_config = ConfigRecord() if evaluate_config is None else evaluate_config
+        result = Result()
+        arrays = initial_arrays
+        if evaluate_fn and first_round == 1:
+            if (res := evaluate_fn(0, initial_arrays)) is not None:
+                result.evaluate_metrics_serverapp[0] = res
+                if on_round_end is not None:
+                    on_round_end(
+                        self, 0, arrays, RoundReport(0, central_metrics=_plain(res))
+                    )
+        for rnd in range(first_round, num_rounds + 1):
+            log(INFO, "[ROUND %s/%s]", rnd, num_rounds)
+            report = self.current_report = RoundReport(rnd)
+            t0 = time.perf_counter()
+            messages = list(self.configure_train(rnd, arrays, train_config, grid))
+            report.bytes_sent += _payload_bytes(messages)
+            replies = list(grid.send_and_receive(messages, timeout=timeout))
+            report.bytes_received += _payload_bytes(replies)
+            new_arrays, train_metrics = self.aggregate_train(rnd, replies)
+            if new_arrays is not None:
+                arrays = new_arrays
+            if train_metrics is not None:
+                result.train_metrics_clientapp[rnd] = train_metrics
+                report.train_metrics = _plain(train_metrics)
+            messages = list(self.configure_evaluate(rnd, arrays, evaluate_config, grid))
+            report.bytes_sent += _payload_bytes(messages)
+            replies = list(grid.send_and_receive(messages, timeout=timeout))
+            if (eval_metrics := self.aggregate_evaluate(rnd, replies)) is not None:
+                result.evaluate_metrics_clientapp[rnd] = eval_metrics
+                report.evaluate_metrics = _plain(eval_metrics)
+            if evaluate_fn and (res := evaluate_fn(rnd, arrays)) is not None:
+                result.evaluate_metrics_serverapp[rnd] = res
+                report.central_metrics = _plain(res)
+            report.wall_time = time.perf_counter() - t0
+            result.arrays = arrays
+            if on_round_end is not None:
+                on_round_end(self, rnd, arrays, report)
+        self.current_report = None
+        result.arrays = arrays
+        return result
+
+
+def _reply_order(msg: Message) -> tuple[float, int]:
+    metrics = msg.content.metric_records.get(keys.METRICS, {})
+    pid = metrics.get(keys.PARTITION_ID, float("inf"))
+    return (
+        float(pid) if not isinstance(pid, list) else float("inf"),
+        msg.metadata.src_node_id,
+    )
+
+
+def _export(value: Any) -> Any:
+    if isinstance(value, ArrayRecord):
+        return {_ARRAYRECORD_TAG: to_numpy(value)}
+    if isinstance(value, dict):
+        return {k: _export(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_export(v) for v in value]
+    return value
+
+
+def _import(value: Any) -> Any:
+    if isinstance(value, dict):
+        if set(value) == {_ARRAYRECORD_TAG}:
+            return to_record(value[_ARRAYRECORD_TAG])
+        return {k: _import(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_import(v) for v in value]
+    return value

@@ -1,0 +1,84 @@
+"""Shared test setup: an offline, private Flower/Ray environment and reply builders."""
+
+from __future__ import annotations
+
+import os
+import uuid
+
+import numpy as np
+import pytest
+
+for _key, _value in {
+    "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",
+    "FLWR_TELEMETRY_ENABLED": "0",
+    "FLWR_DISABLE_UPDATE_CHECK": "1",
+    "HF_DATASETS_OFFLINE": "1",
+    "HF_HUB_OFFLINE": "1",
+    "RAY_ADDRESS": "local",
+    "RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO": "0",
+}.items():
+    os.environ.setdefault(_key, _value)
+
+from flwr.app import (  # noqa: E402 (environment first)
+    Array,
+    ArrayRecord,
+    ConfigRecord,
+    Error,
+    Message,
+    MessageType,
+    MetricRecord,
+    RecordDict,
+)
+
+from simulations.inprocess import ensure_task_identity  # noqa: E402
+
+
+@pytest.fixture(autouse=True)
+def _private_cache(tmp_path_factory, monkeypatch):
+    cache = tmp_path_factory.getbasetemp() / "bouquet-cache"
+    monkeypatch.setenv("BOUQUET_CACHE_DIR", str(cache))
+
+
+def _sent(node_id: int) -> Message:
+    ensure_task_identity()
+    msg = Message(
+        RecordDict({"config": ConfigRecord({"server-round": 1})}),
+        dst_node_id=node_id,
+        message_type=MessageType.TRAIN,
+    )
+    msg.metadata.__dict__["_message_id"] = uuid.uuid4().hex
+    return msg
+
+
+def make_reply(
+    arrays: dict[str, np.ndarray] | None,
+    metrics: dict | None = None,
+    node_id: int = 1,
+    extra: dict | None = None,
+) -> Message:
+    """A reply from ``node_id`` carrying ``arrays`` and ``metrics``."""
+    content = RecordDict()
+    if arrays is not None:
+        content["arrays"] = ArrayRecord(
+            {k: Array(np.asarray(v)) for k, v in arrays.items()}
+        )
+    content["metrics"] = MetricRecord(
+        metrics if metrics is not None else {"num-examples": 10}
+    )
+    for name, record in (extra or {}).items():
+        content[name] = record
+    return Message(content, reply_to=_sent(node_id))
+
+
+def make_error_reply(reason: str, node_id: int = 1) -> Message:
+    return Message(Error(2, reason), reply_to=_sent(node_id))
+
+
+@pytest.fixture
+def reply():
+    return make_reply
+
+
+@pytest.fixture
+def error_reply():
+    return make_error_reply

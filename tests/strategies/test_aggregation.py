@@ -1,0 +1,47 @@
+import numpy as np
+import pytest
+from flwr.app import RecordDict
+
+from strategies.aggregation import apply_delta, deltas, weighted_mean, weighted_metrics
+
+
+def test_weighted_mean_golden():
+    a = {"w": np.array([1.0, 2.0], np.float32), "n": np.array(3, np.int64)}
+    b = {"w": np.array([3.0, 6.0], np.float32), "n": np.array(4, np.int64)}
+    # Prepare: weights 1 and 3 -> (1*a + 3*b) / 4
+    out = weighted_mean([a, b], [1, 3])
+    np.testing.assert_array_equal(out["w"], np.array([2.5, 5.0], np.float32))
+    assert out["w"].dtype == np.float32
+    # integers are rounded back: (3 + 3*4) / 4 = 3.75 -> 4
+    assert out["n"] == 4 and out["n"].dtype == np.int64
+
+
+def test_weighted_mean_uniform_and_bad_weights():
+    a, b = {"w": np.array([0.0])}, {"w": np.array([1.0])}
+    assert weighted_mean([a, b])["w"][0] == 0.5
+    with pytest.raises(ValueError):
+        weighted_mean([a, b], [0, 0])
+    with pytest.raises(ValueError):
+        weighted_mean([a, b], [1, -1])
+    with pytest.raises(ValueError):
+        weighted_mean([])
+
+
+def test_deltas_and_apply_delta_roundtrip():
+    ref = {"w": np.array([1.0, 1.0], np.float32)}
+    client = {"w": np.array([2.0, 0.5], np.float32)}
+    (d,) = deltas([client], ref)
+    np.testing.assert_allclose(d["w"], [1.0, -0.5])
+    np.testing.assert_allclose(apply_delta(ref, d, 0.5)["w"], [1.5, 0.75])
+
+
+def test_weighted_metrics_skips_bookkeeping(reply):
+    r1 = reply(None, {"num-examples": 10, "train-loss": 1.0, "partition-id": 0})
+    r2 = reply(None, {"num-examples": 30, "train-loss": 3.0, "partition-id": 1})
+    r3 = reply(None, {"num-examples": 10, "other": 5.0})
+    out = weighted_metrics([r.content for r in (r1, r2, r3)], "num-examples")
+    assert out["train-loss"] == pytest.approx((10 * 1 + 30 * 3) / 40)
+    assert out["other"] == 5.0
+    assert out["num-examples"] == 50
+    assert "partition-id" not in out
+    assert isinstance(RecordDict({"m": out}), RecordDict)
