@@ -38,7 +38,7 @@ def save_arrays(
 ) -> None:
     """Save arrays under ``namespace.name`` (replacing what was there)."""
     state[_key(namespace, name)] = ArrayRecord(
-        {k: Array(np.ascontiguousarray(v)) for k, v in arrays.items()}
+        {k: Array(np.array(v, order="C")) for k, v in arrays.items()}
     )
 
 

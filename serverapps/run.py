@@ -77,13 +77,11 @@ def wait_for_nodes(grid: Grid, minimum: int, settle: float = 1.0) -> int:
         time.sleep(0.1)
 
 
-def _central_evaluator(run_config: Mapping[str, Any]):  # noqa: ANN202
-    import torch  # noqa: F401 (imported here: the server app starts fast)
-
+def _central_evaluator(run_config: Mapping[str, Any], num_partitions: int):  # noqa: ANN202
     from tasks import DataSpec, build_model, dataset_info, load_central_test
     from tasks.evaluation import evaluate_model
 
-    spec = DataSpec.from_run_config(run_config, num_partitions=1)
+    spec = DataSpec.from_run_config(run_config, num_partitions=num_partitions)
     info = dataset_info(spec)
     x, y = load_central_test(spec)
     model = build_model(
@@ -114,9 +112,18 @@ def run_server(
 ) -> tuple[Result, Path]:
     """Run a whole federation from the server side; return its result and directory."""
     run_config = {**DEFAULTS, **run_config}
-    strategy = build_strategy(run_config)  # fails first: unknown algorithm, bad value
+    from tasks import DataSpec
+
+    # Fail first, before waiting for nodes: unknown names, values of the wrong type.
+    strategy = build_strategy(run_config)
+    DataSpec.from_run_config(run_config, num_partitions=1)
     num_rounds = setting(run_config, "num-server-rounds")
-    model, evaluate = _central_evaluator(run_config)
+    num_nodes = wait_for_nodes(grid, setting(run_config, "min-available-nodes"), settle)
+    # The central test of per-client generated data (synthetic) depends on the
+    # population: one partition per node unless num-partitions says otherwise.
+    model, evaluate = _central_evaluator(
+        run_config, setting(run_config, "num-partitions") or num_nodes
+    )
     directory = RunDirectory(run_directory(run_config))
     directory.write_config(dict(run_config))
 
@@ -141,8 +148,7 @@ def run_server(
             )
         log(INFO, "%s", progress_line(directory.add(report), num_rounds))
 
-    log(INFO, "Bouquet run directory: %s", directory.path)
-    wait_for_nodes(grid, setting(run_config, "min-available-nodes"), settle)
+    log(INFO, "Bouquet run directory: %s (%d nodes)", directory.path, num_nodes)
     train_config = ConfigRecord({k: setting(run_config, k) for k in TRAIN_CONFIG_KEYS})
     result = strategy.start(
         grid,

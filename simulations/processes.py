@@ -24,6 +24,7 @@ tails for a failure message.
 
 from __future__ import annotations
 
+import atexit
 import json
 import os
 import re
@@ -536,6 +537,8 @@ class FlowerProcesses:
             )
         process = ManagedProcess(name, popen, log_path, command)
         self.processes.append(process)
+        if len(self.processes) == 1:  # last resort if the caller never stops us
+            atexit.register(self.stop_all)
         return process
 
     def start_simulation_superlink(
@@ -787,6 +790,11 @@ class FlowerProcesses:
                 process.popen.wait(timeout=5)
             except subprocess.TimeoutExpired:
                 pass
+        # Orphaned children linger as zombies until init reaps them: wait a bit.
+        deadline = time.monotonic() + 5.0
+        while time.monotonic() < deadline and any(_proc_stat(pid) for pid in tree):
+            time.sleep(0.1)
+        atexit.unregister(self.stop_all)
 
     def leftover_pids(self) -> set[int]:
         """Return this instance's live processes (none after :meth:`stop_all`)."""
@@ -802,3 +810,28 @@ class FlowerProcesses:
                 f"{process.log_path} -----\n{process.log_tail(max_chars)}"
             )
         return "\n".join(parts)
+
+
+def read_run_metrics(output_dir: str | Path) -> tuple[list[dict[str, Any]], Path]:
+    """Read the rows of the one Bouquet run directory under ``output_dir``.
+
+    Parameters
+    ----------
+    output_dir : str or Path
+        The ``output-dir`` a single run was started with.
+
+    Returns
+    -------
+    tuple[list[dict[str, Any]], Path]
+        The ``metrics.json`` rows (round 0 first) and the run directory.
+
+    Raises
+    ------
+    FileNotFoundError
+        Not exactly one run directory with a ``metrics.json``.
+
+    """
+    runs = sorted(p.parent for p in Path(output_dir).glob("*/metrics.json"))
+    if len(runs) != 1:
+        raise FileNotFoundError(f"Expected one run directory in {output_dir}: {runs}")
+    return json.loads((runs[0] / "metrics.json").read_text())["rounds"], runs[0]

@@ -25,7 +25,7 @@ def to_numpy(record: ArrayRecord) -> NDArrays:
 
 def to_record(arrays: Mapping[str, np.ndarray]) -> ArrayRecord:
     """Ordered dict of numpy arrays -> ArrayRecord."""
-    return ArrayRecord({k: Array(np.ascontiguousarray(v)) for k, v in arrays.items()})
+    return ArrayRecord({k: Array(np.array(v, order="C")) for k, v in arrays.items()})
 
 
 def _cast_like(value: np.ndarray, like: np.ndarray) -> np.ndarray:

@@ -232,7 +232,27 @@ class BouquetStrategy:
             if self.current_report is not None:
                 self.current_report.update_skipped = True
             return None, None
-        return self.aggregate_valid(server_round, good)
+        arrays, metrics = self.aggregate_valid(server_round, good)
+        return self._keep_dtypes(arrays), metrics
+
+    def _keep_dtypes(self, arrays: ArrayRecord | None) -> ArrayRecord | None:
+        # Flower's weighted mean turns integer buffers (BatchNorm's
+        # num_batches_tracked) into float64; the next round's replies would then
+        # no longer match what was sent. Cast back, rounding integers.
+        if arrays is None or not self._sent_spec:
+            return arrays
+        fixed = {}
+        for key, value in to_numpy(arrays).items():
+            dtype = (
+                np.dtype(self._sent_spec[key][1]) if key in self._sent_spec else None
+            )
+            if dtype is None or value.dtype == dtype:
+                fixed[key] = value
+            elif dtype.kind in "iub":
+                fixed[key] = np.rint(value).astype(dtype)
+            else:
+                fixed[key] = value.astype(dtype)
+        return to_record(fixed)
 
     def aggregate_valid(
         self, server_round: int, replies: list[Message]

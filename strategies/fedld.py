@@ -63,7 +63,7 @@ from flwr.app import ArrayRecord, Message, MetricRecord
 from flwr.serverapp import strategy as flwr_strategy
 
 from strategies import keys
-from strategies.aggregation import apply_delta, to_numpy, to_record, weighted_mean
+from strategies.aggregation import apply_delta, to_numpy, to_record
 from strategies.base import BouquetStrategy
 from strategies.registry import AlgorithmEntry, register
 
@@ -102,7 +102,7 @@ def principal_update(
     e, s, _ = np.linalg.svd(gram, hermitian=True)  # G = E diag(s) E^T, s descending
     k = max(1, int(np.floor(m * k_proportion)))
     share = s / max(s.sum(), EPS)
-    norms = np.linalg.norm(d, axis=1)
+    norms = np.sqrt(np.maximum(np.diag(gram) * m, 0.0))  # ||d_i||, from G_ii
     coefficients = np.zeros(m)
     for j in range(min(k, m)):
         v_norm = np.sqrt(max(m * s[j], 0.0))  # ||v_j|| = ||D^T e_j||
@@ -191,25 +191,25 @@ class FedLD(BouquetStrategy, flwr_strategy.FedAvg):
         """The per-entry update ``delta`` (float64) and the history update."""
         update: dict[str, np.ndarray] = {}
         plain = self.mode == "loss-only" or not self.history
-        mean = weighted_mean(
-            [{k: c[k].astype(np.float64) for k in reference} for c in clients], weights
-        )
+        m = len(clients)
+        w = np.full(m, 1.0 / m) if weights is None else weights / np.sum(weights)
         for key, ref in reference.items():
+            flat_ref = ref.reshape(-1).astype(np.float64)
+            # One (m, n_l) float64 buffer per entry: the deltas, written in place.
+            stacked = np.empty((m, flat_ref.size))
+            for row, client in zip(stacked, clients, strict=True):
+                np.subtract(client[key].reshape(-1), flat_ref, out=row)
             if plain or ref.size == 1:
-                update[key] = mean[key] - ref.astype(np.float64)
+                delta = w @ stacked
             else:
-                stacked = np.stack(
-                    [
-                        c[key].astype(np.float64).ravel()
-                        - ref.astype(np.float64).ravel()
-                        for c in clients
-                    ]
-                )
-                update[key] = principal_update(
-                    stacked, self.k_proportion, weights
-                ).reshape(ref.shape)
-            previous = self.history.get(key, np.zeros(ref.shape))
-            self.history[key] = 0.99 * previous + 0.01 * update[key]
+                delta = principal_update(stacked, self.k_proportion, weights)
+            update[key] = delta.reshape(ref.shape)
+            previous = self.history.get(key)
+            self.history[key] = (
+                0.01 * update[key]
+                if previous is None
+                else 0.99 * previous + 0.01 * update[key]
+            )
         return update
 
 

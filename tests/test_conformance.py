@@ -48,6 +48,7 @@ def test_two_rounds_finite_state_roundtrip_and_replay(name, tmp_path):
         "fraction-evaluate": 0.0,
         "output-dir": str(tmp_path),
         "seed": 7,
+        "model": "cnn",  # BatchNorm: float buffers and a 0-d integer buffer
     }
     first, path, _ = run_inprocess(config, num_nodes=4)
     arrays = {k: v.numpy() for k, v in first.arrays.items()}

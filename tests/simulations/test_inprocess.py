@@ -80,12 +80,14 @@ def test_bad_replies_are_dropped_and_the_round_goes_on(tmp_path, caplog):
     assert all(np.isfinite(a).all() for a in _arrays(result).values())
 
 
-def test_resume_matches_uninterrupted_run(tmp_path):
+@pytest.mark.parametrize(("algorithm", "model"), [("fedavg", "mlp"), ("fedld", "cnn")])
+def test_resume_matches_uninterrupted_run(tmp_path, algorithm, model):
     config = {
+        "model": model,
         "num-server-rounds": 6,
         "fraction-evaluate": 0.0,
         "output-dir": str(tmp_path),
-        "algorithm": "fedavgm",
+        "algorithm": algorithm,
     }
     full, _, _ = run_inprocess(config, num_nodes=3)
     _, path, _ = run_inprocess({**config, "num-server-rounds": 3}, num_nodes=3)

@@ -45,3 +45,11 @@ def test_weighted_metrics_skips_bookkeeping(reply):
     assert out["num-examples"] == 50
     assert "partition-id" not in out
     assert isinstance(RecordDict({"m": out}), RecordDict)
+
+
+def test_to_record_keeps_zero_dim_arrays():
+    from strategies.aggregation import to_numpy, to_record
+
+    arrays = {"n": np.array(5, np.int64), "w": np.ones((2, 1), np.float32)}
+    back = to_numpy(to_record(arrays))
+    assert back["n"].shape == () and back["w"].shape == (2, 1)

@@ -1,0 +1,62 @@
+"""What is learned: datasets, partitioners and models, by name.
+
+Importing this package is cheap: the public names are loaded from their
+submodules on first use (PEP 562), so a ClientApp pays for torch, datasets or
+scikit-learn only when it needs them, and a cached partition never imports
+``datasets`` at all.
+
+>>> from tasks import DataSpec, load_client_data, build_model, dataset_info
+>>> spec = DataSpec(dataset="digits", partitioner="dirichlet", num_partitions=10)
+>>> data = load_client_data(spec, partition_id=3)
+>>> model = build_model("cnn", dataset_info(spec), norm="group", seed=0)
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from tasks.catalog import dataset_info, list_datasets
+    from tasks.data import load_central_test, load_client_data
+    from tasks.models import build_model, list_models
+    from tasks.partitioners import list_partitioners
+    from tasks.spec import ClientData, DatasetInfo, DataSpec
+
+_EXPORTS = {
+    "DataSpec": "tasks.spec",
+    "ClientData": "tasks.spec",
+    "DatasetInfo": "tasks.spec",
+    "dataset_info": "tasks.catalog",
+    "list_datasets": "tasks.catalog",
+    "list_partitioners": "tasks.partitioners",
+    "load_client_data": "tasks.data",
+    "load_central_test": "tasks.data",
+    "build_model": "tasks.models",
+    "list_models": "tasks.models",
+}
+
+__all__ = [
+    "ClientData",
+    "DataSpec",
+    "DatasetInfo",
+    "build_model",
+    "dataset_info",
+    "list_datasets",
+    "list_models",
+    "list_partitioners",
+    "load_central_test",
+    "load_client_data",
+]
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _EXPORTS:
+        raise AttributeError(f"module 'tasks' has no attribute {name!r}")
+    value = getattr(importlib.import_module(_EXPORTS[name]), name)
+    globals()[name] = value  # later look-ups skip this function
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted([*globals(), *__all__])

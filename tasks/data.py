@@ -1,0 +1,99 @@
+"""Public data loaders: a node's partition and the central test set, cached.
+
+A cache miss builds every partition of the spec in one pass and writes one file
+per partition (``<cache>/<dataset>-<key>/partition-<id>.pt``): partitioning
+needs the whole pool anyway, and in simulation the other nodes of the run ask
+for their partitions right after. A hit is a single ``torch.load`` with no
+import of ``datasets`` or ``flwr_datasets``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from tasks import prepare
+from tasks.cache import cache_dir, cache_key, load_cached, path_fingerprint, save_atomic
+from tasks.spec import ClientData, DataSpec
+
+
+def _data_identity(spec: DataSpec) -> dict[str, Any]:
+    """What names the raw data: the dataset, or the local files' fingerprint."""
+    if spec.data_path:
+        return {"data_path": spec.data_path, "files": path_fingerprint(spec.data_path)}
+    return {"dataset": spec.dataset}
+
+
+def _label(spec: DataSpec) -> str:
+    return "local" if spec.data_path else spec.dataset
+
+
+def partitions_dir(spec: DataSpec) -> Path:
+    """The cache folder holding ``spec``'s partition files."""
+    fields = {**dataclasses.asdict(spec), **_data_identity(spec)}
+    return cache_dir() / f"{_label(spec)}-{cache_key(fields)}"
+
+
+def central_test_path(spec: DataSpec) -> Path:
+    """The cache file of ``spec``'s central test split.
+
+    Its key leaves out the partitioning, which does not change the held-out
+    rows; the synthetic data's size depends on the number of clients though.
+    """
+    fields: dict[str, Any] = {
+        **_data_identity(spec),
+        "seed": spec.seed,
+        "test_fraction": spec.test_fraction,
+    }
+    if spec.dataset == "synthetic" and not spec.data_path:
+        fields.update(
+            num_partitions=spec.num_partitions,
+            alpha=spec.synthetic_alpha,
+            beta=spec.synthetic_beta,
+        )
+    return cache_dir() / f"{_label(spec)}-central-{cache_key(fields)}.pt"
+
+
+def load_client_data(spec: DataSpec, partition_id: int) -> ClientData:
+    """Partition ``partition_id`` of ``spec``, split into train and evaluation.
+
+    Parameters
+    ----------
+    spec : DataSpec
+        The dataset, partitioner and seed.
+    partition_id : int
+        In ``[0, spec.num_partitions)``.
+
+    Returns
+    -------
+    ClientData
+        CPU tensors; the evaluation part is ``spec.val_fraction`` of the
+        partition.
+
+    """
+    if not 0 <= partition_id < spec.num_partitions:
+        raise ValueError(
+            f"partition-id {partition_id} is outside [0, {spec.num_partitions})"
+        )
+    directory = partitions_dir(spec)
+    wanted = directory / f"partition-{partition_id}.pt"
+    tensors = load_cached(wanted)
+    if tensors is None:
+        for built_id, built in prepare.build_partitions(spec):
+            save_atomic(built, directory / f"partition-{built_id}.pt")
+            if built_id == partition_id:
+                tensors = built
+    return ClientData(**tensors)
+
+
+def load_central_test(spec: DataSpec) -> tuple[torch.Tensor, torch.Tensor]:
+    """The held-out test split ``(x, y)`` for server-side evaluation, cached."""
+    path = central_test_path(spec)
+    tensors = load_cached(path)
+    if tensors is None:
+        tensors = prepare.build_central_test(spec)
+        save_atomic(tensors, path)
+    return tensors["x"], tensors["y"]

@@ -1,0 +1,127 @@
+"""Models by name, built deterministically from a seed.
+
+- ``logreg``: one linear layer (multinomial logistic regression, FedProx's
+  model for Synthetic data).
+- ``mlp``: flatten, two hidden ReLU layers (128, 64).
+- ``cnn``: two 3x3 (or width-5 for 1-D signals) conv blocks, then adaptive
+  average pooling, so one definition fits 8x8 digits, 28x28 MNIST, 32x32 CIFAR
+  and (C, L) signals such as MNIST-1D.
+- ``resnet18``: torchvision's ResNet-18 with the CIFAR stem (3x3 stride-1 first
+  conv, no max-pool) and the input channels of the data.
+
+``norm`` picks the normalisation of ``cnn`` and ``resnet18``: ``batch``,
+``group`` (GroupNorm, the usual federated choice since it keeps no running
+statistics across non-IID clients) or ``none``.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+
+import torch
+from torch import nn
+
+from tasks.spec import DatasetInfo, unknown_name_error
+
+MODELS = ("logreg", "mlp", "cnn", "resnet18")
+NORMS = ("batch", "group", "none")
+
+
+def list_models() -> list[str]:
+    """Names accepted by ``build_model``."""
+    return list(MODELS)
+
+
+def _norm_layer(norm: str, dims: int) -> Callable[[int], nn.Module]:
+    """A factory ``channels -> normalisation layer`` for 1-D or 2-D features."""
+    if norm == "batch":
+        return nn.BatchNorm1d if dims == 1 else nn.BatchNorm2d
+    if norm == "group":
+        return lambda channels: nn.GroupNorm(min(8, channels), channels)
+    return lambda channels: nn.Identity()
+
+
+def _mlp(info: DatasetInfo) -> nn.Module:
+    return nn.Sequential(
+        nn.Flatten(),
+        nn.Linear(math.prod(info.input_shape), 128),
+        nn.ReLU(),
+        nn.Linear(128, 64),
+        nn.ReLU(),
+        nn.Linear(64, info.num_classes),
+    )
+
+
+def _cnn(info: DatasetInfo, norm: str) -> nn.Module:
+    if len(info.input_shape) not in (2, 3):
+        raise ValueError(
+            f"cnn needs (C, L) or (C, H, W) inputs, got {info.input_shape}; "
+            "use mlp or logreg for flat features."
+        )
+    dims = len(info.input_shape) - 1
+    conv, pool, adaptive = (
+        (nn.Conv1d, nn.MaxPool1d, nn.AdaptiveAvgPool1d(8))
+        if dims == 1
+        else (nn.Conv2d, nn.MaxPool2d, nn.AdaptiveAvgPool2d(4))
+    )
+    kernel = 5 if dims == 1 else 3
+    make_norm = _norm_layer(norm, dims)
+    bias = norm == "none"  # a following normalisation makes a conv bias redundant
+    channels = info.input_shape[0]
+    return nn.Sequential(
+        conv(channels, 32, kernel, padding=kernel // 2, bias=bias),
+        make_norm(32),
+        nn.ReLU(),
+        pool(2),
+        conv(32, 64, kernel, padding=kernel // 2, bias=bias),
+        make_norm(64),
+        nn.ReLU(),
+        adaptive,
+        nn.Flatten(),
+        nn.Linear(64 * (8 if dims == 1 else 16), 128),
+        nn.ReLU(),
+        nn.Linear(128, info.num_classes),
+    )
+
+
+def _resnet18(info: DatasetInfo, norm: str) -> nn.Module:
+    from torchvision.models import resnet18
+
+    if len(info.input_shape) != 3:
+        raise ValueError(f"resnet18 needs (C, H, W) inputs, got {info.input_shape}")
+    model = resnet18(
+        weights=None, num_classes=info.num_classes, norm_layer=_norm_layer(norm, 2)
+    )
+    model.conv1 = nn.Conv2d(
+        info.input_shape[0], 64, kernel_size=3, stride=1, padding=1, bias=False
+    )
+    nn.init.kaiming_normal_(model.conv1.weight, mode="fan_out", nonlinearity="relu")
+    model.maxpool = nn.Identity()
+    return model
+
+
+def build_model(
+    name: str, info: DatasetInfo, *, norm: str = "batch", seed: int = 0
+) -> nn.Module:
+    """A freshly initialised model for ``info``'s inputs and classes.
+
+    The initialisation draws from a private copy of torch's RNG seeded with
+    ``seed``: same seed, same weights, and the global RNG is left untouched.
+    """
+    if name not in MODELS:
+        raise unknown_name_error("model", name, MODELS)
+    if norm not in NORMS:
+        raise unknown_name_error("norm", norm, NORMS)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        if name == "logreg":
+            return nn.Sequential(
+                nn.Flatten(),
+                nn.Linear(math.prod(info.input_shape), info.num_classes),
+            )
+        if name == "mlp":
+            return _mlp(info)
+        if name == "cnn":
+            return _cnn(info, norm)
+        return _resnet18(info, norm)

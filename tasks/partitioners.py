@@ -1,0 +1,94 @@
+"""Partitioners by name, all from ``flwr_datasets.partitioner``.
+
+- ``iid``: equal random shares (``IidPartitioner``).
+- ``dirichlet``: per-class shares drawn from Dir(alpha) (``DirichletPartitioner``).
+- ``shard``: sort by label, cut shards, deal ``num-shards-per-partition`` each.
+- ``pathological``: exactly ``classes-per-partition`` classes each; partition i
+  gets class i mod C first ("first-deterministic", as in the paper that
+  introduced it) and the others are drawn with the seed.
+- ``natural-id``: one partition per value of a column (``NaturalIdPartitioner``).
+- ``linear`` / ``exponential`` / ``square``: sizes proportional to i, e^i, i^2.
+
+The pool handed to a partitioner is already shuffled with the run's seed, so the
+order-based ones (``iid`` and the size-based ones) are random yet reproducible.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from flwr_datasets.partitioner import Partitioner
+
+    from tasks.spec import DataSpec
+
+PARTITIONERS = (
+    "iid",
+    "dirichlet",
+    "shard",
+    "pathological",
+    "natural-id",
+    "linear",
+    "exponential",
+    "square",
+)
+
+
+def list_partitioners() -> list[str]:
+    """Names accepted as ``partitioner``."""
+    return list(PARTITIONERS)
+
+
+def dirichlet_min_partition_size(num_rows: int, num_partitions: int) -> int:
+    """10 samples per partition, scaled down for pools too small to allow it.
+
+    The Dirichlet partitioner resamples until every partition reaches this size
+    and gives up after 10 tries, so a fixed 10 would fail on small datasets.
+    """
+    return min(10, max(2, num_rows // (4 * num_partitions)))
+
+
+def make_partitioner(spec: DataSpec, column: str, num_rows: int) -> Partitioner:
+    """The flwr-datasets partitioner ``spec.partitioner`` names, over ``column``.
+
+    ``column`` is the label column for the label-based partitioners and the id
+    column for ``natural-id``; the size-based and ``iid`` ones ignore it.
+    """
+    from flwr_datasets import partitioner as fp
+
+    n, seed = spec.num_partitions, spec.seed
+    match spec.partitioner:
+        case "iid":
+            return fp.IidPartitioner(n)
+        case "dirichlet":
+            return fp.DirichletPartitioner(
+                num_partitions=n,
+                partition_by=column,
+                alpha=spec.dirichlet_alpha,
+                min_partition_size=dirichlet_min_partition_size(num_rows, n),
+                seed=seed,
+            )
+        case "shard":
+            return fp.ShardPartitioner(
+                num_partitions=n,
+                partition_by=column,
+                num_shards_per_partition=spec.num_shards_per_partition,
+                seed=seed,
+            )
+        case "pathological":
+            return fp.PathologicalPartitioner(
+                num_partitions=n,
+                partition_by=column,
+                num_classes_per_partition=spec.classes_per_partition,
+                class_assignment_mode="first-deterministic",
+                seed=seed,
+            )
+        case "natural-id":
+            return fp.NaturalIdPartitioner(partition_by=column)
+        case "linear":
+            return fp.LinearPartitioner(n)
+        case "exponential":
+            return fp.ExponentialPartitioner(n)
+        case "square":
+            return fp.SquarePartitioner(n)
+    raise AssertionError(f"unhandled partitioner {spec.partitioner!r}")

@@ -1,0 +1,220 @@
+"""From a ``Source`` to tensors: hold out, shuffle, partition, split, convert.
+
+The order is fixed so that every process derives the same data from a spec:
+
+1. the central test split is the source's own, or ``test_fraction`` of the
+   rows held out first (stratified, seeded by ``seed``);
+2. the remaining pool is shuffled with ``seed`` and handed to the partitioner;
+3. each partition is split into the node's train and evaluation parts by
+   ``val_fraction``, with a stream seeded by ``(seed, partition_id)``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import warnings
+from collections.abc import Iterator
+from typing import TYPE_CHECKING
+
+import numpy as np
+
+from tasks.partitioners import make_partitioner
+from tasks.sources import Source, open_source
+from tasks.spec import DataSpec
+
+if TYPE_CHECKING:
+    import torch
+    from datasets import Dataset
+
+Tensors = dict[str, "torch.Tensor"]
+
+
+def stratified_holdout(
+    groups: np.ndarray, fraction: float, seed: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """Indices ``(kept, held_out)``: ``fraction`` of every group held out.
+
+    A group always keeps at least one row, so no class or client vanishes
+    from the pool.
+    """
+    rng = np.random.default_rng(seed)
+    held = []
+    for group in np.unique(groups):
+        members = rng.permutation(np.flatnonzero(groups == group))
+        count = min(round(fraction * len(members)), len(members) - 1)
+        held.append(members[:count])
+    held_out = np.sort(np.concatenate(held)) if held else np.zeros(0, np.int64)
+    kept = np.setdiff1d(np.arange(len(groups)), held_out)
+    return kept, held_out
+
+
+def local_split(
+    size: int, fraction: float, seed: int, partition_id: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """Indices ``(train, test)`` of a partition; train keeps at least one row."""
+    order = np.random.default_rng([seed, partition_id]).permutation(size)
+    count = min(round(fraction * size), max(size - 1, 0))
+    return np.sort(order[count:]), np.sort(order[:count])
+
+
+def to_tensors(rows: Dataset, source: Source) -> tuple[torch.Tensor, torch.Tensor]:
+    """Float inputs shaped ``(N, *input_shape)`` and int64 labels."""
+    import torch
+
+    if len(rows) == 0:
+        return torch.zeros((0, *source.input_shape)), torch.zeros(0, dtype=torch.int64)
+    columns = rows.with_format("numpy", columns=[source.feature, source.label])[:]
+    x, y = columns[source.feature], np.asarray(columns[source.label], np.int64)
+    if x.dtype == object:  # rows of different shapes are not stacked by datasets
+        try:
+            x = np.stack(list(x))
+        except ValueError as exc:
+            raise ValueError(f"Samples of {source.feature!r} differ in shape") from exc
+    if source.image:
+        x = x.astype(np.float32) / 255.0
+        x = x[:, None] if x.ndim == 3 else x.transpose(0, 3, 1, 2)
+        if x.shape[1:] != source.input_shape:
+            raise ValueError(
+                f"Images have shape {x.shape[1:]}, expected {source.input_shape}"
+            )
+        mean = np.asarray(source.mean, np.float32).reshape(1, -1, 1, 1)
+        std = np.asarray(source.std, np.float32).reshape(1, -1, 1, 1)
+        x = (x - mean) / std
+    x = np.ascontiguousarray(x, dtype=np.float32).reshape(len(y), *source.input_shape)
+    return torch.from_numpy(x), torch.from_numpy(y)
+
+
+@contextlib.contextmanager
+def _quiet() -> Iterator[None]:
+    """Silence datasets' progress bars and a pyarrow deprecation, then restore."""
+    from datasets.utils import logging as ds_logging
+
+    was_enabled = ds_logging.is_progress_bar_enabled()
+    ds_logging.disable_progress_bar()
+    try:
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=".*null_placement.*")
+            yield
+    finally:
+        if was_enabled:
+            ds_logging.enable_progress_bar()
+
+
+def _column(rows: Dataset, name: str) -> np.ndarray:
+    """One column as an array, converted in one go rather than row by row."""
+    return rows.with_format("numpy", columns=[name])[:][name]
+
+
+def _select(rows: Dataset, indices: np.ndarray) -> Dataset:
+    # Naming the result ourselves spares datasets from pickling the indices
+    # to fingerprint it (a third of the build time on small data).
+    fingerprint = hashlib.sha256(indices.tobytes()).hexdigest()[:32]
+    return rows.select(indices, new_fingerprint=f"bouquet-select-{fingerprint}")
+
+
+def _held_out_rows(spec: DataSpec, source: Source) -> np.ndarray | None:
+    """Rows of ``source.pool`` held out as the central test, or None."""
+    if source.central is not None:
+        return None
+    groups = _column(source.pool, source.natural_id or source.label)
+    return stratified_holdout(groups, spec.test_fraction, spec.seed)[1]
+
+
+def _partition_column(spec: DataSpec, source: Source) -> str:
+    if spec.partition_by != "label":
+        column = spec.partition_by
+    elif spec.partitioner == "natural-id":
+        column = source.natural_id or source.label
+    else:
+        column = source.label
+    if column not in source.pool.column_names:
+        raise ValueError(
+            f"partition-by column {column!r} not in the dataset "
+            f"({source.pool.column_names})"
+        )
+    return column
+
+
+def _partitioned_rows(spec: DataSpec, source: Source) -> list[np.ndarray]:
+    """The pool rows of every partition.
+
+    The partitioner sees a small in-memory table (the column it partitions by
+    and the row number) rather than the pool itself: no image is decoded and
+    no indices cache is written next to on-disk data.
+    """
+    from datasets import Dataset
+
+    held = _held_out_rows(spec, source)
+    rows = np.arange(len(source.pool))
+    if held is not None:
+        rows = np.setdiff1d(rows, held)
+    rows = np.random.default_rng(spec.seed).permutation(rows)
+    column = _partition_column(spec, source)
+    values = _column(source.pool, column)[rows]
+    if spec.partitioner == "natural-id":
+        # Ids in sorted order: partition i is the i-th id whatever the seed
+        # (synthetic client i, the i-th writer), each still shuffled inside.
+        order = np.argsort(values, kind="stable")
+        rows, values = rows[order], values[order]
+    keys = Dataset.from_dict({column: values, "row": rows})
+    partitioner = make_partitioner(spec, column, len(keys))
+    partitioner.dataset = keys
+    try:
+        found = partitioner.num_partitions
+        partitions = [
+            _column(partitioner.load_partition(i), "row") for i in range(found)
+        ]
+    except ValueError as exc:
+        raise ValueError(
+            f"Cannot split {len(keys)} rows of {spec.dataset!r} into "
+            f"{spec.num_partitions} {spec.partitioner!r} partitions: {exc}"
+        ) from exc
+    if found != spec.num_partitions:
+        raise ValueError(
+            f"natural-id over {column!r} gives {found} partitions, but "
+            f"num-partitions is {spec.num_partitions}; run {found} nodes or "
+            f"set num-partitions={found}."
+        )
+    return partitions
+
+
+def build_partitions(spec: DataSpec) -> Iterator[tuple[int, Tensors]]:
+    """Yield ``(partition_id, tensors)`` for every partition, one at a time.
+
+    ``tensors`` holds ``train_x``, ``train_y``, ``test_x`` and ``test_y``.
+    Partitioning needs the whole pool anyway, so all partitions come out of one
+    pass; yielding them one by one bounds memory to a single partition.
+    """
+    with _quiet():
+        source = open_source(spec)
+        partitions = _partitioned_rows(spec, source)
+    for partition_id, rows in enumerate(partitions):
+        with _quiet():
+            x, y = to_tensors(_select(source.pool, rows), source)
+        train, test = local_split(len(y), spec.val_fraction, spec.seed, partition_id)
+        yield (
+            partition_id,
+            {
+                "train_x": x[train],
+                "train_y": y[train],
+                "test_x": x[test],
+                "test_y": y[test],
+            },
+        )
+
+
+def build_central_test(spec: DataSpec) -> Tensors:
+    """The central test split as ``{"x": ..., "y": ...}``."""
+    with _quiet():
+        source = open_source(spec)
+    if source.central is None and spec.test_fraction == 0:
+        raise ValueError(
+            f"{spec.dataset!r} has no test split of its own and test-fraction is 0: "
+            "there is no central test set."
+        )
+    with _quiet():
+        held = _held_out_rows(spec, source)
+        central = source.central if held is None else _select(source.pool, held)
+        x, y = to_tensors(central, source)
+    return {"x": x, "y": y}

@@ -1,0 +1,238 @@
+"""Where a dataset's rows come from: embedded generators, the Hub, local files.
+
+Each builder returns a ``Source``: a ``datasets.Dataset`` pool to partition, the
+central test split when the data ships one, and how to turn rows into tensors.
+Heavy libraries are imported inside the builders.
+"""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import numpy as np
+
+from tasks.cache import cache_dir, cache_key, load_cached, path_fingerprint, save_atomic
+from tasks.catalog import HUB_DATASETS
+from tasks.spec import DatasetInfo, DataSpec
+
+if TYPE_CHECKING:
+    from datasets import Dataset
+
+# Pixels of local image data are mapped to [-1, 1]: fixed statistics, so nodes
+# holding different local files still normalise alike.
+_LOCAL_IMAGE_STATS = (0.5, 0.5)
+_FEATURE_COLUMNS = ("image", "img", "x", "features", "pixels")
+
+
+@dataclass
+class Source:
+    """A dataset ready to be split: rows plus how to read them.
+
+    ``central`` is None when the data has no test split of its own; the
+    pipeline then holds out ``test_fraction`` of the pool, stratified by
+    ``natural_id`` when there is one (each writer/client keeps its share) and
+    by label otherwise.
+    """
+
+    pool: Dataset
+    central: Dataset | None
+    feature: str
+    label: str
+    input_shape: tuple[int, ...]
+    natural_id: str | None = None
+    image: bool = False
+    mean: tuple[float, ...] | None = None
+    std: tuple[float, ...] | None = None
+
+
+def _from_arrays(**columns: np.ndarray) -> Dataset:
+    from datasets import Dataset
+
+    return Dataset.from_dict(columns)
+
+
+def _digits() -> Source:
+    from sklearn.datasets import load_digits
+
+    x, y = load_digits(return_X_y=True)
+    pool = _from_arrays(x=(x / 16.0).astype(np.float32), label=y.astype(np.int64))
+    return Source(pool, None, "x", "label", (1, 8, 8))
+
+
+def _mnist1d_arrays() -> dict:
+    """The package's standard MNIST-1D (4000 train, 1000 test), generated here.
+
+    Generation takes seconds, so the arrays are cached. The generator seeds
+    numpy's and Python's global RNGs; their states are restored afterwards.
+    """
+    from mnist1d.data import get_dataset_args, make_dataset
+
+    args = get_dataset_args()
+    path = cache_dir() / f"mnist1d-raw-{cache_key(vars(args))}.pt"
+    cached = load_cached(path)
+    if cached is not None:
+        return {k: v.numpy() for k, v in cached.items()}
+    import torch
+
+    numpy_state, python_state = np.random.get_state(), random.getstate()
+    try:
+        data = make_dataset(args)
+    finally:
+        np.random.set_state(numpy_state)
+        random.setstate(python_state)
+    arrays = {k: np.asarray(data[k]) for k in ("x", "y", "x_test", "y_test")}
+    save_atomic({k: torch.from_numpy(v) for k, v in arrays.items()}, path)
+    return arrays
+
+
+def _mnist1d() -> Source:
+    a = _mnist1d_arrays()
+    pool = _from_arrays(x=a["x"].astype(np.float32), label=a["y"].astype(np.int64))
+    central = _from_arrays(
+        x=a["x_test"].astype(np.float32), label=a["y_test"].astype(np.int64)
+    )
+    return Source(pool, central, "x", "label", (1, 40))
+
+
+def _synthetic(spec: DataSpec) -> Source:
+    from tasks.synthetic import make_synthetic
+
+    x, y, client = make_synthetic(
+        spec.num_partitions, spec.synthetic_alpha, spec.synthetic_beta, spec.seed
+    )
+    pool = _from_arrays(x=x, label=y, client=client)
+    return Source(pool, None, "x", "label", (60,), natural_id="client")
+
+
+def _hub(name: str) -> Source:
+    from flwr_datasets import FederatedDataset
+
+    entry = HUB_DATASETS[name]
+    # FederatedDataset only downloads and caches the splits here; the common
+    # pipeline shuffles and partitions them like any other source.
+    hub = FederatedDataset(
+        dataset=entry.hub_id,
+        subset=entry.subset,
+        partitioners={},
+        shuffle=False,
+        **entry.load_kwargs,
+    )
+    try:
+        pool = hub.load_split("train")
+        central = hub.load_split(entry.test_split) if entry.test_split else None
+    except Exception as exc:
+        raise RuntimeError(
+            f"Could not load dataset {name!r} ({entry.hub_id}) from the Hugging "
+            f"Face Hub: {exc}. It needs network access the first time (later runs "
+            "read the Hugging Face cache); offline, set data-path to a local copy "
+            "(a parquet file or a datasets.save_to_disk folder)."
+        ) from exc
+    return Source(
+        pool,
+        central,
+        entry.image,
+        entry.label,
+        entry.input_shape,
+        natural_id=entry.natural_id,
+        image=True,
+        mean=entry.mean,
+        std=entry.std,
+    )
+
+
+def _read_local(path: str) -> tuple[Dataset, Dataset | None]:
+    import datasets
+
+    root = Path(path).expanduser()
+    if root.is_file():
+        if root.suffix != ".parquet":
+            raise ValueError(f"data-path {path!r}: expected a .parquet file")
+        import pyarrow.parquet as pq
+
+        # In memory, restoring the features stored in the schema; nothing is
+        # written next to the user's file or into the Hugging Face cache.
+        return datasets.Dataset(pq.read_table(root)), None
+    if (
+        not (root / "dataset_dict.json").exists()
+        and not (root / "dataset_info.json").exists()
+    ):
+        raise ValueError(
+            f"data-path {path!r}: expected a folder written by save_to_disk"
+        )
+    loaded = datasets.load_from_disk(str(root))
+    if isinstance(loaded, datasets.Dataset):
+        return loaded, None
+    pool_split = "train" if "train" in loaded else next(iter(loaded))
+    return loaded[pool_split], loaded["test"] if "test" in loaded else None
+
+
+def _local(path: str) -> Source:
+    from datasets import Image
+
+    pool, central = _read_local(path)
+    if "label" not in pool.column_names:
+        raise ValueError(f"data-path {path!r}: no 'label' column ({pool.column_names})")
+    candidates = [c for c in _FEATURE_COLUMNS if c in pool.column_names]
+    if not candidates:
+        raise ValueError(
+            f"data-path {path!r}: no feature column; expected one of "
+            f"{_FEATURE_COLUMNS}, found {pool.column_names}"
+        )
+    feature = candidates[0]
+    image = isinstance(pool.features[feature], Image)
+    source = Source(pool, central, feature, "label", (), image=image)
+    first = np.asarray(pool.with_format("numpy", columns=[feature])[0][feature])
+    if image:
+        channels = 1 if first.ndim == 2 else first.shape[2]
+        source.input_shape = (channels, *first.shape[:2])
+        source.mean = (_LOCAL_IMAGE_STATS[0],) * channels
+        source.std = (_LOCAL_IMAGE_STATS[1],) * channels
+    else:
+        source.input_shape = tuple(int(d) for d in first.shape)
+    return source
+
+
+def open_source(spec: DataSpec) -> Source:
+    """The ``Source`` for ``spec`` (``data_path`` first, then the named dataset)."""
+    if spec.data_path:
+        return _local(spec.data_path)
+    match spec.dataset:
+        case "digits":
+            return _digits()
+        case "mnist1d":
+            return _mnist1d()
+        case "synthetic":
+            return _synthetic(spec)
+    return _hub(spec.dataset)
+
+
+def local_dataset_info(spec: DataSpec) -> DatasetInfo:
+    """Shape and class count of a ``data_path`` dataset, cached on disk.
+
+    The class count is the label feature's when it is a ``ClassLabel`` (use one
+    so that every node agrees on the model), else the largest label + 1.
+    """
+    fingerprint = path_fingerprint(spec.data_path)
+    key = cache_key({"info": spec.data_path, "files": fingerprint})
+    path = cache_dir() / f"local-info-{key}.pt"
+    cached = load_cached(path)
+    if cached is None:
+        from datasets import ClassLabel
+
+        source = _local(spec.data_path)
+        label = source.pool.features["label"]
+        if isinstance(label, ClassLabel):
+            num_classes = label.num_classes
+        else:
+            splits = [s for s in (source.pool, source.central) if s is not None]
+            num_classes = 1 + max(
+                int(np.max(s.with_format("numpy", columns=["label"])[:]["label"]))
+                for s in splits
+            )
+        cached = {"input_shape": list(source.input_shape), "num_classes": num_classes}
+        save_atomic(cached, path)
+    name = Path(spec.data_path).name
+    return DatasetInfo(name, tuple(cached["input_shape"]), cached["num_classes"])

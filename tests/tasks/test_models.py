@@ -1,0 +1,95 @@
+"""Models of ``tasks``: shapes, determinism, normalisation variants."""
+
+import pytest
+import torch
+from torch import nn
+
+from tasks import DatasetInfo, build_model, list_models
+
+DIGITS = DatasetInfo("digits", (1, 8, 8), 10)
+MNIST1D = DatasetInfo("mnist1d", (1, 40), 10)
+SYNTHETIC = DatasetInfo("synthetic", (60,), 10)
+MNIST = DatasetInfo("mnist", (1, 28, 28), 10)
+CIFAR = DatasetInfo("cifar100", (3, 32, 32), 100)
+
+
+def layer_types(model):
+    return {type(m) for m in model.modules()}
+
+
+@pytest.mark.parametrize(
+    ("name", "info"),
+    [
+        ("logreg", SYNTHETIC),
+        ("mlp", SYNTHETIC),
+        ("mlp", DIGITS),
+        ("cnn", DIGITS),
+        ("cnn", MNIST1D),
+        ("cnn", MNIST),
+        ("cnn", CIFAR),
+        ("resnet18", CIFAR),
+    ],
+)
+def test_forward_gives_one_logit_per_class(name, info):
+    model = build_model(name, info, seed=0)
+    logits = model(torch.randn(3, *info.input_shape))
+    assert logits.shape == (3, info.num_classes)
+    assert torch.isfinite(logits).all()
+
+
+@pytest.mark.parametrize("name", ["logreg", "mlp", "cnn"])
+def test_same_seed_same_weights_and_global_rng_untouched(name):
+    torch.manual_seed(123)
+    expected_draw = torch.rand(1)
+    torch.manual_seed(123)
+    first = build_model(name, DIGITS, seed=5).state_dict()
+    assert torch.equal(torch.rand(1), expected_draw)
+    again = build_model(name, DIGITS, seed=5).state_dict()
+    other = build_model(name, DIGITS, seed=6).state_dict()
+    assert all(torch.equal(first[k], again[k]) for k in first)
+    assert any(not torch.equal(first[k], other[k]) for k in first)
+
+
+@pytest.mark.parametrize(
+    ("norm", "present", "absent"),
+    [
+        ("batch", nn.BatchNorm2d, nn.GroupNorm),
+        ("group", nn.GroupNorm, nn.BatchNorm2d),
+        ("none", None, (nn.BatchNorm2d, nn.GroupNorm)),
+    ],
+)
+def test_cnn_norm_variants(norm, present, absent):
+    types = layer_types(build_model("cnn", DIGITS, norm=norm))
+    if present is not None:
+        assert present in types
+    absent = absent if isinstance(absent, tuple) else (absent,)
+    assert not types & set(absent)
+
+
+def test_cnn_uses_1d_layers_for_signals():
+    types = layer_types(build_model("cnn", MNIST1D, norm="batch"))
+    assert nn.Conv1d in types and nn.BatchNorm1d in types and nn.Conv2d not in types
+
+
+def test_resnet18_has_the_cifar_stem_and_group_norm_option():
+    model = build_model("resnet18", DatasetInfo("x", (1, 32, 32), 10), norm="group")
+    assert model.conv1.in_channels == 1 and model.conv1.stride == (1, 1)
+    assert isinstance(model.maxpool, nn.Identity)
+    types = layer_types(model)
+    assert nn.GroupNorm in types and nn.BatchNorm2d not in types
+
+
+def test_unknown_model_and_norm_list_the_known_names():
+    with pytest.raises(ValueError, match="Unknown model 'resnet81'") as info:
+        build_model("resnet81", DIGITS)
+    assert all(name in str(info.value) for name in list_models())
+    assert "Did you mean 'resnet18'" in str(info.value)
+    with pytest.raises(ValueError, match="Unknown norm 'layer'"):
+        build_model("cnn", DIGITS, norm="layer")
+
+
+def test_conv_models_reject_flat_inputs():
+    with pytest.raises(ValueError, match="cnn needs"):
+        build_model("cnn", SYNTHETIC)
+    with pytest.raises(ValueError, match="resnet18 needs"):
+        build_model("resnet18", MNIST1D)
