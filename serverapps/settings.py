@@ -24,7 +24,7 @@ DEFAULTS: dict[str, Any] = {
     keys.LOCAL_EPOCHS: 2,
     keys.LOCAL_STEPS: 0,
     keys.BATCH_SIZE: 16,
-    keys.LR: 0.05,
+    keys.LR: 0.1,
     keys.MOMENTUM: 0.9,
     keys.WEIGHT_DECAY: 0.0,
     "seed": 42,
