@@ -46,20 +46,22 @@ def ensure_task_identity() -> None:
             setattr(TaskIdentity, name, value)
 
 
+def flatten_config(mapping: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+    """Flatten nested tables to ``"<table>.<key>"`` keys, as Flower's run config."""
+    flat: dict[str, Any] = {}
+    for key, value in mapping.items():
+        if isinstance(value, dict):
+            flat.update(flatten_config(value, f"{prefix}{key}."))
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat
+
+
 def app_defaults(pyproject: Path = PYPROJECT) -> dict[str, Any]:
     """The run-config defaults of ``pyproject.toml``, flattened as Flower does."""
-    table = tomllib.loads(pyproject.read_text())["tool"]["flwr"]["app"]["config"]
-
-    def flatten(mapping: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
-        flat: dict[str, Any] = {}
-        for key, value in mapping.items():
-            if isinstance(value, dict):
-                flat.update(flatten(value, f"{prefix}{key}."))
-            else:
-                flat[f"{prefix}{key}"] = value
-        return flat
-
-    return flatten(table)
+    return flatten_config(
+        tomllib.loads(pyproject.read_text())["tool"]["flwr"]["app"]["config"]
+    )
 
 
 @contextlib.contextmanager

@@ -24,15 +24,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-
-def _flatten(mapping: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
-    flat: dict[str, Any] = {}
-    for key, value in mapping.items():
-        if isinstance(value, dict):
-            flat.update(_flatten(value, f"{prefix}{key}."))
-        else:
-            flat[f"{prefix}{key}"] = value
-    return flat
+from simulations.inprocess import flatten_config
 
 
 def load_override_file(path: str | Path) -> tuple[dict[str, Any], dict[str, Any]]:
@@ -40,7 +32,7 @@ def load_override_file(path: str | Path) -> tuple[dict[str, Any], dict[str, Any]
     data = tomllib.loads(Path(path).read_text())
     options = data.pop("sweep", {})
     options.setdefault("label", Path(path).stem)
-    return _flatten(data), options
+    return flatten_config(data), options
 
 
 def rounds_to_target(rows: Sequence[Mapping[str, Any]], target: float) -> int | None:
@@ -165,7 +157,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         help="extra run-config overrides (TOML values)",
     )
     args = parser.parse_args(argv)
-    extra = _flatten(tomllib.loads("\n".join(args.set))) if args.set else {}
+    extra = flatten_config(tomllib.loads("\n".join(args.set))) if args.set else {}
     records = run_sweep(args.files, args.out, args.seeds, args.num_nodes, extra)
     print((Path(args.out) / "results.md").read_text())
     print(f"[sweep] {len(records)} runs; results in {args.out}")

@@ -8,15 +8,9 @@ import uuid
 import numpy as np
 import pytest
 
-for _key, _value in {
-    "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",
-    "FLWR_TELEMETRY_ENABLED": "0",
-    "FLWR_DISABLE_UPDATE_CHECK": "1",
-    "HF_DATASETS_OFFLINE": "1",
-    "HF_HUB_OFFLINE": "1",
-    "RAY_ADDRESS": "local",
-    "RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO": "0",
-}.items():
+from simulations.processes import PRIVATE_ENV
+
+for _key, _value in PRIVATE_ENV.items():
     os.environ.setdefault(_key, _value)
 
 from flwr.app import (  # noqa: E402 (environment first)

@@ -38,4 +38,3 @@ def pytest_runtest_makereport(item, call):
         for value in getattr(item, "funcargs", {}).values():
             if isinstance(value, FlowerProcesses):
                 report.sections.append(("Flower process logs", value.logs()))
-

@@ -16,8 +16,12 @@ from simulations.processes import STATUS_COMPLETED, STATUS_FAILED, read_run_metr
 pytestmark = pytest.mark.slow
 
 NODES = 4
-FEDAVG = {"algorithm": "fedavg", "num-server-rounds": 3, "fraction-train": 1.0,
-          "seed": 42}
+FEDAVG = {
+    "algorithm": "fedavg",
+    "num-server-rounds": 3,
+    "fraction-train": 1.0,
+    "seed": 42,
+}
 FEDERATION = {"num-supernodes": NODES, "client-resources-num-cpus": 1}
 
 
@@ -30,9 +34,11 @@ def superlink(flower):
 def fedavg_run(flower, superlink, app_dir, tmp_path_factory):
     output = tmp_path_factory.mktemp("ray-runs")
     run = flower.submit_run(
-        superlink.connection, app_dir,
+        superlink.connection,
+        app_dir,
         run_config={**FEDAVG, "output-dir": str(output)},
-        federation_config=FEDERATION, timeout=300,
+        federation_config=FEDERATION,
+        timeout=300,
     )
     status = flower.wait_for_run(run.run_id, superlink.connection, timeout=60)
     return run, status, output
@@ -65,9 +71,13 @@ def test_ray_and_inprocess_reach_the_same_accuracy(fedavg_run, tmp_path):
 
 def test_unknown_algorithm_fails_the_run(flower, superlink, app_dir, tmp_path):
     run = flower.submit_run(
-        superlink.connection, app_dir,
-        run_config={"algorithm": "nope", "num-server-rounds": 1,
-                    "output-dir": str(tmp_path)},
+        superlink.connection,
+        app_dir,
+        run_config={
+            "algorithm": "nope",
+            "num-server-rounds": 1,
+            "output-dir": str(tmp_path),
+        },
         federation_config={"num-supernodes": 2, "client-resources-num-cpus": 1},
         timeout=180,
     )
@@ -77,3 +87,26 @@ def test_unknown_algorithm_fails_the_run(flower, superlink, app_dir, tmp_path):
     if "Known algorithms" not in log:  # the stream can end before the last lines
         log = flower.run_log(run.run_id, superlink.connection)
     assert "Known algorithms" in log, log
+
+
+def test_fedld_runs_in_ray(flower, superlink, app_dir, tmp_path):
+    run = flower.submit_run(
+        superlink.connection,
+        app_dir,
+        run_config={
+            "algorithm": "fedld",
+            "fedld.lambda": 0.05,  # a namespaced key passes Flower's config check
+            "model": "cnn",  # BatchNorm buffers through the SVD path
+            "num-server-rounds": 2,
+            "fraction-evaluate": 0.0,
+            "output-dir": str(tmp_path),
+        },
+        federation_config={"num-supernodes": 3, "client-resources-num-cpus": 1},
+        timeout=300,
+    )
+    status = flower.wait_for_run(run.run_id, superlink.connection, timeout=60)
+    assert status == STATUS_COMPLETED, run.output
+    rows, path = read_run_metrics(tmp_path)
+    assert path.name.endswith("-fedld-digits-42")
+    assert [r["train-replies"] for r in rows[1:]] == [3, 3]
+    assert not any(r["train-dropped"] or r["update-skipped"] for r in rows[1:])

@@ -23,9 +23,14 @@ def deployment(flower):
 def test_two_supernodes_complete_two_rounds(flower, deployment, app_dir, tmp_path):
     connection = deployment.superlink.connection
     run = flower.submit_run(
-        connection, app_dir,
-        run_config={"algorithm": "fedavg", "num-server-rounds": 2,
-                    "fraction-train": 1.0, "output-dir": str(tmp_path)},
+        connection,
+        app_dir,
+        run_config={
+            "algorithm": "fedavg",
+            "num-server-rounds": 2,
+            "fraction-train": 1.0,
+            "output-dir": str(tmp_path),
+        },
         timeout=300,
     )
     status = flower.wait_for_run(run.run_id, connection, timeout=60)

@@ -12,8 +12,14 @@ def test_pyproject_and_settings_declare_the_same_shared_keys():
 
 @pytest.mark.parametrize(
     ("value", "default", "expected"),
-    [("0.5", 1.0, 0.5), (3, 1.0, 3.0), (2.0, 1, 2), ("true", False, True),
-     (False, True, False), (7, "x", "7")],
+    [
+        ("0.5", 1.0, 0.5),
+        (3, 1.0, 3.0),
+        (2.0, 1, 2),
+        ("true", False, True),
+        (False, True, False),
+        (7, "x", "7"),
+    ],
 )
 def test_coerce_good_values(value, default, expected):
     assert coerce("k", value, default) == expected
@@ -29,4 +35,6 @@ def test_setting_and_hyperparameters_fall_back_to_defaults():
     assert setting({}, "lr") == DEFAULTS["lr"]
     entry = get_algorithm("fedprox")
     assert hyperparameters(entry, {}) == {"proximal-mu": 0.01}
-    assert hyperparameters(entry, {"fedprox.proximal-mu": "0.5"}) == {"proximal-mu": 0.5}
+    assert hyperparameters(entry, {"fedprox.proximal-mu": "0.5"}) == {
+        "proximal-mu": 0.5
+    }
