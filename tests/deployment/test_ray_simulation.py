@@ -3,7 +3,9 @@
 One SuperLink serves the module. One 3-round FedAvg run over 4 simulated
 SuperNodes serves two checks: the run itself (status, every node in every
 round) and acceptance check 3 (the in-process runner reaches the same final
-central accuracy for the same seed).
+central accuracy for the same seed). A run with an unknown algorithm is
+submitted first, without waiting, so that it fails while the FedAvg run goes on
+(runs on one SuperLink are concurrent).
 """
 
 import math
@@ -31,7 +33,24 @@ def superlink(flower):
 
 
 @pytest.fixture(scope="module")
-def fedavg_run(flower, superlink, app_dir, tmp_path_factory):
+def failing_run(flower, superlink, app_dir, tmp_path_factory):
+    """An unknown algorithm, submitted without waiting: it fails while others run."""
+    return flower.submit_run(
+        superlink.connection,
+        app_dir,
+        run_config={
+            "algorithm": "nope",
+            "num-server-rounds": 1,
+            "output-dir": str(tmp_path_factory.mktemp("failing-run")),
+        },
+        federation_config={"num-supernodes": 2, "client-resources-num-cpus": 1},
+        stream=False,
+        timeout=120,
+    )
+
+
+@pytest.fixture(scope="module")
+def fedavg_run(flower, superlink, app_dir, tmp_path_factory, failing_run):
     output = tmp_path_factory.mktemp("ray-runs")
     run = flower.submit_run(
         superlink.connection,
@@ -69,23 +88,10 @@ def test_ray_and_inprocess_reach_the_same_accuracy(fedavg_run, tmp_path):
     assert abs(ray_acc[-1] - local_acc[-1]) <= 1e-6, (ray_acc, local_acc)
 
 
-def test_unknown_algorithm_fails_the_run(flower, superlink, app_dir, tmp_path):
-    run = flower.submit_run(
-        superlink.connection,
-        app_dir,
-        run_config={
-            "algorithm": "nope",
-            "num-server-rounds": 1,
-            "output-dir": str(tmp_path),
-        },
-        federation_config={"num-supernodes": 2, "client-resources-num-cpus": 1},
-        timeout=180,
-    )
-    status = flower.wait_for_run(run.run_id, superlink.connection, timeout=60)
-    assert status == STATUS_FAILED, run.output
-    log = run.output
-    if "Known algorithms" not in log:  # the stream can end before the last lines
-        log = flower.run_log(run.run_id, superlink.connection)
+def test_unknown_algorithm_fails_the_run(flower, superlink, failing_run):
+    status = flower.wait_for_run(failing_run.run_id, superlink.connection, timeout=180)
+    log = flower.run_log(failing_run.run_id, superlink.connection)
+    assert status == STATUS_FAILED, log
     assert "Known algorithms" in log, log
 
 
