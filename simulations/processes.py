@@ -447,6 +447,7 @@ class FlowerProcesses:
         self.cli_home = self.workdir / "cli-home"
         self.cache_dir = self.workdir / "cache"
         self._connections: dict[str, str] = {}
+        self._atexit = False
 
     # -- context manager ----------------------------------------------------
 
@@ -537,8 +538,9 @@ class FlowerProcesses:
             )
         process = ManagedProcess(name, popen, log_path, command)
         self.processes.append(process)
-        if len(self.processes) == 1:  # last resort if the caller never stops us
+        if not self._atexit:  # last resort if the caller never stops us
             atexit.register(self.stop_all)
+            self._atexit = True
         return process
 
     def start_simulation_superlink(
@@ -795,6 +797,7 @@ class FlowerProcesses:
         while time.monotonic() < deadline and any(_proc_stat(pid) for pid in tree):
             time.sleep(0.1)
         atexit.unregister(self.stop_all)
+        self._atexit = False
 
     def leftover_pids(self) -> set[int]:
         """Return this instance's live processes (none after :meth:`stop_all`)."""
