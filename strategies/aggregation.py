@@ -28,7 +28,10 @@ def to_record(arrays: Mapping[str, np.ndarray]) -> ArrayRecord:
     return ArrayRecord({k: Array(np.array(v, order="C")) for k, v in arrays.items()})
 
 
-def _cast_like(value: np.ndarray, like: np.ndarray) -> np.ndarray:
+def cast_like(value: np.ndarray, like: np.ndarray) -> np.ndarray:
+    """``value`` in the dtype of ``like``; integers are rounded, not truncated."""
+    if value.dtype == like.dtype:
+        return value
     if like.dtype.kind in "iub":
         return np.rint(value).astype(like.dtype)
     return value.astype(like.dtype)
@@ -53,7 +56,7 @@ def weighted_mean(
         acc = np.zeros(ref.shape, dtype=np.float64)
         for wi, a in zip(w, arrays, strict=True):
             acc += wi * a[key]
-        out[key] = _cast_like(acc, ref)
+        out[key] = cast_like(acc, ref)
     return out
 
 
@@ -77,7 +80,7 @@ def apply_delta(
 ) -> NDArrays:
     """``reference + scale * delta``, cast back to each array's dtype."""
     return {
-        k: _cast_like(ref.astype(np.float64) + scale * delta[k], ref)
+        k: cast_like(ref.astype(np.float64) + scale * delta[k], ref)
         for k, ref in reference.items()
     }
 

@@ -40,7 +40,7 @@ from flwr.serverapp.strategy import Result
 from flwr.supercore import log
 
 from strategies import keys
-from strategies.aggregation import to_numpy, to_record, weighted_metrics
+from strategies.aggregation import cast_like, to_numpy, to_record, weighted_metrics
 from strategies.validation import ArraySpec, array_spec, check_reply
 
 _ARRAYRECORD_TAG = "__arrayrecord__"
@@ -238,21 +238,16 @@ class BouquetStrategy:
     def _keep_dtypes(self, arrays: ArrayRecord | None) -> ArrayRecord | None:
         # Flower's weighted mean turns integer buffers (BatchNorm's
         # num_batches_tracked) into float64; the next round's replies would then
-        # no longer match what was sent. Cast back, rounding integers.
-        if arrays is None or not self._sent_spec:
+        # no longer match what was sent. Cast back to the sent dtypes.
+        if arrays is None or not self.global_arrays:
             return arrays
-        fixed = {}
-        for key, value in to_numpy(arrays).items():
-            dtype = (
-                np.dtype(self._sent_spec[key][1]) if key in self._sent_spec else None
-            )
-            if dtype is None or value.dtype == dtype:
-                fixed[key] = value
-            elif dtype.kind in "iub":
-                fixed[key] = np.rint(value).astype(dtype)
-            else:
-                fixed[key] = value.astype(dtype)
-        return to_record(fixed)
+        sent = self.global_arrays
+        return to_record(
+            {
+                k: cast_like(v, sent[k]) if k in sent else v
+                for k, v in to_numpy(arrays).items()
+            }
+        )
 
     def aggregate_valid(
         self, server_round: int, replies: list[Message]
