@@ -66,6 +66,7 @@ def train_client(
     *,
     algorithm: str | None = None,
     hooks: Sequence[Hook] | None = None,
+    extra_hooks: Sequence[Hook] = (),
 ) -> Message:
     """Train ``model`` on ``data`` as ``algorithm``'s client and build the reply.
 
@@ -81,12 +82,15 @@ def train_client(
         Registry name; defaults to ``context.run_config["algorithm"]``.
     hooks : sequence of Hook, optional
         Use these hooks instead of the algorithm's recipe.
+    extra_hooks : sequence of Hook
+        Hooks run after the recipe's (e.g. an attack's label flipping).
 
     """
     config = dict(msg.content[keys.CONFIG])
     if hooks is None:
         name = algorithm or str(context.run_config.get("algorithm", "fedavg"))
         hooks = hooks_for(name, config)
+    hooks = [*hooks, *extra_hooks]
     _load(model, msg.content[keys.ARRAYS])
     generator = torch.Generator().manual_seed(client_seed(msg, context))
     with torch.random.fork_rng(devices=[]):

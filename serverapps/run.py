@@ -117,6 +117,9 @@ def run_server(
     # Fail first, before waiting for nodes: unknown names, values of the wrong type.
     strategy = build_strategy(run_config)
     DataSpec.from_run_config(run_config, num_partitions=1)
+    from clientapps.attacks import check_attack
+
+    check_attack(setting(run_config, "attack"), setting(run_config, "attack-fraction"))
     num_rounds = setting(run_config, "num-server-rounds")
     num_nodes = wait_for_nodes(grid, setting(run_config, "min-available-nodes"), settle)
     # The central test of per-client generated data (synthetic) depends on the
