@@ -12,7 +12,7 @@ import json
 import time
 from collections.abc import Mapping
 from datetime import datetime
-from logging import INFO
+from logging import INFO, WARNING
 from pathlib import Path
 from typing import Any
 
@@ -169,5 +169,14 @@ def run_server(
     directory.plot(
         f"{setting(run_config, 'algorithm')} on {setting(run_config, 'dataset')}"
     )
+    if final["error-replies"] or final["missing-replies"]:
+        log(
+            WARNING,
+            "This run had %d error replies and %d missing replies (rounds went on "
+            "without them): see 'drop-reasons' in %s/metrics.json.",
+            final["error-replies"],
+            final["missing-replies"],
+            directory.path,
+        )
     log(INFO, "Done: %s | results in %s", json.dumps(final), directory.path)
     return result, directory.path

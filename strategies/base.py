@@ -79,6 +79,9 @@ class RoundReport:
     train_dropped: int = 0
     evaluate_replies: int = 0
     evaluate_dropped: int = 0
+    train_missing: int = 0
+    evaluate_missing: int = 0
+    error_replies: int = 0
     drop_reasons: list[str] = field(default_factory=list)
     update_skipped: bool = False
     bytes_sent: int = 0
@@ -193,6 +196,8 @@ class BouquetStrategy:
             if reason is None:
                 good.append(msg)
             else:
+                if msg.has_error() and self.current_report is not None:
+                    self.current_report.error_replies += 1
                 src = msg.metadata.src_node_id
                 reasons.append(f"node {src}: {reason}")
                 log(WARNING, "Dropped reply from node %s: %s", src, reason)
@@ -329,6 +334,7 @@ class BouquetStrategy:
             messages = list(self.configure_train(rnd, arrays, train_config, grid))
             report.bytes_sent += _payload_bytes(messages)
             replies = list(grid.send_and_receive(messages, timeout=timeout))
+            report.train_missing = _missing(rnd, "train", messages, replies, timeout)
             report.bytes_received += _payload_bytes(replies)
             new_arrays, train_metrics = self.aggregate_train(rnd, replies)
             if new_arrays is not None:
@@ -339,6 +345,9 @@ class BouquetStrategy:
             messages = list(self.configure_evaluate(rnd, arrays, evaluate_config, grid))
             report.bytes_sent += _payload_bytes(messages)
             replies = list(grid.send_and_receive(messages, timeout=timeout))
+            report.evaluate_missing = _missing(
+                rnd, "evaluate", messages, replies, timeout
+            )
             if (eval_metrics := self.aggregate_evaluate(rnd, replies)) is not None:
                 result.evaluate_metrics_clientapp[rnd] = eval_metrics
                 report.evaluate_metrics = _plain(eval_metrics)
@@ -352,6 +361,30 @@ class BouquetStrategy:
         self.current_report = None
         result.arrays = arrays
         return result
+
+
+def _missing(
+    server_round: int,
+    phase: str,
+    sent: list[Message],
+    replies: list[Message],
+    timeout: float,
+) -> int:
+    """Log and count the nodes that were sent a message and never answered."""
+    answered = {r.metadata.src_node_id for r in replies}
+    lost = sorted({m.metadata.dst_node_id for m in sent} - answered)
+    if lost:
+        log(
+            WARNING,
+            "Round %s: no %s reply from node(s) %s within the round timeout "
+            "(%.0fs): node lost, stopped or too slow; the round goes on without "
+            "them.",
+            server_round,
+            phase,
+            lost,
+            timeout,
+        )
+    return len(lost)
 
 
 def _reply_order(msg: Message) -> tuple[float, int]:

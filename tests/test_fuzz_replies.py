@@ -207,8 +207,7 @@ def test_corrupted_replies_are_dropped_and_change_nothing(name, tmp_path_factory
         reference, ref_messages = scenario.fresh()
         ref_sent = {m.metadata.dst_node_id: m for m in ref_messages}
         clean = [
-            Message(r.content, reply_to=ref_sent[r.metadata.src_node_id])
-            for r in clean
+            Message(r.content, reply_to=ref_sent[r.metadata.src_node_id]) for r in clean
         ]
         expected, _ = reference.aggregate_train(2, clean)
         got_arrays, expected_arrays = _arrays(got), _arrays(expected)
