@@ -93,7 +93,7 @@ def test_lost_nodes_are_logged_and_counted(tmp_path, caplog, monkeypatch):
         return [r for r in pull(self, message_ids) if r.metadata.src_node_id != 1001]
 
     monkeypatch.setattr(InProcessGrid, "pull_messages", lose_node_1001)
-    result, path, _ = run_inprocess(
+    _, path, _ = run_inprocess(
         {**FAST, "fraction-evaluate": 1.0, "output-dir": str(tmp_path)}, num_nodes=3
     )
     rows = json.loads((path / "metrics.json").read_text())["rounds"]
