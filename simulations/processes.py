@@ -907,6 +907,23 @@ class FlowerProcesses:
         atexit.unregister(self.stop_all)
         self._atexit = False
 
+    def pids_of(self, program: str) -> list[int]:
+        """Live processes of this instance whose command line contains ``program``.
+
+        E.g. ``"flwr-serverapp"`` (the ServerApp of a deployment run) or
+        ``"flwr-clientapp"``: processes Flower itself spawned, found through
+        this instance's tag.
+        """
+        found = []
+        for pid in sorted(tagged_pids(self.tag)):
+            try:
+                argv = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+            except OSError:
+                continue
+            if any(program.encode() in arg for arg in argv):
+                found.append(pid)
+        return found
+
     def leftover_pids(self) -> set[int]:
         """Return this instance's live processes (none after :meth:`stop_all`)."""
         return tagged_pids(self.tag) | {p.pid for p in self.processes if p.running()}
