@@ -35,7 +35,9 @@ fi
 [ "$auth" = 1 ] && args+=(--enable-supernode-auth)
 export FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION=1 FLWR_TELEMETRY_ENABLED=0
 # A neutral cwd: nothing there can shadow the app's packages.
-(cd "$state/superlink/cwd" && FLWR_HOME="$state/superlink/home" \
-  nohup flower-superlink "${args[@]}" > "$state/superlink/superlink.log" 2>&1 &
-  echo $! > "$state/superlink.pid")
+# (`cd; cmd &`, not `cd && cmd &`: $! must be the SuperLink's own PID.)
+(cd "$state/superlink/cwd"
+ FLWR_HOME="$state/superlink/home" nohup flower-superlink "${args[@]}" \
+   > "$state/superlink/superlink.log" 2>&1 &
+ echo $! > "$state/superlink.pid")
 echo "SuperLink PID $(cat "$state/superlink.pid") on port $port; log: $state/superlink/superlink.log"

@@ -41,7 +41,8 @@ for ((i = 0; i < count; i++)); do
   else
     args+=(--node-config "partition-id=$i num-partitions=$count")
   fi
-  (cd "$dir/cwd" && FLWR_HOME="$dir/home" nohup flower-supernode "${args[@]}" \
-    > "$dir/supernode.log" 2>&1 & echo $! >> "$state/supernodes.pids")
+  (cd "$dir/cwd"
+   FLWR_HOME="$dir/home" nohup flower-supernode "${args[@]}" > "$dir/supernode.log" 2>&1 &
+   echo $! >> "$state/supernodes.pids")
 done
 echo "Started $count SuperNodes (PIDs in $state/supernodes.pids, logs in $state/supernode-*/)"
