@@ -54,13 +54,16 @@ def derive_seed(*parts: int | str) -> int:
     return int(np.random.SeedSequence(words).generate_state(2, np.uint64)[0] >> 1)
 
 
-def with_records(message: Message, records: Mapping[str, Any]) -> Message:
+def with_records(
+    message: Message, records: Mapping[str, Any], dst_node_id: int | None = None
+) -> Message:
     """A copy of an outgoing ``message`` with ``records`` added or replaced.
 
     For strategies that send different content to different nodes (a role in
     the config, a stale model, an extra ArrayRecord): Flower's ``configure_*``
     gives every node a message over one shared RecordDict, so tailor each one
     with this instead of editing it in place. Records not named are shared.
+    ``dst_node_id`` readdresses the copy (a strategy's own choice of nodes).
     """
     content = RecordDict(dict(message.content.items()))
     for name, record in records.items():
@@ -68,7 +71,9 @@ def with_records(message: Message, records: Mapping[str, Any]) -> Message:
     return Message(
         content=content,
         message_type=message.metadata.message_type,
-        dst_node_id=message.metadata.dst_node_id,
+        dst_node_id=(
+            message.metadata.dst_node_id if dst_node_id is None else dst_node_id
+        ),
         group_id=message.metadata.group_id,
     )
 

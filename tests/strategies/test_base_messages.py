@@ -16,3 +16,4 @@ def test_with_records_replaces_and_adds_without_aliasing():
     assert out.content["arrays"] is shared["arrays"]  # untouched records shared
     assert out.metadata.dst_node_id == 5
     assert out.metadata.message_type == MessageType.TRAIN
+    assert with_records(msg, {}, dst_node_id=9).metadata.dst_node_id == 9
