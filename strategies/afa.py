@@ -26,8 +26,10 @@ Wire protocol: ``arrays`` (the stale model), ``config`` with ``afa.k``,
 ``afa.k-min``, ``afa.normalize``, ``afa.version`` (the model's round), and
 ``local-steps = local-epochs = k`` (room for any ``K_i``). The reply's
 ``arrays`` is ``G_i`` (zeros for buffers); ``metrics`` add ``afa.local-steps``
-(``K_i``). Server state: ``models`` (version -> arrays, at most tau-max + 1
-of them) and, for AFA-CS, ``table`` (partition-id -> G_i, M x |model|).
+(``K_i``); the round's train metrics add ``afa.staleness`` (mean age of the
+models the replies were computed on). Server state: ``models`` (version ->
+arrays, at most tau-max + 1 of them) and, for AFA-CS, ``table``
+(partition-id -> G_i, M x |model|).
 
 Decisions where the spec was open (the algorithms are recalled, not checked
 against the paper's Algorithms 1-2):
@@ -169,6 +171,13 @@ class AFA(BouquetStrategy, flwr_strategy.FedAvg):
         metrics = self.train_metrics_aggr_fn(
             [r.content for r in replies], self.weighted_by_key
         )
+        ages = [
+            server_round - self.versions[r.metadata.src_node_id]
+            for r in replies
+            if r.metadata.src_node_id in self.versions
+        ]
+        if ages:
+            metrics[_key("staleness")] = float(np.mean(ages))
         return to_record(apply_delta(self.global_arrays, direction, -self.eta)), metrics
 
     def direction(

@@ -27,9 +27,11 @@ def _prepare(strategy):
 def test_afa_cd_golden_step(reply):
     # mean G = ((1, 0) + (3, 4)) / 2 = (2, 2); eta = 0.5 -> x - (1, 1) = (0, 1)
     strategy = _prepare(AFACD(eta=0.5))
-    out, _ = strategy.aggregate_train(
-        1, [_reply(reply, [1, 0], 0), _reply(reply, [3, 4], 1)]
+    strategy.versions = {100: 1, 101: 3}  # ages 3 and 1 at round 4
+    out, metrics = strategy.aggregate_train(
+        4, [_reply(reply, [1, 0], 0), _reply(reply, [3, 4], 1)]
     )
+    assert metrics["afa.staleness"] == 2.0
     out = to_numpy(out)
     np.testing.assert_allclose(out["w"], [0.0, 1.0])
     assert out["w"].dtype == np.float32 and out["n"] == 3 and out["n"].dtype == np.int64
@@ -87,6 +89,7 @@ def test_each_node_gets_a_model_of_a_bounded_random_age():
             assert cfg["local-steps"] == cfg["local-epochs"] == cfg["afa.k"] == 7
             ages.append(t - version)
     assert set(ages) == {0, 1, 2} and sorted(strategy.models) == ["4", "5", "6"]
+    assert len(strategy.versions) == 3  # the last round's ages feed the metrics
     again = _rounds(AFACD(seed=1, tau_max=2, k=7, fraction_train=0.5), grid, 6)
     assert [[m.content["config"]["afa.version"] for m in r] for r in again] == [
         [m.content["config"]["afa.version"] for m in r] for r in sent
