@@ -21,6 +21,10 @@
   Algorithms customise rounds through ``configure_*`` / ``aggregate_*``, never
   by copying the loop.
 
+- **Per-node messages.** :func:`with_records` copies a configured message with
+  some records replaced (a role, a stale model, an extra ArrayRecord), for
+  strategies that override ``configure_train`` to send nodes different content.
+
 Use it first in the bases: ``class FedProx(BouquetStrategy, flwr.FedProx)``.
 """
 
