@@ -10,7 +10,8 @@ ClientApp builds its model and data and hands them over::
 
 ``train_client`` loads the global arrays, runs the algorithm's recipe of hooks
 on the one training loop and packs the reply (full local arrays, metrics with
-``num-examples``, plus any extra records the recipe declares).
+``num-examples``, plus any extra records the recipe declares). A recipe's
+record named ``"arrays"`` replaces the local arrays (e.g. a gradient).
 """
 
 from __future__ import annotations

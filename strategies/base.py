@@ -21,6 +21,10 @@
   Algorithms customise rounds through ``configure_*`` / ``aggregate_*``, never
   by copying the loop.
 
+- **Per-node messages.** :func:`with_records` copies a configured message with
+  some records replaced (a role, a stale model, an extra ArrayRecord), for
+  strategies that override ``configure_train`` to send nodes different content.
+
 Use it first in the bases: ``class FedProx(BouquetStrategy, flwr.FedProx)``.
 """
 
@@ -28,13 +32,13 @@ from __future__ import annotations
 
 import random
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from logging import ERROR, INFO, WARNING
 from typing import Any, ClassVar
 
 import numpy as np
-from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord
+from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Result
 from flwr.supercore import log
@@ -52,6 +56,30 @@ def derive_seed(*parts: int | str) -> int:
         p if isinstance(p, int) else int.from_bytes(p.encode(), "little") for p in parts
     ]
     return int(np.random.SeedSequence(words).generate_state(2, np.uint64)[0] >> 1)
+
+
+def with_records(
+    message: Message, records: Mapping[str, Any], dst_node_id: int | None = None
+) -> Message:
+    """A copy of an outgoing ``message`` with ``records`` added or replaced.
+
+    For strategies that send different content to different nodes (a role in
+    the config, a stale model, an extra ArrayRecord): Flower's ``configure_*``
+    gives every node a message over one shared RecordDict, so tailor each one
+    with this instead of editing it in place. Records not named are shared.
+    ``dst_node_id`` readdresses the copy (a strategy's own choice of nodes).
+    """
+    content = RecordDict(dict(message.content.items()))
+    for name, record in records.items():
+        content[name] = record
+    return Message(
+        content=content,
+        message_type=message.metadata.message_type,
+        dst_node_id=(
+            message.metadata.dst_node_id if dst_node_id is None else dst_node_id
+        ),
+        group_id=message.metadata.group_id,
+    )
 
 
 class _SortedNodes:
