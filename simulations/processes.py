@@ -26,339 +26,37 @@ from __future__ import annotations
 
 import atexit
 import json
-import os
-import re
 import shutil
 import signal
-import socket
-import ssl
 import subprocess
-import sys
 import tempfile
 import time
-import urllib.error
-import urllib.request
 import uuid
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
 from typing import Any
 
-APP_DIR = Path(__file__).resolve().parent.parent
-DEPLOY_SCRIPTS = Path(__file__).resolve().parent / "deploy"
-"""The Bouquet app directory (the one holding ``pyproject.toml``)."""
-
-HOST = "127.0.0.1"
-TAG_VARIABLE = "BOUQUET_PROCESS_TAG"
-"""Environment variable that marks every process started by one instance."""
-
-STATUS_COMPLETED = "finished:completed"
-STATUS_FAILED = "finished:failed"
-STATUS_STOPPED = "finished:stopped"
-
-PRIVATE_ENV: dict[str, str] = {
-    "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",
-    "FLWR_TELEMETRY_ENABLED": "0",
-    "FLWR_DISABLE_UPDATE_CHECK": "1",
-    "HF_DATASETS_OFFLINE": "1",
-    "HF_HUB_OFFLINE": "1",
-    "RAY_ADDRESS": "local",
-    "RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO": "0",
-    "PYTHONUNBUFFERED": "1",
-}
-"""Environment every started process gets (on top of the caller's)."""
-
-_RUN_ID = re.compile(r"Successfully started run (\d+)")
-
-
-# ----------------------------------------------------------------------------
-# Small building blocks
-# ----------------------------------------------------------------------------
-
-
-def free_ports(count: int = 1) -> list[int]:
-    """Return ``count`` distinct TCP ports that are free on 127.0.0.1 right now.
-
-    Parameters
-    ----------
-    count : int
-        How many ports.
-
-    Returns
-    -------
-    list[int]
-        Distinct ports; all sockets are held open until every port is chosen.
-
-    """
-    sockets = []
-    try:
-        for _ in range(count):
-            sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-            sock.bind((HOST, 0))
-            sockets.append(sock)
-        return [s.getsockname()[1] for s in sockets]
-    finally:
-        for sock in sockets:
-            sock.close()
-
-
-def free_port() -> int:
-    """Return one TCP port that is free on 127.0.0.1 right now."""
-    return free_ports(1)[0]
-
-
-def venv_bin() -> Path:
-    """Return the directory of this interpreter's scripts (``flwr``, ...)."""
-    return Path(sys.executable).parent
-
-
-def flower_env(
-    flwr_home: str | Path,
-    *,
-    cache_dir: str | Path | None = None,
-    base: Mapping[str, str] | None = None,
-    extra: Mapping[str, str] | None = None,
-) -> dict[str, str]:
-    """Environment for a Flower process with a private ``FLWR_HOME``.
-
-    Parameters
-    ----------
-    flwr_home : str or Path
-        ``FLWR_HOME`` of the process.
-    cache_dir : str or Path, optional
-        ``BOUQUET_CACHE_DIR`` (kept from ``base`` if not given).
-    base : Mapping[str, str], optional
-        Starting environment; ``os.environ`` by default.
-    extra : Mapping[str, str], optional
-        Last-word overrides.
-
-    Returns
-    -------
-    dict[str, str]
-        ``base`` plus :data:`PRIVATE_ENV`, ``FLWR_HOME`` and the venv's ``bin``
-        first on ``PATH``.
-
-    """
-    env = dict(os.environ if base is None else base)
-    env.update(PRIVATE_ENV)
-    env["FLWR_HOME"] = str(flwr_home)
-    if cache_dir is not None:
-        env["BOUQUET_CACHE_DIR"] = str(cache_dir)
-    path = env.get("PATH", "")
-    env["PATH"] = os.pathsep.join(p for p in (str(venv_bin()), path) if p)
-    env.update(extra or {})
-    return env
-
-
-def write_connections(
-    flwr_home: str | Path,
-    connections: Mapping[str, str | tuple[str, str]],
-    default: str | None = None,
-) -> Path:
-    """Write ``$FLWR_HOME/config.toml`` with SuperLink connections.
-
-    A connection is ``host:port`` (insecure) or ``(host:port, ca_file)`` (TLS,
-    the server certificate checked against ``ca_file``).
-
-    Parameters
-    ----------
-    flwr_home : str or Path
-        The ``FLWR_HOME`` the ``flwr`` CLI will use.
-    connections : Mapping[str, str | tuple[str, str]]
-        Connection name -> ``host:port`` or ``(host:port, ca_file)``.
-    default : str, optional
-        The default connection (the first one if not given).
-
-    Returns
-    -------
-    Path
-        The written file (existing content is replaced).
-
-    """
-    home = Path(flwr_home)
-    home.mkdir(parents=True, exist_ok=True)
-    names = list(connections)
-    if not names:
-        raise ValueError("At least one connection is needed.")
-    lines = ["[superlink]", f'default = "{default or names[0]}"', ""]
-    for name, target in connections.items():
-        address, ca_file = (target, None) if isinstance(target, str) else target
-        lines += [f"[superlink.{name}]", f'address = "{address}"']
-        if ca_file is None:
-            lines += ["insecure = true", ""]
-        else:
-            lines += [f'root-certificates = "{ca_file}"', ""]
-    target = home / "config.toml"
-    target.write_text("\n".join(lines))
-    return target
-
-
-def toml_value(value: Any) -> str:
-    """Format a scalar as a TOML value for ``--run-config`` and friends.
-
-    Raises
-    ------
-    TypeError
-        For values TOML overrides cannot carry (``None``, containers).
-    ValueError
-        For a string holding both quote characters.
-
-    """
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    if isinstance(value, int):
-        return str(value)
-    if isinstance(value, float):
-        text = repr(value)
-        return text if any(c in text for c in ".en") else text + ".0"
-    if isinstance(value, (str, Path)):
-        text = str(value)
-        if "'" not in text:
-            return f"'{text}'"
-        if '"' not in text and "\\" not in text:
-            return f'"{text}"'
-        raise ValueError(f"Cannot pass {text!r} as a Flower config override.")
-    raise TypeError(f"Unsupported config override value {value!r}.")
-
-
-def toml_overrides(values: Mapping[str, Any]) -> str:
-    """Format ``{"lr": 0.1, "algorithm": "x"}`` as ``"lr=0.1 algorithm='x'"``."""
-    return " ".join(f"{key}={toml_value(value)}" for key, value in values.items())
-
-
-def wait_for_health(
-    port: int,
-    timeout: float = 60.0,
-    process: subprocess.Popen | None = None,
-    ca_file: str | Path | None = None,
-) -> float:
-    """Wait until ``http(s)://127.0.0.1:<port>/health`` answers with success.
-
-    Parameters
-    ----------
-    port : int
-        The SuperLink's HTTP port.
-    timeout : float
-        Seconds before giving up.
-    process : subprocess.Popen, optional
-        The server; its early exit fails the wait at once.
-    ca_file : str or Path, optional
-        Use HTTPS and check the server's certificate against this CA.
-
-    Returns
-    -------
-    float
-        Seconds waited.
-
-    Raises
-    ------
-    TimeoutError
-        Not healthy in time.
-    RuntimeError
-        ``process`` exited first.
-
-    """
-    start = time.monotonic()
-    scheme = "http" if ca_file is None else "https"
-    url = f"{scheme}://{HOST}:{port}/health"
-    context = None if ca_file is None else ssl.create_default_context(cafile=ca_file)
-    while True:
-        if process is not None and process.poll() is not None:
-            raise RuntimeError(f"Process exited with {process.returncode} before {url}")
-        try:
-            with urllib.request.urlopen(url, timeout=1.0, context=context) as response:
-                if 200 <= response.status < 300:
-                    return time.monotonic() - start
-        except (urllib.error.URLError, OSError):
-            pass
-        if time.monotonic() - start > timeout:
-            raise TimeoutError(f"{url} not healthy after {timeout:.0f}s")
-        time.sleep(0.2)
-
-
-# ----------------------------------------------------------------------------
-# Process tree inspection (Linux /proc; elsewhere only process groups are used)
-# ----------------------------------------------------------------------------
-
-
-def _proc_stat(pid: int) -> tuple[str, int, int] | None:
-    """(state, ppid, session id) of ``pid`` or None if it is gone."""
-    try:
-        raw = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return None
-    fields = raw[raw.rfind(")") + 2 :].split()
-    return fields[0], int(fields[1]), int(fields[3])
-
-
-def _all_pids() -> list[int]:
-    try:
-        return [int(p) for p in os.listdir("/proc") if p.isdigit()]
-    except OSError:
-        return []
-
-
-def descendants(pids: Iterable[int]) -> set[int]:
-    """All live descendants of ``pids`` (not including them)."""
-    children: dict[int, list[int]] = {}
-    for pid in _all_pids():
-        stat = _proc_stat(pid)
-        if stat is not None:
-            children.setdefault(stat[1], []).append(pid)
-    found: set[int] = set()
-    todo = list(pids)
-    while todo:
-        for child in children.get(todo.pop(), []):
-            if child not in found:
-                found.add(child)
-                todo.append(child)
-    return found
-
-
-def tagged_pids(tag: str) -> set[int]:
-    """Live, non-zombie processes whose environment holds ``TAG_VARIABLE=tag``."""
-    needle = f"{TAG_VARIABLE}={tag}".encode()
-    found = set()
-    for pid in _all_pids():
-        if pid == os.getpid():
-            continue
-        try:
-            environ = Path(f"/proc/{pid}/environ").read_bytes()
-        except OSError:
-            continue
-        stat = _proc_stat(pid)
-        if needle in environ.split(b"\0") and stat is not None and stat[0] != "Z":
-            found.add(pid)
-    return found
-
-
-def _alive(pid: int) -> bool:
-    stat = _proc_stat(pid)
-    if stat is not None:
-        return stat[0] != "Z"
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return not Path("/proc").is_dir()
-
-
-def _signal_pid(pid: int, sig: signal.Signals) -> None:
-    try:
-        os.kill(pid, sig)
-    except (ProcessLookupError, PermissionError):
-        pass
-
-
-def _signal_group(pgid: int, sig: signal.Signals) -> None:
-    try:
-        os.killpg(pgid, sig)
-    except (ProcessLookupError, PermissionError):
-        pass
-
+from simulations.proctools import (
+    APP_DIR,
+    HOST,
+    RUN_ID_PATTERN,
+    TAG_VARIABLE,
+    TlsFiles,
+    descendants,
+    flower_env,
+    free_port,
+    free_ports,
+    is_alive,
+    proc_stat,
+    signal_group,
+    signal_pid,
+    tagged_pids,
+    toml_overrides,
+    wait_for_health,
+    write_connections,
+)
 
 # ----------------------------------------------------------------------------
 # Managed processes
@@ -407,40 +105,6 @@ class SuperLink:
     def address(self) -> str:
         """``127.0.0.1:<port>`` (Fleet, Control and Runtime API, one port)."""
         return f"{HOST}:{self.port}"
-
-
-@dataclass(frozen=True)
-class TlsFiles:
-    """A CA and the SuperLink certificate it signed (``generate-certs.sh``)."""
-
-    ca: Path
-    cert: Path
-    key: Path
-
-    @classmethod
-    def generate(cls, directory: str | Path) -> TlsFiles:
-        """Run ``simulations/deploy/generate-certs.sh`` into ``directory``."""
-        directory = Path(directory)
-        subprocess.run(
-            ["bash", str(DEPLOY_SCRIPTS / "generate-certs.sh"), str(directory)],
-            check=True,
-            capture_output=True,
-        )
-        return cls(
-            directory / "ca.crt", directory / "server.pem", directory / "server.key"
-        )
-
-
-def generate_node_keys(directory: str | Path, count: int) -> list[Path]:
-    """SuperNode auth key pairs (``generate-node-keys.sh``); the private keys."""
-    directory = Path(directory)
-    script = DEPLOY_SCRIPTS / "generate-node-keys.sh"
-    subprocess.run(
-        ["bash", str(script), str(directory), str(count)],
-        check=True,
-        capture_output=True,
-    )
-    return [directory / f"node-{i}" for i in range(count)]
 
 
 @dataclass
@@ -762,7 +426,7 @@ class FlowerProcesses:
             try:
                 output, _ = popen.communicate(timeout=timeout)
             except subprocess.TimeoutExpired:
-                _signal_group(popen.pid, signal.SIGKILL)
+                signal_group(popen.pid, signal.SIGKILL)
                 output, _ = popen.communicate()
                 raise subprocess.TimeoutExpired(command, timeout, output) from None
         result = subprocess.CompletedProcess(command, popen.returncode, output, None)
@@ -806,11 +470,11 @@ class FlowerProcesses:
         try:
             result = self.flwr(*args, timeout=timeout, check=False)
         except subprocess.TimeoutExpired as err:
-            match = _RUN_ID.search(str(err.output or ""))
+            match = RUN_ID_PATTERN.search(str(err.output or ""))
             if match:
                 self.flwr("stop", match.group(1), connection, check=False)
             raise
-        match = _RUN_ID.search(result.stdout)
+        match = RUN_ID_PATTERN.search(result.stdout)
         if match is None:
             raise RuntimeError(
                 f"flwr run failed (exit {result.returncode}):\n{result.stdout}"
@@ -879,21 +543,21 @@ class FlowerProcesses:
         leaders = [p for p in self.processes if p.running()]
         tree = descendants(p.pid for p in leaders) | tagged_pids(self.tag)
         for process in leaders:
-            _signal_group(process.pid, signal.SIGTERM)
+            signal_group(process.pid, signal.SIGTERM)
         deadline = time.monotonic() + self.grace
         while time.monotonic() < deadline and (
-            any(p.running() for p in leaders) or any(_alive(pid) for pid in tree)
+            any(p.running() for p in leaders) or any(is_alive(pid) for pid in tree)
         ):
             time.sleep(0.1)
         for _ in range(50):
-            leftovers = {pid for pid in tree if _alive(pid)} | tagged_pids(self.tag)
+            leftovers = {pid for pid in tree if is_alive(pid)} | tagged_pids(self.tag)
             leftovers |= {p.pid for p in self.processes if p.running()}
             if not leftovers:
                 break
             for process in self.processes:
-                _signal_group(process.pid, signal.SIGKILL)
+                signal_group(process.pid, signal.SIGKILL)
             for pid in leftovers:
-                _signal_pid(pid, signal.SIGKILL)
+                signal_pid(pid, signal.SIGKILL)
             time.sleep(0.1)
         for process in self.processes:
             try:
@@ -902,7 +566,7 @@ class FlowerProcesses:
                 pass
         # Orphaned children linger as zombies until init reaps them: wait a bit.
         deadline = time.monotonic() + 5.0
-        while time.monotonic() < deadline and any(_proc_stat(pid) for pid in tree):
+        while time.monotonic() < deadline and any(proc_stat(pid) for pid in tree):
             time.sleep(0.1)
         atexit.unregister(self.stop_all)
         self._atexit = False
@@ -938,28 +602,3 @@ class FlowerProcesses:
                 f"{process.log_path} -----\n{process.log_tail(max_chars)}"
             )
         return "\n".join(parts)
-
-
-def read_run_metrics(output_dir: str | Path) -> tuple[list[dict[str, Any]], Path]:
-    """Read the rows of the one Bouquet run directory under ``output_dir``.
-
-    Parameters
-    ----------
-    output_dir : str or Path
-        The ``output-dir`` a single run was started with.
-
-    Returns
-    -------
-    tuple[list[dict[str, Any]], Path]
-        The ``metrics.json`` rows (round 0 first) and the run directory.
-
-    Raises
-    ------
-    FileNotFoundError
-        Not exactly one run directory with a ``metrics.json``.
-
-    """
-    runs = sorted(p.parent for p in Path(output_dir).glob("*/metrics.json"))
-    if len(runs) != 1:
-        raise FileNotFoundError(f"Expected one run directory in {output_dir}: {runs}")
-    return json.loads((runs[0] / "metrics.json").read_text())["rounds"], runs[0]

@@ -8,7 +8,7 @@ import uuid
 import numpy as np
 import pytest
 
-from simulations.processes import PRIVATE_ENV
+from simulations.proctools import PRIVATE_ENV
 
 for _key, _value in PRIVATE_ENV.items():
     os.environ.setdefault(_key, _value)

@@ -13,7 +13,8 @@ from pathlib import Path
 
 import pytest
 
-from simulations.processes import APP_DIR, FlowerProcesses
+from simulations.processes import FlowerProcesses
+from simulations.proctools import APP_DIR
 
 
 @pytest.fixture(scope="module")

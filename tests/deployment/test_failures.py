@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 
 from simulations.inprocess import run_inprocess
-from simulations.processes import STATUS_COMPLETED, read_run_metrics
+from simulations.proctools import STATUS_COMPLETED, read_run_metrics
 from strategies.state import load_state
 
 pytestmark = pytest.mark.slow

@@ -13,7 +13,7 @@ import math
 import pytest
 
 from simulations.inprocess import run_inprocess
-from simulations.processes import STATUS_COMPLETED, STATUS_FAILED, read_run_metrics
+from simulations.proctools import STATUS_COMPLETED, STATUS_FAILED, read_run_metrics
 
 pytestmark = pytest.mark.slow
 

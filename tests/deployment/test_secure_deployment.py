@@ -11,7 +11,7 @@ import subprocess
 
 import pytest
 
-from simulations.processes import (
+from simulations.proctools import (
     STATUS_COMPLETED,
     TlsFiles,
     generate_node_keys,
