@@ -1,0 +1,133 @@
+"""Many virtual nodes on one machine (issue #6, item 4).
+
+A real ``flwr run`` on a private simulation SuperLink (Ray engine) with N
+virtual SuperNodes, a fraction of them trained per round, a small model on
+per-node generated data (``synthetic``: every node has data however many
+there are). While it runs, the resident memory of the whole process tree (the
+SuperLink, the simulation process, Ray's GCS, raylet, object store and actors:
+everything carrying the run's process tag) is sampled every 0.5 s. Reported:
+wall time per round (from the run's ``metrics.json``), the time before round
+1 (engine start, app load, central test), and the peak summed RSS (an upper
+bound: shared pages count once per process).
+
+    python -m simulations.bench_scale --nodes 1000 --rounds 20 --fraction 0.1
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import tempfile
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+from simulations.processes import FlowerProcesses
+from simulations.proctools import APP_DIR, read_run_metrics, tagged_pids
+
+
+def rss_mb(pids: set[int]) -> float:
+    """Summed resident memory of ``pids`` in MiB (vanished processes count 0)."""
+    total = 0
+    for pid in pids:
+        try:
+            for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+                if line.startswith("VmRSS:"):
+                    total += int(line.split()[1])
+                    break
+        except OSError:
+            continue
+    return total / 1024
+
+
+class MemoryWatch:
+    """Samples the summed RSS of a tag's process tree in a thread."""
+
+    def __init__(self, tag: str, interval: float = 0.5) -> None:
+        self.tag, self.interval = tag, interval
+        self.peak_mb, self.samples = 0.0, 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._poll, daemon=True)
+
+    def __enter__(self) -> MemoryWatch:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
+
+    def _poll(self) -> None:
+        while not self._stop.is_set():
+            self.peak_mb = max(self.peak_mb, rss_mb(tagged_pids(self.tag)))
+            self.samples += 1
+            self._stop.wait(self.interval)
+
+
+def measure(nodes: int, rounds: int, fraction: float, cpus: int) -> dict[str, Any]:
+    """One run; its per-round times, start-up time and peak memory."""
+    run_config = {
+        "dataset": "synthetic",
+        "model": "mlp",
+        "num-server-rounds": rounds,
+        "fraction-train": fraction,
+        "fraction-evaluate": 0.0,
+        "local-epochs": 1,
+        "min-train-nodes": 1,
+        "min-available-nodes": nodes,
+    }
+    with tempfile.TemporaryDirectory() as work:
+        out = Path(work) / "out"
+        with FlowerProcesses(Path(work) / "procs") as procs:
+            link = procs.start_simulation_superlink()
+            with MemoryWatch(procs.tag) as watch:
+                start = time.monotonic()
+                run = procs.submit_run(
+                    link.connection,
+                    APP_DIR,
+                    run_config={**run_config, "output-dir": str(out)},
+                    federation_config={
+                        "num-supernodes": nodes,
+                        "client-resources-num-cpus": cpus,
+                    },
+                    timeout=3600,
+                )
+                wall = time.monotonic() - start
+            status = procs.wait_for_run(run.run_id, link.connection, timeout=120)
+        rows, _ = read_run_metrics(out)
+    round_times = [r["wall-time"] for r in rows if r["round"] > 0]
+    return {
+        "nodes": nodes,
+        "rounds": rounds,
+        "fraction-train": fraction,
+        "status": status,
+        "machine": f"{os.cpu_count()} CPUs, no GPU",
+        "wall-s": round(wall, 1),
+        "before-round-1-s": round(wall - sum(round_times), 1),
+        "round-median-s": round(statistics.median(round_times), 3),
+        "round-max-s": round(max(round_times), 3),
+        "replies-per-round": statistics.median(r["train-replies"] for r in rows[1:]),
+        "error-replies": sum(r.get("error-replies", 0) for r in rows),
+        "peak-rss-mb": round(watch.peak_mb),
+        "rss-samples": watch.samples,
+        "final-central-accuracy": rows[-1].get("central-accuracy"),
+    }
+
+
+def main() -> None:
+    """Command-line entry point: one JSON object per node count."""
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--nodes", type=int, nargs="+", default=[1000])
+    parser.add_argument("--rounds", type=int, default=20)
+    parser.add_argument("--fraction", type=float, default=0.1)
+    parser.add_argument("--cpus", type=int, default=1)
+    args = parser.parse_args()
+    for n in args.nodes:
+        print(json.dumps(measure(n, args.rounds, args.fraction, args.cpus)), flush=True)
+
+
+if __name__ == "__main__":
+    main()
