@@ -68,7 +68,7 @@ class MemoryWatch:
 
 
 def measure(nodes: int, rounds: int, fraction: float, cpus: int) -> dict[str, Any]:
-    """One run; its per-round times, start-up time and peak memory."""
+    """One many-node run (synthetic data, MLP)."""
     run_config = {
         "dataset": "synthetic",
         "model": "mlp",
@@ -77,8 +77,15 @@ def measure(nodes: int, rounds: int, fraction: float, cpus: int) -> dict[str, An
         "fraction-evaluate": 0.0,
         "local-epochs": 1,
         "min-train-nodes": 1,
-        "min-available-nodes": nodes,
     }
+    return ray_run(run_config, nodes, cpus)
+
+
+def ray_run(run_config: dict[str, Any], nodes: int, cpus: int = 1) -> dict[str, Any]:
+    """``flwr run`` of ``run_config`` on ``nodes`` virtual nodes: times and memory."""
+    run_config = {**run_config, "min-available-nodes": nodes}
+    rounds = int(run_config["num-server-rounds"])
+    fraction = float(run_config.get("fraction-train", 1.0))
     with tempfile.TemporaryDirectory() as work:
         out = Path(work) / "out"
         with FlowerProcesses(Path(work) / "procs") as procs:
