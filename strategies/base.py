@@ -15,9 +15,6 @@
 - **State export/load.** ``export_state()`` / ``load_state()`` cover the
   attributes named in ``state_attributes`` (e.g. FedAdam's moments), so a run
   can be checkpointed every round and resumed.
-- **Extra records to clients.** ``train_records(round)`` names records (e.g.
-  a control variate) that every train message carries besides ``arrays`` and
-  ``config``; ``round_config(round)`` adds config values.
 - **One round driver.** :meth:`start` is Flower's ``start`` with a first round
   (for resume), an ``on_round_end`` callback (checkpoints, results, progress)
   and per-round accounting (bytes each way, replies, drops, wall time).
@@ -157,7 +154,7 @@ class BouquetStrategy:
         self.global_arrays = to_numpy(arrays)
         config[keys.SEED] = self.seed
         config.update(self.round_config(server_round))
-        messages = self._seeded(
+        return self._seeded(
             server_round,
             "train",
             super().configure_train,
@@ -166,15 +163,6 @@ class BouquetStrategy:
             config,
             _SortedNodes(grid),
         )
-        extra = self.train_records(server_round)
-        if clash := set(extra) & {keys.ARRAYS, keys.CONFIG}:
-            raise ValueError(f"train_records may not replace {sorted(clash)}.")
-        for msg in messages:
-            # Flower's messages of a round may share one RecordDict: setting a
-            # record on each is idempotent either way.
-            for name, record in extra.items():
-                msg.content[name] = record
-        return messages
 
     def configure_evaluate(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
@@ -193,15 +181,6 @@ class BouquetStrategy:
 
     def round_config(self, server_round: int) -> dict[str, Any]:
         """Algorithm-specific config values for this round (override to schedule)."""
-        return {}
-
-    def train_records(self, server_round: int) -> dict[str, ArrayRecord | ConfigRecord]:
-        """Extra named records sent with every train message of this round.
-
-        Override to send clients more than the model and the config (e.g. a
-        control variate or the previous global update); name records
-        ``"<algorithm>.<name>"``. Called after sampling, once per round.
-        """
         return {}
 
     # --------------------------------------------------------- validation --
