@@ -27,16 +27,29 @@ def _model_and_data(context: Context):  # noqa: ANN202 (lazy torch types)
         norm=str(run_config.get("model-norm", "batch")),
         seed=int(run_config.get("seed", 0)),
     )
-    return model, data
+    return model, data, dataset_info(spec).num_classes
 
 
 @app.train()
 def train(msg: Message, context: Context) -> Message:
-    """Local training with the run's algorithm."""
-    from clientapps.routine import train_client
+    """Local training with the run's algorithm (and the run's attack, if any)."""
+    from clientapps.attacks import attack_for_node
+    from clientapps.routine import client_seed, train_client
 
-    model, data = _model_and_data(context)
-    return train_client(msg, context, model, (data.train_x, data.train_y))
+    model, data, num_classes = _model_and_data(context)
+    attack = attack_for_node(
+        context.run_config, context.node_config, context.node_id, num_classes
+    )
+    reply = train_client(
+        msg,
+        context,
+        model,
+        (data.train_x, data.train_y),
+        extra_hooks=attack.hooks() if attack else (),
+    )
+    if attack is not None:
+        attack.poison(reply, msg, context.state, client_seed(msg, context))
+    return reply
 
 
 @app.evaluate()
@@ -44,5 +57,5 @@ def evaluate(msg: Message, context: Context) -> Message:
     """Evaluate the global model on the node's held-out split."""
     from clientapps.routine import evaluate_client
 
-    model, data = _model_and_data(context)
+    model, data, _ = _model_and_data(context)
     return evaluate_client(msg, context, model, (data.test_x, data.test_y))

@@ -17,7 +17,10 @@ of hooks that :func:`clientapps.loop.train_local` calls at fixed points:
 ======================  ==========================================================
 
 Hooks read their hyperparameters from the message config (``run.config``), never
-from the run config, so the server can schedule them per round.
+from the run config, so the server can schedule them per round. A hook ends
+local training early by setting ``run.stop``; it replaces the reply's model by
+putting an ArrayRecord under ``"arrays"`` in ``run.reply_records`` (e.g. a
+gradient instead of weights, shaped like the model).
 """
 
 from __future__ import annotations
@@ -105,3 +108,17 @@ class ProximalTerm(Hook):
             for p, g in zip(run.parameters, run.global_parameters, strict=True)
         )
         return loss + 0.5 * self.mu * squared
+
+
+class FreezeBatchNorm(Hook):
+    """Keeps BatchNorm layers in eval mode: running statistics are not updated.
+
+    The layers' affine weights still train; normalisation uses the statistics
+    the client received. For algorithms whose replies are gradients (FedAMD,
+    AFA), which have nothing to say about running statistics.
+    """
+
+    def setup(self, run: LocalRun) -> None:
+        for module in run.model.modules():
+            if isinstance(module, torch.nn.modules.batchnorm._BatchNorm):
+                module.eval()

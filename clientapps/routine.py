@@ -10,7 +10,8 @@ ClientApp builds its model and data and hands them over::
 
 ``train_client`` loads the global arrays, runs the algorithm's recipe of hooks
 on the one training loop and packs the reply (full local arrays, metrics with
-``num-examples``, plus any extra records the recipe declares).
+``num-examples``, plus any extra records the recipe declares). A recipe's
+record named ``"arrays"`` replaces the local arrays (e.g. a gradient).
 """
 
 from __future__ import annotations
@@ -66,6 +67,7 @@ def train_client(
     *,
     algorithm: str | None = None,
     hooks: Sequence[Hook] | None = None,
+    extra_hooks: Sequence[Hook] = (),
 ) -> Message:
     """Train ``model`` on ``data`` as ``algorithm``'s client and build the reply.
 
@@ -81,12 +83,15 @@ def train_client(
         Registry name; defaults to ``context.run_config["algorithm"]``.
     hooks : sequence of Hook, optional
         Use these hooks instead of the algorithm's recipe.
+    extra_hooks : sequence of Hook
+        Hooks run after the recipe's (e.g. an attack's label flipping).
 
     """
     config = dict(msg.content[keys.CONFIG])
     if hooks is None:
         name = algorithm or str(context.run_config.get("algorithm", "fedavg"))
         hooks = hooks_for(name, config)
+    hooks = [*hooks, *extra_hooks]
     _load(model, msg.content[keys.ARRAYS])
     generator = torch.Generator().manual_seed(client_seed(msg, context))
     with torch.random.fork_rng(devices=[]):

@@ -31,6 +31,9 @@ ROW_FIELDS = (
     "train-dropped",
     "evaluate-replies",
     "evaluate-dropped",
+    "train-missing",
+    "evaluate-missing",
+    "error-replies",
     "update-skipped",
     "wall-time",
     "bytes-sent",
@@ -51,6 +54,9 @@ def report_to_row(report: RoundReport) -> dict[str, Any]:
         "train-dropped": report.train_dropped,
         "evaluate-replies": report.evaluate_replies,
         "evaluate-dropped": report.evaluate_dropped,
+        "train-missing": report.train_missing,
+        "evaluate-missing": report.evaluate_missing,
+        "error-replies": report.error_replies,
         "update-skipped": report.update_skipped,
         "wall-time": round(report.wall_time, 4),
         "bytes-sent": report.bytes_sent,
@@ -84,7 +90,8 @@ def progress_line(row: dict[str, Any], num_rounds: int) -> str:
     if row["round"] > 0:
         parts += [
             f"replies {row['train-replies']}"
-            + (f" (+{row['train-dropped']} dropped)" if row["train-dropped"] else ""),
+            + (f" (+{row['train-dropped']} dropped)" if row["train-dropped"] else "")
+            + (f" ({row['train-missing']} missing)" if row["train-missing"] else ""),
             f"{row['wall-time']:.2f}s",
             f"sent {row['bytes-sent'] / 1e6:.2f}MB "
             f"recv {row['bytes-received'] / 1e6:.2f}MB",
@@ -158,6 +165,10 @@ def summary(rows: list[dict[str, Any]]) -> dict[str, Any]:
         "bytes-received": sum(r["bytes-received"] for r in trained),
         "dropped-replies": sum(
             r["train-dropped"] + r["evaluate-dropped"] for r in trained
+        ),
+        "error-replies": sum(r.get("error-replies", 0) for r in trained),
+        "missing-replies": sum(
+            r.get("train-missing", 0) + r.get("evaluate-missing", 0) for r in trained
         ),
     }
 

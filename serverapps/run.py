@@ -12,7 +12,7 @@ import json
 import time
 from collections.abc import Mapping
 from datetime import datetime
-from logging import INFO
+from logging import INFO, WARNING
 from pathlib import Path
 from typing import Any
 
@@ -117,6 +117,9 @@ def run_server(
     # Fail first, before waiting for nodes: unknown names, values of the wrong type.
     strategy = build_strategy(run_config)
     DataSpec.from_run_config(run_config, num_partitions=1)
+    from clientapps.attacks import check_attack
+
+    check_attack(setting(run_config, "attack"), setting(run_config, "attack-fraction"))
     num_rounds = setting(run_config, "num-server-rounds")
     num_nodes = wait_for_nodes(grid, setting(run_config, "min-available-nodes"), settle)
     # The central test of per-client generated data (synthetic) depends on the
@@ -166,5 +169,14 @@ def run_server(
     directory.plot(
         f"{setting(run_config, 'algorithm')} on {setting(run_config, 'dataset')}"
     )
+    if final["error-replies"] or final["missing-replies"]:
+        log(
+            WARNING,
+            "This run had %d error replies and %d missing replies (rounds went on "
+            "without them): see 'drop-reasons' in %s/metrics.json.",
+            final["error-replies"],
+            final["missing-replies"],
+            directory.path,
+        )
     log(INFO, "Done: %s | results in %s", json.dumps(final), directory.path)
     return result, directory.path

@@ -45,6 +45,9 @@ DEFAULTS: dict[str, Any] = {
     "output-dir": "",
     "resume": "",
     "round-timeout": 3600.0,
+    "attack": "none",
+    "attack-fraction": 0.0,
+    "attack-scale": 0.0,
 }
 
 TRAIN_CONFIG_KEYS = (

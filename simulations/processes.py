@@ -31,6 +31,7 @@ import re
 import shutil
 import signal
 import socket
+import ssl
 import subprocess
 import sys
 import tempfile
@@ -45,6 +46,7 @@ from types import TracebackType
 from typing import Any
 
 APP_DIR = Path(__file__).resolve().parent.parent
+DEPLOY_SCRIPTS = Path(__file__).resolve().parent / "deploy"
 """The Bouquet app directory (the one holding ``pyproject.toml``)."""
 
 HOST = "127.0.0.1"
@@ -151,17 +153,20 @@ def flower_env(
 
 def write_connections(
     flwr_home: str | Path,
-    connections: Mapping[str, str],
+    connections: Mapping[str, str | tuple[str, str]],
     default: str | None = None,
 ) -> Path:
-    """Write ``$FLWR_HOME/config.toml`` with insecure SuperLink connections.
+    """Write ``$FLWR_HOME/config.toml`` with SuperLink connections.
+
+    A connection is ``host:port`` (insecure) or ``(host:port, ca_file)`` (TLS,
+    the server certificate checked against ``ca_file``).
 
     Parameters
     ----------
     flwr_home : str or Path
         The ``FLWR_HOME`` the ``flwr`` CLI will use.
-    connections : Mapping[str, str]
-        Connection name -> ``host:port`` of a SuperLink.
+    connections : Mapping[str, str | tuple[str, str]]
+        Connection name -> ``host:port`` or ``(host:port, ca_file)``.
     default : str, optional
         The default connection (the first one if not given).
 
@@ -177,9 +182,13 @@ def write_connections(
     if not names:
         raise ValueError("At least one connection is needed.")
     lines = ["[superlink]", f'default = "{default or names[0]}"', ""]
-    for name, address in connections.items():
+    for name, target in connections.items():
+        address, ca_file = (target, None) if isinstance(target, str) else target
         lines += [f"[superlink.{name}]", f'address = "{address}"']
-        lines += ["insecure = true", ""]
+        if ca_file is None:
+            lines += ["insecure = true", ""]
+        else:
+            lines += [f'root-certificates = "{ca_file}"', ""]
     target = home / "config.toml"
     target.write_text("\n".join(lines))
     return target
@@ -222,8 +231,9 @@ def wait_for_health(
     port: int,
     timeout: float = 60.0,
     process: subprocess.Popen | None = None,
+    ca_file: str | Path | None = None,
 ) -> float:
-    """Wait until ``http://127.0.0.1:<port>/health`` answers with success.
+    """Wait until ``http(s)://127.0.0.1:<port>/health`` answers with success.
 
     Parameters
     ----------
@@ -233,6 +243,8 @@ def wait_for_health(
         Seconds before giving up.
     process : subprocess.Popen, optional
         The server; its early exit fails the wait at once.
+    ca_file : str or Path, optional
+        Use HTTPS and check the server's certificate against this CA.
 
     Returns
     -------
@@ -248,12 +260,14 @@ def wait_for_health(
 
     """
     start = time.monotonic()
-    url = f"http://{HOST}:{port}/health"
+    scheme = "http" if ca_file is None else "https"
+    url = f"{scheme}://{HOST}:{port}/health"
+    context = None if ca_file is None else ssl.create_default_context(cafile=ca_file)
     while True:
         if process is not None and process.poll() is not None:
             raise RuntimeError(f"Process exited with {process.returncode} before {url}")
         try:
-            with urllib.request.urlopen(url, timeout=1.0) as response:
+            with urllib.request.urlopen(url, timeout=1.0, context=context) as response:
                 if 200 <= response.status < 300:
                     return time.monotonic() - start
         except (urllib.error.URLError, OSError):
@@ -386,11 +400,47 @@ class SuperLink:
     port: int
     connection: str
     flwr_home: Path
+    tls: TlsFiles | None = None
+    node_auth: bool = False
 
     @property
     def address(self) -> str:
-        """``127.0.0.1:<port>`` (Fleet, Control and Runtime API, all HTTP)."""
+        """``127.0.0.1:<port>`` (Fleet, Control and Runtime API, one port)."""
         return f"{HOST}:{self.port}"
+
+
+@dataclass(frozen=True)
+class TlsFiles:
+    """A CA and the SuperLink certificate it signed (``generate-certs.sh``)."""
+
+    ca: Path
+    cert: Path
+    key: Path
+
+    @classmethod
+    def generate(cls, directory: str | Path) -> TlsFiles:
+        """Run ``simulations/deploy/generate-certs.sh`` into ``directory``."""
+        directory = Path(directory)
+        subprocess.run(
+            ["bash", str(DEPLOY_SCRIPTS / "generate-certs.sh"), str(directory)],
+            check=True,
+            capture_output=True,
+        )
+        return cls(
+            directory / "ca.crt", directory / "server.pem", directory / "server.key"
+        )
+
+
+def generate_node_keys(directory: str | Path, count: int) -> list[Path]:
+    """SuperNode auth key pairs (``generate-node-keys.sh``); the private keys."""
+    directory = Path(directory)
+    script = DEPLOY_SCRIPTS / "generate-node-keys.sh"
+    subprocess.run(
+        ["bash", str(script), str(directory), str(count)],
+        check=True,
+        capture_output=True,
+    )
+    return [directory / f"node-{i}" for i in range(count)]
 
 
 @dataclass
@@ -446,7 +496,7 @@ class FlowerProcesses:
         self.processes: list[ManagedProcess] = []
         self.cli_home = self.workdir / "cli-home"
         self.cache_dir = self.workdir / "cache"
-        self._connections: dict[str, str] = {}
+        self._connections: dict[str, str | tuple[str, str]] = {}
         self._atexit = False
 
     # -- context manager ----------------------------------------------------
@@ -482,9 +532,13 @@ class FlowerProcesses:
         path.mkdir(parents=True, exist_ok=True)
         return path
 
-    def add_connection(self, name: str, address: str) -> None:
+    def add_connection(
+        self, name: str, address: str, ca_file: str | Path | None = None
+    ) -> None:
         """Register a connection in the CLI's ``$FLWR_HOME/config.toml``."""
-        self._connections[name] = address
+        self._connections[name] = (
+            address if ca_file is None else (address, str(ca_file))
+        )
         write_connections(self.cli_home, self._connections)
 
     # -- starting -----------------------------------------------------------
@@ -566,45 +620,98 @@ class FlowerProcesses:
         *,
         node_config: Mapping[str, Any] | None = None,
         timeout: float = 90.0,
+        tls: TlsFiles | None = None,
+        node_keys: Sequence[Path] | None = None,
     ) -> Deployment:
         """Start a deployment SuperLink and ``num_supernodes`` SuperNodes.
 
         SuperNode ``i`` gets ``--node-config "partition-id=i num-partitions=N"``
         (plus ``node_config``), its own ``FLWR_HOME`` and its own ``--port``.
+        With ``tls`` everything runs over HTTPS (the SuperNodes and the CLI
+        check the SuperLink's certificate against the CA). With ``node_keys``
+        (private keys, the ``.pub`` next to each) the SuperLink requires
+        SuperNode authentication, every public key is registered with
+        ``flwr supernode register`` and SuperNode ``i`` signs in with key ``i``.
         Returns once the SuperLink is healthy; the SuperNodes connect on
         their own (the ServerApp waits for ``min-available-nodes``).
         """
-        link = self._start_superlink(connection, None, timeout, simulation=False)
+        if node_keys is not None and len(node_keys) < num_supernodes:
+            raise ValueError(f"Need {num_supernodes} node keys, got {len(node_keys)}.")
+        link = self._start_superlink(
+            connection,
+            None,
+            timeout,
+            simulation=False,
+            tls=tls,
+            node_auth=node_keys is not None,
+        )
         deployment = Deployment(link)
+        for key in node_keys or ():
+            self.register_supernode(link, key)
         for i, port in enumerate(free_ports(num_supernodes)):
             config = {"partition-id": i, "num-partitions": num_supernodes}
             config.update(node_config or {})
             deployment.supernodes.append(
-                self.start(
+                self.start_supernode(
+                    link,
                     f"supernode-{i}",
-                    [
-                        "flower-supernode",
-                        "--insecure",
-                        "--superlink",
-                        link.address,
-                        "--host",
-                        HOST,
-                        "--port",
-                        str(port),
-                        "--node-config",
-                        toml_overrides(config),
-                    ],
+                    config,
+                    private_key=None if node_keys is None else node_keys[i],
+                    port=port,
                 )
             )
         return deployment
 
+    def register_supernode(self, link: SuperLink, private_key: Path) -> None:
+        """``flwr supernode register <key>.pub`` on ``link`` (node auth)."""
+        public = Path(f"{private_key}.pub")
+        self.flwr("supernode", "register", str(public), link.connection)
+
+    def start_supernode(
+        self,
+        link: SuperLink,
+        name: str,
+        node_config: Mapping[str, Any],
+        *,
+        private_key: Path | None = None,
+        max_retries: int | None = None,
+        port: int | None = None,
+    ) -> ManagedProcess:
+        """Start one ``flower-supernode`` connected to ``link`` (a free port)."""
+        argv = ["flower-supernode", "--superlink", link.address]
+        if link.tls is None:
+            argv.append("--insecure")
+        else:
+            argv += ["--root-certificates", str(link.tls.ca)]
+        if private_key is not None:
+            argv += ["--auth-supernode-private-key", str(private_key)]
+        if max_retries is not None:
+            argv += ["--max-retries", str(max_retries)]
+        argv += ["--host", HOST, "--port", str(port or free_port())]
+        argv += ["--node-config", toml_overrides(node_config)]
+        return self.start(name, argv)
+
     def _start_superlink(
-        self, connection: str, port: int | None, timeout: float, *, simulation: bool
+        self,
+        connection: str,
+        port: int | None,
+        timeout: float,
+        *,
+        simulation: bool,
+        tls: TlsFiles | None = None,
+        node_auth: bool = False,
     ) -> SuperLink:
         port = port or free_port()
         name = f"superlink-{connection}"
         home = self.workdir / "homes" / name
-        argv = ["flower-superlink", "--insecure"]
+        argv = ["flower-superlink"]
+        if tls is None:
+            argv.append("--insecure")
+        else:
+            argv += ["--ssl-ca-certfile", str(tls.ca)]
+            argv += ["--ssl-certfile", str(tls.cert), "--ssl-keyfile", str(tls.key)]
+        if node_auth:
+            argv.append("--enable-supernode-auth")
         if simulation:
             argv += ["--simulation", "--isolation", "subprocess"]
         argv += [
@@ -617,12 +724,13 @@ class FlowerProcesses:
             "--disable-runtime-dependency-installation",
         ]
         process = self.start(name, argv, flwr_home=home)
+        ca_file = None if tls is None else tls.ca
         try:
-            wait_for_health(port, timeout, process.popen)
+            wait_for_health(port, timeout, process.popen, ca_file=ca_file)
         except (TimeoutError, RuntimeError) as err:
             raise RuntimeError(f"{err}\n{self.logs()}") from err
-        self.add_connection(connection, f"{HOST}:{port}")
-        return SuperLink(process, port, connection, home)
+        self.add_connection(connection, f"{HOST}:{port}", ca_file)
+        return SuperLink(process, port, connection, home, tls, node_auth)
 
     # -- the flwr CLI -------------------------------------------------------
 
@@ -798,6 +906,23 @@ class FlowerProcesses:
             time.sleep(0.1)
         atexit.unregister(self.stop_all)
         self._atexit = False
+
+    def pids_of(self, program: str) -> list[int]:
+        """Live processes of this instance whose command line contains ``program``.
+
+        E.g. ``"flwr-serverapp"`` (the ServerApp of a deployment run) or
+        ``"flwr-clientapp"``: processes Flower itself spawned, found through
+        this instance's tag.
+        """
+        found = []
+        for pid in sorted(tagged_pids(self.tag)):
+            try:
+                argv = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+            except OSError:
+                continue
+            if any(program.encode() in arg for arg in argv):
+                found.append(pid)
+        return found
 
     def leftover_pids(self) -> set[int]:
         """Return this instance's live processes (none after :meth:`stop_all`)."""

@@ -73,7 +73,7 @@ def run_sweep(
                 **overrides,
                 **(extra or {}),
                 "seed": int(seed),
-                "output-dir": str(out / "runs"),
+                "output-dir": str((out / "runs").resolve()),
             }
             nodes = int(num_nodes or options.get("num-nodes", 10))
             print(f"[sweep] {options['label']} seed={seed} nodes={nodes}", flush=True)

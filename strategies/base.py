@@ -21,6 +21,10 @@
   Algorithms customise rounds through ``configure_*`` / ``aggregate_*``, never
   by copying the loop.
 
+- **Per-node messages.** :func:`with_records` copies a configured message with
+  some records replaced (a role, a stale model, an extra ArrayRecord), for
+  strategies that override ``configure_train`` to send nodes different content.
+
 Use it first in the bases: ``class FedProx(BouquetStrategy, flwr.FedProx)``.
 """
 
@@ -28,13 +32,13 @@ from __future__ import annotations
 
 import random
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from logging import ERROR, INFO, WARNING
 from typing import Any, ClassVar
 
 import numpy as np
-from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord
+from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Result
 from flwr.supercore import log
@@ -52,6 +56,30 @@ def derive_seed(*parts: int | str) -> int:
         p if isinstance(p, int) else int.from_bytes(p.encode(), "little") for p in parts
     ]
     return int(np.random.SeedSequence(words).generate_state(2, np.uint64)[0] >> 1)
+
+
+def with_records(
+    message: Message, records: Mapping[str, Any], dst_node_id: int | None = None
+) -> Message:
+    """A copy of an outgoing ``message`` with ``records`` added or replaced.
+
+    For strategies that send different content to different nodes (a role in
+    the config, a stale model, an extra ArrayRecord): Flower's ``configure_*``
+    gives every node a message over one shared RecordDict, so tailor each one
+    with this instead of editing it in place. Records not named are shared.
+    ``dst_node_id`` readdresses the copy (a strategy's own choice of nodes).
+    """
+    content = RecordDict(dict(message.content.items()))
+    for name, record in records.items():
+        content[name] = record
+    return Message(
+        content=content,
+        message_type=message.metadata.message_type,
+        dst_node_id=(
+            message.metadata.dst_node_id if dst_node_id is None else dst_node_id
+        ),
+        group_id=message.metadata.group_id,
+    )
 
 
 class _SortedNodes:
@@ -79,6 +107,9 @@ class RoundReport:
     train_dropped: int = 0
     evaluate_replies: int = 0
     evaluate_dropped: int = 0
+    train_missing: int = 0
+    evaluate_missing: int = 0
+    error_replies: int = 0
     drop_reasons: list[str] = field(default_factory=list)
     update_skipped: bool = False
     bytes_sent: int = 0
@@ -193,6 +224,8 @@ class BouquetStrategy:
             if reason is None:
                 good.append(msg)
             else:
+                if msg.has_error() and self.current_report is not None:
+                    self.current_report.error_replies += 1
                 src = msg.metadata.src_node_id
                 reasons.append(f"node {src}: {reason}")
                 log(WARNING, "Dropped reply from node %s: %s", src, reason)
@@ -329,6 +362,7 @@ class BouquetStrategy:
             messages = list(self.configure_train(rnd, arrays, train_config, grid))
             report.bytes_sent += _payload_bytes(messages)
             replies = list(grid.send_and_receive(messages, timeout=timeout))
+            report.train_missing = _missing(rnd, "train", messages, replies, timeout)
             report.bytes_received += _payload_bytes(replies)
             new_arrays, train_metrics = self.aggregate_train(rnd, replies)
             if new_arrays is not None:
@@ -339,6 +373,9 @@ class BouquetStrategy:
             messages = list(self.configure_evaluate(rnd, arrays, evaluate_config, grid))
             report.bytes_sent += _payload_bytes(messages)
             replies = list(grid.send_and_receive(messages, timeout=timeout))
+            report.evaluate_missing = _missing(
+                rnd, "evaluate", messages, replies, timeout
+            )
             if (eval_metrics := self.aggregate_evaluate(rnd, replies)) is not None:
                 result.evaluate_metrics_clientapp[rnd] = eval_metrics
                 report.evaluate_metrics = _plain(eval_metrics)
@@ -352,6 +389,30 @@ class BouquetStrategy:
         self.current_report = None
         result.arrays = arrays
         return result
+
+
+def _missing(
+    server_round: int,
+    phase: str,
+    sent: list[Message],
+    replies: list[Message],
+    timeout: float,
+) -> int:
+    """Log and count the nodes that were sent a message and never answered."""
+    answered = {r.metadata.src_node_id for r in replies}
+    lost = sorted({m.metadata.dst_node_id for m in sent} - answered)
+    if lost:
+        log(
+            WARNING,
+            "Round %s: no %s reply from node(s) %s within the round timeout "
+            "(%.0fs): node lost, stopped or too slow; the round goes on without "
+            "them.",
+            server_round,
+            phase,
+            lost,
+            timeout,
+        )
+    return len(lost)
 
 
 def _reply_order(msg: Message) -> tuple[float, int]:

@@ -69,7 +69,7 @@ from flwr.serverapp import strategy as flwr_strategy
 
 from strategies import keys
 from strategies.aggregation import cast_like, to_numpy, to_record
-from strategies.base import BouquetStrategy
+from strategies.base import BouquetStrategy, with_records
 from strategies.registry import AlgorithmEntry, register
 
 NAME = "fedhyper"
@@ -191,27 +191,24 @@ class FedHyper(BouquetStrategy, flwr_strategy.FedAvg):
             for key, value in self.client_constants.items():
                 config[keys.algorithm_key(NAME, key)] = value
         messages = list(super().configure_train(server_round, arrays, config, grid))
-        if self.client_scheduler:
-            for msg in messages:
-                msg.content[keys.CONFIG][keys.algorithm_key(NAME, "num-sampled")] = len(
-                    messages
-                )
-        return messages
+        if not self.client_scheduler or not messages:
+            return messages
+        # Only known after sampling: the cohort size (the code's N * frac).
+        config = ConfigRecord(dict(messages[0].content[keys.CONFIG]))
+        config[keys.algorithm_key(NAME, "num-sampled")] = len(messages)
+        extra = {keys.CONFIG: config, GLOBAL_UPDATE: self.global_update_record()}
+        return [with_records(msg, extra) for msg in messages]
 
-    def train_records(self, server_round: int) -> dict[str, ArrayRecord]:
-        """``cl``/``full``: the previous global update (zeros in round 1)."""
-        if not self.client_scheduler:
-            return {}
+    def global_update_record(self) -> ArrayRecord:
+        """``Delta_{t-1}`` over the trainable entries (zeros in round 1)."""
         sent = self.global_arrays
         previous = self.previous_update or {}
-        return {
-            GLOBAL_UPDATE: to_record(
-                {
-                    k: cast_like(previous.get(k, np.zeros(sent[k].shape)), sent[k])
-                    for k in trainable_keys(sent)
-                }
-            )
-        }
+        return to_record(
+            {
+                k: cast_like(previous.get(k, np.zeros(sent[k].shape)), sent[k])
+                for k in trainable_keys(sent)
+            }
+        )
 
     # ---------------------------------------------------------- aggregation --
     def aggregate_valid(

@@ -18,13 +18,24 @@ from strategies import keys
 ArraySpec = Mapping[str, tuple[tuple[int, ...], str]]
 """Array name -> (shape, dtype string), in state-dict order."""
 
+MAX_ABS_VALUE = 1e10
+"""Largest magnitude a float array in a reply may hold.
+
+Weights, buffers and updates of a trained model stay many orders below this;
+a value above it is garbage or an attack, and left in it would overflow the
+float32 sums and squared distances of aggregation (Krum squares differences:
+``(1e10)^2 * 1e7`` parameters is still ~1e27, far from float32's 3e38).
+"""
+
 
 def array_spec(arrays: ArrayRecord) -> dict[str, tuple[tuple[int, ...], str]]:
     """Shapes and dtypes of ``arrays``, the yardstick for replies."""
     return {k: (tuple(a.shape), str(a.dtype)) for k, a in arrays.items()}
 
 
-def _check_arrays(record: ArrayRecord, spec: ArraySpec, name: str) -> str | None:
+def _check_arrays(
+    record: ArrayRecord, spec: ArraySpec, name: str, max_abs: float
+) -> str | None:
     if list(record.keys()) != list(spec.keys()):
         missing = sorted(set(spec) - set(record.keys()))
         extra = sorted(set(record.keys()) - set(spec))
@@ -37,8 +48,14 @@ def _check_arrays(record: ArrayRecord, spec: ArraySpec, name: str) -> str | None
                 f"expected {dtype}{list(shape)}"
             )
         values = array.numpy()
-        if values.dtype.kind in "fc" and not np.isfinite(values).all():
-            return f"array '{name}/{key}' has non-finite values"
+        if values.dtype.kind in "fc" and values.size:
+            if not np.isfinite(values).all():
+                return f"array '{name}/{key}' has non-finite values"
+            if (largest := float(np.abs(values).max())) > max_abs:
+                return (
+                    f"array '{name}/{key}' has a value of magnitude {largest:.3g} "
+                    f"(limit {max_abs:.3g})"
+                )
     return None
 
 
@@ -65,6 +82,7 @@ def check_reply(
     array_records: Mapping[str, ArraySpec],
     weight_key: str = keys.NUM_EXAMPLES,
     config_records: Collection[str] = (),
+    max_abs: float = MAX_ABS_VALUE,
 ) -> str | None:
     """Return why ``msg`` cannot be aggregated, or ``None`` if it can.
 
@@ -79,6 +97,8 @@ def check_reply(
         Metric that weights the reply; must be a positive number.
     config_records : Collection[str]
         ConfigRecords the reply may carry besides its arrays and metrics.
+    max_abs : float
+        Largest magnitude allowed in a float array (see ``MAX_ABS_VALUE``).
 
     """
     if msg.has_error():
@@ -92,7 +112,8 @@ def check_reply(
             f"expected {sorted(array_records)}"
         )
     for name, spec in array_records.items():
-        if reason := _check_arrays(content.array_records[name], spec, name):
+        record = content.array_records[name]
+        if reason := _check_arrays(record, spec, name, max_abs):
             return reason
     if list(content.metric_records) != [keys.METRICS]:
         return f"expected one metric record '{keys.METRICS}'"

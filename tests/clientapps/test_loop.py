@@ -139,3 +139,34 @@ def test_local_steps_cap_and_seeded_order():
 def test_bad_settings_fail_clearly():
     with pytest.raises(ValueError, match="Invalid local training settings"):
         TrainSettings.from_config({"batch-size": 0})
+
+
+def test_a_hook_can_stop_training_early():
+    class StopAfter(Hook):
+        def after_step(self, run):
+            run.stop = run.steps + 1 >= 3  # steps counts completed steps after this
+
+    result = train_local(
+        nn.Linear(2, 2),
+        (torch.randn(40, 2), torch.randint(0, 2, (40,))),
+        TrainSettings(epochs=5, batch_size=4),
+        [StopAfter()],
+        generator=torch.Generator().manual_seed(0),
+    )
+    assert result.steps == 3
+
+
+def test_freeze_batchnorm_keeps_running_statistics():
+    from clientapps.hooks import FreezeBatchNorm
+
+    model = nn.Sequential(nn.Linear(2, 2), nn.BatchNorm1d(2))
+    before = model[1].running_mean.clone()
+    train_local(
+        model,
+        (torch.randn(8, 2) + 3.0, torch.randint(0, 2, (8,))),
+        TrainSettings(batch_size=4),
+        [FreezeBatchNorm()],
+        generator=torch.Generator().manual_seed(0),
+    )
+    torch.testing.assert_close(model[1].running_mean, before, rtol=0, atol=0)
+    assert model[1].weight.grad is not None  # affine weights still train

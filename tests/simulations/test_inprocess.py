@@ -76,8 +76,32 @@ def test_bad_replies_are_dropped_and_the_round_goes_on(tmp_path, caplog):
     assert rows[1]["train-replies"] == 2 and rows[1]["train-dropped"] == 2
     reasons = " ".join(rows[1]["drop-reasons"])
     assert "client crashed" in reasons and "non-finite" in reasons
+    assert rows[1]["error-replies"] == 1 and rows[1]["train-missing"] == 0
     assert "Dropped reply" in caplog.text
     assert all(np.isfinite(a).all() for a in _arrays(result).values())
+    summary = json.loads((path / "summary.json").read_text())
+    assert summary["error-replies"] == 2 and summary["dropped-replies"] == 4
+    assert "2 error replies and 0 missing replies" in caplog.text
+
+
+def test_lost_nodes_are_logged_and_counted(tmp_path, caplog, monkeypatch):
+    from simulations.inprocess import InProcessGrid
+
+    pull = InProcessGrid.pull_messages
+
+    def lose_node_1001(self, message_ids):  # as if node 1001 went offline
+        return [r for r in pull(self, message_ids) if r.metadata.src_node_id != 1001]
+
+    monkeypatch.setattr(InProcessGrid, "pull_messages", lose_node_1001)
+    _, path, _ = run_inprocess(
+        {**FAST, "fraction-evaluate": 1.0, "output-dir": str(tmp_path)}, num_nodes=3
+    )
+    rows = json.loads((path / "metrics.json").read_text())["rounds"]
+    for row in rows[1:]:
+        assert row["train-replies"] == 2 and row["train-missing"] == 1
+        assert row["evaluate-missing"] == 1 and not row["update-skipped"]
+    assert "no train reply from node(s) [1001]" in caplog.text
+    assert json.loads((path / "summary.json").read_text())["missing-replies"] == 4
 
 
 @pytest.mark.parametrize(("algorithm", "model"), [("fedavg", "mlp"), ("fedld", "cnn")])

@@ -16,6 +16,7 @@ def test_good_reply_passes(reply):
     ("arrays", "metrics", "fragment"),
     [
         ({**GOOD, "w": np.full((2, 3), np.nan, np.float32)}, None, "non-finite"),
+        ({**GOOD, "b": np.full(3, 3e10, np.float32)}, None, "magnitude 3e+10"),
         ({**GOOD, "w": np.ones((3, 2), np.float32)}, None, "expected float32[2, 3]"),
         ({**GOOD, "w": np.ones((2, 3), np.float64)}, None, "float64"),
         ({"w": GOOD["w"]}, None, "missing ['b']"),

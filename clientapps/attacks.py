@@ -1,0 +1,169 @@
+"""Attack simulation: turn a chosen fraction of nodes into attackers.
+
+Selected by run config, applied on the client around any algorithm's routine
+(the strategy does not know who attacks; robust strategies must cope):
+
+=================  ============================================================
+``attack``         what an attacking node sends instead of its honest update
+=================  ============================================================
+``sign-flip``      ``w_g - s * (w - w_g)``: the update reversed and scaled
+                   (``s`` = ``attack-scale``, default 4)
+``gaussian``       ``w + N(0, s^2)``: additive noise on every float entry
+                   (default ``s`` = 1)
+``label-flip``     honest training on flipped labels ``y -> C - 1 - y``
+``random``         ``w_g + N(0, s^2)``: a random update, no training signal
+                   (default ``s`` = 1)
+``unreliable``     every round a seeded coin: a stale update (its previous
+                   round's local model, kept in ``Context.state``) or a very
+                   noisy one (``w + N(0, (3 s)^2)``); honest on its first round
+=================  ============================================================
+
+Who attacks: ``round(attack-fraction * num-partitions)`` partitions, picked by
+a permutation seeded by ``seed`` alone, so the same nodes attack in every
+round and every run with that seed. A node without a ``partition-id`` (a real
+device with a ``data-path``) attacks with probability ``attack-fraction``,
+drawn from ``(seed, node id)``. Noise is drawn from ``(seed, round,
+partition-id)``: runs replay exactly. Only float arrays are changed (integer
+buffers such as BatchNorm's step count stay honest), and the reported
+``num-examples`` is the node's true count.
+
+Mix-in use: ``attack = attack_for_node(run_config, node_config, node_id,
+num_classes)``, pass ``attack.hooks()`` as ``extra_hooks`` to
+:func:`clientapps.routine.train_client` and call ``attack.poison`` on the
+reply.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, MutableMapping
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+from flwr.app import Message
+
+from clientapps.hooks import Hook
+from clientapps.loop import LocalRun
+from clientapps.state import load_arrays, save_arrays
+from strategies import keys
+from strategies.aggregation import to_record
+from strategies.base import derive_seed
+
+ATTACKS = ("none", "sign-flip", "gaussian", "label-flip", "random", "unreliable")
+DEFAULT_SCALE = {"sign-flip": 4.0, "gaussian": 1.0, "random": 1.0, "unreliable": 1.0}
+_STATE = ("attack", "previous")
+
+
+def check_attack(kind: str, fraction: float) -> None:
+    """Raise ValueError for an unknown attack or a fraction outside [0, 1]."""
+    if kind not in ATTACKS:
+        raise ValueError(f"attack must be one of {ATTACKS}; got {kind!r}.")
+    if not 0.0 <= fraction <= 1.0:
+        raise ValueError(f"attack-fraction must be in [0, 1]; got {fraction}.")
+
+
+def attacker_partitions(num_partitions: int, fraction: float, seed: int) -> set[int]:
+    """The partitions that attack: ``round(fraction * N)`` of them, seeded."""
+    rng = np.random.default_rng(derive_seed(seed, "attackers"))
+    count = round(fraction * num_partitions)
+    return {int(p) for p in rng.permutation(num_partitions)[:count]}
+
+
+class LabelFlip(Hook):
+    """Train on ``C - 1 - y`` instead of ``y`` (a data-poisoning attack)."""
+
+    def __init__(self, num_classes: int) -> None:
+        self.num_classes = int(num_classes)
+
+    def transform_batch(
+        self, run: LocalRun, x: torch.Tensor, y: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        return x, self.num_classes - 1 - y
+
+
+@dataclass(frozen=True)
+class Attack:
+    """What one attacking node does (see the module docstring)."""
+
+    kind: str
+    scale: float
+    num_classes: int
+
+    def hooks(self) -> list[Hook]:
+        """Hooks to add to the algorithm's recipe (label flipping only)."""
+        return [LabelFlip(self.num_classes)] if self.kind == "label-flip" else []
+
+    def poison(
+        self, reply: Message, msg: Message, state: MutableMapping[str, Any], seed: int
+    ) -> None:
+        """Replace the honest ``arrays`` of ``reply`` with the attack's, in place.
+
+        Parameters
+        ----------
+        reply, msg : Message
+            The honest reply and the train message it answers (global arrays).
+        state : MutableMapping
+            The node's ``Context.state`` (the unreliable attack keeps its last
+            local model there).
+        seed : int
+            This node's seed for this round (noise is drawn from it).
+
+        """
+        if self.kind in ("none", "label-flip"):
+            return
+        local = reply.content[keys.ARRAYS].to_numpy_ndarrays()
+        names = list(reply.content[keys.ARRAYS].keys())
+        sent = msg.content[keys.ARRAYS].to_numpy_ndarrays()
+        rng = np.random.default_rng(derive_seed(seed, "attack"))
+        previous = load_arrays(state, *_STATE)
+        if self.kind == "unreliable":
+            save_arrays(state, *_STATE, dict(zip(names, local, strict=True)))
+        poisoned = []
+        stale = (
+            self.kind == "unreliable" and previous is not None and rng.random() < 0.5
+        )
+        for name, w, w_g in zip(names, local, sent, strict=True):
+            if w.dtype.kind != "f":
+                poisoned.append(w)
+                continue
+            if stale:
+                new = previous[name]
+            elif self.kind == "sign-flip":
+                new = w_g - self.scale * (w - w_g)
+            elif self.kind == "random":
+                new = w_g + rng.normal(0.0, self.scale, w.shape)
+            elif self.kind == "gaussian":
+                new = w + rng.normal(0.0, self.scale, w.shape)
+            elif previous is None:  # unreliable, first round: honest
+                new = w
+            else:  # unreliable, noisy
+                new = w + rng.normal(0.0, 3.0 * self.scale, w.shape)
+            poisoned.append(np.asarray(new, dtype=w.dtype))
+        reply.content[keys.ARRAYS] = to_record(dict(zip(names, poisoned, strict=True)))
+
+
+def attack_for_node(
+    run_config: Mapping[str, Any],
+    node_config: Mapping[str, Any],
+    node_id: int,
+    num_classes: int,
+) -> Attack | None:
+    """This node's attack under the run config, or None for an honest node."""
+    kind = str(run_config.get("attack", "none"))
+    fraction = float(run_config.get("attack-fraction", 0.0))
+    check_attack(kind, fraction)
+    if kind == "none" or fraction == 0.0:
+        return None
+    seed = int(run_config.get("seed", 0))
+    if keys.PARTITION_ID in node_config:
+        partition = int(node_config[keys.PARTITION_ID])
+        total = int(node_config.get("num-partitions", partition + 1))
+        attacks = partition in attacker_partitions(total, fraction, seed)
+    else:
+        draw = np.random.default_rng(derive_seed(seed, "attacker", node_id)).random()
+        attacks = draw < fraction
+    if not attacks:
+        return None
+    scale = float(run_config.get("attack-scale", 0.0)) or DEFAULT_SCALE.get(kind, 1.0)
+    return Attack(kind, scale, num_classes)

@@ -1,0 +1,86 @@
+"""AFA worker (AFA-CD and AFA-CS): its own number of steps, an averaged gradient.
+
+Yang et al., "Anarchic Federated Learning", ICML 2022,
+https://arxiv.org/abs/2108.09875. The worker draws ``K_i`` uniformly in
+``[afa.k-min, afa.k]`` from a stream derived from its own round seed (so the
+batch order is the same as a plain client's), runs ``K_i`` steps and replies
+with ``G_i = (1/K_i) sum_k g_k`` (or, with ``afa.normalize = false``, the model
+change ``x - y_K``) in place of its model, reporting ``afa.local-steps``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+import numpy as np
+import torch
+
+from clientapps.hooks import FreezeBatchNorm, Hook
+from clientapps.loop import LocalRun
+from strategies import keys
+from strategies.aggregation import to_record
+from strategies.base import derive_seed
+
+
+def draw_local_steps(seed: int, k_min: int, k: int) -> int:
+    """``K_i ~ U{k_min..k}`` from ``seed`` (a worker's round seed)."""
+    rng = np.random.default_rng(derive_seed(seed, "afa-local-steps"))
+    return int(rng.integers(k_min, k + 1))
+
+
+class AnarchicSteps(Hook):
+    """Stops after a self-chosen ``K_i`` steps and replies with ``G_i``."""
+
+    def __init__(self, k: int, k_min: int = 1, normalize: bool = True) -> None:
+        if not 1 <= k_min <= k:
+            raise ValueError(f"AFA needs 1 <= k-min <= k; got {k_min}, {k}.")
+        self.k, self.k_min, self.normalize = int(k), int(k_min), bool(normalize)
+
+    def setup(self, run: LocalRun) -> None:
+        self.steps = draw_local_steps(run.generator.initial_seed(), self.k_min, self.k)
+        self.total = [torch.zeros_like(p) for p in run.parameters]
+
+    def before_step(self, run: LocalRun) -> None:
+        for acc, p in zip(self.total, run.parameters, strict=True):
+            if p.grad is not None:
+                acc.add_(p.grad)
+
+    def after_step(self, run: LocalRun) -> None:
+        run.stop = run.steps + 1 >= self.steps  # run.steps counts earlier steps
+
+    def finish(self, run: LocalRun) -> None:
+        taken = max(run.steps, 1)
+        names = {id(p): n for n, p in run.model.named_parameters()}
+        if self.normalize:
+            update = {
+                names[id(p)]: acc / taken
+                for p, acc in zip(run.parameters, self.total, strict=True)
+            }
+        else:
+            update = {
+                names[id(p)]: g - p.detach()
+                for p, g in zip(run.parameters, run.global_parameters, strict=True)
+            }
+        arrays = {
+            name: (
+                update[name].detach().cpu().numpy()
+                if name in update
+                else torch.zeros_like(value).numpy()
+            )
+            for name, value in run.model.state_dict().items()
+        }
+        run.reply_records[keys.ARRAYS] = to_record(arrays)
+        run.metrics[keys.algorithm_key("afa", "local-steps")] = float(run.steps)
+
+
+def make_hooks(config: Mapping[str, Any]) -> list[Hook]:
+    """Frozen BatchNorm and the anarchic worker, from the ``afa.*`` config keys."""
+    return [
+        FreezeBatchNorm(),
+        AnarchicSteps(
+            k=int(config.get("afa.k", 1)),
+            k_min=int(config.get("afa.k-min", 1)),
+            normalize=bool(config.get("afa.normalize", True)),
+        ),
+    ]
