@@ -21,6 +21,7 @@ from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Result
 from flwr.supercore import log
 
+from serverapps.participation import participation_grid
 from serverapps.results import RunDirectory, progress_line, summary
 from serverapps.settings import (
     DEFAULTS,
@@ -117,6 +118,8 @@ def run_server(
     # Fail first, before waiting for nodes: unknown names, values of the wrong type.
     strategy = build_strategy(run_config)
     DataSpec.from_run_config(run_config, num_partitions=1)
+    # Availability is the environment's: unavailable nodes never get train messages.
+    grid = participation_grid(grid, run_config)
     num_rounds = setting(run_config, "num-server-rounds")
     num_nodes = wait_for_nodes(grid, setting(run_config, "min-available-nodes"), settle)
     # The central test of per-client generated data (synthetic) depends on the
