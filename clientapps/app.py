@@ -12,15 +12,22 @@ from flwr.clientapp import ClientApp
 app = ClientApp()
 
 
-def _model_and_data(context: Context):  # noqa: ANN202 (lazy torch types)
-    from tasks import DataSpec, build_model, dataset_info, load_client_data
+def _spec_and_data(context: Context):  # noqa: ANN202 (lazy torch types)
+    from tasks import DataSpec, load_client_data
 
     run_config, node_config = context.run_config, context.node_config
     spec = DataSpec.from_run_config(
         {**run_config, **{k: v for k, v in node_config.items() if k == "data-path"}},
         num_partitions=int(node_config.get("num-partitions", 1)),
     )
-    data = load_client_data(spec, int(node_config.get("partition-id", 0)))
+    return spec, load_client_data(spec, int(node_config.get("partition-id", 0)))
+
+
+def _model_and_data(context: Context):  # noqa: ANN202 (lazy torch types)
+    from tasks import build_model, dataset_info
+
+    run_config = context.run_config
+    spec, data = _spec_and_data(context)
     model = build_model(
         str(run_config.get("model", "mlp")),
         dataset_info(spec),
@@ -59,3 +66,17 @@ def evaluate(msg: Message, context: Context) -> Message:
 
     model, data, _ = _model_and_data(context)
     return evaluate_client(msg, context, model, (data.test_x, data.test_y))
+
+
+@app.query()
+def query(msg: Message, context: Context) -> Message:
+    """Describe the node's data (partition id, size, label histogram).
+
+    Asked once per run by the participation environment
+    (``serverapps/participation.py``) to link availability to data.
+    """
+    from clientapps.routine import describe_client
+    from tasks import dataset_info
+
+    spec, data = _spec_and_data(context)
+    return describe_client(msg, context, data.train_y, dataset_info(spec).num_classes)

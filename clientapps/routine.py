@@ -134,3 +134,17 @@ def evaluate_client(
         # A diverged model is a result, not an invalid reply: report it bounded.
         metrics[keys.EVAL_LOSS] = float(np.finfo(np.float32).max)
     return Message(RecordDict({keys.METRICS: MetricRecord(metrics)}), reply_to=msg)
+
+
+def describe_client(
+    msg: Message, context: Context, labels: torch.Tensor, num_classes: int
+) -> Message:
+    """Answer a ``data-profile`` query: size and label histogram of the node's data."""
+    config = msg.content.config_records.get(keys.CONFIG, {})
+    query = config.get("query", "")
+    if query != "data-profile":
+        raise ValueError(f"Unknown query {query!r}; this app answers 'data-profile'.")
+    counts = torch.bincount(labels.long(), minlength=num_classes).tolist()
+    metrics: dict = _base_metrics(context, len(labels))
+    metrics[keys.LABEL_COUNTS] = [int(c) for c in counts]
+    return Message(RecordDict({keys.METRICS: MetricRecord(metrics)}), reply_to=msg)

@@ -21,6 +21,7 @@ from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Result
 from flwr.supercore import log
 
+from serverapps.participation import participation_grid
 from serverapps.results import RunDirectory, progress_line, summary
 from serverapps.settings import (
     DEFAULTS,
@@ -120,6 +121,8 @@ def run_server(
     from clientapps.attacks import check_attack
 
     check_attack(setting(run_config, "attack"), setting(run_config, "attack-fraction"))
+    # Availability is the environment's: unavailable nodes never get train messages.
+    grid = participation_grid(grid, run_config)
     num_rounds = setting(run_config, "num-server-rounds")
     num_nodes = wait_for_nodes(grid, setting(run_config, "min-available-nodes"), settle)
     # The central test of per-client generated data (synthetic) depends on the

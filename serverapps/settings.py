@@ -48,6 +48,13 @@ DEFAULTS: dict[str, Any] = {
     "attack": "none",
     "attack-fraction": 0.0,
     "attack-scale": 0.0,
+    "participation": "uniform",
+    "participation-mean": 0.1,
+    "participation-min": 0.02,
+    "participation-alpha": 0.1,
+    "participation-link": "label",
+    "participation-cycle": 100,
+    "participation-markov-active": 0.05,
 }
 
 TRAIN_CONFIG_KEYS = (

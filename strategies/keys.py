@@ -31,6 +31,8 @@ TRAIN_LOSS = "train-loss"
 TRAIN_LOSS_FIRST = "train-loss-first"
 EVAL_LOSS = "eval-loss"
 EVAL_ACCURACY = "eval-accuracy"
+LABEL_COUNTS = "label-counts"
+"""A node's label histogram (list of counts per class), in its data profile."""
 PARTITION_ID = "partition-id"
 """Reported so the server can order replies deterministically (node ids differ
 between the in-process runner, Ray and deployment; partition ids do not)."""

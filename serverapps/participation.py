@@ -1,0 +1,204 @@
+"""The participation environment: a Grid through which only available nodes train.
+
+``participation_grid(grid, run_config)`` returns ``grid`` itself under the
+default ``participation = "uniform"`` (nothing changes), and otherwise a
+:class:`ParticipationGrid`: ``get_node_ids()`` is unchanged, but train messages
+addressed to nodes that the participation model (``strategies/sampling.py``)
+marks unavailable in that round are never delivered, so those nodes never
+reply, like offline devices. Strategies see only who replied.
+
+Which node is which client: once, before the first train message, every node
+gets a query message (``config["query"] = "data-profile"``) and answers with
+its ``partition-id``, ``num-examples`` and ``label-counts`` (the ClientApp's
+query handler). The client index is the ``partition-id`` when every node
+reports a distinct one (true in the in-process runner, Ray and demo
+deployments, so availability is identical across them), else the rank of the
+sorted node id. Nodes that appear later are profiled when first addressed.
+Evaluate and query messages are always delivered.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from logging import INFO
+from typing import Any
+
+import numpy as np
+from flwr.app import ConfigRecord, Message, MessageType, RecordDict
+from flwr.serverapp import Grid
+from flwr.supercore import log
+
+from serverapps.settings import setting
+from strategies import keys
+from strategies.sampling import (
+    Availability,
+    ParticipationSpec,
+    participation_probabilities,
+)
+
+QUERY_KEY = "query"
+DATA_PROFILE = "data-profile"
+
+
+def participation_spec(run_config: Mapping[str, Any]) -> ParticipationSpec:
+    """The participation model the run config names (typed and checked)."""
+    return ParticipationSpec(
+        model=setting(run_config, "participation"),
+        mean=setting(run_config, "participation-mean"),
+        minimum=setting(run_config, "participation-min"),
+        alpha=setting(run_config, "participation-alpha"),
+        link=setting(run_config, "participation-link"),
+        cycle=setting(run_config, "participation-cycle"),
+        markov_active=setting(run_config, "participation-markov-active"),
+    )
+
+
+def participation_grid(grid: Grid, run_config: Mapping[str, Any]) -> Grid:
+    """``grid`` wrapped by the run's participation model (unchanged if uniform)."""
+    spec = participation_spec(run_config)
+    if spec.model == "uniform":
+        return grid
+    return ParticipationGrid(  # type: ignore[return-value]
+        grid,
+        spec,
+        seed=setting(run_config, "seed"),
+        timeout=setting(run_config, "round-timeout"),
+    )
+
+
+def _round_of(msg: Message) -> int:
+    config = msg.content.config_records.get(keys.CONFIG, {})
+    if keys.SERVER_ROUND in config:
+        return int(config[keys.SERVER_ROUND])
+    return int(msg.metadata.group_id)
+
+
+class ParticipationGrid:
+    """A Grid view that delivers train messages only to available nodes.
+
+    Parameters
+    ----------
+    grid : Grid
+        The real grid (in-process, Ray simulation or SuperLink).
+    spec : ParticipationSpec
+        The participation model.
+    seed : int
+        The run seed (availability derives from ``(seed, round, index)``).
+    timeout : float
+        Seconds to wait for the nodes' data profiles.
+
+    """
+
+    def __init__(
+        self, grid: Grid, spec: ParticipationSpec, seed: int, timeout: float = 3600
+    ) -> None:
+        self._grid = grid
+        self.spec = spec
+        self.seed = int(seed)
+        self.timeout = timeout
+        self.profiles: dict[int, dict[str, Any]] = {}
+        self.index: dict[int, int] = {}
+        self.availability: Availability | None = None
+        self.available_counts: dict[int, int] = {}
+        """Round -> number of addressed nodes that were available (diagnostics)."""
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._grid, name)
+
+    def get_node_ids(self) -> Iterable[int]:
+        return self._grid.get_node_ids()
+
+    # ----------------------------------------------------------- profiles --
+    def _profile(self, node_ids: Iterable[int]) -> None:
+        missing = sorted(set(node_ids) - set(self.profiles))
+        if not missing:
+            return
+        content = RecordDict({keys.CONFIG: ConfigRecord({QUERY_KEY: DATA_PROFILE})})
+        queries = [
+            Message(
+                content,
+                dst_node_id=node,
+                message_type=MessageType.QUERY,
+                group_id="participation",
+            )
+            for node in missing
+        ]
+        for reply in self._grid.send_and_receive(queries, timeout=self.timeout):
+            node = reply.metadata.src_node_id
+            if reply.has_error():
+                raise RuntimeError(
+                    f"Node {node} did not describe its data for the participation "
+                    f"model: {reply.error.reason}"
+                )
+            self.profiles[node] = dict(reply.content[keys.METRICS])
+        if set(missing) - set(self.profiles):
+            raise RuntimeError(f"No data profile from nodes {missing}.")
+        self._build()
+
+    def _build(self) -> None:
+        nodes = sorted(self.profiles)
+        pids = [self.profiles[n].get(keys.PARTITION_ID) for n in nodes]
+        if None not in pids and len(set(pids)) == len(pids):
+            self.index = {n: int(p) for n, p in zip(nodes, pids, strict=True)}
+        else:
+            self.index = {n: i for i, n in enumerate(nodes)}
+        size = max(self.index.values()) + 1
+        by_index = {self.index[n]: self.profiles[n] for n in nodes}
+        sizes = [
+            float(by_index.get(i, {}).get(keys.NUM_EXAMPLES, 0.0)) for i in range(size)
+        ]
+        counts = None
+        if self.spec.link == "label":
+            classes = max(len(p.get(keys.LABEL_COUNTS, [])) for p in by_index.values())
+            counts = np.zeros((size, classes))
+            for i, profile in by_index.items():
+                row = profile.get(keys.LABEL_COUNTS, [])
+                counts[i, : len(row)] = row
+        p = participation_probabilities(self.spec, self.seed, counts, sizes)
+        self.availability = Availability(self.spec, p, self.seed)
+        log(
+            INFO,
+            "Participation '%s': %d clients, mean probability %.3f (min %.3f)",
+            self.spec.model,
+            len(nodes),
+            float(p[list(self.index.values())].mean()),
+            float(p[list(self.index.values())].min()),
+        )
+
+    # ----------------------------------------------------------- delivery --
+    def available(self, server_round: int, node_ids: Iterable[int]) -> set[int]:
+        """The nodes among ``node_ids`` that are available in ``server_round``."""
+        node_ids = list(node_ids)
+        self._profile(node_ids)
+        assert self.availability is not None
+        mask = self.availability(server_round)
+        return {n for n in node_ids if mask[self.index[n]]}
+
+    def _deliverable(self, messages: Iterable[Message]) -> list[Message]:
+        messages = list(messages)
+        train = [m for m in messages if m.metadata.message_type == MessageType.TRAIN]
+        if not train:
+            return messages
+        server_round = _round_of(train[0])
+        open_ = self.available(server_round, {m.metadata.dst_node_id for m in train})
+        self.available_counts[server_round] = len(open_)
+        return [
+            m
+            for m in messages
+            if m.metadata.message_type != MessageType.TRAIN
+            or m.metadata.dst_node_id in open_
+        ]
+
+    def push_messages(self, messages: Iterable[Message]) -> Iterable[str]:
+        return self._grid.push_messages(self._deliverable(messages))
+
+    def pull_messages(self, message_ids: Iterable[str]) -> Iterable[Message]:
+        return self._grid.pull_messages(message_ids)
+
+    def send_and_receive(
+        self, messages: Iterable[Message], *, timeout: float | None = None
+    ) -> Iterable[Message]:
+        deliver = self._deliverable(messages)
+        if not deliver:
+            return []
+        return self._grid.send_and_receive(deliver, timeout=timeout)
