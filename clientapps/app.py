@@ -28,13 +28,14 @@ def _model_and_data(context: Context):  # noqa: ANN202 (lazy torch types)
 
     run_config = context.run_config
     spec, data = _spec_and_data(context)
+    info = dataset_info(spec)
     model = build_model(
         str(run_config.get("model", "mlp")),
-        dataset_info(spec),
+        info,
         norm=str(run_config.get("model-norm", "batch")),
         seed=int(run_config.get("seed", 0)),
     )
-    return model, data, dataset_info(spec).num_classes
+    return model, data, info.num_classes
 
 
 @app.train()
