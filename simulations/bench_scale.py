@@ -8,7 +8,7 @@ SuperLink, the simulation process, Ray's GCS, raylet, object store and actors:
 everything carrying the run's process tag) is sampled every 0.5 s. Reported:
 wall time per round (from the run's ``metrics.json``), the time before round
 1 (engine start, app load, central test), and the peak summed RSS (an upper
-bound: shared pages count once per process).
+bound: shared pages count once per process) and PSS (shared pages split).
 
     python -m simulations.bench_scale --nodes 1000 --rounds 20 --fraction 0.1
 """
@@ -29,18 +29,24 @@ from simulations.processes import FlowerProcesses
 from simulations.proctools import APP_DIR, read_run_metrics, tagged_pids
 
 
-def rss_mb(pids: set[int]) -> float:
-    """Summed resident memory of ``pids`` in MiB (vanished processes count 0)."""
-    total = 0
+def memory_mb(pids: set[int]) -> tuple[float, float]:
+    """Summed RSS and PSS of ``pids`` in MiB (vanished processes count 0).
+
+    RSS counts a shared page (Ray's object store, torch's libraries) once per
+    process that maps it; PSS splits it between them, so summed PSS is the
+    tree's real footprint.
+    """
+    rss = pss = 0
     for pid in pids:
         try:
-            for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-                if line.startswith("VmRSS:"):
-                    total += int(line.split()[1])
-                    break
+            for line in Path(f"/proc/{pid}/smaps_rollup").read_text().splitlines():
+                if line.startswith("Rss:"):
+                    rss += int(line.split()[1])
+                elif line.startswith("Pss:"):
+                    pss += int(line.split()[1])
         except OSError:
             continue
-    return total / 1024
+    return rss / 1024, pss / 1024
 
 
 class MemoryWatch:
@@ -48,7 +54,8 @@ class MemoryWatch:
 
     def __init__(self, tag: str, interval: float = 0.5) -> None:
         self.tag, self.interval = tag, interval
-        self.peak_mb, self.samples = 0.0, 0
+        self.peak_rss_mb = self.peak_pss_mb = 0.0
+        self.samples = 0
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._poll, daemon=True)
 
@@ -62,7 +69,9 @@ class MemoryWatch:
 
     def _poll(self) -> None:
         while not self._stop.is_set():
-            self.peak_mb = max(self.peak_mb, rss_mb(tagged_pids(self.tag)))
+            rss, pss = memory_mb(tagged_pids(self.tag))
+            self.peak_rss_mb = max(self.peak_rss_mb, rss)
+            self.peak_pss_mb = max(self.peak_pss_mb, pss)
             self.samples += 1
             self._stop.wait(self.interval)
 
@@ -118,7 +127,8 @@ def ray_run(run_config: dict[str, Any], nodes: int, cpus: int = 1) -> dict[str, 
         "round-max-s": round(max(round_times), 3),
         "replies-per-round": statistics.median(r["train-replies"] for r in rows[1:]),
         "error-replies": sum(r.get("error-replies", 0) for r in rows),
-        "peak-rss-mb": round(watch.peak_mb),
+        "peak-rss-mb": round(watch.peak_rss_mb),
+        "peak-pss-mb": round(watch.peak_pss_mb),
         "rss-samples": watch.samples,
         "final-central-accuracy": rows[-1].get("central-accuracy"),
     }
