@@ -224,7 +224,8 @@ class Curriculum(BouquetStrategy, flwr_strategy.FedAvg):
         if self.client_pacing == "none" or not messages:
             return messages
         nodes = sorted(grid.get_node_ids())
-        size = math.ceil(self.client_fraction(server_round) * len(nodes))
+        # round(): g = .6000000000000001 must give 6 of 10, not 7.
+        size = math.ceil(round(self.client_fraction(server_round) * len(nodes), 9))
         pool = eligible_nodes(nodes, self.client_scores, max(len(messages), size))
         rng = random.Random(derive_seed(self.seed, server_round, NAME))
         chosen = sorted(rng.sample(pool, len(messages)))

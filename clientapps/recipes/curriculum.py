@@ -70,7 +70,7 @@ def paced_order(
     further passes are fresh shuffles of the subset until the epoch is full.
     """
     n = len(rank)
-    count = min(n, max(1, math.ceil(fraction * n)))
+    count = min(n, max(1, math.ceil(round(fraction * n, 9))))  # .6000000000000001
     member = torch.zeros(n, dtype=torch.bool)
     member[rank[:count]] = True
     perm = torch.randperm(n, generator=generator)

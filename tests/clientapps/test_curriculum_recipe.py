@@ -59,6 +59,12 @@ def test_paced_order_draws_from_the_front_only():
     # Full pacing: exactly the loop's own permutation.
     full = paced_order(rank, 1.0, torch.Generator().manual_seed(5))
     assert full.tolist() == perm.tolist()
+    # ceil(.6000000000000001 * 5) is 3, not 4.
+    assert set(paced_order(rank, 0.2 + 0.8 * 0.5, torch.Generator()).tolist()) == {
+        1,
+        3,
+        0,
+    }
     # A zero fraction still trains on one example (the easiest).
     assert set(paced_order(rank, 0.0, torch.Generator()).tolist()) == {1}
 

@@ -89,9 +89,13 @@ def test_client_pacing_samples_only_the_easy_pool():
     # Round 1: g_c = .2 -> pool of ceil(.2 * 10) = 2 = the sample size.
     assert _targets(strategy, 1, grid)[0] == [9, 10]
     # Round 5: g_c = .6 -> the 6 easiest; the draw is seeded by (seed, round).
+    seen = set()
+    for seed in range(40):  # the pool is exactly the 6 easiest, never node 4
+        strategy.seed = seed
+        seen.update(_targets(strategy, 5, grid)[0])
+    assert seen == {5, 6, 7, 8, 9, 10}
     chosen, msgs = _targets(strategy, 5, grid)
-    assert len(chosen) == 2 and set(chosen) <= {5, 6, 7, 8, 9, 10}
-    assert _targets(strategy, 5, grid)[0] == chosen
+    assert len(chosen) == 2 and _targets(strategy, 5, grid)[0] == chosen
     config = msgs[0].content["config"]
     assert config["server-round"] == 5 and config[FRACTION] == pytest.approx(0.6)
 
