@@ -66,6 +66,9 @@ class LocalRun:
         The node's persistent ``Context.state``; namespace your keys.
     incoming : Mapping
         The message's content (extra records sent by the server).
+    data : (torch.Tensor, torch.Tensor) or None
+        The whole local training set ``(x, y)``, for hooks that look at every
+        example (e.g. scoring examples for a curriculum). Read-only.
     reply_records : dict
         Extra records to send back, by record name.
     metrics : dict[str, float]
@@ -85,6 +88,7 @@ class LocalRun:
     generator: torch.Generator
     parameters: list[torch.Tensor]
     global_parameters: list[torch.Tensor]
+    data: tuple[torch.Tensor, torch.Tensor] | None = None
     reply_records: dict[str, Any] = field(default_factory=dict)
     metrics: dict[str, float] = field(default_factory=dict)
     epoch: int = 0
@@ -152,6 +156,7 @@ def train_local(
         parameters=params,
         global_parameters=[p.detach().clone() for p in params],
         num_examples=len(x_all),
+        data=(x_all, y_all),
     )
     stepper = _stepper(hooks)
     criterion = nn.CrossEntropyLoss()
