@@ -70,6 +70,9 @@ class LocalRun:
         Extra records to send back, by record name.
     metrics : dict[str, float]
         Extra metrics to report.
+    stop : bool
+        Set by a hook (e.g. early stopping) to end local training after the
+        current step; the loop then runs no further step and calls ``finish``.
 
     """
 
@@ -87,6 +90,7 @@ class LocalRun:
     epoch: int = 0
     steps: int = 0
     num_examples: int = 0
+    stop: bool = False
 
 
 @dataclass(frozen=True)
@@ -162,6 +166,8 @@ def train_local(
 
     losses: list[float] = []
     for epoch in range(settings.epochs):
+        if run.stop:
+            break
         run.epoch = epoch
         order = next(
             (o for h in hooks if (o := h.order(run, len(x_all))) is not None), None
@@ -169,7 +175,7 @@ def train_local(
         if order is None:
             order = torch.randperm(len(x_all), generator=generator)
         for start in range(0, len(order), settings.batch_size):
-            if settings.max_steps and run.steps >= settings.max_steps:
+            if run.stop or (settings.max_steps and run.steps >= settings.max_steps):
                 break
             idx = order[start : start + settings.batch_size]
             x, y = x_all[idx].to(device), y_all[idx].to(device)

@@ -139,3 +139,21 @@ def test_local_steps_cap_and_seeded_order():
 def test_bad_settings_fail_clearly():
     with pytest.raises(ValueError, match="Invalid local training settings"):
         TrainSettings.from_config({"batch-size": 0})
+
+
+def test_a_hook_can_stop_training_early():
+    class StopAfterThree(Hook):
+        def after_step(self, run):
+            if run.steps + 1 == 3:
+                run.stop = True
+
+    x = torch.randn(64, 2, generator=torch.Generator().manual_seed(0))
+    y = (x[:, 1] > 0).long()
+    result = train_local(
+        _linear([[0.0, 0.0], [0.0, 0.0]]),
+        (x, y),
+        TrainSettings(batch_size=8, epochs=4),
+        [StopAfterThree()],
+        generator=torch.Generator().manual_seed(0),
+    )
+    assert result.steps == 3 and result.run.stop and result.run.epoch == 0
