@@ -81,7 +81,6 @@ GUIDANCE = keys.algorithm_key("fedlex", "guidance")
 """ArrayRecord sent in guided rounds: the guidance matrix G, per entry."""
 EXPLORE_EPOCHS = keys.algorithm_key("fedlex", "explore-epochs")
 NORMALIZATIONS = ("minmax", "robust")
-EPS = 1e-12
 
 Arrays = Mapping[str, np.ndarray]
 
@@ -108,7 +107,8 @@ def normalize(ls: np.ndarray, method: str, floor: float = 0.0) -> np.ndarray:
         spread = q3 - q1
     else:
         raise ValueError(f"Unknown normalization {method!r}; use {NORMALIZATIONS}.")
-    g = np.ones_like(ls) if spread <= EPS else (ls - shift) / spread
+    # Only an exactly flat tensor is special-cased (the official code divides by 0).
+    g = (ls - shift) / spread if spread > 0 else np.ones_like(ls)
     return np.maximum(g, floor) if floor > 0 else g
 
 
