@@ -170,3 +170,21 @@ def test_freeze_batchnorm_keeps_running_statistics():
     )
     torch.testing.assert_close(model[1].running_mean, before, rtol=0, atol=0)
     assert model[1].weight.grad is not None  # affine weights still train
+
+
+def test_stop_also_skips_the_remaining_epochs():
+    class StopAfterThree(Hook):
+        def after_step(self, run):
+            if run.steps + 1 == 3:
+                run.stop = True
+
+    x = torch.randn(64, 2, generator=torch.Generator().manual_seed(0))
+    y = (x[:, 1] > 0).long()
+    result = train_local(
+        _linear([[0.0, 0.0], [0.0, 0.0]]),
+        (x, y),
+        TrainSettings(batch_size=8, epochs=4),
+        [StopAfterThree()],
+        generator=torch.Generator().manual_seed(0),
+    )
+    assert result.steps == 3 and result.run.stop and result.run.epoch == 0
