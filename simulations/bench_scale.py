@@ -20,13 +20,12 @@ import json
 import os
 import statistics
 import tempfile
-import threading
 import time
 from pathlib import Path
 from typing import Any
 
 from simulations.processes import FlowerProcesses
-from simulations.proctools import APP_DIR, read_run_metrics, tagged_pids
+from simulations.proctools import APP_DIR, Poll, read_run_metrics, tagged_pids
 
 
 def memory_mb(pids: set[int]) -> tuple[float, float]:
@@ -49,31 +48,20 @@ def memory_mb(pids: set[int]) -> tuple[float, float]:
     return rss / 1024, pss / 1024
 
 
-class MemoryWatch:
-    """Samples the summed RSS of a tag's process tree in a thread."""
+class MemoryWatch(Poll):
+    """Peak summed RSS and PSS of a tag's process tree, sampled every 0.5 s."""
 
-    def __init__(self, tag: str, interval: float = 0.5) -> None:
-        self.tag, self.interval = tag, interval
+    def __init__(self, tag: str) -> None:
+        super().__init__(self._sample, interval=0.5)
+        self.tag = tag
         self.peak_rss_mb = self.peak_pss_mb = 0.0
         self.samples = 0
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._poll, daemon=True)
 
-    def __enter__(self) -> MemoryWatch:
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self._stop.set()
-        self._thread.join()
-
-    def _poll(self) -> None:
-        while not self._stop.is_set():
-            rss, pss = memory_mb(tagged_pids(self.tag))
-            self.peak_rss_mb = max(self.peak_rss_mb, rss)
-            self.peak_pss_mb = max(self.peak_pss_mb, pss)
-            self.samples += 1
-            self._stop.wait(self.interval)
+    def _sample(self) -> None:
+        rss, pss = memory_mb(tagged_pids(self.tag))
+        self.peak_rss_mb = max(self.peak_rss_mb, rss)
+        self.peak_pss_mb = max(self.peak_pss_mb, pss)
+        self.samples += 1
 
 
 def measure(nodes: int, rounds: int, fraction: float, cpus: int) -> dict[str, Any]:

@@ -19,7 +19,6 @@ from __future__ import annotations
 import subprocess
 import sys
 import sysconfig
-import threading
 import time
 from pathlib import Path
 
@@ -29,6 +28,7 @@ from simulations.processes import FlowerProcesses
 from simulations.proctools import (
     APP_DIR,
     STATUS_COMPLETED,
+    Poll,
     all_pids,
     free_port,
     read_run_metrics,
@@ -57,36 +57,24 @@ def _worker_python(root: Path) -> Path:
     return python
 
 
-class ActorWatch:
+class ActorWatch(Poll):
     """Records which Ray node (by environment tag) ran ClientAppActor processes."""
 
     def __init__(self) -> None:
+        super().__init__(self._sample)
         self.nodes: set[str] = set()
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._poll, daemon=True)
 
-    def __enter__(self) -> ActorWatch:
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self._stop.set()
-        self._thread.join()
-
-    def _poll(self) -> None:
-        while not self._stop.is_set():
-            for pid in all_pids():
-                try:
-                    cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
-                    if b"ClientAppActor" not in cmdline:
-                        continue
-                    environ = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
-                except OSError:
+    def _sample(self) -> None:
+        for pid in all_pids():
+            try:
+                if b"ClientAppActor" not in Path(f"/proc/{pid}/cmdline").read_bytes():
                     continue
-                for item in environ:
-                    if item.startswith(f"{NODE_TAG}=".encode()):
-                        self.nodes.add(item.split(b"=", 1)[1].decode())
-            time.sleep(0.2)
+                environ = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
+            except OSError:
+                continue
+            for item in environ:
+                if item.startswith(f"{NODE_TAG}=".encode()):
+                    self.nodes.add(item.split(b"=", 1)[1].decode())
 
 
 @pytest.fixture(scope="module")
@@ -108,7 +96,14 @@ def cluster(flower, tmp_path_factory):
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline:
         status = subprocess.run(
-            [sys.executable, "-m", "ray.scripts.scripts", "status", "--address", address],
+            [
+                sys.executable,
+                "-m",
+                "ray.scripts.scripts",
+                "status",
+                "--address",
+                address,
+            ],
             capture_output=True,
             text=True,
         ).stdout
