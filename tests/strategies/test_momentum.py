@@ -2,7 +2,7 @@
 
 import numpy as np
 import pytest
-from flwr.app import Array, ArrayRecord, ConfigRecord, MetricRecord
+from flwr.app import Array, ArrayRecord, ConfigRecord
 
 from simulations.inprocess import InProcessGrid
 from strategies.aggregation import to_record
@@ -51,25 +51,6 @@ REPLIES = (
     ((0.5, 2.5), 0, 0.5, (0.2, -0.4)),
     ((1.5, 1.0), 1, 1.0, (0.6, 0.0)),
 )
-
-
-def test_outgoing_records_reach_every_sampled_node_and_cannot_clobber():
-    class WithExtra(FedAvg):
-        def outgoing_train_records(self, server_round):
-            return {"demo.r": MetricRecord({"round": server_round})}
-
-    messages = _configure(WithExtra(fraction_train=0.5))
-    assert len(messages) == 2
-    assert all(m.content["demo.r"]["round"] == 1 for m in messages)
-    assert all("arrays" in m.content and "config" in m.content for m in messages)
-    assert "demo.r" not in _configure(FedAvg(fraction_train=0.5))[0].content
-
-    class Clobber(FedAvg):
-        def outgoing_train_records(self, server_round):
-            return {"arrays": ArrayRecord()}
-
-    with pytest.raises(ValueError, match="arrays"):
-        _configure(Clobber())
 
 
 def test_scaffold_golden_numbers_and_records():
