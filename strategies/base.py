@@ -20,6 +20,8 @@
   and per-round accounting (bytes each way, replies, drops, wall time).
   Algorithms customise rounds through ``configure_*`` / ``aggregate_*``, never
   by copying the loop.
+- **Extra records to clients.** ``outgoing_train_records(round)`` returns
+  named records (e.g. a control variate) added to every train message.
 
 - **Per-node messages.** :func:`with_records` copies a configured message with
   some records replaced (a role, a stale model, an extra ArrayRecord), for
@@ -117,6 +119,9 @@ class RoundReport:
     wall_time: float = 0.0
 
 
+Record = ArrayRecord | ConfigRecord | MetricRecord
+"""A record that can travel in a message besides ``arrays`` and ``config``."""
+
 RoundCallback = Callable[["BouquetStrategy", int, ArrayRecord, RoundReport], None]
 
 
@@ -152,7 +157,8 @@ class BouquetStrategy:
     """Attributes saved by ``export_state`` and restored by ``load_state``."""
 
     extra_train_records: ClassVar[tuple[str, ...]] = ()
-    """Names of extra ArrayRecords a train reply carries (shaped like the model)."""
+    """Names of extra ArrayRecords a train reply carries (shaped like the model);
+    the records sent the other way come from :meth:`outgoing_train_records`."""
 
     def __init__(self, *args: Any, seed: int = 0, **kwargs: Any) -> None:
         kwargs.setdefault("train_metrics_aggr_fn", weighted_metrics)
@@ -185,7 +191,7 @@ class BouquetStrategy:
         self.global_arrays = to_numpy(arrays)
         config[keys.SEED] = self.seed
         config.update(self.round_config(server_round))
-        return self._seeded(
+        messages = self._seeded(
             server_round,
             "train",
             super().configure_train,
@@ -194,6 +200,14 @@ class BouquetStrategy:
             config,
             _SortedNodes(grid),
         )
+        extras = self.outgoing_train_records(server_round)
+        clash = set(extras) & {keys.ARRAYS, keys.CONFIG}
+        if clash:
+            raise ValueError(f"Extra records may not replace {sorted(clash)}.")
+        for msg in messages:
+            for name, record in extras.items():
+                msg.content[name] = record
+        return messages
 
     def configure_evaluate(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
@@ -212,6 +226,16 @@ class BouquetStrategy:
 
     def round_config(self, server_round: int) -> dict[str, Any]:
         """Algorithm-specific config values for this round (override to schedule)."""
+        return {}
+
+    def outgoing_train_records(self, server_round: int) -> dict[str, Record]:
+        """Extra named records sent with every train message of this round.
+
+        Override to send tensors besides the model (e.g. SCAFFOLD's server
+        control variate), each in its own record named ``"<algorithm>.<name>"``.
+        Called after ``global_arrays`` holds this round's arrays; the same
+        records go to every sampled node. Default: none.
+        """
         return {}
 
     # --------------------------------------------------------- validation --

@@ -1,0 +1,221 @@
+"""Clients of SCAFFOLD, FedAvg-M, SCAFFOLD-M and the -VR variants.
+
+See :mod:`strategies.momentum` for the papers and the server rule. Three hooks,
+composed in this order (the order matters: the momentum weight beta scales the
+already corrected gradient, as in SCAFFOLD-M):
+
+- :class:`ControlVariate` (``momentum.scaffold``): ``grad += c - c_i``; at the
+  end ``c_i+ = c_i - c + (x - y_K) / (K eta)`` is saved in ``Context.state``
+  and ``dc = c_i+ - c_i`` is sent back as record ``momentum.dc``.
+- :class:`GlobalMomentum` (beta < 1, not -VR):
+  ``grad <- beta * grad + (1 - beta) * g``.
+- :class:`StormMomentum` (``momentum.vr``): each step also evaluates the
+  gradient at ``x^{r-1}`` on the same batch and uses
+  ``grad + (1 - beta) * (g - grad(x^{r-1}))``.
+
+Without ``momentum.g`` (round 1) the momentum hooks leave the gradient as is.
+Every hook reports ``momentum.eta-k`` (eta times the steps taken) so that the
+server can put g in gradient units.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import numpy as np
+import torch
+from flwr.app import Array, ArrayRecord
+
+from clientapps.hooks import Hook
+from clientapps.loop import LocalRun
+from clientapps.state import load_arrays, save_arrays
+from strategies.momentum import (
+    BETA,
+    C_RECORD,
+    DC_RECORD,
+    ETA_K,
+    G_RECORD,
+    NAMESPACE,
+    USE_SCAFFOLD,
+    USE_VR,
+    X_PREV_RECORD,
+)
+
+
+def parameter_names(run: LocalRun) -> list[str]:
+    """State-dict names of ``run.parameters``, aligned with them."""
+    return [n for n, p in run.model.named_parameters() if p.requires_grad]
+
+
+def _tensors(run: LocalRun, name: str) -> list[torch.Tensor] | None:
+    """Record ``name`` of the message as tensors aligned with the parameters."""
+    record = run.incoming.get(name)
+    if record is None:
+        return None
+    arrays = {k: v.numpy() for k, v in record.items()}
+    return [
+        torch.as_tensor(arrays[n], dtype=p.dtype, device=p.device)
+        for n, p in zip(parameter_names(run), run.parameters, strict=True)
+    ]
+
+
+def _entries(run: LocalRun) -> dict[str, tuple[tuple[int, ...], np.dtype]]:
+    """Shape and numpy dtype of every state-dict entry of the model."""
+    return {
+        k: (tuple(v.shape), v.detach().cpu().numpy().dtype)
+        for k, v in run.model.state_dict().items()
+    }
+
+
+def _report_eta_k(run: LocalRun) -> None:
+    run.metrics[ETA_K] = run.settings.lr * run.steps
+
+
+class EtaK(Hook):
+    """Only reports ``momentum.eta-k`` (plain FedAvg client: beta = 1)."""
+
+    def finish(self, run: LocalRun) -> None:
+        _report_eta_k(run)
+
+
+class ControlVariate(Hook):
+    """SCAFFOLD's drift correction with the client control variate c_i."""
+
+    def setup(self, run: LocalRun) -> None:
+        names = parameter_names(run)
+        zeros = [torch.zeros_like(p) for p in run.parameters]
+        self.c = _tensors(run, C_RECORD) or zeros
+        saved = load_arrays(run.state, NAMESPACE, "c-i") or {}
+        self.c_i = [
+            torch.as_tensor(saved[n], dtype=p.dtype, device=p.device)
+            if n in saved
+            else torch.zeros_like(p)
+            for n, p in zip(names, run.parameters, strict=True)
+        ]
+        self.shift = [c - ci for c, ci in zip(self.c, self.c_i, strict=True)]
+
+    def before_step(self, run: LocalRun) -> None:
+        for p, shift in zip(run.parameters, self.shift, strict=True):
+            if p.grad is not None:
+                p.grad.add_(shift)
+
+    def finish(self, run: LocalRun) -> None:
+        _report_eta_k(run)
+        names = parameter_names(run)
+        new_c_i = list(self.c_i)
+        if run.steps:
+            scale = 1.0 / (run.steps * run.settings.lr)
+            new_c_i = [
+                ci - c + scale * (x - p.detach())
+                for ci, c, x, p in zip(
+                    self.c_i, self.c, run.global_parameters, run.parameters, strict=True
+                )
+            ]
+        save_arrays(
+            run.state,
+            NAMESPACE,
+            "c-i",
+            {n: t.cpu().numpy() for n, t in zip(names, new_c_i, strict=True)},
+        )
+        dc = {
+            n: (new - old).cpu().numpy()
+            for n, new, old in zip(names, new_c_i, self.c_i, strict=True)
+        }
+        # Every state-dict entry, buffers as zeros, so that dc validates like
+        # the model arrays on the server.
+        run.reply_records[DC_RECORD] = ArrayRecord(
+            {
+                k: Array(dc[k].astype(dtype) if k in dc else np.zeros(shape, dtype))
+                for k, (shape, dtype) in _entries(run).items()
+            }
+        )
+
+
+class GlobalMomentum(Hook):
+    """FedAvg-M / SCAFFOLD-M: ``grad <- beta * grad + (1 - beta) * g``."""
+
+    def __init__(self, beta: float) -> None:
+        self.beta = float(beta)
+
+    def setup(self, run: LocalRun) -> None:
+        self.g = _tensors(run, G_RECORD)
+
+    def before_step(self, run: LocalRun) -> None:
+        if self.g is None:
+            return
+        for p, g in zip(run.parameters, self.g, strict=True):
+            if p.grad is not None:
+                p.grad.mul_(self.beta).add_(g, alpha=1.0 - self.beta)
+
+    def finish(self, run: LocalRun) -> None:
+        _report_eta_k(run)
+
+
+class StormMomentum(Hook):
+    """-VR: ``grad + (1 - beta) * (g - grad(x^{r-1}; same batch))``.
+
+    Takes over the step to evaluate the gradient at ``x^{r-1}`` first; the
+    model's buffers (BatchNorm statistics) are restored afterwards, so the
+    extra forward pass leaves no trace.
+    """
+
+    def __init__(self, beta: float) -> None:
+        self.beta = float(beta)
+
+    def setup(self, run: LocalRun) -> None:
+        self.g = _tensors(run, G_RECORD)
+        self.x_prev = _tensors(run, X_PREV_RECORD)
+        self.previous_grads: list[torch.Tensor | None] = []
+
+    def step(
+        self,
+        run: LocalRun,
+        closure: Callable[[], torch.Tensor],
+        default_step: Callable[[], None],
+    ) -> torch.Tensor | None:
+        if self.g is None or self.x_prev is None:
+            return None
+        current = [p.detach().clone() for p in run.parameters]
+        buffers = {k: b.clone() for k, b in run.model.named_buffers()}
+        with torch.no_grad():
+            for p, x in zip(run.parameters, self.x_prev, strict=True):
+                p.copy_(x)
+        closure()
+        self.previous_grads = [
+            None if p.grad is None else p.grad.detach().clone() for p in run.parameters
+        ]
+        with torch.no_grad():
+            for p, y in zip(run.parameters, current, strict=True):
+                p.copy_(y)
+            for k, b in run.model.named_buffers():
+                b.copy_(buffers[k])
+        loss = closure()
+        default_step()
+        return loss
+
+    def before_step(self, run: LocalRun) -> None:
+        if self.g is None or not self.previous_grads:
+            return
+        for p, g, prev in zip(run.parameters, self.g, self.previous_grads, strict=True):
+            if p.grad is not None:
+                correction = g if prev is None else g - prev
+                p.grad.add_(correction, alpha=1.0 - self.beta)
+
+    def finish(self, run: LocalRun) -> None:
+        _report_eta_k(run)
+
+
+def make_hooks(config: Mapping[str, Any]) -> list[Hook]:
+    """Hooks for the config keys ``momentum.scaffold``, ``.vr`` and ``.beta``."""
+    beta = float(config.get(BETA, 1.0))
+    hooks: list[Hook] = []
+    if bool(config.get(USE_SCAFFOLD, False)):
+        hooks.append(ControlVariate())
+    if bool(config.get(USE_VR, False)):
+        hooks.append(StormMomentum(beta))
+    elif beta < 1.0:
+        hooks.append(GlobalMomentum(beta))
+    if not hooks:
+        hooks.append(EtaK())
+    return hooks
