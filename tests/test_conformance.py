@@ -1,5 +1,7 @@
 """Conformance over the registry: every algorithm gets these tests the day it lands."""
 
+import json
+
 import numpy as np
 import pytest
 
@@ -53,6 +55,12 @@ def test_two_rounds_finite_state_roundtrip_and_replay(name, tmp_path):
     first, path, _ = run_inprocess(config, num_nodes=4)
     arrays = {k: v.numpy() for k, v in first.arrays.items()}
     assert arrays and all(np.isfinite(a).all() for a in arrays.values())
+    # Finite arrays alone would pass if every reply were dropped (the model
+    # never moves): the algorithm's own replies must all be valid.
+    rows = json.loads((path / "metrics.json").read_text())["rounds"]
+    for row in rows[1:]:
+        assert row["train-dropped"] == 0 and row["error-replies"] == 0, row
+        assert row["train-replies"] > 0 and not row["update-skipped"], row
 
     state = load_state(path / "checkpoint")
     assert state.round == 2
