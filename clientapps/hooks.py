@@ -122,3 +122,81 @@ class FreezeBatchNorm(Hook):
         for module in run.model.modules():
             if isinstance(module, torch.nn.modules.batchnorm._BatchNorm):
                 module.eval()
+
+class SharpnessAwareStep(Hook):
+    """A SAM-style step: the gradient at the point one ascent step away.
+
+    Foret et al., "Sharpness-Aware Minimization for Efficiently Improving
+    Generalization", ICLR 2021, https://arxiv.org/abs/2010.01412. On the same
+    batch: ``g1 = grad f(w)``, ``e = rho * g1 / (||g1|| + 1e-7)``,
+    ``g2 = grad f(w + e)``; the step then uses ``(1 - alpha) g1 + alpha g2``
+    (FedSpeed's merged gradient; ``alpha = 1`` is plain SAM) through the loop's
+    default step, so the ``before_step`` hooks still see (and may correct) it.
+
+    Parameters
+    ----------
+    rho : float
+        Perturbation radius; 0 takes the plain step with one forward/backward.
+    alpha : float
+        Weight of the perturbed gradient.
+
+    Notes
+    -----
+    Both passes run in train mode, so BatchNorm running statistics are updated
+    twice per step (as in the reference implementations); prefer GroupNorm.
+    The reported loss is the first pass's (at the unperturbed weights).
+
+    """
+
+    def __init__(self, rho: float, alpha: float = 1.0) -> None:
+        if rho < 0:
+            raise ValueError(f"SAM radius rho must be >= 0; got {rho}.")
+        self.rho = float(rho)
+        self.alpha = float(alpha)
+
+    def step(
+        self,
+        run: LocalRun,
+        closure: Callable[[], torch.Tensor],
+        default_step: Callable[[], None],
+    ) -> torch.Tensor | None:
+        loss = closure()
+        if self.rho == 0.0:
+            default_step()
+            return loss
+        params = [p for p in run.parameters if p.grad is not None]
+        first = [p.grad.detach().clone() for p in params] if self.alpha != 1 else []
+        with torch.no_grad():
+            norm = torch.linalg.vector_norm(
+                torch.stack([torch.linalg.vector_norm(p.grad) for p in params])
+            )
+            scale = self.rho / (norm + 1e-7)
+            ascent = [p.grad * scale for p in params]
+            for p, e in zip(params, ascent, strict=True):
+                p.add_(e)
+        closure()
+        with torch.no_grad():
+            for p, e in zip(params, ascent, strict=True):
+                p.sub_(e)
+            if first:
+                for p, g1 in zip(params, first, strict=True):
+                    if p.grad is None:
+                        p.grad = torch.zeros_like(p)
+                    p.grad.mul_(self.alpha).add_(g1, alpha=1.0 - self.alpha)
+        default_step()
+        return loss
+
+
+class ClipGradNorm(Hook):
+    """Clip the global gradient norm at ``max_norm`` (0 or less: no clipping).
+
+    Put it after the hooks whose ``before_step`` adds to the gradient, when the
+    clip must cover those terms too (hooks run in recipe order).
+    """
+
+    def __init__(self, max_norm: float) -> None:
+        self.max_norm = float(max_norm)
+
+    def before_step(self, run: LocalRun) -> None:
+        if self.max_norm > 0:
+            torch.nn.utils.clip_grad_norm_(run.parameters, self.max_norm)
