@@ -123,6 +123,7 @@ class FreezeBatchNorm(Hook):
             if isinstance(module, torch.nn.modules.batchnorm._BatchNorm):
                 module.eval()
 
+
 class SharpnessAwareStep(Hook):
     """A SAM-style step: the gradient at the point one ascent step away.
 
@@ -200,3 +201,23 @@ class ClipGradNorm(Hook):
     def before_step(self, run: LocalRun) -> None:
         if self.max_norm > 0:
             torch.nn.utils.clip_grad_norm_(run.parameters, self.max_norm)
+
+
+class ReturnDelta(Hook):
+    """Reply with the update ``Delta = theta_local - theta_received`` (every entry).
+
+    For servers that apply updates to a model that may have moved on since
+    this client received its copy (asynchronous FL): with the delta the server
+    never needs to keep old models. Integer buffers (BatchNorm's
+    ``num_batches_tracked``) are differenced in their own dtype.
+    """
+
+    def setup(self, run: LocalRun) -> None:
+        self._start = {k: v.detach().clone() for k, v in run.model.state_dict().items()}
+
+    def finish(self, run: LocalRun) -> None:
+        from flwr.app import ArrayRecord
+
+        run.reply_records["arrays"] = ArrayRecord(
+            {k: v.detach() - self._start[k] for k, v in run.model.state_dict().items()}
+        )

@@ -171,7 +171,7 @@ def train_local(
 
     losses: list[float] = []
     for epoch in range(settings.epochs):
-        if run.stop:
+        if run.stop or (settings.max_steps and run.steps >= settings.max_steps):
             break
         run.epoch = epoch
         order = next(

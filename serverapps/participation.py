@@ -24,20 +24,18 @@ from logging import INFO
 from typing import Any
 
 import numpy as np
-from flwr.app import ConfigRecord, Message, MessageType, RecordDict
+from flwr.app import Message, MessageType
 from flwr.serverapp import Grid
 from flwr.supercore import log
 
 from serverapps.settings import setting
 from strategies import keys
+from strategies.profiles import client_indices, query_profiles
 from strategies.sampling import (
     Availability,
     ParticipationSpec,
     participation_probabilities,
 )
-
-QUERY_KEY = "query"
-DATA_PROFILE = "data-profile"
 
 
 def participation_spec(run_config: Mapping[str, Any]) -> ParticipationSpec:
@@ -113,35 +111,14 @@ class ParticipationGrid:
         missing = sorted(set(node_ids) - set(self.profiles))
         if not missing:
             return
-        content = RecordDict({keys.CONFIG: ConfigRecord({QUERY_KEY: DATA_PROFILE})})
-        queries = [
-            Message(
-                content,
-                dst_node_id=node,
-                message_type=MessageType.QUERY,
-                group_id="participation",
-            )
-            for node in missing
-        ]
-        for reply in self._grid.send_and_receive(queries, timeout=self.timeout):
-            node = reply.metadata.src_node_id
-            if reply.has_error():
-                raise RuntimeError(
-                    f"Node {node} did not describe its data for the participation "
-                    f"model: {reply.error.reason}"
-                )
-            self.profiles[node] = dict(reply.content[keys.METRICS])
-        if set(missing) - set(self.profiles):
-            raise RuntimeError(f"No data profile from nodes {missing}.")
+        self.profiles.update(
+            query_profiles(self._grid, missing, self.timeout, "participation")
+        )
         self._build()
 
     def _build(self) -> None:
         nodes = sorted(self.profiles)
-        pids = [self.profiles[n].get(keys.PARTITION_ID) for n in nodes]
-        if None not in pids and len(set(pids)) == len(pids):
-            self.index = {n: int(p) for n, p in zip(nodes, pids, strict=True)}
-        else:
-            self.index = {n: i for i, n in enumerate(nodes)}
+        self.index = client_indices(self.profiles)
         size = max(self.index.values()) + 1
         by_index = {self.index[n]: self.profiles[n] for n in nodes}
         sizes = [

@@ -62,6 +62,11 @@ def report_to_row(report: RoundReport) -> dict[str, Any]:
         "bytes-sent": report.bytes_sent,
         "bytes-received": report.bytes_received,
     }
+    if report.sim_time is not None:
+        row["sim-time"] = round(report.sim_time, 6)
+    if report.staleness:
+        row["staleness-mean"] = sum(report.staleness) / len(report.staleness)
+        row["staleness-max"] = max(report.staleness)
     extra = {
         f"train-{k}": v
         for k, v in report.train_metrics.items()
@@ -93,6 +98,8 @@ def progress_line(row: dict[str, Any], num_rounds: int) -> str:
             + (f" (+{row['train-dropped']} dropped)" if row["train-dropped"] else "")
             + (f" ({row['train-missing']} missing)" if row["train-missing"] else ""),
             f"{row['wall-time']:.2f}s",
+            fmt("sim-time", "sim time", ".2f"),
+            fmt("staleness-max", "max staleness", "d"),
             f"sent {row['bytes-sent'] / 1e6:.2f}MB "
             f"recv {row['bytes-received'] / 1e6:.2f}MB",
         ]
@@ -161,6 +168,7 @@ def summary(rows: list[dict[str, Any]]) -> dict[str, Any]:
         "final-central-accuracy": accs[-1] if accs else None,
         "best-central-accuracy": max(accs) if accs else None,
         "wall-time": sum(r["wall-time"] for r in trained),
+        "sim-time": rows[-1].get("sim-time") if rows else None,
         "bytes-sent": sum(r["bytes-sent"] for r in trained),
         "bytes-received": sum(r["bytes-received"] for r in trained),
         "dropped-replies": sum(

@@ -31,6 +31,7 @@ from serverapps.settings import (
     strategy_common,
 )
 from strategies.aggregation import to_record
+from strategies.asynchrony import AsyncStrategy, DeviceSpeeds, VirtualClock, WallClock
 from strategies.base import BouquetStrategy, RoundReport
 from strategies.registry import get_algorithm
 from strategies.state import ServerState, load_state, save_state
@@ -102,6 +103,23 @@ def _central_evaluator(run_config: Mapping[str, Any], num_partitions: int):  # n
     return model, evaluate
 
 
+def async_environment(run_config: Mapping[str, Any]) -> dict[str, Any]:
+    """The clock and time budget of an asynchronous run, from the run config."""
+    speeds = DeviceSpeeds(
+        kind=setting(run_config, "device-speeds"),
+        ratio=setting(run_config, "device-speed-ratio"),
+        noise=setting(run_config, "device-speed-noise"),
+    )
+    kind = setting(run_config, "async-clock")
+    if kind not in ("virtual", "wall"):
+        raise ValueError(f"async-clock must be 'virtual' or 'wall'; got {kind!r}.")
+    budget = setting(run_config, "time-budget")
+    if budget < 0:
+        raise ValueError(f"time-budget must be >= 0; got {budget}.")
+    clock = VirtualClock(speeds) if kind == "virtual" else WallClock()
+    return {"clock": clock, "time_budget": budget}
+
+
 def build_strategy(run_config: Mapping[str, Any]) -> BouquetStrategy:
     """The strategy the run config names, with its hyperparameters."""
     entry = get_algorithm(setting(run_config, "algorithm"))
@@ -121,6 +139,9 @@ def run_server(
     from clientapps.attacks import check_attack
 
     check_attack(setting(run_config, "attack"), setting(run_config, "attack-fraction"))
+    asynchronous = (
+        async_environment(run_config) if isinstance(strategy, AsyncStrategy) else {}
+    )
     # Availability is the environment's: unavailable nodes never get train messages.
     grid = participation_grid(grid, run_config)
     num_rounds = setting(run_config, "num-server-rounds")
@@ -166,6 +187,7 @@ def run_server(
         evaluate_fn=evaluate,
         first_round=first_round,
         on_round_end=on_round_end,
+        **asynchronous,
     )
     final = summary(directory.rows)
     (directory.path / "summary.json").write_text(json.dumps(final, indent=1))

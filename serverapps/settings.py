@@ -55,6 +55,11 @@ DEFAULTS: dict[str, Any] = {
     "participation-link": "label",
     "participation-cycle": 100,
     "participation-markov-active": 0.05,
+    "async-clock": "virtual",
+    "device-speeds": "equal",
+    "device-speed-ratio": 5.0,
+    "device-speed-noise": 0.0,
+    "time-budget": 0.0,
 }
 
 TRAIN_CONFIG_KEYS = (

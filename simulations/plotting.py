@@ -8,9 +8,15 @@ from typing import Any
 
 
 def plot_rounds(
-    runs: Mapping[str, Sequence[Mapping[str, Any]]], target: str | Path
+    runs: Mapping[str, Sequence[Mapping[str, Any]]],
+    target: str | Path,
+    x: str = "round",
 ) -> Path:
-    """Plot central accuracy and train loss per round for every run in ``runs``."""
+    """Plot central accuracy and train loss for every run in ``runs``.
+
+    ``x`` is the row key on the horizontal axis: ``round``, or ``sim-time``
+    for asynchronous runs (simulated time).
+    """
     import matplotlib
 
     matplotlib.use("Agg")
@@ -19,12 +25,17 @@ def plot_rounds(
     fig, (ax_acc, ax_loss) = plt.subplots(1, 2, figsize=(10, 4))
     for label, rows in runs.items():
         for ax, key in ((ax_acc, "central-accuracy"), (ax_loss, "train-loss")):
-            points = [(r["round"], r[key]) for r in rows if r.get(key) is not None]
+            points = [
+                (r[x], r[key])
+                for r in rows
+                if r.get(key) is not None and r.get(x) is not None
+            ]
             if points:
                 xs, ys = zip(*points, strict=True)
-                ax.plot(xs, ys, marker=".", label=label)
-    ax_acc.set(xlabel="round", ylabel="central accuracy", title="Accuracy")
-    ax_loss.set(xlabel="round", ylabel="train loss", title="Training loss")
+                ax.plot(xs, ys, marker="." if len(xs) <= 200 else None, label=label)
+    xlabel = "simulated time" if x == "sim-time" else x
+    ax_acc.set(xlabel=xlabel, ylabel="central accuracy", title="Accuracy")
+    ax_loss.set(xlabel=xlabel, ylabel="train loss", title="Training loss")
     for ax in (ax_acc, ax_loss):
         ax.grid(alpha=0.3)
     if len(runs) <= 12:

@@ -43,6 +43,18 @@ def rounds_to_target(rows: Sequence[Mapping[str, Any]], target: float) -> int | 
     return None
 
 
+def time_to_target(rows: Sequence[Mapping[str, Any]], target: float) -> float | None:
+    """First simulated time at which central accuracy reaches ``target``."""
+    for row in rows:
+        if (
+            row["round"] > 0
+            and row.get("sim-time") is not None
+            and (row.get("central-accuracy") or 0.0) >= target
+        ):
+            return float(row["sim-time"])
+    return None
+
+
 def _mean_std(values: Sequence[float]) -> str:
     if not values:
         return "n/a"
@@ -88,6 +100,7 @@ def run_sweep(
                     **summary(rows),
                     "target": target,
                     "rounds-to-target": rounds_to_target(rows, target),
+                    "sim-time-to-target": time_to_target(rows, target),
                 }
             )
             curves.setdefault(options["label"], []).append(rows)
@@ -96,7 +109,41 @@ def run_sweep(
         {label: _mean_curve(runs) for label, runs in curves.items()},
         out / "comparison.png",
     )
+    timed = {
+        label: runs
+        for label, runs in curves.items()
+        if all(r.get("sim-time") is not None for rows in runs for r in rows)
+    }
+    if timed:
+        plot_rounds(
+            {label: _mean_time_curve(runs) for label, runs in timed.items()},
+            out / "comparison-time.png",
+            x="sim-time",
+        )
     return records
+
+
+def _mean_time_curve(
+    runs: list[list[dict[str, Any]]], points: int = 200
+) -> list[dict[str, Any]]:
+    """Mean over runs of each run's latest value at simulated times ``t``."""
+    end = min(rows[-1]["sim-time"] for rows in runs)
+    curve = []
+    for t in [end * i / (points - 1) for i in range(points)]:
+        point: dict[str, Any] = {"sim-time": t}
+        for key in ("central-accuracy", "train-loss"):
+            values = []
+            for rows in runs:
+                seen = [
+                    r[key]
+                    for r in rows
+                    if r["sim-time"] <= t + 1e-9 and r.get(key) is not None
+                ]
+                if seen:
+                    values.append(seen[-1])
+            point[key] = statistics.mean(values) if len(values) == len(runs) else None
+        curve.append(point)
+    return curve
 
 
 def _mean_curve(runs: list[list[dict[str, Any]]]) -> list[dict[str, Any]]:
@@ -119,10 +166,13 @@ def _write_table(records: list[dict[str, Any]], out: Path) -> None:
         writer = csv.DictWriter(fh, fieldnames=list(records[0]))
         writer.writeheader()
         writer.writerows(records)
+    timed = any(r.get("sim-time") is not None for r in records)
     lines = [
         "| label | seeds | final accuracy (mean ± std) | best accuracy | "
-        "rounds to target | wall time per run (s) |",
-        "|---|---|---|---|---|---|",
+        "rounds to target | "
+        + ("sim time to target | versions | " if timed else "")
+        + "wall time per run (s) |",
+        "|---|---|---|---|---|" + ("---|---|" if timed else "") + "---|",
     ]
     for label in dict.fromkeys(r["label"] for r in records):
         runs = [r for r in records if r["label"] == label]
@@ -133,11 +183,20 @@ def _write_table(records: list[dict[str, Any]], out: Path) -> None:
             if reached
             else f"never ({runs[0]['target']:.2f})"
         )
+        timing = ""
+        if timed:
+            times = [r["sim-time-to-target"] for r in runs]
+            got = [t for t in times if t is not None]
+            timing = (
+                f"{statistics.mean(got):.1f} ({len(got)}/{len(runs)}) | "
+                if got
+                else "never | "
+            ) + f"{statistics.mean(r['rounds'] for r in runs):.0f} | "
         lines.append(
             f"| {label} | {len(runs)} | "
             f"{_mean_std([r['final-central-accuracy'] for r in runs])} | "
             f"{_mean_std([r['best-central-accuracy'] for r in runs])} | {to_target} | "
-            f"{statistics.mean(r['wall-time'] for r in runs):.1f} |"
+            f"{timing}{statistics.mean(r['wall-time'] for r in runs):.1f} |"
         )
     (out / "results.md").write_text("\n".join(lines) + "\n")
 

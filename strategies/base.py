@@ -117,6 +117,10 @@ class RoundReport:
     bytes_sent: int = 0
     bytes_received: int = 0
     wall_time: float = 0.0
+    sim_time: float | None = None
+    """Simulated time at the end of the round (asynchronous runs)."""
+    staleness: list[int] = field(default_factory=list)
+    """Staleness of each aggregated update (asynchronous runs)."""
 
 
 Record = ArrayRecord | ConfigRecord | MetricRecord

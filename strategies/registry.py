@@ -24,7 +24,17 @@ from flwr.serverapp.strategy import Strategy
 
 # Modules of this package that hold infrastructure, not algorithms.
 _INFRASTRUCTURE = frozenset(
-    {"registry", "keys", "base", "aggregation", "state", "sampling", "validation"}
+    {
+        "registry",
+        "keys",
+        "base",
+        "aggregation",
+        "state",
+        "sampling",
+        "validation",
+        "profiles",
+        "asynchrony",
+    }
 )
 
 StrategyBuilder = Callable[[Mapping[str, Any], Mapping[str, Any]], Strategy]

@@ -46,3 +46,38 @@ def test_two_supernodes_complete_two_rounds(flower, deployment, app_dir, tmp_pat
         assert not row["update-skipped"], row
     assert all(math.isfinite(r["central-accuracy"]) for r in rows), rows
     assert all(p.running() for p in deployment.supernodes), "a SuperNode died"
+
+
+def test_async_run_with_different_simulated_speeds(
+    flower, deployment, app_dir, tmp_path
+):
+    """FedAsync on two SuperNodes whose simulated step times are 1.0 and 0.25.
+
+    Tasks take 5 and 1.25 simulated time units: the fast node's replies make
+    versions 1-3 (t = 1.25, 2.5, 3.75, staleness 0); at t = 5 both are due,
+    the slow node's task (sent first) makes version 4 with staleness 3, then
+    the fast one version 5 with staleness 1. This holds whatever order the
+    replies reach the SuperLink in (virtual clock).
+    """
+    connection = deployment.superlink.connection
+    run = flower.submit_run(
+        connection,
+        app_dir,
+        run_config={
+            "algorithm": "fedasync",
+            "num-server-rounds": 5,
+            "local-steps": 5,
+            "device-speeds": "linear",
+            "device-speed-ratio": 4.0,
+            "output-dir": str(tmp_path),
+        },
+        timeout=300,
+    )
+    status = flower.wait_for_run(run.run_id, connection, timeout=60)
+    assert status == STATUS_COMPLETED, run.output
+    rows, _ = read_run_metrics(tmp_path)
+    trained = rows[1:]
+    assert [r["round"] for r in trained] == [1, 2, 3, 4, 5]
+    assert [r["sim-time"] for r in trained] == pytest.approx([1.25, 2.5, 3.75, 5, 5])
+    assert [r["staleness-max"] for r in trained] == [0, 0, 0, 3, 1]
+    assert all(r["train-dropped"] == 0 and r["error-replies"] == 0 for r in trained)

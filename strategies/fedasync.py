@@ -1,0 +1,127 @@
+"""Asynchronous FedAvg (FedAsync): one aggregation per returning client.
+
+The baseline "Async" of Fraboni, Vidal, Kameni, Lorenzi, "A General Theory for
+Federated Optimization with Asynchronous and Heterogeneous Clients Updates",
+JMLR 2023, https://arxiv.org/abs/2206.10189 (official code:
+Accenture/Labs-Federated-Learning, branch ``asynchronous_FL``), with the
+staleness functions of Xie, Koyejo, Gupta, "Asynchronous Federated
+Optimization", 2019, https://arxiv.org/abs/1903.03934.
+
+Every client trains from the last model it was sent; when client ``i``
+returns ``Delta_i``, at once ``theta <- theta + eta_g S(tau_i) d_i Delta_i``
+(a new version) and ``i`` restarts on the new model. ``tau_i`` is the number of
+versions committed since ``i`` was sent its model.
+
+- ``weights = "identical"``: ``d_i = 1`` (the paper's Async-identical).
+- ``weights = "weight"``: ``d_i = (sum_j 1/tau_j) tau_i p_i`` with ``tau_j``
+  each client's mean task duration, so that each client's expected
+  contribution is proportional to ``p_i``. Durations are running means of the
+  measured ones (the spec's advice for noisy timing); a client not measured
+  yet counts as the slowest one measured.
+- ``staleness``: ``constant`` (Fraboni's Async), ``polynomial``
+  ``(tau+1)^-a`` or ``hinge`` (Xie et al.).
+
+Defaults (spec): ``eta-g`` 1, identical weights, constant staleness, uniform
+``p_i``. Clients: recipe ``delta`` (plain local SGD, ``local-steps`` steps,
+reply ``Delta_i``). The driver, clocks and wire protocol are in
+``strategies/asynchrony.py``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+from strategies.aggregation import NDArrays
+from strategies.asynchrony import (
+    STALENESS_FUNCTIONS,
+    AsyncStrategy,
+    Update,
+    check_choice,
+    staleness_weight,
+)
+from strategies.registry import AlgorithmEntry, register
+
+WEIGHTS = ("identical", "weight")
+
+
+class FedAsync(AsyncStrategy):
+    """Asynchronous FedAvg (see module docstring)."""
+
+    def __init__(
+        self,
+        *args: Any,
+        weights: str = "identical",
+        staleness: str = "constant",
+        staleness_a: float = 0.5,
+        staleness_b: float = 4.0,
+        **kwargs: Any,
+    ) -> None:
+        super().__init__(*args, **kwargs)
+        self.weights = check_choice("fedasync.weights", weights, WEIGHTS)
+        self.staleness = check_choice(
+            "fedasync.staleness", staleness, STALENESS_FUNCTIONS
+        )
+        self.staleness_a = float(staleness_a)
+        self.staleness_b = float(staleness_b)
+
+    def on_arrival(self, update: Update) -> None:
+        self.commit([update])
+        self.dispatch([update.node])
+
+    def d(self, node: int) -> float:
+        """The aggregation weight ``d_i``."""
+        if self.weights == "identical":
+            return 1.0
+        longest = self.durations.longest() or 1.0
+        taus = {n: self.durations.get(n) or longest for n in self.nodes}
+        return sum(1.0 / t for t in taus.values()) * taus[node] * self.p(node)
+
+    def combine(self, updates: Sequence[Update]) -> NDArrays:
+        return self.weighted_sum(
+            updates,
+            [
+                self.d(u.node)
+                * staleness_weight(
+                    self.staleness,
+                    self.version - u.version,
+                    self.staleness_a,
+                    self.staleness_b,
+                )
+                for u in updates
+            ],
+        )
+
+
+def _build(common: Mapping[str, Any], hp: Mapping[str, Any]) -> FedAsync:
+    return FedAsync(
+        **common,
+        eta_g=hp["eta-g"],
+        importance=hp["importance"],
+        weights=hp["weights"],
+        staleness=hp["staleness"],
+        staleness_a=hp["staleness-a"],
+        staleness_b=hp["staleness-b"],
+    )
+
+
+register(
+    AlgorithmEntry(
+        "fedasync",
+        _build,
+        client="delta",
+        hyperparameters={
+            "eta-g": 1.0,
+            "weights": "identical",
+            "staleness": "constant",
+            "staleness-a": 0.5,
+            "staleness-b": 4.0,
+            "importance": "uniform",
+        },
+        paper="Fraboni et al., JMLR 2023, https://arxiv.org/abs/2206.10189 "
+        "(Async); Xie et al. 2019, https://arxiv.org/abs/1903.03934",
+        summary="Asynchronous FedAvg: aggregate each update on arrival, "
+        "staleness-weighted",
+        family="asynchronous",
+    )
+)
