@@ -47,10 +47,12 @@ retired. The run stops at ``num-server-rounds`` versions, at ``time-budget``
 simulated time units, or when no work is left.
 
 Resume: the checkpoint after each version holds the clock, the per-node
-bookkeeping, buffered updates and the tasks in flight. A resumed run re-sends
-the tasks that were in flight (same node, steps, start, serial and due time)
-from the checkpointed model: a valid continuation, not a bit-identical replay
-(the lost tasks trained on older versions that are not stored).
+bookkeeping, buffered updates and the tasks in flight. A resumed run on the
+same nodes re-sends the tasks that were in flight (same node, steps, start,
+serial and due time) from the checkpointed model: a valid continuation, not a
+bit-identical replay (the lost tasks trained on older versions that are not
+stored). On other nodes (a new Ray simulation draws new node ids) the work
+restarts on every node from the checkpointed model, with a warning.
 
 Decisions where the specs were open:
 
@@ -371,6 +373,8 @@ class AsyncStrategy(BouquetStrategy, flwr_strategy.FedAvg):
         self.clock: Clock = VirtualClock()
         self.profiles: dict[int, dict[str, Any]] = {}
         self.nodes: list[int] = []
+        self.index: dict[int, int] = {}
+        """Node id -> client index (partition id), from the data profiles."""
         self.in_flight: dict[str, Task] = {}
         self.retired: set[int] = set()
         self.failures: dict[int, int] = {}
@@ -511,7 +515,7 @@ class AsyncStrategy(BouquetStrategy, flwr_strategy.FedAvg):
         """Aggregate ``updates`` into a new model version and report it."""
         if not updates:
             return
-        updates = sorted(updates, key=lambda u: (u.arrival, self._order(u.node)))
+        updates = sorted(updates, key=lambda u: (u.arrival, self.order_key(u.node)))
         increment = self.combine(updates)
         current = to_numpy(self._arrays)
         new = {
@@ -524,8 +528,9 @@ class AsyncStrategy(BouquetStrategy, flwr_strategy.FedAvg):
         if self._commit_hook is not None:
             self._commit_hook(list(updates), staleness)
 
-    def _order(self, node: int) -> int:
-        return int(self.profiles.get(node, {}).get(keys.PARTITION_ID, node))
+    def order_key(self, node: int) -> int:
+        """A node's client index: a tie-break that is the same in every engine."""
+        return self.index.get(node, node)
 
     # -------------------------------------------------- synchronous use --
     def aggregate_valid(
@@ -656,8 +661,19 @@ class AsyncStrategy(BouquetStrategy, flwr_strategy.FedAvg):
                     report = RoundReport(0, central_metrics=_plain(res))
                     report.sim_time = 0.0
                     on_round_end(self, 0, initial_arrays, report)
-        if not resumed or not self.nodes:
-            self.nodes = sorted(grid.get_node_ids())
+        connected = sorted(grid.get_node_ids())
+        fresh_nodes = resumed and set(connected) != set(self.nodes)
+        if fresh_nodes:
+            log(
+                WARNING,
+                "Resuming on different nodes (%d connected, %d in the checkpoint): "
+                "work that was in flight is dropped and every node starts afresh "
+                "from the checkpointed model.",
+                len(connected),
+                len(self.nodes),
+            )
+            self._restored_tasks = []
+        self.nodes = connected
         self._learn_nodes(grid, timeout)
         if resumed:
             self.clock.restore(self._saved_now)
@@ -701,9 +717,9 @@ class AsyncStrategy(BouquetStrategy, flwr_strategy.FedAvg):
         self._commit_hook = report_commit
         self._pending = self.current_report = RoundReport(self.version + 1)
         self._last_commit_wall = time.perf_counter()
-        if resumed and self._restored_tasks:
+        if resumed and not fresh_nodes:
             self._redo(self._restored_tasks)
-        elif not resumed:
+        else:
             self.on_start()
         self._restored_tasks = []
         self._loop(num_rounds, timeout, time_budget)
@@ -725,6 +741,10 @@ class AsyncStrategy(BouquetStrategy, flwr_strategy.FedAvg):
             )
             self.profiles = {}
             indices = {n: i for i, n in enumerate(self.nodes)}
+        self.index = indices
+        # Node ids differ between engines; client indices do not. Ordering by
+        # them makes task serials (and so seeds and noise) engine-independent.
+        self.nodes = sorted(self.nodes, key=lambda n: (indices.get(n, n), n))
         self.clock.bind(indices, self.seed)
 
     def _redo(self, saved: list[dict[str, Any]]) -> None:

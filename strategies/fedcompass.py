@@ -191,7 +191,9 @@ class FedCompass(AsyncStrategy):
             return  # the deadline passed with nobody back: nothing to aggregate
         updates, self.general_buffer = [*self.general_buffer, *buffered], []
         self.commit(updates)
-        self._assign_and_send(sorted(arrived, key=lambda n: (self.speed[n], n)))
+        self._assign_and_send(
+            sorted(arrived, key=lambda n: (self.speed[n], self.order_key(n)))
+        )
 
     def _assign_and_send(self, nodes: Sequence[int]) -> None:
         nodes = [n for n in nodes if n not in self.retired]
