@@ -354,6 +354,8 @@ class AsyncStrategy(BouquetStrategy, flwr_strategy.FedAvg):
     importance : str
         Client importance ``p_i``: ``uniform`` (``1/M``) or ``examples``
         (``n_i / sum_j n_j``, from the data profiles).
+    staleness, staleness_a, staleness_b
+        The staleness function ``S`` (see :func:`staleness_weight`).
 
     """
 
@@ -361,9 +363,18 @@ class AsyncStrategy(BouquetStrategy, flwr_strategy.FedAvg):
     """The algorithm's own state, checkpointed with the driver's."""
 
     def __init__(
-        self, *args: Any, eta_g: float = 1.0, importance: str = "uniform", **kwargs: Any
+        self,
+        *args: Any,
+        eta_g: float = 1.0,
+        importance: str = "uniform",
+        staleness: str = "constant",
+        staleness_a: float = 0.5,
+        staleness_b: float = 4.0,
+        **kwargs: Any,
     ) -> None:
         super().__init__(*args, **kwargs)
+        self.staleness = check_choice("staleness", staleness, STALENESS_FUNCTIONS)
+        self.staleness_a, self.staleness_b = float(staleness_a), float(staleness_b)
         if not eta_g > 0:
             raise ValueError(f"eta-g must be > 0; got {eta_g}.")
         self.eta_g = float(eta_g)
@@ -440,6 +451,15 @@ class AsyncStrategy(BouquetStrategy, flwr_strategy.FedAvg):
             if total > 0:
                 return mine / total
         return 1.0 / self.num_clients
+
+    def s(self, update: Update) -> float:
+        """``S(tau)`` of ``update``, ``tau`` = versions committed since it was sent."""
+        return staleness_weight(
+            self.staleness,
+            self.version - update.version,
+            self.staleness_a,
+            self.staleness_b,
+        )
 
     def idle(self) -> list[int]:
         """Live nodes with no task in flight."""
@@ -773,33 +793,25 @@ class AsyncStrategy(BouquetStrategy, flwr_strategy.FedAvg):
                 return
             event = self.clock.next_event(self.in_flight, arrived, until)
             if event is None:
-                if (
-                    time_budget > 0
-                    and not self.clock.virtual
-                    and self.now() > time_budget
-                ):
-                    log(
-                        INFO,
-                        "Time budget %g reached at version %d.",
-                        time_budget,
-                        self.version,
-                    )
+                if not self.clock.virtual and self._over(time_budget):
                     return
                 self._pull(arrived, timeout)
                 continue
-            if time_budget > 0 and self.now() > time_budget:
-                log(
-                    INFO,
-                    "Time budget %g reached at version %d.",
-                    time_budget,
-                    self.version,
-                )
+            if self._over(time_budget):
                 return
             if event == TIMER:
                 self.on_timer()
                 continue
             task = self.in_flight.pop(event)
             self._handle(task, arrived.pop(event))
+
+    def _over(self, time_budget: float) -> bool:
+        if time_budget > 0 and self.now() > time_budget:
+            log(
+                INFO, "Time budget %g reached at version %d.", time_budget, self.version
+            )
+            return True
+        return False
 
     def _pull(self, arrived: dict[str, Message], timeout: float) -> None:
         assert self._grid is not None

@@ -34,11 +34,9 @@ from typing import Any
 
 from strategies.aggregation import NDArrays
 from strategies.asynchrony import (
-    STALENESS_FUNCTIONS,
     AsyncStrategy,
     Update,
     check_choice,
-    staleness_weight,
 )
 from strategies.registry import AlgorithmEntry, register
 
@@ -52,18 +50,10 @@ class FedAsync(AsyncStrategy):
         self,
         *args: Any,
         weights: str = "identical",
-        staleness: str = "constant",
-        staleness_a: float = 0.5,
-        staleness_b: float = 4.0,
         **kwargs: Any,
     ) -> None:
         super().__init__(*args, **kwargs)
         self.weights = check_choice("fedasync.weights", weights, WEIGHTS)
-        self.staleness = check_choice(
-            "fedasync.staleness", staleness, STALENESS_FUNCTIONS
-        )
-        self.staleness_a = float(staleness_a)
-        self.staleness_b = float(staleness_b)
 
     def on_arrival(self, update: Update) -> None:
         self.commit([update])
@@ -80,16 +70,7 @@ class FedAsync(AsyncStrategy):
     def combine(self, updates: Sequence[Update]) -> NDArrays:
         return self.weighted_sum(
             updates,
-            [
-                self.d(u.node)
-                * staleness_weight(
-                    self.staleness,
-                    self.version - u.version,
-                    self.staleness_a,
-                    self.staleness_b,
-                )
-                for u in updates
-            ],
+            [self.d(u.node) * self.s(u) for u in updates],
         )
 
 

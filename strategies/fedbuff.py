@@ -35,11 +35,9 @@ from typing import Any
 
 from strategies.aggregation import NDArrays
 from strategies.asynchrony import (
-    STALENESS_FUNCTIONS,
     AsyncStrategy,
     Update,
     check_choice,
-    staleness_weight,
 )
 from strategies.registry import AlgorithmEntry, register
 
@@ -56,9 +54,6 @@ class FedBuff(AsyncStrategy):
         *args: Any,
         buffer_size: int = 5,
         weights: str = "identical",
-        staleness: str = "constant",
-        staleness_a: float = 0.5,
-        staleness_b: float = 4.0,
         **kwargs: Any,
     ) -> None:
         super().__init__(*args, **kwargs)
@@ -66,11 +61,6 @@ class FedBuff(AsyncStrategy):
             raise ValueError(f"fedbuff.buffer-size must be >= 0; got {buffer_size}.")
         self.buffer_size = int(buffer_size)
         self.weights = check_choice("fedbuff.weights", weights, WEIGHTS)
-        self.staleness = check_choice(
-            "fedbuff.staleness", staleness, STALENESS_FUNCTIONS
-        )
-        self.staleness_a = float(staleness_a)
-        self.staleness_b = float(staleness_b)
         self.buffer: list[Update] = []
         self.inclusions: dict[int, int] = {}
         self.aggregations = 0
@@ -110,15 +100,7 @@ class FedBuff(AsyncStrategy):
                 self.p(u.node) * self.aggregations / self.inclusions[u.node]
                 for u in updates
             ]
-        s = [
-            staleness_weight(
-                self.staleness,
-                self.version - u.version,
-                self.staleness_a,
-                self.staleness_b,
-            )
-            for u in updates
-        ]
+        s = [self.s(u) for u in updates]
         return self.weighted_sum(updates, [a * b for a, b in zip(d, s, strict=True)])
 
 

@@ -55,12 +55,9 @@ from typing import Any
 
 from strategies.aggregation import NDArrays
 from strategies.asynchrony import (
-    STALENESS_FUNCTIONS,
     AsyncStrategy,
     Task,
     Update,
-    check_choice,
-    staleness_weight,
 )
 from strategies.registry import AlgorithmEntry, register
 
@@ -85,9 +82,6 @@ class FedCompass(AsyncStrategy):
         latest_time_factor: float = 1.5,
         speed_momentum: float = 0.9,
         alpha: float = 0.9,
-        staleness: str = "polynomial",
-        staleness_a: float = 0.5,
-        staleness_b: float = 4.0,
         **kwargs: Any,
     ) -> None:
         super().__init__(*args, **kwargs)
@@ -107,10 +101,6 @@ class FedCompass(AsyncStrategy):
         self.latest_time_factor = float(latest_time_factor)
         self.speed_momentum = float(speed_momentum)
         self.alpha = float(alpha)
-        self.staleness = check_choice(
-            "fedcompass.staleness", staleness, STALENESS_FUNCTIONS
-        )
-        self.staleness_a, self.staleness_b = float(staleness_a), float(staleness_b)
         self.speed: dict[int, float] = {}
         """``s_i``: estimated time per local step."""
         self.assigned_steps: dict[int, int] = {}
@@ -249,17 +239,7 @@ class FedCompass(AsyncStrategy):
     def combine(self, updates: Sequence[Update]) -> NDArrays:
         return self.weighted_sum(
             updates,
-            [
-                self.alpha
-                * staleness_weight(
-                    self.staleness,
-                    self.version - u.version,
-                    self.staleness_a,
-                    self.staleness_b,
-                )
-                * self.p(u.node)
-                for u in updates
-            ],
+            [self.alpha * self.s(u) * self.p(u.node) for u in updates],
         )
 
 
