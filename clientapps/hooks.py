@@ -25,13 +25,46 @@ gradient instead of weights, shaped like the model).
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import TYPE_CHECKING
 
+import numpy as np
 import torch
+from flwr.app import ArrayRecord
+
+from strategies import keys
+from strategies.aggregation import to_record
 
 if TYPE_CHECKING:
     from clientapps.loop import LocalRun
+
+
+def parameter_names(run: LocalRun) -> list[str]:
+    """State-dict names of ``run.parameters``, aligned with them."""
+    ids = {id(p): name for name, p in run.model.named_parameters()}
+    return [ids[id(p)] for p in run.parameters]
+
+
+def model_shaped_record(
+    run: LocalRun, values: Mapping[str, torch.Tensor | np.ndarray]
+) -> ArrayRecord:
+    """Every state-dict entry: ``values`` where given, zeros elsewhere.
+
+    Each entry keeps the model's dtype. For replies that are not the model
+    (a gradient, a control-variate change) but must validate against the
+    arrays the server sent.
+    """
+    arrays = {}
+    for name, entry in run.model.state_dict().items():
+        like = entry.detach().cpu().numpy()
+        value = values.get(name)
+        if value is None:
+            arrays[name] = np.zeros_like(like)
+        else:
+            if isinstance(value, torch.Tensor):
+                value = value.detach().cpu().numpy()
+            arrays[name] = np.asarray(value).astype(like.dtype, copy=False)
+    return to_record(arrays)
 
 
 class Hook:
@@ -216,8 +249,6 @@ class ReturnDelta(Hook):
         self._start = {k: v.detach().clone() for k, v in run.model.state_dict().items()}
 
     def finish(self, run: LocalRun) -> None:
-        from flwr.app import ArrayRecord
-
-        run.reply_records["arrays"] = ArrayRecord(
+        run.reply_records[keys.ARRAYS] = ArrayRecord(
             {k: v.detach() - self._start[k] for k, v in run.model.state_dict().items()}
         )

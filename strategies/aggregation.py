@@ -60,6 +60,24 @@ def weighted_mean(
     return out
 
 
+def weighted_sum(
+    arrays: Sequence[Mapping[str, np.ndarray]], weights: Sequence[float]
+) -> NDArrays:
+    """``sum_i w_i x_i`` per key in float64, unnormalised.
+
+    For rules whose weights need not sum to 1 (asynchronous aggregation).
+    """
+    if len(arrays) != len(weights) or not arrays:
+        raise ValueError(f"{len(weights)} weights for {len(arrays)} sets of arrays.")
+    out: NDArrays = {}
+    for key, ref in arrays[0].items():
+        acc = np.zeros(ref.shape, dtype=np.float64)
+        for w, a in zip(weights, arrays, strict=True):
+            acc += w * a[key]
+        out[key] = acc
+    return out
+
+
 def deltas(
     arrays: Sequence[Mapping[str, np.ndarray]], reference: Mapping[str, np.ndarray]
 ) -> list[NDArrays]:

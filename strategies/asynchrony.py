@@ -88,7 +88,13 @@ from flwr.serverapp.strategy import Result
 from flwr.supercore import log
 
 from strategies import keys
-from strategies.aggregation import NDArrays, cast_like, to_numpy, to_record
+from strategies.aggregation import (
+    NDArrays,
+    apply_delta,
+    to_numpy,
+    to_record,
+    weighted_sum,
+)
 from strategies.base import (
     BouquetStrategy,
     RoundCallback,
@@ -135,6 +141,19 @@ def check_choice(name: str, value: str, choices: Sequence[str]) -> str:
     if value not in choices:
         raise ValueError(f"{name} must be one of {tuple(choices)}; got {value!r}.")
     return value
+
+
+def driver_options(hp: Mapping[str, Any]) -> dict[str, Any]:
+    """:class:`AsyncStrategy` keyword arguments from an algorithm's table.
+
+    ``eta-g`` and ``importance`` (every asynchronous algorithm), plus
+    ``staleness``, ``staleness-a`` and ``staleness-b`` where declared.
+    """
+    options = {"eta_g": hp["eta-g"], "importance": hp["importance"]}
+    for key in ("staleness", "staleness-a", "staleness-b"):
+        if key in hp:
+            options[key.replace("-", "_")] = hp[key]
+    return options
 
 
 # ------------------------------------------------------------------ devices --
@@ -217,6 +236,32 @@ class Update:
     @property
     def duration(self) -> float:
         return self.arrival - self.start
+
+    @classmethod
+    def from_reply(
+        cls,
+        reply: Message,
+        node: int,
+        version: int,
+        steps: int,
+        start: float,
+        arrival: float,
+    ) -> Update:
+        """The update a valid train reply carries (``Delta_i`` in ``arrays``)."""
+        content = reply.content
+        return cls(
+            node=node,
+            version=version,
+            steps=steps,
+            start=start,
+            arrival=arrival,
+            num_examples=float(content[keys.METRICS][keys.NUM_EXAMPLES]),
+            delta={
+                k: v.astype(np.float64)
+                for k, v in to_numpy(content[keys.ARRAYS]).items()
+            },
+            reply=reply,
+        )
 
 
 TIMER = "timer"
@@ -461,21 +506,10 @@ class AsyncStrategy(BouquetStrategy, flwr_strategy.FedAvg):
             self.staleness_b,
         )
 
-    def idle(self) -> list[int]:
-        """Live nodes with no task in flight."""
-        busy = {t.node for t in self.in_flight.values()}
-        return [n for n in self.nodes if n not in busy and n not in self.retired]
-
     @staticmethod
     def weighted_sum(updates: Sequence[Update], weights: Sequence[float]) -> NDArrays:
         """``sum_i w_i Delta_i`` per key, in float64."""
-        out: NDArrays = {}
-        for key, ref in updates[0].delta.items():
-            acc = np.zeros(ref.shape, dtype=np.float64)
-            for w, u in zip(weights, updates, strict=True):
-                acc += w * u.delta[key]
-            out[key] = acc
-        return out
+        return weighted_sum([u.delta for u in updates], weights)
 
     # ------------------------------------------------------------ actions --
     def dispatch(
@@ -536,12 +570,7 @@ class AsyncStrategy(BouquetStrategy, flwr_strategy.FedAvg):
         if not updates:
             return
         updates = sorted(updates, key=lambda u: (u.arrival, self.order_key(u.node)))
-        increment = self.combine(updates)
-        current = to_numpy(self._arrays)
-        new = {
-            k: cast_like(v.astype(np.float64) + self.eta_g * increment[k], v)
-            for k, v in current.items()
-        }
+        new = apply_delta(to_numpy(self._arrays), self.combine(updates), self.eta_g)
         staleness = [self.version - u.version for u in updates]
         self.version += 1
         self._arrays = to_record(new)
@@ -562,26 +591,10 @@ class AsyncStrategy(BouquetStrategy, flwr_strategy.FedAvg):
         a user's own loop): every reply is an update of the arrays just sent.
         """
         updates = [
-            Update(
-                node=r.metadata.src_node_id,
-                version=self.version,
-                steps=int(self._train_config.get(keys.LOCAL_STEPS, 1) or 1),
-                start=0.0,
-                arrival=0.0,
-                num_examples=float(r.content[keys.METRICS][keys.NUM_EXAMPLES]),
-                delta={
-                    k: v.astype(np.float64)
-                    for k, v in to_numpy(r.content[keys.ARRAYS]).items()
-                },
-                reply=r,
-            )
+            Update.from_reply(r, r.metadata.src_node_id, self.version, 1, 0.0, 0.0)
             for r in replies
         ]
-        increment = self.combine(updates)
-        new = {
-            k: cast_like(v.astype(np.float64) + self.eta_g * increment[k], v)
-            for k, v in self.global_arrays.items()
-        }
+        new = apply_delta(self.global_arrays, self.combine(updates), self.eta_g)
         metrics = self.train_metrics_aggr_fn(
             [r.content for r in replies], self.weighted_by_key
         )
@@ -854,19 +867,8 @@ class AsyncStrategy(BouquetStrategy, flwr_strategy.FedAvg):
             self.on_failure(task)
             return
         self.failures[task.node] = 0
-        content = good[0].content
-        update = Update(
-            node=task.node,
-            version=task.version,
-            steps=task.steps,
-            start=task.start,
-            arrival=self.now(),
-            num_examples=float(content[keys.METRICS][keys.NUM_EXAMPLES]),
-            delta={
-                k: v.astype(np.float64)
-                for k, v in to_numpy(content[keys.ARRAYS]).items()
-            },
-            reply=good[0],
+        update = Update.from_reply(
+            good[0], task.node, task.version, task.steps, task.start, self.now()
         )
         self.durations.add(task.node, update.duration)
         self.on_arrival(update)
@@ -893,8 +895,6 @@ def _export_value(value: Any) -> Any:
         return {str(k): _export_value(v) for k, v in value.items()}
     if isinstance(value, (list, tuple)):
         return [_export_value(v) for v in value]
-    if isinstance(value, set):
-        return {"__set__": sorted(value)}
     return value
 
 
@@ -902,8 +902,6 @@ def _import_value(value: Any) -> Any:
     if isinstance(value, dict):
         if set(value) == {_UPDATE_TAG}:
             return Update(**value[_UPDATE_TAG])
-        if set(value) == {"__set__"}:
-            return set(value["__set__"])
         return {_int_key(k): _import_value(v) for k, v in value.items()}
     if isinstance(value, list):
         return [_import_value(v) for v in value]

@@ -37,6 +37,7 @@ from strategies.asynchrony import (
     AsyncStrategy,
     Update,
     check_choice,
+    driver_options,
 )
 from strategies.registry import AlgorithmEntry, register
 
@@ -77,12 +78,8 @@ class FedAsync(AsyncStrategy):
 def _build(common: Mapping[str, Any], hp: Mapping[str, Any]) -> FedAsync:
     return FedAsync(
         **common,
-        eta_g=hp["eta-g"],
-        importance=hp["importance"],
+        **driver_options(hp),
         weights=hp["weights"],
-        staleness=hp["staleness"],
-        staleness_a=hp["staleness-a"],
-        staleness_b=hp["staleness-b"],
     )
 
 

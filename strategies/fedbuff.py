@@ -38,6 +38,7 @@ from strategies.asynchrony import (
     AsyncStrategy,
     Update,
     check_choice,
+    driver_options,
 )
 from strategies.registry import AlgorithmEntry, register
 
@@ -107,13 +108,9 @@ class FedBuff(AsyncStrategy):
 def _build(common: Mapping[str, Any], hp: Mapping[str, Any]) -> FedBuff:
     return FedBuff(
         **common,
-        eta_g=hp["eta-g"],
-        importance=hp["importance"],
+        **driver_options(hp),
         buffer_size=hp["buffer-size"],
         weights=hp["weights"],
-        staleness=hp["staleness"],
-        staleness_a=hp["staleness-a"],
-        staleness_b=hp["staleness-b"],
     )
 
 

@@ -58,6 +58,7 @@ from strategies.asynchrony import (
     AsyncStrategy,
     Task,
     Update,
+    driver_options,
 )
 from strategies.registry import AlgorithmEntry, register
 
@@ -246,16 +247,12 @@ class FedCompass(AsyncStrategy):
 def _build(common: Mapping[str, Any], hp: Mapping[str, Any]) -> FedCompass:
     return FedCompass(
         **common,
-        eta_g=hp["eta-g"],
-        importance=hp["importance"],
+        **driver_options(hp),
         q_max=hp["q-max"],
         q_min=hp["q-min"],
         latest_time_factor=hp["latest-time-factor"],
         speed_momentum=hp["speed-momentum"],
         alpha=hp["alpha"],
-        staleness=hp["staleness"],
-        staleness_a=hp["staleness-a"],
-        staleness_b=hp["staleness-b"],
     )
 
 

@@ -36,7 +36,7 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 from strategies.aggregation import NDArrays
-from strategies.asynchrony import AsyncStrategy, Update
+from strategies.asynchrony import AsyncStrategy, Update, driver_options
 from strategies.registry import AlgorithmEntry, register
 
 
@@ -95,9 +95,7 @@ class FedFix(AsyncStrategy):
 
 
 def _build(common: Mapping[str, Any], hp: Mapping[str, Any]) -> FedFix:
-    return FedFix(
-        **common, eta_g=hp["eta-g"], importance=hp["importance"], delta_t=hp["delta-t"]
-    )
+    return FedFix(**common, **driver_options(hp), delta_t=hp["delta-t"])
 
 
 register(

@@ -16,10 +16,14 @@ from typing import Any
 import numpy as np
 import torch
 
-from clientapps.hooks import FreezeBatchNorm, Hook
+from clientapps.hooks import (
+    FreezeBatchNorm,
+    Hook,
+    model_shaped_record,
+    parameter_names,
+)
 from clientapps.loop import LocalRun
 from strategies import keys
-from strategies.aggregation import to_record
 from strategies.base import derive_seed
 
 
@@ -51,26 +55,17 @@ class AnarchicSteps(Hook):
 
     def finish(self, run: LocalRun) -> None:
         taken = max(run.steps, 1)
-        names = {id(p): n for n, p in run.model.named_parameters()}
+        names = parameter_names(run)
         if self.normalize:
-            update = {
-                names[id(p)]: acc / taken
-                for p, acc in zip(run.parameters, self.total, strict=True)
-            }
+            update = {n: acc / taken for n, acc in zip(names, self.total, strict=True)}
         else:
             update = {
-                names[id(p)]: g - p.detach()
-                for p, g in zip(run.parameters, run.global_parameters, strict=True)
+                n: g - p.detach()
+                for n, p, g in zip(
+                    names, run.parameters, run.global_parameters, strict=True
+                )
             }
-        arrays = {
-            name: (
-                update[name].detach().cpu().numpy()
-                if name in update
-                else torch.zeros_like(value).numpy()
-            )
-            for name, value in run.model.state_dict().items()
-        }
-        run.reply_records[keys.ARRAYS] = to_record(arrays)
+        run.reply_records[keys.ARRAYS] = model_shaped_record(run, update)
         run.metrics[keys.algorithm_key("afa", "local-steps")] = float(run.steps)
 
 

@@ -13,18 +13,17 @@ from typing import Any
 
 import torch
 
-from clientapps.hooks import FreezeBatchNorm, Hook
+from clientapps.hooks import (
+    FreezeBatchNorm,
+    Hook,
+    model_shaped_record,
+    parameter_names,
+)
 from clientapps.loop import LocalRun
 from strategies import keys
-from strategies.aggregation import to_record
 
 ROLE = keys.algorithm_key("fedamd", "role")
 DIRECTION = keys.algorithm_key("fedamd", "direction")
-
-
-def _named_parameters(run: LocalRun) -> list[str]:
-    ids = {id(p): name for name, p in run.model.named_parameters()}
-    return [ids[id(p)] for p in run.parameters]
 
 
 class AnchorGradient(Hook):
@@ -60,14 +59,10 @@ class AnchorGradient(Hook):
 
     def finish(self, run: LocalRun) -> None:
         gradient = {
-            name: (acc / max(self.seen, 1)).detach().cpu().numpy()
-            for name, acc in zip(_named_parameters(run), self.total, strict=True)
+            name: acc / max(self.seen, 1)
+            for name, acc in zip(parameter_names(run), self.total, strict=True)
         }
-        arrays = {
-            name: gradient[name] if name in gradient else torch.zeros_like(v).numpy()
-            for name, v in run.model.state_dict().items()
-        }
-        run.reply_records[keys.ARRAYS] = to_record(arrays)
+        run.reply_records[keys.ARRAYS] = model_shaped_record(run, gradient)
 
 
 class MinerRecursion(Hook):
@@ -79,7 +74,7 @@ class MinerRecursion(Hook):
 
     def setup(self, run: LocalRun) -> None:
         record = run.incoming[DIRECTION]
-        names = _named_parameters(run)
+        names = parameter_names(run)
         device = run.parameters[0].device
         self.d = [
             torch.as_tensor(record[n].numpy(), device=device, dtype=p.dtype).clone()

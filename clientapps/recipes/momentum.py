@@ -23,11 +23,9 @@ from __future__ import annotations
 from collections.abc import Callable, Mapping
 from typing import Any
 
-import numpy as np
 import torch
-from flwr.app import Array, ArrayRecord
 
-from clientapps.hooks import Hook
+from clientapps.hooks import Hook, model_shaped_record, parameter_names
 from clientapps.loop import LocalRun
 from clientapps.state import load_arrays, save_arrays
 from strategies.momentum import (
@@ -43,11 +41,6 @@ from strategies.momentum import (
 )
 
 
-def parameter_names(run: LocalRun) -> list[str]:
-    """State-dict names of ``run.parameters``, aligned with them."""
-    return [n for n, p in run.model.named_parameters() if p.requires_grad]
-
-
 def _tensors(run: LocalRun, name: str) -> list[torch.Tensor] | None:
     """Record ``name`` of the message as tensors aligned with the parameters."""
     record = run.incoming.get(name)
@@ -58,14 +51,6 @@ def _tensors(run: LocalRun, name: str) -> list[torch.Tensor] | None:
         torch.as_tensor(arrays[n], dtype=p.dtype, device=p.device)
         for n, p in zip(parameter_names(run), run.parameters, strict=True)
     ]
-
-
-def _entries(run: LocalRun) -> dict[str, tuple[tuple[int, ...], np.dtype]]:
-    """Shape and numpy dtype of every state-dict entry of the model."""
-    return {
-        k: (tuple(v.shape), v.detach().cpu().numpy().dtype)
-        for k, v in run.model.state_dict().items()
-    }
 
 
 def _report_eta_k(run: LocalRun) -> None:
@@ -124,12 +109,7 @@ class ControlVariate(Hook):
         }
         # Every state-dict entry, buffers as zeros, so that dc validates like
         # the model arrays on the server.
-        run.reply_records[DC_RECORD] = ArrayRecord(
-            {
-                k: Array(dc[k].astype(dtype) if k in dc else np.zeros(shape, dtype))
-                for k, (shape, dtype) in _entries(run).items()
-            }
-        )
+        run.reply_records[DC_RECORD] = model_shaped_record(run, dc)
 
 
 class GlobalMomentum(Hook):
