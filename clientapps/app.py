@@ -4,7 +4,13 @@
 and the node's data come from ``tasks/`` as the run config and the node config
 (``partition-id`` / ``num-partitions``, or a ``data-path``) say. Heavy imports
 happen inside the handlers so that starting a ClientApp process stays cheap.
+
+Train and evaluate replies carry ``client-time``: the handler's seconds (data,
+model, the work, the reply), so a round's latency can be split into the
+ClientApp's share and the transport's (``simulations/bench_deployment.py``).
 """
+
+import time
 
 from flwr.app import Context, Message
 from flwr.clientapp import ClientApp
@@ -23,8 +29,16 @@ def _spec_and_data(context: Context):  # noqa: ANN202 (lazy torch types)
     return spec, load_client_data(spec, int(node_config.get("partition-id", 0)))
 
 
+def _timed(reply: Message, start: float) -> Message:
+    from strategies import keys  # imported by the handler already
+
+    if reply.has_content() and keys.METRICS in reply.content.metric_records:
+        reply.content[keys.METRICS][keys.CLIENT_TIME] = time.perf_counter() - start
+    return reply
+
+
 def _model_and_data(context: Context):  # noqa: ANN202 (lazy torch types)
-    from tasks import build_model, dataset_info
+    from tasks import build_model, dataset_info, resolve_device
 
     run_config = context.run_config
     spec, data = _spec_and_data(context)
@@ -35,12 +49,17 @@ def _model_and_data(context: Context):  # noqa: ANN202 (lazy torch types)
         norm=str(run_config.get("model-norm", "batch")),
         seed=int(run_config.get("seed", 0)),
     )
-    return model, data, info.num_classes
+    return (
+        model.to(resolve_device(str(run_config.get("device", "cpu")))),
+        data,
+        (info.num_classes),
+    )
 
 
 @app.train()
 def train(msg: Message, context: Context) -> Message:
     """Local training with the run's algorithm (and the run's attack, if any)."""
+    start = time.perf_counter()
     from clientapps.attacks import attack_for_node
     from clientapps.routine import client_seed, train_client
 
@@ -57,7 +76,7 @@ def train(msg: Message, context: Context) -> Message:
     )
     if attack is not None:
         attack.poison(reply, msg, context.state, client_seed(msg, context))
-    return reply
+    return _timed(reply, start)
 
 
 @app.evaluate()
@@ -65,8 +84,10 @@ def evaluate(msg: Message, context: Context) -> Message:
     """Evaluate the global model on the node's held-out split."""
     from clientapps.routine import evaluate_client
 
+    start = time.perf_counter()
     model, data, _ = _model_and_data(context)
-    return evaluate_client(msg, context, model, (data.test_x, data.test_y))
+    reply = evaluate_client(msg, context, model, (data.test_x, data.test_y))
+    return _timed(reply, start)
 
 
 @app.query()

@@ -36,6 +36,7 @@ ROW_FIELDS = (
     "error-replies",
     "update-skipped",
     "wall-time",
+    "wait-time",
     "bytes-sent",
     "bytes-received",
 )
@@ -59,9 +60,12 @@ def report_to_row(report: RoundReport) -> dict[str, Any]:
         "error-replies": report.error_replies,
         "update-skipped": report.update_skipped,
         "wall-time": round(report.wall_time, 4),
+        "wait-time": round(report.wait_time, 4),
         "bytes-sent": report.bytes_sent,
         "bytes-received": report.bytes_received,
     }
+    if report.client_time is not None:
+        row["client-time"] = round(report.client_time, 4)
     if report.sim_time is not None:
         row["sim-time"] = round(report.sim_time, 6)
     if report.staleness:

@@ -80,7 +80,13 @@ def wait_for_nodes(grid: Grid, minimum: int, settle: float = 1.0) -> int:
 
 
 def _central_evaluator(run_config: Mapping[str, Any], num_partitions: int):  # noqa: ANN202
-    from tasks import DataSpec, build_model, dataset_info, load_central_test
+    from tasks import (
+        DataSpec,
+        build_model,
+        dataset_info,
+        load_central_test,
+        resolve_device,
+    )
     from tasks.evaluation import evaluate_model
 
     spec = DataSpec.from_run_config(run_config, num_partitions=num_partitions)
@@ -91,7 +97,7 @@ def _central_evaluator(run_config: Mapping[str, Any], num_partitions: int):  # n
         info,
         norm=setting(run_config, "model-norm"),
         seed=setting(run_config, "seed"),
-    )
+    ).to(resolve_device(setting(run_config, "device")))
 
     def evaluate(server_round: int, arrays: ArrayRecord) -> MetricRecord:
         model.load_state_dict(arrays.to_torch_state_dict(), strict=True)

@@ -42,6 +42,7 @@ DEFAULTS: dict[str, Any] = {
     "synthetic-beta": 1.0,
     "model": "mlp",
     "model-norm": "batch",
+    "device": "cpu",
     "output-dir": "",
     "resume": "",
     "round-timeout": 3600.0,

@@ -74,10 +74,13 @@ class Round:
         """
         strategy = build_strategy(self.run_config)
         arrays = to_record(self.reference)
+        replies: list[Message] = []
         for rnd in (1, 2):
+            del replies  # one round's replies in memory at a time (4.4 GB at the top)
             config = ConfigRecord({"server-round": rnd})
             messages = list(strategy.configure_train(rnd, arrays, config, self.grid))
             replies = self._replies(strategy, messages, rng, directions)
+            del messages
             if rnd == 1:
                 arrays = strategy.aggregate_train(1, replies)[0] or arrays
         return strategy, replies

@@ -18,7 +18,11 @@ from ``(seed, round, partition-id)``, so the three runs reach the same
 accuracy up to float summation order. The Ray path (``flwr run``) is measured
 by :mod:`simulations.bench_suite`, which reports engine start separately.
 
-    python -m simulations.bench_overhead --repeats 3 --rounds 5 --nodes 10
+    python -m simulations.bench_overhead --repeats 3 --rounds 5 --nodes 10 \
+        [--device auto]
+
+``--device`` (run-config ``device``) puts all three on the same device: the
+GPU when there is one with ``auto``.
 """
 
 from __future__ import annotations
@@ -53,6 +57,7 @@ from tasks import (
     dataset_info,
     load_central_test,
     load_client_data,
+    resolve_device,
 )
 from tasks.evaluation import evaluate_model
 
@@ -85,6 +90,7 @@ def local_sgd(
     )
     criterion = nn.CrossEntropyLoss()
     batch = int(config[keys.BATCH_SIZE])
+    device = next(model.parameters()).device
     model.train()
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
@@ -93,7 +99,8 @@ def local_sgd(
             for start in range(0, len(order), batch):
                 idx = order[start : start + batch]
                 optimizer.zero_grad(set_to_none=True)
-                criterion(model(x[idx]), y[idx]).backward()
+                xb, yb = x[idx].to(device), y[idx].to(device)
+                criterion(model(xb), yb).backward()
                 optimizer.step()
 
 
@@ -103,13 +110,15 @@ def _setup(run_config: Mapping[str, Any], nodes: int) -> tuple:
     data = [load_client_data(spec, i) for i in range(nodes)]
     test = load_central_test(spec)
 
+    device = resolve_device(setting(run_config, "device"))
+
     def fresh() -> nn.Module:
         return build_model(
             setting(run_config, "model"),
             info,
             norm=setting(run_config, "model-norm"),
             seed=setting(run_config, "seed"),
-        )
+        ).to(device)
 
     return data, test, fresh
 
@@ -208,9 +217,16 @@ def run_bouquet(run_config: Mapping[str, Any], nodes: int) -> float:
 RUNNERS = {"plain": run_plain, "bouquet": run_bouquet, "flower": run_flower}
 
 
-def measure(rounds: int, nodes: int, repeats: int) -> dict[str, Any]:
+def measure(
+    rounds: int, nodes: int, repeats: int, device: str = "cpu"
+) -> dict[str, Any]:
     """Interleaved repeats of the three runners; medians, spreads, ratios."""
-    run_config = {**app_defaults(), **WORKLOAD, "num-server-rounds": rounds}
+    run_config = {
+        **app_defaults(),
+        **WORKLOAD,
+        "num-server-rounds": rounds,
+        "device": str(resolve_device(device)),
+    }
     run_plain({**run_config, "num-server-rounds": 1}, nodes)  # warm caches, imports
     torch.set_num_threads(1)  # like one Ray actor per CPU; same for all three
     times: dict[str, list[float]] = {name: [] for name in RUNNERS}
@@ -222,7 +238,12 @@ def measure(rounds: int, nodes: int, repeats: int) -> dict[str, Any]:
             times[name].append(time.perf_counter() - start)
     median = {name: statistics.median(t) for name, t in times.items()}
     return {
-        "workload": {**WORKLOAD, "rounds": rounds, "nodes": nodes},
+        "workload": {
+            **WORKLOAD,
+            "rounds": rounds,
+            "nodes": nodes,
+            "device": run_config["device"],
+        },
         "median-s": median,
         "times-s": {n: [round(t, 3) for t in ts] for n, ts in times.items()},
         "final-accuracy": accuracy,
@@ -237,8 +258,10 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--nodes", type=int, default=10)
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--device", default="cpu", help="cpu | cuda | auto")
     args = parser.parse_args()
-    print(json.dumps(measure(args.rounds, args.nodes, args.repeats), indent=1))
+    result = measure(args.rounds, args.nodes, args.repeats, args.device)
+    print(json.dumps(result, indent=1))
 
 
 if __name__ == "__main__":

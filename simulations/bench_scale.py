@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import signal
 import statistics
 import tempfile
 import time
@@ -25,7 +26,20 @@ from pathlib import Path
 from typing import Any
 
 from simulations.processes import FlowerProcesses
-from simulations.proctools import APP_DIR, Poll, read_run_metrics, tagged_pids
+from simulations.proctools import (
+    APP_DIR,
+    Poll,
+    read_run_metrics,
+    signal_pid,
+    tagged_pids,
+)
+
+MEMORY_LIMIT_MB = 0.8 * os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**20
+"""Kill a run's process tree past this PSS: 80% of the machine's memory."""
+
+
+class MemoryLimitError(RuntimeError):
+    """A run was killed for using more than :data:`MEMORY_LIMIT_MB`."""
 
 
 def memory_mb(pids: set[int]) -> tuple[float, float]:
@@ -49,19 +63,29 @@ def memory_mb(pids: set[int]) -> tuple[float, float]:
 
 
 class MemoryWatch(Poll):
-    """Peak summed RSS and PSS of a tag's process tree, sampled every 0.5 s."""
+    """Peak summed RSS and PSS of a tag's process tree, sampled every 0.5 s.
 
-    def __init__(self, tag: str) -> None:
+    Past ``limit_mb`` of PSS the tree is killed (SIGKILL) before it takes the
+    machine down; ``exceeded`` says so.
+    """
+
+    def __init__(self, tag: str, limit_mb: float = float("inf")) -> None:
         super().__init__(self._sample, interval=0.5)
-        self.tag = tag
+        self.tag, self.limit_mb = tag, limit_mb
         self.peak_rss_mb = self.peak_pss_mb = 0.0
         self.samples = 0
+        self.exceeded = False
 
     def _sample(self) -> None:
-        rss, pss = memory_mb(tagged_pids(self.tag))
+        pids = tagged_pids(self.tag)
+        rss, pss = memory_mb(pids)
         self.peak_rss_mb = max(self.peak_rss_mb, rss)
         self.peak_pss_mb = max(self.peak_pss_mb, pss)
         self.samples += 1
+        if pss > self.limit_mb and not self.exceeded:
+            self.exceeded = True
+            for pid in pids:
+                signal_pid(pid, signal.SIGKILL)
 
 
 def measure(nodes: int, rounds: int, fraction: float, cpus: int) -> dict[str, Any]:
@@ -78,8 +102,13 @@ def measure(nodes: int, rounds: int, fraction: float, cpus: int) -> dict[str, An
     return ray_run(run_config, nodes, cpus)
 
 
-def ray_run(run_config: dict[str, Any], nodes: int, cpus: int = 1) -> dict[str, Any]:
-    """``flwr run`` of ``run_config`` on ``nodes`` virtual nodes: times and memory."""
+def ray_run(
+    run_config: dict[str, Any], nodes: int, cpus: int = 1, gpus: float = 0.0
+) -> dict[str, Any]:
+    """``flwr run`` of ``run_config`` on ``nodes`` virtual nodes: times and memory.
+
+    ``gpus`` is each virtual node's GPU share (``client-resources-num-gpus``).
+    """
     run_config = {**run_config, "min-available-nodes": nodes}
     rounds = int(run_config["num-server-rounds"])
     fraction = float(run_config.get("fraction-train", 1.0))
@@ -87,7 +116,7 @@ def ray_run(run_config: dict[str, Any], nodes: int, cpus: int = 1) -> dict[str, 
         out = Path(work) / "out"
         with FlowerProcesses(Path(work) / "procs") as procs:
             link = procs.start_simulation_superlink()
-            with MemoryWatch(procs.tag) as watch:
+            with MemoryWatch(procs.tag, MEMORY_LIMIT_MB) as watch:
                 start = time.monotonic()
                 run = procs.submit_run(
                     link.connection,
@@ -96,10 +125,17 @@ def ray_run(run_config: dict[str, Any], nodes: int, cpus: int = 1) -> dict[str, 
                     federation_config={
                         "num-supernodes": nodes,
                         "client-resources-num-cpus": cpus,
+                        "client-resources-num-gpus": gpus,
                     },
                     timeout=3600,
                 )
                 wall = time.monotonic() - start
+            if watch.exceeded:
+                raise MemoryLimitError(
+                    f"{nodes} nodes: killed after {wall:.0f} s at "
+                    f"{watch.peak_pss_mb:.0f} MB PSS ({watch.peak_rss_mb:.0f} MB RSS),"
+                    f" over the {MEMORY_LIMIT_MB:.0f} MB limit"
+                )
             status = procs.wait_for_run(run.run_id, link.connection, timeout=120)
         rows, _ = read_run_metrics(out)
     round_times = [r["wall-time"] for r in rows if r["round"] > 0]
@@ -113,6 +149,7 @@ def ray_run(run_config: dict[str, Any], nodes: int, cpus: int = 1) -> dict[str, 
         "before-round-1-s": round(wall - sum(round_times), 1),
         "round-median-s": round(statistics.median(round_times), 3),
         "round-max-s": round(max(round_times), 3),
+        "round-times-s": [round(t, 3) for t in round_times],
         "replies-per-round": statistics.median(r["train-replies"] for r in rows[1:]),
         "error-replies": sum(r.get("error-replies", 0) for r in rows),
         "peak-rss-mb": round(watch.peak_rss_mb),

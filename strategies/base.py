@@ -17,9 +17,14 @@
   can be checkpointed every round and resumed.
 - **One round driver.** :meth:`start` is Flower's ``start`` with a first round
   (for resume), an ``on_round_end`` callback (checkpoints, results, progress)
-  and per-round accounting (bytes each way, replies, drops, wall time).
+  and per-round accounting (bytes each way, replies, drops, wall time, and
+  the share of it spent in Bouquet's server code vs waiting for replies).
   Algorithms customise rounds through ``configure_*`` / ``aggregate_*``, never
   by copying the loop.
+- **Prompt replies.** Messages go out and come back through :func:`exchange`,
+  which polls every :data:`EXCHANGE_POLL_INTERVAL` seconds; Flower's
+  deployment grid sleeps 3 s between pulls, which added up to 3 s to every
+  phase of a deployment round (``simulations/bench_deployment.py``).
 - **Extra records to clients.** ``outgoing_train_records(round)`` returns
   named records (e.g. a control variate) added to every train message.
 
@@ -50,6 +55,35 @@ from strategies.aggregation import cast_like, to_numpy, to_record, weighted_metr
 from strategies.validation import ArraySpec, array_spec, check_reply
 
 _ARRAYRECORD_TAG = "__arrayrecord__"
+
+EXCHANGE_POLL_INTERVAL = 0.05
+"""Seconds between pulls while waiting for replies (see :func:`exchange`)."""
+
+
+def exchange(
+    grid: Grid,
+    messages: Iterable[Message],
+    timeout: float | None,
+    poll_interval: float = EXCHANGE_POLL_INTERVAL,
+) -> list[Message]:
+    """Push ``messages`` and pull their replies until all are in or ``timeout``.
+
+    What ``grid.send_and_receive`` does, with a short poll: Flower's
+    ``HttpGrid`` (the deployment grid) sleeps a fixed 3 s between pulls, so a
+    reply that arrives just after a pull waits up to 3 s more. A pull with
+    nothing to return is one cheap request to the SuperLink.
+    """
+    pending = set(grid.push_messages(list(messages)))
+    deadline = None if timeout is None else time.monotonic() + timeout
+    replies: list[Message] = []
+    while pending:
+        arrived = list(grid.pull_messages(pending))
+        replies.extend(arrived)
+        pending.difference_update(r.metadata.reply_to_message_id for r in arrived)
+        if not pending or (deadline is not None and time.monotonic() >= deadline):
+            break
+        time.sleep(poll_interval)
+    return replies
 
 
 def derive_seed(*parts: int | str) -> int:
@@ -117,6 +151,12 @@ class RoundReport:
     bytes_sent: int = 0
     bytes_received: int = 0
     wall_time: float = 0.0
+    wait_time: float = 0.0
+    """Seconds of ``wall_time`` spent waiting for replies (transport + clients);
+    the rest is the strategy's own work and central evaluation."""
+    client_time: float | None = None
+    """Longest ``client-time`` a train reply reported (Bouquet's ClientApp
+    measures its handler: data, model, training, packing)."""
     sim_time: float | None = None
     """Simulated time at the end of the round (asynchronous runs)."""
     staleness: list[int] = field(default_factory=list)
@@ -389,7 +429,8 @@ class BouquetStrategy:
             t0 = time.perf_counter()
             messages = list(self.configure_train(rnd, arrays, train_config, grid))
             report.bytes_sent += _payload_bytes(messages)
-            replies = list(grid.send_and_receive(messages, timeout=timeout))
+            replies = self._timed_exchange(grid, messages, timeout, report)
+            report.client_time = _longest_client_time(replies)
             report.train_missing = _missing(rnd, "train", messages, replies, timeout)
             report.bytes_received += _payload_bytes(replies)
             new_arrays, train_metrics = self.aggregate_train(rnd, replies)
@@ -400,7 +441,7 @@ class BouquetStrategy:
                 report.train_metrics = _plain(train_metrics)
             messages = list(self.configure_evaluate(rnd, arrays, evaluate_config, grid))
             report.bytes_sent += _payload_bytes(messages)
-            replies = list(grid.send_and_receive(messages, timeout=timeout))
+            replies = self._timed_exchange(grid, messages, timeout, report)
             report.evaluate_missing = _missing(
                 rnd, "evaluate", messages, replies, timeout
             )
@@ -417,6 +458,28 @@ class BouquetStrategy:
         self.current_report = None
         result.arrays = arrays
         return result
+
+    @staticmethod
+    def _timed_exchange(
+        grid: Grid, messages: list[Message], timeout: float, report: RoundReport
+    ) -> list[Message]:
+        if not messages:
+            return []
+        start = time.perf_counter()
+        replies = exchange(grid, messages, timeout)
+        report.wait_time += time.perf_counter() - start
+        return replies
+
+
+def _longest_client_time(replies: Iterable[Message]) -> float | None:
+    times = [
+        float(r.content[keys.METRICS][keys.CLIENT_TIME])
+        for r in replies
+        if r.has_content()
+        and keys.METRICS in r.content.metric_records
+        and keys.CLIENT_TIME in r.content[keys.METRICS]
+    ]
+    return max(times, default=None)
 
 
 def _missing(

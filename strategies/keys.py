@@ -33,11 +33,13 @@ EVAL_LOSS = "eval-loss"
 EVAL_ACCURACY = "eval-accuracy"
 LABEL_COUNTS = "label-counts"
 """A node's label histogram (list of counts per class), in its data profile."""
+CLIENT_TIME = "client-time"
+"""Seconds Bouquet's ClientApp spent in a handler (data, model, work, reply)."""
 PARTITION_ID = "partition-id"
 """Reported so the server can order replies deterministically (node ids differ
 between the in-process runner, Ray and deployment; partition ids do not)."""
 
-BOOKKEEPING_METRICS = frozenset({NUM_EXAMPLES, PARTITION_ID})
+BOOKKEEPING_METRICS = frozenset({NUM_EXAMPLES, PARTITION_ID, CLIENT_TIME})
 """Metric keys that are not averaged into the round's aggregated metrics."""
 
 

@@ -21,6 +21,7 @@ from flwr.app import ConfigRecord, Message, MessageType, RecordDict
 from flwr.serverapp import Grid
 
 from strategies import keys
+from strategies.base import exchange
 
 QUERY_KEY = "query"
 DATA_PROFILE = "data-profile"
@@ -52,7 +53,7 @@ def query_profiles(
         for node in node_ids
     ]
     profiles: dict[int, dict[str, Any]] = {}
-    for reply in grid.send_and_receive(queries, timeout=timeout):
+    for reply in exchange(grid, queries, timeout):
         node = reply.metadata.src_node_id
         if reply.has_error():
             raise ProfileError(

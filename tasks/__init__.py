@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:
     from tasks.catalog import dataset_info, list_datasets
     from tasks.data import load_central_test, load_client_data
-    from tasks.models import build_model, list_models
+    from tasks.models import build_model, list_models, resolve_device
     from tasks.partitioners import list_partitioners
     from tasks.spec import ClientData, DatasetInfo, DataSpec
 
@@ -34,6 +34,7 @@ _EXPORTS = {
     "load_central_test": "tasks.data",
     "build_model": "tasks.models",
     "list_models": "tasks.models",
+    "resolve_device": "tasks.models",
 }
 
 __all__ = [
@@ -47,6 +48,7 @@ __all__ = [
     "list_partitioners",
     "load_central_test",
     "load_client_data",
+    "resolve_device",
 ]
 
 

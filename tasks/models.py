@@ -101,6 +101,35 @@ def _resnet18(info: DatasetInfo, norm: str) -> nn.Module:
     return model
 
 
+def resolve_device(name: str) -> torch.device:
+    """The torch device for run-config ``device``: ``cpu``, ``cuda[:N]`` or ``auto``.
+
+    ``auto`` is the first GPU when torch sees one, else the CPU. Asking for a
+    GPU that is not there is an error, not a silent fall-back to the CPU.
+    """
+    name = name.strip().lower()
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cpu":
+        return torch.device("cpu")
+    if name == "cuda" or name.startswith("cuda:"):
+        try:
+            device = torch.device(name)
+        except RuntimeError as err:
+            raise ValueError(f"device: cannot parse {name!r} ({err}).") from None
+        if not torch.cuda.is_available():
+            raise ValueError(
+                f"device={name!r} but torch sees no CUDA GPU here; use 'cpu' or "
+                "'auto' (GPU when there is one)."
+            )
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise ValueError(
+                f"device={name!r} but torch sees {torch.cuda.device_count()} GPU(s)."
+            )
+        return device
+    raise ValueError(f"device must be 'cpu', 'cuda', 'cuda:N' or 'auto'; got {name!r}.")
+
+
 def build_model(
     name: str, info: DatasetInfo, *, norm: str = "batch", seed: int = 0
 ) -> nn.Module:

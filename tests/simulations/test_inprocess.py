@@ -24,6 +24,8 @@ def test_fedavg_run_writes_results(tmp_path):
     assert [r["round"] for r in rows] == [0, 1, 2]
     assert rows[-1]["train-replies"] == 4 and rows[-1]["bytes-sent"] > 0
     assert rows[-1]["central-accuracy"] > rows[0]["central-accuracy"]
+    for row in rows[1:]:  # the latency split of bench_deployment
+        assert 0 < row["client-time"] <= row["wait-time"] < row["wall-time"], row
     for name in (
         "metrics.csv",
         "metrics.png",
@@ -93,11 +95,12 @@ def test_lost_nodes_are_logged_and_counted(tmp_path, caplog, monkeypatch):
         return [r for r in pull(self, message_ids) if r.metadata.src_node_id != 1001]
 
     monkeypatch.setattr(InProcessGrid, "pull_messages", lose_node_1001)
-    _, path, _ = run_inprocess(
-        {**FAST, "fraction-evaluate": 1.0, "output-dir": str(tmp_path)}, num_nodes=3
-    )
+    # A lost node is waited for until the round timeout, as on a real grid.
+    config = {**FAST, "fraction-evaluate": 1.0, "round-timeout": 0.3}
+    _, path, _ = run_inprocess({**config, "output-dir": str(tmp_path)}, num_nodes=3)
     rows = json.loads((path / "metrics.json").read_text())["rounds"]
     for row in rows[1:]:
+        assert row["wait-time"] >= 2 * 0.3  # train and evaluate
         assert row["train-replies"] == 2 and row["train-missing"] == 1
         assert row["evaluate-missing"] == 1 and not row["update-skipped"]
     assert "no train reply from node(s) [1001]" in caplog.text

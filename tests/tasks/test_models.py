@@ -93,3 +93,21 @@ def test_conv_models_reject_flat_inputs():
         build_model("cnn", SYNTHETIC)
     with pytest.raises(ValueError, match="resnet18 needs"):
         build_model("resnet18", MNIST1D)
+
+
+def test_device_names_resolve_or_fail_clearly(monkeypatch):
+    from tasks import resolve_device
+
+    assert resolve_device("cpu") == torch.device("cpu")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert resolve_device("auto") == torch.device("cpu")
+    with pytest.raises(ValueError, match="no CUDA GPU"):
+        resolve_device("cuda")
+    with pytest.raises(ValueError, match="'cpu', 'cuda', 'cuda:N' or 'auto'"):
+        resolve_device("tpu")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    assert resolve_device("AUTO") == torch.device("cuda")
+    assert resolve_device("cuda:0") == torch.device("cuda", 0)
+    with pytest.raises(ValueError, match="sees 1 GPU"):
+        resolve_device("cuda:3")
