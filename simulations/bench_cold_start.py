@@ -5,7 +5,9 @@ imports and data loading are paid once per node per round. Each repetition
 runs in a new Python process (like Flower's) and times, in order: ``import
 torch``, ``import flwr``, ``import clientapps.app`` (Bouquet's import), then
 building the model and loading the node's partition from the prepared disk
-cache (Bouquet's data-ready time; the cache is filled once before timing).
+cache (Bouquet's data-ready time; the cache is filled once before timing),
+the first ``torch.optim`` optimizer (which imports ``torch._dynamo``: any
+PyTorch client pays it) and the algorithm registry the train handler loads.
 
     python -m simulations.bench_cold_start --repeats 5 [--dataset digits --model cnn]
 
@@ -26,7 +28,7 @@ from pathlib import Path
 _CHILD = r"""
 import json, sys, time
 t0 = time.perf_counter()
-import torch  # noqa: F401
+import torch
 t1 = time.perf_counter()
 import flwr.app  # noqa: F401
 from flwr.app import Context, RecordDict
@@ -36,10 +38,16 @@ t3 = time.perf_counter()
 run_config = json.loads(sys.argv[1])
 context = Context(run_id=1, node_id=1, node_config={"partition-id": 0,
     "num-partitions": 10}, state=RecordDict(), run_config=run_config)
-bouquet._model_and_data(context)
+model, _, _ = bouquet._model_and_data(context)
 t4 = time.perf_counter()
+torch.optim.SGD(model.parameters(), lr=0.1)  # first use imports torch._dynamo
+t5 = time.perf_counter()
+import strategies  # the registry, imported by the train handler
+t6 = time.perf_counter()
 print(json.dumps({"import torch": t1 - t0, "import flwr": t2 - t1,
-    "import clientapps.app": t3 - t2, "model + data ready": t4 - t3}))
+    "import clientapps.app": t3 - t2, "model + data ready": t4 - t3,
+    "first torch.optim (imports torch._dynamo)": t5 - t4,
+    "import strategies (registry)": t6 - t5}))
 """
 
 

@@ -88,7 +88,9 @@ class MemoryWatch(Poll):
                 signal_pid(pid, signal.SIGKILL)
 
 
-def measure(nodes: int, rounds: int, fraction: float, cpus: int) -> dict[str, Any]:
+def measure(
+    nodes: int, rounds: int, fraction: float, cpus: int, timeout: float = 3600.0
+) -> dict[str, Any]:
     """One many-node run (synthetic data, MLP)."""
     run_config = {
         "dataset": "synthetic",
@@ -99,11 +101,15 @@ def measure(nodes: int, rounds: int, fraction: float, cpus: int) -> dict[str, An
         "local-epochs": 1,
         "min-train-nodes": 1,
     }
-    return ray_run(run_config, nodes, cpus)
+    return ray_run(run_config, nodes, cpus, timeout=timeout)
 
 
 def ray_run(
-    run_config: dict[str, Any], nodes: int, cpus: int = 1, gpus: float = 0.0
+    run_config: dict[str, Any],
+    nodes: int,
+    cpus: int = 1,
+    gpus: float = 0.0,
+    timeout: float = 3600.0,
 ) -> dict[str, Any]:
     """``flwr run`` of ``run_config`` on ``nodes`` virtual nodes: times and memory.
 
@@ -127,7 +133,7 @@ def ray_run(
                         "client-resources-num-cpus": cpus,
                         "client-resources-num-gpus": gpus,
                     },
-                    timeout=3600,
+                    timeout=timeout,
                 )
                 wall = time.monotonic() - start
             if watch.exceeded:

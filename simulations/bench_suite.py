@@ -90,7 +90,7 @@ def scale_stretch(quick: bool, device: str) -> list[dict[str, Any]]:
     """Item 4's stretch: 10,000 nodes, 10% per round, 3 rounds (or what failed)."""
     nodes, rounds = (300, 2) if quick else (10_000, 3)
     try:
-        return [scale_measure(nodes, rounds, 0.1, 1)]
+        return [scale_measure(nodes, rounds, 0.1, 1, timeout=1200)]
     except Exception as err:  # the limit is the finding: record it
         return [{"nodes": nodes, "rounds": rounds, "error": f"{err}"[-2000:]}]
 
