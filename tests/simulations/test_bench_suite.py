@@ -1,0 +1,104 @@
+"""The benchmark document and the deployment split, on hand-made results."""
+
+import pytest
+
+from simulations import bench_suite
+from simulations.bench_deployment import split
+
+
+def test_deployment_round_is_split_into_flower_and_ours():
+    row = {"wall-time": 10.0, "wait-time": 9.5, "client-time": 6.0}
+    assert split(row) == pytest.approx(
+        {"round": 10.0, "ours-server": 0.5, "ours-client": 6.0, "flower": 3.5}
+    )
+
+
+RESULTS = {
+    "machine": "2 CPUs (test), no GPU",
+    "overhead": {
+        "workload": {"model": "resnet18", "device": "cpu"},
+        "median-s": {"plain": 10.0, "flower": 10.2, "bouquet": 10.4},
+        "times-s": {"plain": [9.0, 10.0, 11.0], "flower": [10.2], "bouquet": [10.4]},
+        "final-accuracy": {"plain": 0.9, "flower": 0.9, "bouquet": 0.9},
+        "bouquet-vs-plain": 1.04,
+        "bouquet-vs-flower": 1.0196,
+        "ray": [
+            {"wall-s": 30.0, "before-round-1-s": 14.0, "final-central-accuracy": 0.9}
+        ],
+        "ray-rounds-s": [16.0],
+        "ray-rounds-vs-plain": 1.6,
+    },
+    "aggregation": [
+        {
+            "algorithm": "fedavg",
+            "clients": 10,
+            "parameters": 100,
+            "median-s": 1.0,
+            "peak-mb": 1.0,
+            "time-ratio": 1.0,
+            "memory-ratio": 1.0,
+            "flag": False,
+        },
+        {
+            "algorithm": "krum",
+            "clients": 10,
+            "parameters": 100,
+            "median-s": 3.5,
+            "peak-mb": 2.0,
+            "time-ratio": 3.5,
+            "memory-ratio": 2.0,
+            "flag": True,
+        },
+    ],
+    "scale": [
+        {
+            "nodes": 1000,
+            "rounds": 20,
+            "wall-s": 100.0,
+            "before-round-1-s": 20.0,
+            "round-median-s": 2.0,
+            "round-max-s": 3.0,
+            "peak-rss-mb": 9000,
+            "peak-pss-mb": 3500,
+            "error-replies": 0,
+            "round-times-s": [2.0, 3.0],
+        },
+    ],
+    "scale-stretch": [{"nodes": 10000, "rounds": 3, "error": "killed at 19000 MB"}],
+    "deployment": {
+        "workload": {"model": "cnn"},
+        "rounds": 3,
+        "round-1": {
+            "round": 9.0,
+            "flower": 4.0,
+            "ours-client": 4.5,
+            "ours-server": 0.5,
+        },
+        "rounds-2+": {
+            k: {"median-s": v, "min-s": v, "max-s": v}
+            for k, v in {
+                "round": 8.0,
+                "flower": 3.0,
+                "ours-client": 4.5,
+                "ours-server": 0.5,
+            }.items()
+        },
+    },
+}
+
+
+def test_document_marks_targets_and_flags(tmp_path, monkeypatch):
+    doc = bench_suite.render(RESULTS, "## Findings\n\nsomething we changed")
+    assert "2 CPUs (test), no GPU" in doc
+    assert "| in-process Bouquet / plain <= 1.15 | 1.040 | met |" in doc
+    assert "| Ray rounds / plain <= 1.5 | 1.600 | **missed** |" in doc
+    assert "krum (m=10, d=1.0e+02: 3.5x)" in doc
+    assert "| 10000 | 3 | failed: killed at 19000 MB" in doc
+    assert "peak PSS 3500 MB, met" in doc
+    assert "| 9.00 | 8.00 [8.00, 8.00] |" in doc
+    assert doc.rstrip().endswith("something we changed")
+
+    monkeypatch.setattr(bench_suite, "RESULTS", tmp_path)
+    bench_suite.plot_all(RESULTS)
+    for name in ("overhead", "aggregation", "scale", "deployment"):
+        assert (tmp_path / f"{name}.png").stat().st_size > 1000, name
