@@ -216,7 +216,18 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--algorithms", nargs="*")
     parser.add_argument("--out", type=Path)
+    parser.add_argument(
+        "--memory-limit-gb",
+        type=float,
+        help="cap the address space: a strategy that needs more fails with "
+        "MemoryError (reported in its row) instead of the OOM killer ending the run",
+    )
     args = parser.parse_args()
+    if args.memory_limit_gb:
+        import resource
+
+        limit = int(args.memory_limit_gb * 2**30)
+        resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
     rows = run(
         args.clients, [int(p) for p in args.params], args.repeats, args.algorithms
     )
