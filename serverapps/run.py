@@ -79,6 +79,29 @@ def wait_for_nodes(grid: Grid, minimum: int, settle: float = 1.0) -> int:
         time.sleep(0.1)
 
 
+def prepare_client_data(
+    grid: Grid, run_config: Mapping[str, Any], num_nodes: int
+) -> bool:
+    """In Flower's simulation, fill the nodes' partition cache before round 1.
+
+    The ServerApp shares the machine and the cache with the simulation's Ray
+    actors; built here once, the partitions are a plain ``torch.load`` for the
+    actors, which then never import ``datasets``, ``pyarrow``, ``pandas`` and
+    the rest (about 420 MB per actor; ``simulations/bench_scale.py``). In a
+    deployment the nodes have their own disks and data, so nothing is built.
+    Returns whether it prepared anything.
+    """
+    from flwr.superlink.grid.inmemory_grid import InMemoryGrid
+
+    if not isinstance(grid, InMemoryGrid):
+        return False
+    from tasks import DataSpec, load_client_data
+
+    spec = DataSpec.from_run_config(run_config, num_partitions=num_nodes)
+    load_client_data(spec, 0)  # a cache miss builds and stores every partition
+    return True
+
+
 def _central_evaluator(run_config: Mapping[str, Any], num_partitions: int):  # noqa: ANN202
     from tasks import (
         DataSpec,
@@ -148,10 +171,11 @@ def run_server(
     asynchronous = (
         async_environment(run_config) if isinstance(strategy, AsyncStrategy) else {}
     )
+    num_nodes = wait_for_nodes(grid, setting(run_config, "min-available-nodes"), settle)
+    prepare_client_data(grid, run_config, num_nodes)
     # Availability is the environment's: unavailable nodes never get train messages.
     grid = participation_grid(grid, run_config)
     num_rounds = setting(run_config, "num-server-rounds")
-    num_nodes = wait_for_nodes(grid, setting(run_config, "min-available-nodes"), settle)
     # The central test of per-client generated data (synthetic) depends on the
     # population: one partition per node unless num-partitions says otherwise.
     model, evaluate = _central_evaluator(

@@ -5,23 +5,11 @@ per partition (``<cache>/<dataset>-<key>/partition-<id>.pt``): partitioning
 needs the whole pool anyway, and in simulation the other nodes of the run ask
 for their partitions right after. A hit is a single ``torch.load`` with no
 import of ``datasets`` or ``flwr_datasets``.
-
-Inside a Ray actor (Flower's simulation workers, which serve many nodes for
-a whole run) the partitions are built in a short-lived child process
-(``python -m tasks.data``), so the worker never carries ``datasets``,
-``pyarrow``, ``pandas``, ``scipy`` and ``matplotlib``: about 420 MB per
-worker, which took 1,000 virtual nodes on 2 CPUs over 4 GB
-(``simulations/bench_scale.py``). If the child fails, the build is retried
-in-process, so errors surface as they always did.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 from typing import Any
 
@@ -90,61 +78,15 @@ def load_client_data(spec: DataSpec, partition_id: int) -> ClientData:
         raise ValueError(
             f"partition-id {partition_id} is outside [0, {spec.num_partitions})"
         )
-    wanted = partitions_dir(spec) / f"partition-{partition_id}.pt"
-    tensors = load_cached(wanted)
-    if tensors is None and _build_in_child(spec):
-        tensors = load_cached(wanted)
-    if tensors is None:
-        tensors = build_and_cache_partitions(spec, partition_id)
-    return ClientData(**tensors)
-
-
-def build_and_cache_partitions(
-    spec: DataSpec, keep: int | None = None
-) -> dict[str, torch.Tensor] | None:
-    """Build every partition of ``spec`` into the cache; return partition ``keep``."""
     directory = partitions_dir(spec)
-    kept = None
-    for built_id, built in prepare.build_partitions(spec):
-        save_atomic(built, directory / f"partition-{built_id}.pt")
-        if built_id == keep:
-            kept = built
-    return kept
-
-
-_HEAVY_MODULES = ("datasets", "flwr_datasets")
-
-
-def _in_ray_actor() -> bool:
-    ray = sys.modules.get("ray")
-    try:
-        return bool(
-            ray is not None
-            and ray.is_initialized()
-            and ray.get_runtime_context().get_actor_id() is not None
-        )
-    except Exception:  # any doubt: build in-process, as everywhere else
-        return False
-
-
-def _build_in_child(spec: DataSpec, force: bool = False) -> bool:
-    """In a Ray actor, fill the cache from a child process; True if it did.
-
-    Skipped when the heavy modules are loaded here anyway (nothing to save).
-    """
-    if any(name in sys.modules for name in _HEAVY_MODULES):
-        return False
-    if not (force or _in_ray_actor()):
-        return False
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in sys.path if p)}
-    child = subprocess.run(
-        [sys.executable, "-m", "tasks.data", json.dumps(dataclasses.asdict(spec))],
-        env=env,
-        capture_output=True,
-        text=True,
-        check=False,
-    )
-    return child.returncode == 0
+    wanted = directory / f"partition-{partition_id}.pt"
+    tensors = load_cached(wanted)
+    if tensors is None:
+        for built_id, built in prepare.build_partitions(spec):
+            save_atomic(built, directory / f"partition-{built_id}.pt")
+            if built_id == partition_id:
+                tensors = built
+    return ClientData(**tensors)
 
 
 def load_central_test(spec: DataSpec) -> tuple[torch.Tensor, torch.Tensor]:
@@ -155,7 +97,3 @@ def load_central_test(spec: DataSpec) -> tuple[torch.Tensor, torch.Tensor]:
         tensors = prepare.build_central_test(spec)
         save_atomic(tensors, path)
     return tensors["x"], tensors["y"]
-
-
-if __name__ == "__main__":
-    build_and_cache_partitions(DataSpec(**json.loads(sys.argv[1])))

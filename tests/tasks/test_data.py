@@ -1,6 +1,5 @@
 """Datasets, partitioners and the cache of ``tasks``: offline, on small data."""
 
-import os
 import random
 import subprocess
 import sys
@@ -11,7 +10,6 @@ import pytest
 import torch
 from sklearn.datasets import load_digits
 
-import tasks.data
 import tasks.prepare
 from tasks import (
     DataSpec,
@@ -243,27 +241,3 @@ def test_importing_tasks_is_light():
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert out.stdout.strip() == "[]", out.stderr
-
-
-def test_cold_cache_is_filled_by_a_child_keeping_workers_lean(fresh_cache):
-    # What a Ray actor does: the child builds, the worker never imports datasets.
-    code = (
-        "import sys, torch; import tasks.data as d; from tasks import DataSpec; "
-        "spec = DataSpec(dataset='digits', num_partitions=3); "
-        "assert d._build_in_child(spec, force=True); "
-        "torch.save(d.load_client_data(spec, 1).train_y, sys.argv[1]); "
-        "print(sorted(m for m in ('datasets', 'flwr_datasets', 'pandas') "
-        "if m in sys.modules))"
-    )
-    saved = fresh_cache.parent / "labels.pt"
-    out = subprocess.run(
-        [sys.executable, "-c", code, str(saved)],
-        capture_output=True,
-        text=True,
-        env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)},
-    )
-    assert out.stdout.strip() == "[]", out.stderr[-2000:]
-    in_process = tasks.data.build_and_cache_partitions(
-        DataSpec(dataset="digits", num_partitions=3), keep=1
-    )
-    assert torch.equal(torch.load(saved), in_process["train_y"])

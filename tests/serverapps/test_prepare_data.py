@@ -1,0 +1,26 @@
+"""In simulation the ServerApp fills the nodes' partition cache before round 1."""
+
+from flwr.superlink.grid.inmemory_grid import InMemoryGrid
+
+from serverapps.run import prepare_client_data
+from simulations.inprocess import InProcessGrid
+from tasks import DataSpec
+from tasks.data import partitions_dir
+
+
+def test_simulation_grid_gets_every_partition_built(tmp_path, monkeypatch):
+    monkeypatch.setenv("BOUQUET_CACHE_DIR", str(tmp_path))
+    config = {"dataset": "digits", "partitioner": "iid"}
+    folder = partitions_dir(DataSpec.from_run_config(config, num_partitions=4))
+    simulation = object.__new__(InMemoryGrid)  # only its type matters here
+    assert prepare_client_data(simulation, config, 4)
+    assert sorted(p.name for p in folder.glob("partition-*.pt")) == [
+        f"partition-{i}.pt" for i in range(4)
+    ]
+
+
+def test_other_grids_build_nothing(tmp_path, monkeypatch):
+    monkeypatch.setenv("BOUQUET_CACHE_DIR", str(tmp_path))
+    grid = InProcessGrid(lambda msg, ctx: msg, 2, {})
+    assert not prepare_client_data(grid, {"dataset": "digits"}, 2)
+    assert not list(tmp_path.rglob("partition-*.pt"))
