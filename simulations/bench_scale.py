@@ -89,11 +89,22 @@ class MemoryWatch(Poll):
 
 
 def measure(
-    nodes: int, rounds: int, fraction: float, cpus: int, timeout: float = 3600.0
+    nodes: int,
+    rounds: int,
+    fraction: float,
+    cpus: int,
+    timeout: float = 3600.0,
+    partitioner: str = "dirichlet",
 ) -> dict[str, Any]:
-    """One many-node run (synthetic data, MLP)."""
+    """One many-node run (synthetic data, MLP).
+
+    ``partitioner="natural-id"`` gives node i the synthetic client i's own
+    data; ``dirichlet`` (the default, as in Bouquet's run config) re-splits
+    the pooled data by label.
+    """
     run_config = {
         "dataset": "synthetic",
+        "partitioner": partitioner,
         "model": "mlp",
         "num-server-rounds": rounds,
         "fraction-train": fraction,
@@ -101,7 +112,8 @@ def measure(
         "local-epochs": 1,
         "min-train-nodes": 1,
     }
-    return ray_run(run_config, nodes, cpus, timeout=timeout)
+    result = ray_run(run_config, nodes, cpus, timeout=timeout)
+    return {**result, "partitioner": partitioner}
 
 
 def ray_run(
