@@ -343,7 +343,7 @@ def render_scale(
         if "error" in r:
             lines.append(
                 f"| {r['nodes']} | {r['rounds']} | failed: "
-                f"{r['error'][-300:].replace(chr(10), ' ')} | | | | | | |"
+                f"{r['error'][:500].replace(chr(10), ' ')} | | | | | | |"
             )
             continue
         lines.append(
