@@ -59,7 +59,8 @@ class LocalRun:
     ----------
     parameters, global_parameters : list[torch.Tensor]
         Trainable parameters and a frozen copy of their values at the start
-        (the global model), aligned.
+        (the global model), aligned. The copy is made only when the run has
+        hooks (nothing else reads it).
     config : Mapping[str, Any]
         The message's config record (the round's hyperparameters).
     state : MutableMapping
@@ -154,7 +155,8 @@ def train_local(
         incoming=incoming or {},
         generator=generator,
         parameters=params,
-        global_parameters=[p.detach().clone() for p in params],
+        # Only hooks read the start values: a plain run skips the model-sized copy.
+        global_parameters=[p.detach().clone() for p in params] if hooks else [],
         num_examples=len(x_all),
         data=(x_all, y_all),
     )

@@ -44,6 +44,7 @@ DEFAULTS: dict[str, Any] = {
     "model-norm": "batch",
     "device": "cpu",
     "output-dir": "",
+    "plot": True,
     "resume": "",
     "round-timeout": 3600.0,
     "attack": "none",

@@ -52,7 +52,7 @@ TARGETS = {"in-process": 1.15, "ray": 1.5, "flower": 1.05, "memory-mb": 4096}
 
 def overhead(quick: bool, device: str) -> dict[str, Any]:
     """Items 1 and 2: in-process ratios, then the Ray run of the same workload."""
-    rounds, nodes, repeats = (1, 2, 1) if quick else (5, 10, 3)
+    rounds, nodes, repeats = (1, 2, 1) if quick else (5, 10, 5)
     result = bench_overhead.measure(rounds, nodes, repeats, device)
     config = {
         **app_defaults(),

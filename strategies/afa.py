@@ -61,7 +61,7 @@ from flwr.serverapp import Grid
 from flwr.serverapp import strategy as flwr_strategy
 
 from strategies import keys
-from strategies.aggregation import apply_delta, to_numpy, to_record, weighted_mean
+from strategies.aggregation import apply_delta, to_numpy, to_record, weighted_sum
 from strategies.base import BouquetStrategy, derive_seed, with_records
 from strategies.registry import AlgorithmEntry, register
 
@@ -213,9 +213,8 @@ class AFACS(AFA):
 
 
 def _mean64(arrays: list[Mapping[str, np.ndarray]]) -> dict[str, np.ndarray]:
-    return weighted_mean(
-        [{k: v.astype(np.float64) for k, v in a.items()} for a in arrays]
-    )
+    """Uniform mean in float64, without a float64 copy of every ``G_i``."""
+    return weighted_sum(arrays, np.full(len(arrays), 1.0 / len(arrays)))
 
 
 def _client_key(reply: Message) -> str:

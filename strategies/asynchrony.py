@@ -256,10 +256,9 @@ class Update:
             start=start,
             arrival=arrival,
             num_examples=float(content[keys.METRICS][keys.NUM_EXAMPLES]),
-            delta={
-                k: v.astype(np.float64)
-                for k, v in to_numpy(content[keys.ARRAYS]).items()
-            },
+            # kept in the wire dtype: ``combine`` accumulates in float64, and a
+            # float64 copy of every buffered update doubled the memory
+            delta=to_numpy(content[keys.ARRAYS]),
             reply=reply,
         )
 

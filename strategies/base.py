@@ -45,7 +45,14 @@ from logging import ERROR, INFO, WARNING
 from typing import Any, ClassVar
 
 import numpy as np
-from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
+from flwr.app import (
+    Array,
+    ArrayRecord,
+    ConfigRecord,
+    Message,
+    MetricRecord,
+    RecordDict,
+)
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Result
 from flwr.supercore import log
@@ -343,10 +350,13 @@ class BouquetStrategy:
         if arrays is None or not self.global_arrays:
             return arrays
         sent = self.global_arrays
-        return to_record(
+        # Only the arrays whose dtype changed are deserialized and cast.
+        return ArrayRecord(
             {
-                k: cast_like(v, sent[k]) if k in sent else v
-                for k, v in to_numpy(arrays).items()
+                k: Array(np.array(cast_like(a.numpy(), sent[k]), order="C"))
+                if k in sent and a.dtype != str(sent[k].dtype)
+                else a
+                for k, a in arrays.items()
             }
         )
 

@@ -43,6 +43,7 @@ from flwr.serverapp.strategy.strategy_utils import aggregate_arrayrecords
 
 from strategies import keys
 from strategies.aggregation import (
+    array_view,
     coordinate_median,
     pairwise_sq_distances,
     to_record,
@@ -117,7 +118,9 @@ class FedMedian(BouquetStrategy, flwr_strategy.FedMedian):
         records = [c[keys.ARRAYS] for c in contents]
         arrays = to_record(
             {
-                key: np.asarray(coordinate_median([r[key].numpy() for r in records]))
+                key: np.asarray(
+                    coordinate_median([array_view(r[key]) for r in records])
+                )
                 for key in records[0]
             }
         )

@@ -63,7 +63,7 @@ from flwr.serverapp import Grid
 from flwr.serverapp import strategy as flwr_strategy
 
 from strategies import keys
-from strategies.aggregation import apply_delta, to_record
+from strategies.aggregation import apply_delta, array_view, to_record
 from strategies.base import BouquetStrategy
 from strategies.registry import AlgorithmEntry, register
 
@@ -191,7 +191,7 @@ class FedAU(BouquetStrategy, flwr_strategy.FedAvg):
             base = ref.astype(np.float64)
             acc = np.zeros(ref.shape, dtype=np.float64)
             for w, reply in zip(weights, replies, strict=True):
-                acc += w * (reply.content[keys.ARRAYS][key].numpy() - base)
+                acc += w * (array_view(reply.content[keys.ARRAYS][key]) - base)
             update[key] = acc
         metrics = self.train_metrics_aggr_fn(
             [r.content for r in replies], self.weighted_by_key

@@ -71,9 +71,10 @@ from strategies import keys
 from strategies.aggregation import (
     apply_delta,
     cast_like,
-    deltas,
+    mean_delta,
     to_numpy,
     to_record,
+    weighted_delta_sum,
     weighted_mean,
 )
 from strategies.base import BouquetStrategy, Record
@@ -165,17 +166,20 @@ class MomentumFamily(BouquetStrategy, flwr_strategy.FedAvg):
         self, server_round: int, replies: list[Message]
     ) -> tuple[ArrayRecord | None, MetricRecord | None]:
         x = self.global_arrays
-        updates = deltas([to_numpy(r.content[keys.ARRAYS]) for r in replies], x)
-        # Uniform means (float64 in, float64 out), as in both papers.
-        mean_update = weighted_mean(updates)
+        models = [to_numpy(r.content[keys.ARRAYS]) for r in replies]
+        # Uniform means of the updates y_i - x in float64, as in both papers,
+        # one layer at a time rather than every reply's float64 delta at once.
+        mean_update = mean_delta(models, x)
         if self.uses_momentum:
-            directions = [
-                {k: -v / eta_k for k, v in dy.items()}
-                for dy, r in zip(updates, replies, strict=True)
-                if (eta_k := float(r.content[keys.METRICS].get(ETA_K, 0.0))) > 0
-            ]
-            if directions:
-                self.g = weighted_mean(directions)
+            etas = [float(r.content[keys.METRICS].get(ETA_K, 0.0)) for r in replies]
+            used = [(y, eta) for y, eta in zip(models, etas, strict=True) if eta > 0]
+            if used:
+                # g = mean_i of -(y_i - x) / eta_k,i over the replies with a step
+                self.g = weighted_delta_sum(
+                    [y for y, _ in used],
+                    x,
+                    [-1.0 / (eta * len(used)) for _, eta in used],
+                )
         if self.control_variates:
             dcs = [_float64(r.content[DC_RECORD]) for r in replies]
             scale = len(replies) / max(self.population, len(replies))

@@ -14,6 +14,7 @@ import numpy as np
 from flwr.app import ArrayRecord, Message, MetricRecord
 
 from strategies import keys
+from strategies.aggregation import array_view
 
 ArraySpec = Mapping[str, tuple[tuple[int, ...], str]]
 """Array name -> (shape, dtype string), in state-dict order."""
@@ -47,7 +48,7 @@ def _check_arrays(
                 f"array '{name}/{key}' is {array.dtype}{list(array.shape)}, "
                 f"expected {dtype}{list(shape)}"
             )
-        values = array.numpy()
+        values = array_view(array)
         if values.dtype.kind in "fc" and values.size:
             if values.dtype.kind == "f":
                 # max and min propagate NaN and inf: no temporary arrays

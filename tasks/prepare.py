@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import math
 import warnings
 from collections.abc import Iterator
 from typing import TYPE_CHECKING
@@ -39,9 +40,14 @@ def stratified_holdout(
     from the pool.
     """
     rng = np.random.default_rng(seed)
+    # One stable sort puts each group's rows together, ascending, in the order
+    # of np.unique: the same draws as scanning ``groups == group`` per group,
+    # without its O(rows x groups) cost (10,000 synthetic clients: 3.6 M rows).
+    order = np.argsort(groups, kind="stable")
+    _, starts = np.unique(groups[order], return_index=True)
     held = []
-    for group in np.unique(groups):
-        members = rng.permutation(np.flatnonzero(groups == group))
+    for members in np.split(order, starts[1:]) if len(order) else []:
+        members = rng.permutation(members)
         count = min(round(fraction * len(members)), len(members) - 1)
         held.append(members[:count])
     held_out = np.sort(np.concatenate(held)) if held else np.zeros(0, np.int64)
@@ -156,7 +162,9 @@ def _partitioned_rows(spec: DataSpec, source: Source) -> list[np.ndarray]:
         # Ids in sorted order: partition i is the i-th id whatever the seed
         # (synthetic client i, the i-th writer), each still shuffled inside.
         order = np.argsort(values, kind="stable")
-        rows, values = rows[order], values[order]
+        return _check_count(
+            spec, column, natural_id_partitions(rows[order], values[order])
+        )
     keys = Dataset.from_dict({column: values, "row": rows})
     partitioner = make_partitioner(spec, column, len(keys))
     partitioner.dataset = keys
@@ -170,6 +178,13 @@ def _partitioned_rows(spec: DataSpec, source: Source) -> list[np.ndarray]:
             f"Cannot split {len(keys)} rows of {spec.dataset!r} into "
             f"{spec.num_partitions} {spec.partitioner!r} partitions: {exc}"
         ) from exc
+    return _check_count(spec, column, partitions)
+
+
+def _check_count(
+    spec: DataSpec, column: str, partitions: list[np.ndarray]
+) -> list[np.ndarray]:
+    found = len(partitions)
     if found != spec.num_partitions:
         raise ValueError(
             f"natural-id over {column!r} gives {found} partitions, but "
@@ -177,6 +192,44 @@ def _partitioned_rows(spec: DataSpec, source: Source) -> list[np.ndarray]:
             f"set num-partitions={found}."
         )
     return partitions
+
+
+def natural_id_partitions(rows: np.ndarray, ids: np.ndarray) -> list[np.ndarray]:
+    """``rows`` split by ``ids`` (sorted): partition i holds the i-th smallest id.
+
+    What flwr-datasets' ``NaturalIdPartitioner`` gives for the same table (ids
+    numbered in sorted order, rows in table order; tested equal), without its
+    per-row Python loop and one ``Dataset.select`` per partition: 10,000
+    partitions took minutes that way.
+    """
+    if len(ids) == 0:
+        return []
+    _, starts = np.unique(ids, return_index=True)
+    return np.split(rows, starts[1:])
+
+
+POOL_IN_MEMORY_BYTES = 2**30
+"""Largest pool (as float32 inputs) converted to tensors once for all partitions.
+
+Below it, partitions are cut from one tensor of the whole pool; above it, each
+partition is converted on its own (``datasets`` select and format: about 10 ms
+per partition, which adds up to minutes over 10,000 partitions). The values are
+the same either way (``to_tensors`` is elementwise; tested).
+"""
+
+
+def _pool_tensors(source: Source) -> tuple[torch.Tensor, torch.Tensor] | None:
+    size = len(source.pool) * math.prod(source.input_shape) * 4
+    if size > POOL_IN_MEMORY_BYTES:
+        return None
+    return to_tensors(source.pool, source)
+
+
+def torch_index(rows: np.ndarray) -> torch.Tensor:
+    """Row numbers as an int64 tensor, for indexing a pool tensor."""
+    import torch
+
+    return torch.from_numpy(np.ascontiguousarray(rows, dtype=np.int64))
 
 
 def build_partitions(spec: DataSpec) -> Iterator[tuple[int, Tensors]]:
@@ -189,9 +242,14 @@ def build_partitions(spec: DataSpec) -> Iterator[tuple[int, Tensors]]:
     with _quiet():
         source = open_source(spec)
         partitions = _partitioned_rows(spec, source)
+        pool = _pool_tensors(source)
     for partition_id, rows in enumerate(partitions):
-        with _quiet():
-            x, y = to_tensors(_select(source.pool, rows), source)
+        if pool is not None:
+            index = torch_index(rows)
+            x, y = pool[0][index], pool[1][index]
+        else:
+            with _quiet():
+                x, y = to_tensors(_select(source.pool, rows), source)
         train, test = local_split(len(y), spec.val_fraction, spec.seed, partition_id)
         yield (
             partition_id,

@@ -40,8 +40,10 @@ def test_fedavg_run_writes_results(tmp_path):
 
 
 def test_fedprox_mu_zero_equals_fedavg(tmp_path):
-    base = {**FAST, "output-dir": str(tmp_path)}
-    fedavg, _, _ = run_inprocess(base, num_nodes=3)
+    base = {**FAST, "output-dir": str(tmp_path), "plot": False}
+    fedavg, path, _ = run_inprocess(base, num_nodes=3)
+    assert (path / "summary.json").exists()
+    assert not (path / "metrics.png").exists()  # plot=false skips matplotlib
     fedprox, _, _ = run_inprocess(
         {**base, "algorithm": "fedprox", "fedprox.proximal-mu": 0.0}, num_nodes=3
     )

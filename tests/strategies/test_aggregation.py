@@ -2,7 +2,15 @@ import numpy as np
 import pytest
 from flwr.app import RecordDict
 
-from strategies.aggregation import apply_delta, deltas, weighted_mean, weighted_metrics
+from strategies.aggregation import (
+    apply_delta,
+    deltas,
+    mean_delta,
+    weighted_delta_sum,
+    weighted_mean,
+    weighted_metrics,
+    weighted_sum,
+)
 
 
 def test_weighted_mean_golden():
@@ -53,3 +61,42 @@ def test_to_record_keeps_zero_dim_arrays():
     arrays = {"n": np.array(5, np.int64), "w": np.ones((2, 1), np.float32)}
     back = to_numpy(to_record(arrays))
     assert back["n"].shape == () and back["w"].shape == (2, 1)
+
+
+def test_mean_delta_equals_mean_of_deltas_without_holding_them():
+    rng = np.random.default_rng(0)
+    ref = {"w": rng.standard_normal((3, 4)).astype(np.float32), "n": np.array(2)}
+    arrays = [
+        {"w": rng.standard_normal((3, 4)).astype(np.float32), "n": np.array(i)}
+        for i in range(5)
+    ]
+    weights = [1.0, 2.0, 0.5, 3.0, 1.5]
+    expected = weighted_mean(deltas(arrays, ref), weights)
+    got = mean_delta(arrays, ref, weights)
+    for key in ref:
+        assert got[key].dtype == np.float64
+        np.testing.assert_array_equal(got[key], expected[key])
+    # hand-computed: uniform mean of (1 - 0) and (3 - 0) is 2
+    zero = {"w": np.zeros(2, np.float32)}
+    two = mean_delta([{"w": np.ones(2, np.float32)}, {"w": np.full(2, 3.0)}], zero)
+    np.testing.assert_array_equal(two["w"], [2.0, 2.0])
+    with pytest.raises(ValueError):
+        mean_delta(arrays, ref, [1.0, -1.0, 0, 0, 0])
+
+
+def test_weighted_delta_sum_is_unnormalised_and_float64():
+    ref = {"w": np.array([1.0, 1.0], np.float32)}
+    arrays = [{"w": np.array([2.0, 3.0], np.float32)}, {"w": np.array([0.0, 1.0])}]
+    got = weighted_delta_sum(arrays, ref, [2.0, -1.0])
+    # 2 * (1, 2) - 1 * (-1, 0) = (3, 4)
+    np.testing.assert_array_equal(got["w"], [3.0, 4.0])
+    with pytest.raises(ValueError):
+        weighted_delta_sum(arrays, ref, [1.0])
+
+
+def test_weighted_sum_of_float32_accumulates_python_float_weights_in_float64():
+    # 0.1 is not a float32: a float32 product would lose the digits below 1e-8
+    arrays = [{"w": np.array([1.0], np.float32)}] * 3
+    got = weighted_sum(arrays, [0.1, 0.1, 0.1])
+    assert got["w"].dtype == np.float64
+    assert got["w"][0] == 0.1 + 0.1 + 0.1

@@ -2,6 +2,7 @@ import numpy as np
 import pytest
 from flwr.app import Array, ArrayRecord, ConfigRecord
 
+from strategies.aggregation import array_view
 from strategies.validation import array_spec, check_reply
 
 GOOD = {"w": np.ones((2, 3), np.float32), "b": np.zeros(3, np.float32)}
@@ -37,3 +38,22 @@ def test_error_reply_and_unexpected_record(reply, error_reply):
     extra = reply(GOOD, extra={"junk": ConfigRecord({"a": 1})})
     assert "unexpected config records" in check_reply(extra, array_records=SPEC)
     assert check_reply(extra, array_records=SPEC, config_records=("junk",)) is None
+
+
+@pytest.mark.parametrize(
+    "values",
+    [
+        np.arange(12, dtype=np.float32).reshape(3, 4),
+        np.asfortranarray(np.arange(6, dtype=np.float64).reshape(2, 3)),
+        np.array(7, dtype=np.int64),
+        np.arange(4, dtype=">f4"),
+        np.zeros((0, 3), dtype=np.float32),
+    ],
+)
+def test_values_are_read_in_place_and_equal_to_numpy(values):
+    array = Array(values)
+    view = array_view(array)
+    np.testing.assert_array_equal(view, array.numpy())
+    assert view.shape == values.shape
+    assert view.dtype == values.dtype
+    assert not view.flags.owndata  # a view of the message's bytes, not a copy

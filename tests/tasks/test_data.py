@@ -241,3 +241,63 @@ def test_importing_tasks_is_light():
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert out.stdout.strip() == "[]", out.stderr
+
+
+def _holdout_by_scanning(groups, fraction, seed):
+    """The per-group scan ``stratified_holdout`` replaced (O(rows x groups))."""
+    rng = np.random.default_rng(seed)
+    held = []
+    for group in np.unique(groups):
+        members = rng.permutation(np.flatnonzero(groups == group))
+        count = min(round(fraction * len(members)), len(members) - 1)
+        held.append(members[:count])
+    held_out = np.sort(np.concatenate(held))
+    return np.setdiff1d(np.arange(len(groups)), held_out), held_out
+
+
+@pytest.mark.parametrize("groups", [[3, 1, 1, 2, 3, 3, 1, 2, 2, 2], list("bacabcaab")])
+def test_stratified_holdout_draws_what_a_per_group_scan_draws(groups):
+    rng = np.random.default_rng(1)
+    groups = np.array(groups)[rng.permutation(len(groups))]
+    for fraction, seed in [(0.2, 0), (0.5, 7), (0.34, 3)]:
+        got = tasks.prepare.stratified_holdout(groups, fraction, seed)
+        want = _holdout_by_scanning(groups, fraction, seed)
+        for a, b in zip(got, want, strict=True):
+            np.testing.assert_array_equal(a, b)
+
+
+@pytest.mark.parametrize("ids", [[5, 2, 2, 9, 5, 2], ["w2", "w1", "w2", "w0", "w1"]])
+def test_natural_id_partitions_equal_flwr_datasets(ids):
+    from datasets import Dataset
+    from flwr_datasets.partitioner import NaturalIdPartitioner
+
+    ids = np.array(ids)
+    order = np.argsort(ids, kind="stable")
+    rows = np.arange(100, 100 + len(ids))[order]
+    partitioner = NaturalIdPartitioner(partition_by="id")
+    partitioner.dataset = Dataset.from_dict({"id": ids[order], "row": rows})
+    want = [
+        partitioner.load_partition(i)["row"] for i in range(partitioner.num_partitions)
+    ]
+    got = tasks.prepare.natural_id_partitions(rows, ids[order])
+    assert [list(g) for g in got] == want
+
+
+@pytest.mark.parametrize(
+    "config",
+    [
+        {"dataset": "digits", "partitioner": "dirichlet", "num_partitions": 4},
+        {"dataset": "synthetic", "partitioner": "natural-id", "num_partitions": 6},
+    ],
+)
+def test_partitions_cut_from_the_whole_pool_equal_per_partition_ones(
+    config, monkeypatch
+):
+    spec = DataSpec(**config)
+    whole = dict(tasks.prepare.build_partitions(spec))
+    monkeypatch.setattr(tasks.prepare, "POOL_IN_MEMORY_BYTES", 0)
+    apart = dict(tasks.prepare.build_partitions(spec))
+    assert sorted(whole) == sorted(apart) == list(range(spec.num_partitions))
+    for pid, tensors in whole.items():
+        for name, value in tensors.items():
+            assert torch.equal(value, apart[pid][name]), (pid, name)
