@@ -48,6 +48,8 @@ def _model_and_data(context: Context):  # noqa: ANN202 (lazy torch types)
         info,
         norm=str(run_config.get("model-norm", "batch")),
         seed=int(run_config.get("seed", 0)),
+        # Both handlers load the global arrays into every parameter and buffer.
+        initialize=False,
     )
     return (
         model.to(resolve_device(str(run_config.get("device", "cpu")))),

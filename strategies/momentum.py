@@ -75,7 +75,7 @@ from strategies.aggregation import (
     to_numpy,
     to_record,
     weighted_delta_sum,
-    weighted_mean,
+    weighted_sum,
 )
 from strategies.base import BouquetStrategy, Record
 from strategies.registry import AlgorithmEntry, register
@@ -181,10 +181,13 @@ class MomentumFamily(BouquetStrategy, flwr_strategy.FedAvg):
                     [-1.0 / (eta * len(used)) for _, eta in used],
                 )
         if self.control_variates:
-            dcs = [_float64(r.content[DC_RECORD]) for r in replies]
+            # Uniform mean of the Delta c_i, accumulated in float64 from views of
+            # the replies (no float64 copy of every reply: 8.7 GB at m = 100).
+            dcs = [to_numpy(r.content[DC_RECORD]) for r in replies]
+            mean_dc = weighted_sum(dcs, np.full(len(dcs), 1.0 / len(dcs)))
             scale = len(replies) / max(self.population, len(replies))
             c = self.c or _zeros(x)
-            self.c = {k: c[k] + scale * v for k, v in weighted_mean(dcs).items()}
+            self.c = {k: c[k] + scale * v for k, v in mean_dc.items()}
         if self.variance_reduced:
             self.x_prev = {k: np.array(v) for k, v in x.items()}
         metrics = self.train_metrics_aggr_fn(
@@ -195,10 +198,6 @@ class MomentumFamily(BouquetStrategy, flwr_strategy.FedAvg):
 
 def _zeros(reference: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
     return {k: np.zeros(v.shape) for k, v in reference.items()}
-
-
-def _float64(record: ArrayRecord) -> dict[str, np.ndarray]:
-    return {k: v.astype(np.float64) for k, v in to_numpy(record).items()}
 
 
 class SCAFFOLD(MomentumFamily):

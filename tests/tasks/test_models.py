@@ -111,3 +111,40 @@ def test_device_names_resolve_or_fail_clearly(monkeypatch):
     assert resolve_device("cuda:0") == torch.device("cuda", 0)
     with pytest.raises(ValueError, match="sees 1 GPU"):
         resolve_device("cuda:3")
+
+
+@pytest.mark.parametrize(
+    ("name", "info", "norm"),
+    [
+        ("logreg", SYNTHETIC, "batch"),
+        ("mlp", DIGITS, "batch"),
+        ("cnn", MNIST1D, "batch"),
+        ("cnn", DIGITS, "group"),
+        ("resnet18", DIGITS, "batch"),
+    ],
+)
+def test_uninitialised_model_loads_a_state_dict_into_the_same_model(name, info, norm):
+    reference = build_model(name, info, norm=norm, seed=3)
+    skeleton = build_model(name, info, norm=norm, seed=0, initialize=False)
+    assert not any(p.is_meta for p in skeleton.parameters())
+    assert [(k, v.shape, v.dtype) for k, v in skeleton.state_dict().items()] == [
+        (k, v.shape, v.dtype) for k, v in reference.state_dict().items()
+    ]
+    skeleton.load_state_dict(reference.state_dict(), strict=True)
+    reference.eval()
+    skeleton.eval()
+    x = torch.randn(4, *info.input_shape)
+    assert torch.equal(skeleton(x), reference(x))
+
+
+def test_uninitialised_model_with_an_unsaved_buffer_is_initialised(monkeypatch):
+    import tasks.models
+
+    def with_unsaved_buffer(info):
+        model = nn.Sequential(nn.Flatten(), nn.Linear(60, 10))
+        model.register_buffer("scale", torch.ones(1), persistent=False)
+        return model
+
+    monkeypatch.setattr(tasks.models, "_mlp", with_unsaved_buffer)
+    model = build_model("mlp", SYNTHETIC, initialize=False)
+    assert torch.equal(model.scale, torch.ones(1))  # not left arbitrary
