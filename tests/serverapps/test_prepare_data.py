@@ -24,3 +24,14 @@ def test_other_grids_build_nothing(tmp_path, monkeypatch):
     grid = InProcessGrid(lambda msg, ctx: msg, 2, {})
     assert not prepare_client_data(grid, {"dataset": "digits"}, 2)
     assert not list(tmp_path.rglob("partition-*.pt"))
+
+
+def test_a_failed_build_stops_the_run_with_a_clear_error(tmp_path, monkeypatch):
+    import pytest
+
+    monkeypatch.setenv("BOUQUET_CACHE_DIR", str(tmp_path))
+    # natural-id over digits' labels gives 10 partitions, not 4
+    config = {"dataset": "digits", "partitioner": "natural-id"}
+    simulation = object.__new__(InMemoryGrid)
+    with pytest.raises(RuntimeError, match="Preparing the nodes' data failed"):
+        prepare_client_data(simulation, config, 4)
