@@ -54,7 +54,13 @@ from flwr.serverapp import Grid
 from flwr.serverapp import strategy as flwr_strategy
 
 from strategies import keys
-from strategies.aggregation import NDArrays, cast_like, to_numpy, to_record
+from strategies.aggregation import (
+    NDArrays,
+    cast_like,
+    to_numpy,
+    to_record,
+    weighted_sum,
+)
 from strategies.base import BouquetStrategy
 from strategies.registry import AlgorithmEntry, register
 
@@ -81,9 +87,12 @@ def fedspeed_update(
     ``x + eta_g (. - x)``.
     """
     out: NDArrays = {}
+    # mean_i y_i in float64, one reply at a time (a float64 stack of every
+    # reply's layer took 2.3 GB at 100 replies of ResNet-18 size)
+    means = weighted_sum(clients, np.full(len(clients), 1.0 / len(clients)))
     for key, ref in reference.items():
         x = ref.astype(np.float64)
-        mean = np.mean([c[key].astype(np.float64) for c in clients], axis=0)
+        mean = means[key]
         if correction_sum is not None and key in correction_sum:
             mean = mean + correction_sum[key] / num_clients
         out[key] = x + eta_g * (mean - x)
