@@ -61,7 +61,7 @@ from flwr.serverapp import Grid
 from flwr.serverapp import strategy as flwr_strategy
 
 from strategies import keys
-from strategies.aggregation import apply_delta, to_numpy, to_record, weighted_sum
+from strategies.aggregation import apply_delta, mean64, to_numpy, to_record
 from strategies.base import BouquetStrategy, derive_seed, with_records
 from strategies.registry import AlgorithmEntry, register
 
@@ -193,7 +193,7 @@ class AFACD(AFA):
     def direction(
         self, gradients: Mapping[str, Mapping[str, np.ndarray]]
     ) -> dict[str, np.ndarray]:
-        return _mean64(list(gradients.values()))
+        return mean64(list(gradients.values()))
 
 
 class AFACS(AFA):
@@ -209,12 +209,7 @@ class AFACS(AFA):
         self, gradients: Mapping[str, Mapping[str, np.ndarray]]
     ) -> dict[str, np.ndarray]:
         self.table.update({k: dict(v) for k, v in gradients.items()})
-        return _mean64([self.table[k] for k in sorted(self.table)])
-
-
-def _mean64(arrays: list[Mapping[str, np.ndarray]]) -> dict[str, np.ndarray]:
-    """Uniform mean in float64, without a float64 copy of every ``G_i``."""
-    return weighted_sum(arrays, np.full(len(arrays), 1.0 / len(arrays)))
+        return mean64([self.table[k] for k in sorted(self.table)])
 
 
 def _client_key(reply: Message) -> str:

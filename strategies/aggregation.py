@@ -69,89 +69,61 @@ def cast_like(value: np.ndarray, like: np.ndarray) -> np.ndarray:
     return value.astype(like.dtype)
 
 
+def weighted_sum(
+    arrays: Sequence[Mapping[str, np.ndarray]],
+    weights: Sequence[float],
+    reference: Mapping[str, np.ndarray] | None = None,
+) -> NDArrays:
+    """``sum_i w_i x_i`` per key in float64, unnormalised.
+
+    With ``reference``: ``sum_i w_i (x_i - reference)`` (weighted client
+    updates).
+
+    The one accumulation loop of the package: one layer of float64 at a time,
+    never a float64 copy of every reply (8.8 GB for 100 replies of 1.1e7
+    parameters). Weights are float64: a Python float times a float32 array
+    would stay float32 (NEP 50).
+    """
+    if len(arrays) != len(weights) or not arrays:
+        raise ValueError(f"{len(weights)} weights for {len(arrays)} sets of arrays.")
+    w64 = np.asarray(weights, dtype=np.float64)
+    keys_from = arrays[0] if reference is None else reference
+    out: NDArrays = {}
+    for key, ref in keys_from.items():
+        base = None if reference is None else ref.astype(np.float64)
+        acc = np.zeros(ref.shape, dtype=np.float64)
+        for w, a in zip(w64, arrays, strict=True):
+            acc += w * (a[key] if base is None else a[key] - base)
+        out[key] = acc
+    return out
+
+
+def mean64(
+    arrays: Sequence[Mapping[str, np.ndarray]],
+    weights: Sequence[float] | None = None,
+    reference: Mapping[str, np.ndarray] | None = None,
+) -> NDArrays:
+    """Weighted mean in float64 of the ``x_i``, or of ``x_i - reference``.
+
+    ``sum_i w_i x_i / sum_i w_i``; uniform when ``weights`` is None.
+    """
+    if not arrays:
+        raise ValueError("A mean needs at least one set of arrays.")
+    w = np.ones(len(arrays)) if weights is None else np.asarray(weights, np.float64)
+    if w.shape != (len(arrays),) or w.sum() <= 0 or (w < 0).any():
+        raise ValueError(f"Invalid weights {list(w)} for {len(arrays)} replies.")
+    return weighted_sum(arrays, w / w.sum(), reference)
+
+
 def weighted_mean(
     arrays: Sequence[Mapping[str, np.ndarray]], weights: Sequence[float] | None = None
 ) -> NDArrays:
     """Weighted mean of several array dicts (uniform when ``weights`` is None).
 
-    ``sum_i w_i x_i / sum_i w_i`` per key, accumulated in float64.
+    Accumulated in float64, then cast back to each array's dtype.
     """
-    if not arrays:
-        raise ValueError("weighted_mean needs at least one set of arrays.")
-    w = np.ones(len(arrays)) if weights is None else np.asarray(weights, np.float64)
-    if w.shape != (len(arrays),) or w.sum() <= 0 or (w < 0).any():
-        raise ValueError(f"Invalid weights {list(w)} for {len(arrays)} replies.")
-    w = w / w.sum()
-    first = arrays[0]
-    out: NDArrays = {}
-    for key, ref in first.items():
-        acc = np.zeros(ref.shape, dtype=np.float64)
-        for wi, a in zip(w, arrays, strict=True):
-            acc += wi * a[key]
-        out[key] = cast_like(acc, ref)
-    return out
-
-
-def weighted_sum(
-    arrays: Sequence[Mapping[str, np.ndarray]], weights: Sequence[float]
-) -> NDArrays:
-    """``sum_i w_i x_i`` per key in float64, unnormalised.
-
-    For rules whose weights need not sum to 1 (asynchronous aggregation).
-    """
-    if len(arrays) != len(weights) or not arrays:
-        raise ValueError(f"{len(weights)} weights for {len(arrays)} sets of arrays.")
-    # float64 weights: a Python float times a float32 array stays float32 (NEP 50)
-    w64 = np.asarray(weights, dtype=np.float64)
-    out: NDArrays = {}
-    for key, ref in arrays[0].items():
-        acc = np.zeros(ref.shape, dtype=np.float64)
-        for w, a in zip(w64, arrays, strict=True):
-            acc += w * a[key]
-        out[key] = acc
-    return out
-
-
-def weighted_delta_sum(
-    arrays: Sequence[Mapping[str, np.ndarray]],
-    reference: Mapping[str, np.ndarray],
-    weights: Sequence[float],
-) -> NDArrays:
-    """``sum_i w_i (x_i - reference)`` per key in float64, unnormalised.
-
-    Equals ``weighted_sum(deltas(arrays, reference), weights)`` but holds one
-    layer's difference at a time instead of every reply's float64 delta (8.8 GB
-    for 100 replies of 1.1e7 parameters).
-    """
-    if len(arrays) != len(weights) or not arrays:
-        raise ValueError(f"{len(weights)} weights for {len(arrays)} sets of arrays.")
-    w64 = np.asarray(weights, dtype=np.float64)
-    out: NDArrays = {}
-    for key, ref in reference.items():
-        base = ref.astype(np.float64)
-        acc = np.zeros(ref.shape, dtype=np.float64)
-        for w, a in zip(w64, arrays, strict=True):
-            acc += w * (a[key].astype(np.float64) - base)
-        out[key] = acc
-    return out
-
-
-def mean_delta(
-    arrays: Sequence[Mapping[str, np.ndarray]],
-    reference: Mapping[str, np.ndarray],
-    weights: Sequence[float] | None = None,
-) -> NDArrays:
-    """Weighted mean of ``x_i - reference`` in float64 (uniform when no weights).
-
-    ``weighted_mean(deltas(arrays, reference), weights)`` without the deltas:
-    same result, one layer of float64 at a time.
-    """
-    if not arrays:
-        raise ValueError("mean_delta needs at least one set of arrays.")
-    w = np.ones(len(arrays)) if weights is None else np.asarray(weights, np.float64)
-    if w.shape != (len(arrays),) or w.sum() <= 0 or (w < 0).any():
-        raise ValueError(f"Invalid weights {list(w)} for {len(arrays)} replies.")
-    return weighted_delta_sum(arrays, reference, w / w.sum())
+    mean = mean64(arrays, weights)
+    return {k: cast_like(v, arrays[0][k]) for k, v in mean.items()}
 
 
 def coordinate_median(layers: Sequence[np.ndarray]) -> np.ndarray:
@@ -189,19 +161,6 @@ def pairwise_sq_distances(
     distances = np.maximum(norms[:, None] + norms[None, :] - 2.0 * gram, 0.0)
     np.fill_diagonal(distances, 0.0)
     return distances
-
-
-def deltas(
-    arrays: Sequence[Mapping[str, np.ndarray]], reference: Mapping[str, np.ndarray]
-) -> list[NDArrays]:
-    """``x_i - reference`` per key, in float64 (client updates, "pseudo-gradients")."""
-    return [
-        {
-            k: a[k].astype(np.float64) - reference[k].astype(np.float64)
-            for k in reference
-        }
-        for a in arrays
-    ]
 
 
 def apply_delta(

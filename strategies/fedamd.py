@@ -58,7 +58,7 @@ from flwr.serverapp import strategy as flwr_strategy
 from strategies import keys
 from strategies.aggregation import (
     apply_delta,
-    mean_delta,
+    mean64,
     to_numpy,
     to_record,
     weighted_mean,
@@ -170,7 +170,7 @@ class FedAMD(BouquetStrategy, flwr_strategy.FedAvg):
         """``x - eta_g * mean_i (x - y_i)`` over the miners; ``x`` if there are none."""
         if not miners:
             return dict(x)
-        step = mean_delta(miners, x)  # mean (y_i - x) in float64
+        step = mean64(miners, reference=x)  # mean (y_i - x) in float64
         return apply_delta(x, step, self.eta_g)
 
 

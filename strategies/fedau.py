@@ -63,7 +63,7 @@ from flwr.serverapp import Grid
 from flwr.serverapp import strategy as flwr_strategy
 
 from strategies import keys
-from strategies.aggregation import apply_delta, array_view, to_record
+from strategies.aggregation import apply_delta, to_numpy, to_record, weighted_sum
 from strategies.base import BouquetStrategy
 from strategies.registry import AlgorithmEntry, register
 
@@ -186,13 +186,9 @@ class FedAU(BouquetStrategy, flwr_strategy.FedAvg):
         self._round_nodes = sorted(set(self._round_nodes) | self._participants)
         weights = self.weights(nodes)
         reference = self.global_arrays
-        update = {}
-        for key, ref in reference.items():
-            base = ref.astype(np.float64)
-            acc = np.zeros(ref.shape, dtype=np.float64)
-            for w, reply in zip(weights, replies, strict=True):
-                acc += w * (array_view(reply.content[keys.ARRAYS][key]) - base)
-            update[key] = acc
+        update = weighted_sum(
+            [to_numpy(r.content[keys.ARRAYS]) for r in replies], weights, reference
+        )
         metrics = self.train_metrics_aggr_fn(
             [r.content for r in replies], self.weighted_by_key
         )

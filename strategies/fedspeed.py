@@ -57,9 +57,9 @@ from strategies import keys
 from strategies.aggregation import (
     NDArrays,
     cast_like,
+    mean64,
     to_numpy,
     to_record,
-    weighted_sum,
 )
 from strategies.base import BouquetStrategy
 from strategies.registry import AlgorithmEntry, register
@@ -89,7 +89,7 @@ def fedspeed_update(
     out: NDArrays = {}
     # mean_i y_i in float64, one reply at a time (a float64 stack of every
     # reply's layer took 2.3 GB at 100 replies of ResNet-18 size)
-    means = weighted_sum(clients, np.full(len(clients), 1.0 / len(clients)))
+    means = mean64(clients)
     for key, ref in reference.items():
         x = ref.astype(np.float64)
         mean = means[key]

@@ -71,10 +71,9 @@ from strategies import keys
 from strategies.aggregation import (
     apply_delta,
     cast_like,
-    mean_delta,
+    mean64,
     to_numpy,
     to_record,
-    weighted_delta_sum,
     weighted_sum,
 )
 from strategies.base import BouquetStrategy, Record
@@ -169,22 +168,20 @@ class MomentumFamily(BouquetStrategy, flwr_strategy.FedAvg):
         models = [to_numpy(r.content[keys.ARRAYS]) for r in replies]
         # Uniform means of the updates y_i - x in float64, as in both papers,
         # one layer at a time rather than every reply's float64 delta at once.
-        mean_update = mean_delta(models, x)
+        mean_update = mean64(models, reference=x)
         if self.uses_momentum:
             etas = [float(r.content[keys.METRICS].get(ETA_K, 0.0)) for r in replies]
             used = [(y, eta) for y, eta in zip(models, etas, strict=True) if eta > 0]
             if used:
                 # g = mean_i of -(y_i - x) / eta_k,i over the replies with a step
-                self.g = weighted_delta_sum(
+                self.g = weighted_sum(
                     [y for y, _ in used],
-                    x,
                     [-1.0 / (eta * len(used)) for _, eta in used],
+                    reference=x,
                 )
         if self.control_variates:
-            # Uniform mean of the Delta c_i, accumulated in float64 from views of
-            # the replies (no float64 copy of every reply: 8.7 GB at m = 100).
-            dcs = [to_numpy(r.content[DC_RECORD]) for r in replies]
-            mean_dc = weighted_sum(dcs, np.full(len(dcs), 1.0 / len(dcs)))
+            # Uniform mean of the Delta c_i, in float64 from views of the replies.
+            mean_dc = mean64([to_numpy(r.content[DC_RECORD]) for r in replies])
             scale = len(replies) / max(self.population, len(replies))
             c = self.c or _zeros(x)
             self.c = {k: c[k] + scale * v for k, v in mean_dc.items()}

@@ -4,9 +4,7 @@ from flwr.app import RecordDict
 
 from strategies.aggregation import (
     apply_delta,
-    deltas,
-    mean_delta,
-    weighted_delta_sum,
+    mean64,
     weighted_mean,
     weighted_metrics,
     weighted_sum,
@@ -35,10 +33,10 @@ def test_weighted_mean_uniform_and_bad_weights():
         weighted_mean([])
 
 
-def test_deltas_and_apply_delta_roundtrip():
+def test_update_and_apply_delta_roundtrip():
     ref = {"w": np.array([1.0, 1.0], np.float32)}
     client = {"w": np.array([2.0, 0.5], np.float32)}
-    (d,) = deltas([client], ref)
+    d = mean64([client], reference=ref)
     np.testing.assert_allclose(d["w"], [1.0, -0.5])
     np.testing.assert_allclose(apply_delta(ref, d, 0.5)["w"], [1.5, 0.75])
 
@@ -63,7 +61,7 @@ def test_to_record_keeps_zero_dim_arrays():
     assert back["n"].shape == () and back["w"].shape == (2, 1)
 
 
-def test_mean_delta_equals_mean_of_deltas_without_holding_them():
+def test_mean64_of_updates_equals_the_mean_of_float64_differences():
     rng = np.random.default_rng(0)
     ref = {"w": rng.standard_normal((3, 4)).astype(np.float32), "n": np.array(2)}
     arrays = [
@@ -71,27 +69,29 @@ def test_mean_delta_equals_mean_of_deltas_without_holding_them():
         for i in range(5)
     ]
     weights = [1.0, 2.0, 0.5, 3.0, 1.5]
-    expected = weighted_mean(deltas(arrays, ref), weights)
-    got = mean_delta(arrays, ref, weights)
+    got = mean64(arrays, weights, reference=ref)
+    w = np.asarray(weights) / sum(weights)
     for key in ref:
+        differences = [a[key].astype(np.float64) - ref[key] for a in arrays]
+        expected = sum(wi * d for wi, d in zip(w, differences, strict=True))
         assert got[key].dtype == np.float64
-        np.testing.assert_array_equal(got[key], expected[key])
+        np.testing.assert_allclose(got[key], expected, rtol=1e-12)
     # hand-computed: uniform mean of (1 - 0) and (3 - 0) is 2
     zero = {"w": np.zeros(2, np.float32)}
-    two = mean_delta([{"w": np.ones(2, np.float32)}, {"w": np.full(2, 3.0)}], zero)
+    two = mean64([{"w": np.ones(2, np.float32)}, {"w": np.full(2, 3.0)}], None, zero)
     np.testing.assert_array_equal(two["w"], [2.0, 2.0])
     with pytest.raises(ValueError):
-        mean_delta(arrays, ref, [1.0, -1.0, 0, 0, 0])
+        mean64(arrays, [1.0, -1.0, 0, 0, 0], ref)
 
 
-def test_weighted_delta_sum_is_unnormalised_and_float64():
+def test_weighted_sum_of_updates_is_unnormalised_and_float64():
     ref = {"w": np.array([1.0, 1.0], np.float32)}
     arrays = [{"w": np.array([2.0, 3.0], np.float32)}, {"w": np.array([0.0, 1.0])}]
-    got = weighted_delta_sum(arrays, ref, [2.0, -1.0])
+    got = weighted_sum(arrays, [2.0, -1.0], reference=ref)
     # 2 * (1, 2) - 1 * (-1, 0) = (3, 4)
     np.testing.assert_array_equal(got["w"], [3.0, 4.0])
     with pytest.raises(ValueError):
-        weighted_delta_sum(arrays, ref, [1.0])
+        weighted_sum(arrays, [1.0], reference=ref)
 
 
 def test_weighted_sum_of_float32_accumulates_python_float_weights_in_float64():
