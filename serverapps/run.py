@@ -67,19 +67,43 @@ def run_directory(run_config: Mapping[str, Any]) -> Path:
     return base / f"{stamp}-{name}"
 
 
-def wait_for_nodes(grid: Grid, minimum: int, settle: float = 1.0) -> int:
+def wait_for_nodes(
+    grid: Grid, minimum: int, settle: float = 1.0, timeout: float = 0.0
+) -> int:
     """Wait until at least ``minimum`` nodes are connected and the count is stable.
 
     In simulation the node list can be empty when the ServerApp starts; sampling
     a fraction of a partial list would silently train fewer nodes in round 1.
+    After ``timeout`` seconds (``<= 0``: never) with fewer than ``minimum``
+    nodes, raise an error that says how many came, instead of waiting for ever
+    (e.g. ``min-available-nodes`` above the simulation's ``num-supernodes``).
     """
-    last, stable_since = -1, time.monotonic()
+    start = time.monotonic()
+    last, stable_since, logged = -1, start, False
     while True:
         count = len(list(grid.get_node_ids()))
+        now = time.monotonic()
         if count != last:
-            last, stable_since = count, time.monotonic()
-        elif count >= minimum and time.monotonic() - stable_since >= settle:
+            last, stable_since = count, now
+        elif count >= minimum and now - stable_since >= settle:
             return count
+        if count < minimum:
+            if timeout > 0 and now - start >= timeout:
+                raise RuntimeError(
+                    f"{count} node(s) connected after waiting {timeout:.0f} s; "
+                    f"min-available-nodes is {minimum}. Start more SuperNodes "
+                    "(or raise num-supernodes in simulation), lower "
+                    "min-available-nodes, or raise node-wait-timeout "
+                    "(0 waits for ever)."
+                )
+            if not logged and now - start >= 5.0:
+                log(
+                    INFO,
+                    "Waiting for nodes: %d connected, min-available-nodes=%d",
+                    count,
+                    minimum,
+                )
+                logged = True
         time.sleep(0.1)
 
 
@@ -203,7 +227,12 @@ def run_server(
     asynchronous = (
         async_environment(run_config) if isinstance(strategy, AsyncStrategy) else {}
     )
-    num_nodes = wait_for_nodes(grid, setting(run_config, "min-available-nodes"), settle)
+    num_nodes = wait_for_nodes(
+        grid,
+        setting(run_config, "min-available-nodes"),
+        settle,
+        timeout=setting(run_config, "node-wait-timeout"),
+    )
     prepare_client_data(grid, run_config, num_nodes)
     # Availability is the environment's: unavailable nodes never get train messages.
     grid = participation_grid(grid, run_config)

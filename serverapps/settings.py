@@ -47,6 +47,7 @@ DEFAULTS: dict[str, Any] = {
     "plot": True,
     "resume": "",
     "round-timeout": 3600.0,
+    "node-wait-timeout": 300.0,
     "attack": "none",
     "attack-fraction": 0.0,
     "attack-scale": 0.0,
@@ -122,5 +123,6 @@ def strategy_common(run_config: Mapping[str, Any]) -> dict[str, Any]:
         "min_train_nodes": setting(run_config, "min-train-nodes"),
         "min_evaluate_nodes": setting(run_config, "min-evaluate-nodes"),
         "min_available_nodes": setting(run_config, "min-available-nodes"),
+        "node_wait_timeout": setting(run_config, "node-wait-timeout"),
         "seed": setting(run_config, "seed"),
     }

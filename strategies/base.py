@@ -125,17 +125,52 @@ def with_records(
     )
 
 
-class _SortedNodes:
-    """A view of a Grid whose ``get_node_ids`` is sorted (stable sampling)."""
+NODE_WAIT_TIMEOUT = 300.0
+"""Default seconds a round waits for ``min_available_nodes`` (see
+:meth:`BouquetStrategy.connected_nodes`)."""
 
-    def __init__(self, grid: Grid) -> None:
+NODE_POLL_INTERVAL = 0.5
+"""Seconds between node-list queries while waiting for nodes."""
+
+
+class _NodeSnapshot:
+    """A view of a Grid whose ``get_node_ids`` is one sorted, fixed list.
+
+    Sorted for stable sampling; fixed so that Flower's sampler, which waits in
+    a loop until enough nodes are listed, sees exactly the nodes the strategy
+    already waited for and never blocks on a node lost in between.
+    """
+
+    def __init__(self, grid: Grid, nodes: list[int]) -> None:
         self._grid = grid
+        self._nodes = nodes
 
     def get_node_ids(self) -> list[int]:
-        return sorted(self._grid.get_node_ids())
+        return list(self._nodes)
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self._grid, name)
+
+
+def wait_for_node_list(
+    grid: Grid,
+    minimum: int,
+    timeout: float,
+    poll_interval: float = NODE_POLL_INTERVAL,
+) -> list[int]:
+    """The sorted node ids once ``minimum`` are connected.
+
+    After ``timeout`` seconds, whatever is connected then (``timeout <= 0``:
+    wait for ever).
+    """
+    deadline = time.monotonic() + timeout if timeout > 0 else None
+    while True:
+        nodes = sorted(int(n) for n in grid.get_node_ids())
+        if len(nodes) >= minimum:
+            return nodes
+        if deadline is not None and time.monotonic() >= deadline:
+            return nodes
+        time.sleep(poll_interval)
 
 
 @dataclass
@@ -211,20 +246,81 @@ class BouquetStrategy:
     """Names of extra ArrayRecords a train reply carries (shaped like the model);
     the records sent the other way come from :meth:`outgoing_train_records`."""
 
-    def __init__(self, *args: Any, seed: int = 0, **kwargs: Any) -> None:
+    def __init__(
+        self,
+        *args: Any,
+        seed: int = 0,
+        node_wait_timeout: float = NODE_WAIT_TIMEOUT,
+        **kwargs: Any,
+    ) -> None:
         kwargs.setdefault("train_metrics_aggr_fn", weighted_metrics)
         kwargs.setdefault("evaluate_metrics_aggr_fn", weighted_metrics)
         super().__init__(*args, **kwargs)
         self.seed = int(seed)
+        self.node_wait_timeout = float(node_wait_timeout)
         self.current_report: RoundReport | None = None
         self._sent_spec: ArraySpec | None = None
         self.global_arrays: dict[str, np.ndarray] = {}
         """The arrays sent this round (the reference for client deltas)."""
+        self._recipients: dict[str, int] = {}
+        """Node each message of the current exchange went to, by message id."""
 
     # ----------------------------------------------------------- sampling --
+    def connected_nodes(self, grid: Grid, server_round: int, needed: int) -> list[int]:
+        """The nodes to sample from this round, after waiting for enough of them.
+
+        Flower's sampler waits, without limit, until ``min_available_nodes``
+        are connected. A node that dies for good mid-run then stops the run for
+        ever. Here the round waits up to ``node_wait_timeout`` seconds (a node
+        that restarts comes back); after that it goes on with the connected
+        nodes if there are at least ``needed`` (the phase's ``min_*_nodes``),
+        with a warning, and otherwise fails with an error that names the
+        numbers (the last round's checkpoint is kept for ``resume``).
+        """
+        wanted = max(getattr(self, "min_available_nodes", 1), needed)
+        nodes = wait_for_node_list(grid, wanted, self.node_wait_timeout)
+        if len(nodes) >= wanted:
+            return nodes
+        if len(nodes) >= needed:
+            log(
+                WARNING,
+                "Round %s: %d node(s) connected after waiting %.0f s, fewer than "
+                "min_available_nodes=%d; going on with them.",
+                server_round,
+                len(nodes),
+                self.node_wait_timeout,
+                wanted,
+            )
+            return nodes
+        raise RuntimeError(
+            f"Round {server_round}: {len(nodes)} node(s) connected after waiting "
+            f"{self.node_wait_timeout:.0f} s; the round needs {needed} "
+            f"(min_available_nodes={wanted}). Start more SuperNodes, lower "
+            "min-train-nodes / min-evaluate-nodes, or raise node-wait-timeout "
+            "(0 waits for ever)."
+        )
+
     def _seeded(
-        self, server_round: int, phase: str, configure: Callable, *args: Any
+        self,
+        server_round: int,
+        phase: str,
+        configure: Callable,
+        *args: Any,
+        grid: Grid | None = None,
+        needed: int = 1,
     ) -> list[Message]:
+        """``configure(*args, grid_view)`` with Flower's sampler seeded.
+
+        ``grid_view`` is a fixed list of nodes that suffices for the round
+        (see :meth:`connected_nodes`).
+        """
+        restore_minimum = None
+        if grid is not None:
+            nodes = self.connected_nodes(grid, server_round, needed)
+            args = (*args, _NodeSnapshot(grid, nodes))
+            minimum = getattr(self, "min_available_nodes", None)
+            if minimum is not None and minimum > len(nodes):
+                restore_minimum, self.min_available_nodes = minimum, len(nodes)
         # Flower's samplers draw from the global `random`: seed it for this call
         # only, and restore it so that nothing else in the process is affected.
         saved = random.getstate()
@@ -233,6 +329,8 @@ class BouquetStrategy:
             return list(configure(*args))
         finally:
             random.setstate(saved)
+            if restore_minimum is not None:
+                self.min_available_nodes = restore_minimum
 
     def configure_train(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
@@ -242,6 +340,8 @@ class BouquetStrategy:
         self.global_arrays = to_numpy(arrays)
         config[keys.SEED] = self.seed
         config.update(self.round_config(server_round))
+        if getattr(self, "fraction_train", 1.0) == 0.0:
+            return []
         messages = self._seeded(
             server_round,
             "train",
@@ -249,7 +349,8 @@ class BouquetStrategy:
             server_round,
             arrays,
             config,
-            _SortedNodes(grid),
+            grid=grid,
+            needed=getattr(self, "min_train_nodes", 1),
         )
         extras = self.outgoing_train_records(server_round)
         clash = set(extras) & {keys.ARRAYS, keys.CONFIG}
@@ -265,6 +366,8 @@ class BouquetStrategy:
     ) -> Iterable[Message]:
         """Sample nodes (seeded) for federated evaluation."""
         config[keys.SEED] = self.seed
+        if getattr(self, "fraction_evaluate", 1.0) == 0.0:
+            return []
         return self._seeded(
             server_round,
             "evaluate",
@@ -272,7 +375,8 @@ class BouquetStrategy:
             server_round,
             arrays,
             config,
-            _SortedNodes(grid),
+            grid=grid,
+            needed=getattr(self, "min_evaluate_nodes", 1),
         )
 
     def round_config(self, server_round: int) -> dict[str, Any]:
@@ -301,7 +405,11 @@ class BouquetStrategy:
             else:
                 if msg.has_error() and self.current_report is not None:
                     self.current_report.error_replies += 1
-                src = msg.metadata.src_node_id
+                # The SuperLink answers for a node it found offline (its own
+                # id as the sender): name the node the message was for.
+                src = self._recipients.get(
+                    msg.metadata.reply_to_message_id, msg.metadata.src_node_id
+                )
                 reasons.append(f"node {src}: {reason}")
                 log(WARNING, "Dropped reply from node %s: %s", src, reason)
         good.sort(key=_reply_order)
@@ -469,15 +577,17 @@ class BouquetStrategy:
         result.arrays = arrays
         return result
 
-    @staticmethod
     def _timed_exchange(
-        grid: Grid, messages: list[Message], timeout: float, report: RoundReport
+        self, grid: Grid, messages: list[Message], timeout: float, report: RoundReport
     ) -> list[Message]:
         if not messages:
             return []
         start = time.perf_counter()
         replies = exchange(grid, messages, timeout)
         report.wait_time += time.perf_counter() - start
+        self._recipients = {
+            m.metadata.message_id: m.metadata.dst_node_id for m in messages
+        }
         return replies
 
 
@@ -499,9 +609,15 @@ def _missing(
     replies: list[Message],
     timeout: float,
 ) -> int:
-    """Log and count the nodes that were sent a message and never answered."""
-    answered = {r.metadata.src_node_id for r in replies}
-    lost = sorted({m.metadata.dst_node_id for m in sent} - answered)
+    """Log and count the nodes that were sent a message and never answered.
+
+    Replies are matched to messages by id, not by sender: the SuperLink itself
+    answers (an error reply) for a node it has found offline.
+    """
+    answered = {r.metadata.reply_to_message_id for r in replies}
+    lost = sorted(
+        {m.metadata.dst_node_id for m in sent if m.metadata.message_id not in answered}
+    )
     if lost:
         log(
             WARNING,
