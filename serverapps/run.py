@@ -138,14 +138,9 @@ def prepare_client_data(
         return True  # built by an earlier run
     log(INFO, "Preparing %d partitions of %s before round 1", num_nodes, spec.dataset)
     start = time.perf_counter()
-    build = (
-        "import json, sys\n"
-        "from tasks import DataSpec, load_client_data\n"
-        "load_client_data(DataSpec(**json.loads(sys.argv[1])), 0)\n"
-    )
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in sys.path if p)}
     done = subprocess.run(
-        [sys.executable, "-c", build, json.dumps(dataclasses.asdict(spec))],
+        [sys.executable, "-m", "tasks.data", json.dumps(dataclasses.asdict(spec))],
         env=env,
         check=False,
     )

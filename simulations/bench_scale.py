@@ -42,6 +42,20 @@ class MemoryLimitError(RuntimeError):
     """A run was killed for using more than :data:`MEMORY_LIMIT_MB`."""
 
 
+def process_memory_kb(pid: int) -> tuple[int, int]:
+    """RSS and PSS of one process in KiB (``(0, 0)`` if it has vanished)."""
+    rss = pss = 0
+    try:
+        for line in Path(f"/proc/{pid}/smaps_rollup").read_text().splitlines():
+            if line.startswith("Rss:"):
+                rss = int(line.split()[1])
+            elif line.startswith("Pss:"):
+                pss = int(line.split()[1])
+    except OSError:
+        return 0, 0
+    return rss, pss
+
+
 def memory_mb(pids: set[int]) -> tuple[float, float]:
     """Summed RSS and PSS of ``pids`` in MiB (vanished processes count 0).
 
@@ -51,15 +65,33 @@ def memory_mb(pids: set[int]) -> tuple[float, float]:
     """
     rss = pss = 0
     for pid in pids:
-        try:
-            for line in Path(f"/proc/{pid}/smaps_rollup").read_text().splitlines():
-                if line.startswith("Rss:"):
-                    rss += int(line.split()[1])
-                elif line.startswith("Pss:"):
-                    pss += int(line.split()[1])
-        except OSError:
-            continue
+        one_rss, one_pss = process_memory_kb(pid)
+        rss, pss = rss + one_rss, pss + one_pss
     return rss / 1024, pss / 1024
+
+
+ROLES = (
+    ("tasks.data", "data build (child of the ServerApp)"),
+    ("flower-superlink", "superlink"),
+    ("flwr-simulation", "flwr-simulation (engine + ServerApp)"),
+    ("ClientAppActor", "ray actors"),
+    ("raylet", "ray raylet"),
+    ("gcs_server", "ray gcs"),
+)
+"""``(cmdline fragment, role)``: the first fragment found names the role."""
+
+
+def process_role(pid: int) -> str:
+    """What a process of the run's tree is, from its command line."""
+    try:
+        cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ")
+    except OSError:
+        return "gone"
+    text = cmdline.decode(errors="replace")
+    for fragment, role in ROLES:
+        if fragment in text:
+            return role
+    return "ray other" if "ray" in text else "other"
 
 
 class MemoryWatch(Poll):
@@ -75,12 +107,35 @@ class MemoryWatch(Poll):
         self.peak_rss_mb = self.peak_pss_mb = 0.0
         self.samples = 0
         self.exceeded = False
+        self.started = time.monotonic()
+        self.peak_at_s = 0.0
+        self.peak_roles: dict[str, dict[str, float]] = {}
+        """At the PSS peak: per role, the processes and their summed PSS (MiB)."""
+        self.role_peaks_mb: dict[str, float] = {}
+        """Each role's own peak of summed PSS (MiB), whenever it occurred."""
 
     def _sample(self) -> None:
         pids = tagged_pids(self.tag)
-        rss, pss = memory_mb(pids)
+        roles: dict[str, dict[str, float]] = {}
+        rss = pss = 0
+        for pid in pids:
+            # Looked up every time: a forked process may not have exec'd yet.
+            name = process_role(pid)
+            one_rss, one_pss = process_memory_kb(pid)
+            rss, pss = rss + one_rss, pss + one_pss
+            role = roles.setdefault(name, {"processes": 0, "pss-mb": 0.0})
+            role["processes"] += 1
+            role["pss-mb"] += one_pss / 1024
+        rss, pss = rss / 1024, pss / 1024
+        for name, role in roles.items():
+            self.role_peaks_mb[name] = max(
+                self.role_peaks_mb.get(name, 0.0), role["pss-mb"]
+            )
+        if pss > self.peak_pss_mb:
+            self.peak_pss_mb = pss
+            self.peak_at_s = time.monotonic() - self.started
+            self.peak_roles = roles
         self.peak_rss_mb = max(self.peak_rss_mb, rss)
-        self.peak_pss_mb = max(self.peak_pss_mb, pss)
         self.samples += 1
         if pss > self.limit_mb and not self.exceeded:
             self.exceeded = True
@@ -173,6 +228,17 @@ def ray_run(
         "peak-rss-mb": round(watch.peak_rss_mb),
         "peak-pss-mb": round(watch.peak_pss_mb),
         "rss-samples": watch.samples,
+        "peak-at-s": round(watch.peak_at_s, 1),
+        "peak-by-role-mb": {
+            name: {"processes": role["processes"], "pss-mb": round(role["pss-mb"])}
+            for name, role in sorted(
+                watch.peak_roles.items(), key=lambda item: -item[1]["pss-mb"]
+            )
+        },
+        "role-peaks-mb": {
+            name: round(mb)
+            for name, mb in sorted(watch.role_peaks_mb.items(), key=lambda i: -i[1])
+        },
         "final-central-accuracy": rows[-1].get("central-accuracy"),
     }
 

@@ -365,7 +365,40 @@ def render_scale(
             f"Target < {TARGETS['memory-mb']} MB at 1,000 nodes: peak PSS "
             f"{worst} MB, {_mark(worst < TARGETS['memory-mb'])}.",
         ]
+    lines += render_memory_roles(runs + stretch)
     lines.append("")
+    return lines
+
+
+def render_memory_roles(runs: list[dict[str, Any]]) -> list[str]:
+    """Who holds the memory: PSS by process role at the peak, and each role's own.
+
+    Runs measured before the breakdown existed are left out.
+    """
+    broken_down = [r for r in runs if r.get("peak-by-role-mb")]
+    if not broken_down:
+        return []
+    lines = [
+        "",
+        "PSS by process (MB): at the tree's peak (processes), and each role's "
+        "own peak whenever it came:",
+        "",
+        "| nodes | peak at (s) | role | processes | PSS at the peak "
+        "| role's own peak |",
+        "|---|---|---|---|---|---|",
+    ]
+    for r in broken_down:
+        roles = r["peak-by-role-mb"]
+        for name in sorted(
+            set(roles) | set(r["role-peaks-mb"]),
+            key=lambda n: -r["role-peaks-mb"].get(n, 0),
+        ):
+            at_peak = roles.get(name, {"processes": 0, "pss-mb": 0})
+            lines.append(
+                f"| {r['nodes']} | {r['peak-at-s']} | {name} | "
+                f"{at_peak['processes']} | {at_peak['pss-mb']} | "
+                f"{r['role-peaks-mb'].get(name, 0)} |"
+            )
     return lines
 
 

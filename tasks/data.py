@@ -97,3 +97,22 @@ def load_central_test(spec: DataSpec) -> tuple[torch.Tensor, torch.Tensor]:
         tensors = prepare.build_central_test(spec)
         save_atomic(tensors, path)
     return tensors["x"], tensors["y"]
+
+
+def main(argv: list[str] | None = None) -> None:
+    """``python -m tasks.data '<DataSpec as JSON>'``: fill the spec's partition cache.
+
+    The ServerApp runs this in a process of its own before round 1 of a
+    simulation (``serverapps.run.prepare_client_data``).
+    """
+    import json
+    import sys
+
+    args = sys.argv[1:] if argv is None else argv
+    if len(args) != 1:
+        raise SystemExit("usage: python -m tasks.data '<DataSpec as JSON>'")
+    load_client_data(DataSpec(**json.loads(args[0])), 0)
+
+
+if __name__ == "__main__":
+    main()

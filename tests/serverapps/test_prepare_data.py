@@ -35,3 +35,12 @@ def test_a_failed_build_stops_the_run_with_a_clear_error(tmp_path, monkeypatch):
     simulation = object.__new__(InMemoryGrid)
     with pytest.raises(RuntimeError, match="Preparing the nodes' data failed"):
         prepare_client_data(simulation, config, 4)
+
+
+def test_build_entry_point_names_its_usage():
+    import pytest
+
+    from tasks.data import main
+
+    with pytest.raises(SystemExit, match=r"usage: python -m tasks\.data"):
+        main([])

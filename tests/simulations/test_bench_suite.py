@@ -102,3 +102,27 @@ def test_document_marks_targets_and_flags(tmp_path, monkeypatch):
     bench_suite.plot_all(RESULTS)
     for name in ("overhead", "aggregation", "scale", "deployment"):
         assert (tmp_path / f"{name}.png").stat().st_size > 1000, name
+
+
+def test_memory_breakdown_lists_each_role_by_its_own_peak():
+    run = {
+        **RESULTS["scale"][0],
+        "peak-at-s": 42.5,
+        "peak-by-role-mb": {
+            "ray actors": {"processes": 2, "pss-mb": 900},
+            "flwr-simulation (engine + ServerApp)": {"processes": 1, "pss-mb": 700},
+        },
+        "role-peaks-mb": {
+            "data build (child of the ServerApp)": 2500,
+            "ray actors": 950,
+            "flwr-simulation (engine + ServerApp)": 700,
+        },
+    }
+    lines = bench_suite.render_memory_roles([RESULTS["scale"][0], run])
+    rows = [line for line in lines if line.startswith("| 1000 |")]
+    assert rows == [
+        "| 1000 | 42.5 | data build (child of the ServerApp) | 0 | 0 | 2500 |",
+        "| 1000 | 42.5 | ray actors | 2 | 900 | 950 |",
+        "| 1000 | 42.5 | flwr-simulation (engine + ServerApp) | 1 | 700 | 700 |",
+    ]
+    assert bench_suite.render_memory_roles([RESULTS["scale"][0]]) == []
