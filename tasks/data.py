@@ -99,8 +99,30 @@ def load_central_test(spec: DataSpec) -> tuple[torch.Tensor, torch.Tensor]:
     return tensors["x"], tensors["y"]
 
 
+def prepare_caches(spec: DataSpec) -> None:
+    """Fill ``spec``'s partition files and central test cache, from one source.
+
+    What is cached already is kept. Generated data (synthetic) is generated
+    once for both, not once per cache.
+    """
+    directory = partitions_dir(spec)
+    partitions_missing = load_cached(directory / "partition-0.pt") is None
+    central = central_test_path(spec)
+    central_missing = not central.is_file()
+    if not (partitions_missing or central_missing):
+        return
+    source = prepare.open_source_quietly(spec)
+    if partitions_missing:
+        for built_id, built in prepare.build_partitions(spec, source):
+            save_atomic(built, directory / f"partition-{built_id}.pt")
+    if central_missing:
+        has_test = source.central is not None or spec.test_fraction > 0
+        if has_test:
+            save_atomic(prepare.build_central_test(spec, source), central)
+
+
 def main(argv: list[str] | None = None) -> None:
-    """``python -m tasks.data '<DataSpec as JSON>'``: fill the spec's partition cache.
+    """``python -m tasks.data '<DataSpec as JSON>'``: :func:`prepare_caches`.
 
     The ServerApp runs this in a process of its own before round 1 of a
     simulation (``serverapps.run.prepare_client_data``).
@@ -111,7 +133,7 @@ def main(argv: list[str] | None = None) -> None:
     args = sys.argv[1:] if argv is None else argv
     if len(args) != 1:
         raise SystemExit("usage: python -m tasks.data '<DataSpec as JSON>'")
-    load_client_data(DataSpec(**json.loads(args[0])), 0)
+    prepare_caches(DataSpec(**json.loads(args[0])))
 
 
 if __name__ == "__main__":

@@ -293,11 +293,30 @@ def test_natural_id_partitions_equal_flwr_datasets(ids):
 def test_partitions_cut_from_the_whole_pool_equal_per_partition_ones(
     config, monkeypatch
 ):
+    import dataclasses
+
     spec = DataSpec(**config)
-    whole = dict(tasks.prepare.build_partitions(spec))
+    source = tasks.prepare.open_source_quietly(spec)
+    assert source.arrays is not None  # embedded data: the pool's own arrays
+    from_arrays = dict(tasks.prepare.build_partitions(spec, source))
+    formatted = dataclasses.replace(source, arrays=None)
+    whole = dict(tasks.prepare.build_partitions(spec, formatted))
     monkeypatch.setattr(tasks.prepare, "POOL_IN_MEMORY_BYTES", 0)
-    apart = dict(tasks.prepare.build_partitions(spec))
+    apart = dict(tasks.prepare.build_partitions(spec, formatted))
     assert sorted(whole) == sorted(apart) == list(range(spec.num_partitions))
+    assert sorted(from_arrays) == sorted(whole)
     for pid, tensors in whole.items():
         for name, value in tensors.items():
             assert torch.equal(value, apart[pid][name]), (pid, name)
+            assert torch.equal(value, from_arrays[pid][name]), (pid, name)
+
+
+def test_all_but_is_setdiff_of_the_range():
+    from tasks.prepare import all_but
+
+    rng = np.random.default_rng(1)
+    excluded = rng.choice(1000, 137, replace=False)
+    np.testing.assert_array_equal(
+        all_but(1000, excluded), np.setdiff1d(np.arange(1000), excluded)
+    )
+    assert all_but(3, np.zeros(0, np.int64)).tolist() == [0, 1, 2]

@@ -179,3 +179,71 @@ def test_single_split_hub_data_holds_out_per_writer(local_hub):
 def test_hub_dataset_offline_says_what_to_do():
     with pytest.raises(RuntimeError, match="data-path"):
         load_client_data(DataSpec(dataset="mnist", num_partitions=2), 0)
+
+
+def test_in_memory_dataset_reads_back_like_from_dict():
+    from tasks.sources import in_memory_dataset
+
+    rng = np.random.default_rng(0)
+    columns = {
+        "x": rng.standard_normal((7, 3, 2)).astype(np.float32),
+        "label": np.arange(7, dtype=np.int64),
+        "writer": np.array(list("abcabca"), dtype=object),
+    }
+    ours = in_memory_dataset(**columns)
+    theirs = Dataset.from_dict(columns)
+    assert len(ours) == 7 and ours.column_names == theirs.column_names
+    a = ours.with_format("numpy")[:]
+    b = theirs.with_format("numpy")[:]
+    for name in columns:
+        np.testing.assert_array_equal(a[name], b[name], err_msg=name)
+    assert a["x"].dtype == np.float32 and a["x"].shape == (7, 3, 2)
+    rows = ours.select([4, 1])
+    np.testing.assert_array_equal(
+        rows.with_format("numpy")[:]["x"], columns["x"][[4, 1]]
+    )
+    # The fingerprint is the data's: same bytes, same; other bytes, other.
+    assert ours._fingerprint == in_memory_dataset(**columns)._fingerprint
+    changed = {**columns, "label": columns["label"][::-1].copy()}
+    assert ours._fingerprint != in_memory_dataset(**changed)._fingerprint
+
+
+def test_synthetic_generator_matches_the_one_pass_reference():
+    """Two passes over the clients' streams give the rows of one pass."""
+    from tasks.synthetic import DIMENSION, NUM_CLASSES, make_synthetic
+
+    scale = np.sqrt(np.arange(1, DIMENSION + 1, dtype=np.float64) ** -1.2)
+    xs, ys = [], []
+    for k in range(5):
+        rng = np.random.default_rng([3, k])
+        size = int(rng.lognormal(4, 2)) + 50
+        model_mean = rng.normal(0, 0.5)
+        input_mean = rng.normal(rng.normal(0, 0.5), 1, DIMENSION)
+        weights = rng.normal(model_mean, 1, (DIMENSION, NUM_CLASSES))
+        bias = rng.normal(model_mean, 1, NUM_CLASSES)
+        x = input_mean + scale * rng.standard_normal((size, DIMENSION))
+        ys.append(np.argmax(x @ weights + bias, axis=1))
+        xs.append(x)
+    x, y, client = make_synthetic(5, 0.5, 0.5, 3)
+    np.testing.assert_array_equal(x, np.concatenate(xs).astype(np.float32))
+    np.testing.assert_array_equal(y, np.concatenate(ys))
+    np.testing.assert_array_equal(
+        client, np.concatenate([np.full(len(b), k) for k, b in enumerate(ys)])
+    )
+    assert x.dtype == np.float32 and y.dtype == client.dtype == np.int64
+
+
+def test_prepare_caches_fills_partitions_and_central_test(tmp_path, monkeypatch):
+    from tasks import data
+
+    monkeypatch.setenv("BOUQUET_CACHE_DIR", str(tmp_path))
+    spec = DataSpec(dataset="synthetic", partitioner="natural-id", num_partitions=5)
+    data.prepare_caches(spec)
+    assert len(list(data.partitions_dir(spec).glob("partition-*.pt"))) == 5
+    assert data.central_test_path(spec).is_file()
+    opened = []
+    monkeypatch.setattr(data.prepare, "open_source_quietly", lambda s: opened.append(s))
+    data.prepare_caches(spec)  # all cached: the source is not even opened
+    assert opened == []
+    x, y = load_central_test(spec)
+    assert len(x) == len(y) > 0
