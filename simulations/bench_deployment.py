@@ -59,8 +59,15 @@ def _stats(values: list[float]) -> dict[str, float]:
     }
 
 
-def measure(run_config: dict[str, Any], rounds: int) -> dict[str, Any]:
-    """One deployment run; medians over rounds 2 and later, round 1 apart."""
+def measure(
+    run_config: dict[str, Any], rounds: int, threads: int = 0
+) -> dict[str, Any]:
+    """One deployment run; medians over rounds 2 and later, round 1 apart.
+
+    ``threads`` > 0 caps every Flower process's OpenMP/torch threads
+    (``OMP_NUM_THREADS``): two ClientApps on 2 cores each start torch's
+    default of one thread per core, 4 busy threads on 2 cores.
+    """
     config = {
         **run_config,
         "algorithm": "fedavg",
@@ -72,7 +79,8 @@ def measure(run_config: dict[str, Any], rounds: int) -> dict[str, Any]:
     }
     with tempfile.TemporaryDirectory() as work:
         out = Path(work) / "out"
-        with FlowerProcesses(Path(work) / "procs") as procs:
+        env = {"OMP_NUM_THREADS": str(threads)} if threads > 0 else None
+        with FlowerProcesses(Path(work) / "procs", env=env) as procs:
             deployment = procs.start_deployment(NODES)
             connection = deployment.superlink.connection
             run = procs.submit_run(
@@ -92,6 +100,7 @@ def measure(run_config: dict[str, Any], rounds: int) -> dict[str, Any]:
         "nodes": NODES,
         "rounds": rounds,
         "workload": {k: config[k] for k in ("dataset", "model", "local-epochs")},
+        "threads-per-process": threads or "torch default",
         "submit-to-end-s": round(run.submit_seconds, 1),
         "round-1": {k: round(v, 3) for k, v in splits[0].items()},
         "rounds-2+": {k: _stats([s[k] for s in steady]) for k in steady[0]},
@@ -108,6 +117,9 @@ def main() -> None:
     parser.add_argument("--dataset", default="digits")
     parser.add_argument("--model", default="cnn")
     parser.add_argument("--local-epochs", type=int, default=1)
+    parser.add_argument(
+        "--threads", type=int, default=0, help="OMP_NUM_THREADS (0: torch default)"
+    )
     args = parser.parse_args()
     config = {
         **app_defaults(),
@@ -115,7 +127,7 @@ def main() -> None:
         "model": args.model,
         "local-epochs": args.local_epochs,
     }
-    print(json.dumps(measure(config, args.rounds), indent=1))
+    print(json.dumps(measure(config, args.rounds, args.threads), indent=1))
 
 
 if __name__ == "__main__":

@@ -212,6 +212,7 @@ def ray_run(
             status = procs.wait_for_run(run.run_id, link.connection, timeout=120)
         rows, _ = read_run_metrics(out)
     round_times = [r["wall-time"] for r in rows if r["round"] > 0]
+    waits = [r["wait-time"] for r in rows if r["round"] > 0]
     return {
         "nodes": nodes,
         "rounds": rounds,
@@ -223,6 +224,11 @@ def ray_run(
         "round-median-s": round(statistics.median(round_times), 3),
         "round-max-s": round(max(round_times), 3),
         "round-times-s": [round(t, 3) for t in round_times],
+        "round-wait-median-s": round(statistics.median(waits), 3),
+        "server-share-median-s": round(
+            statistics.median(t - w for t, w in zip(round_times, waits, strict=True)),
+            3,
+        ),
         "replies-per-round": statistics.median(r["train-replies"] for r in rows[1:]),
         "error-replies": sum(r.get("error-replies", 0) for r in rows),
         "peak-rss-mb": round(watch.peak_rss_mb),
