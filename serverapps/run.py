@@ -36,7 +36,7 @@ from serverapps.settings import (
 )
 from strategies.aggregation import to_record
 from strategies.asynchrony import AsyncStrategy, DeviceSpeeds, VirtualClock, WallClock
-from strategies.base import BouquetStrategy, RoundReport
+from strategies.base import BouquetStrategy, RoundReport, wait_for_node_list
 from strategies.registry import get_algorithm
 from strategies.state import ServerState, load_state, save_state
 
@@ -78,33 +78,16 @@ def wait_for_nodes(
     nodes, raise an error that says how many came, instead of waiting for ever
     (e.g. ``min-available-nodes`` above the simulation's ``num-supernodes``).
     """
-    start = time.monotonic()
-    last, stable_since, logged = -1, start, False
-    while True:
-        count = len(list(grid.get_node_ids()))
-        now = time.monotonic()
-        if count != last:
-            last, stable_since = count, now
-        elif count >= minimum and now - stable_since >= settle:
-            return count
-        if count < minimum:
-            if timeout > 0 and now - start >= timeout:
-                raise RuntimeError(
-                    f"{count} node(s) connected after waiting {timeout:.0f} s; "
-                    f"min-available-nodes is {minimum}. Start more SuperNodes "
-                    "(or raise num-supernodes in simulation), lower "
-                    "min-available-nodes, or raise node-wait-timeout "
-                    "(0 waits for ever)."
-                )
-            if not logged and now - start >= 5.0:
-                log(
-                    INFO,
-                    "Waiting for nodes: %d connected, min-available-nodes=%d",
-                    count,
-                    minimum,
-                )
-                logged = True
-        time.sleep(0.1)
+    count = len(wait_for_node_list(grid, minimum, timeout, settle, poll_interval=0.1))
+    if count < minimum:
+        raise RuntimeError(
+            f"{count} node(s) connected after waiting {timeout:.0f} s; "
+            f"min-available-nodes is {minimum}. Start more SuperNodes "
+            "(or raise num-supernodes in simulation), lower "
+            "min-available-nodes, or raise node-wait-timeout "
+            "(0 waits for ever)."
+        )
+    return count
 
 
 def prepare_client_data(
@@ -131,10 +114,10 @@ def prepare_client_data(
     if simulation is None or not isinstance(grid, simulation.InMemoryGrid):
         return False
     from tasks import DataSpec
-    from tasks.data import partitions_dir
+    from tasks.data import missing_caches
 
     spec = DataSpec.from_run_config(run_config, num_partitions=num_nodes)
-    if (partitions_dir(spec) / "partition-0.pt").is_file():
+    if not any(missing_caches(spec)):
         return True  # built by an earlier run
     log(INFO, "Preparing %d partitions of %s before round 1", num_nodes, spec.dataset)
     start = time.perf_counter()

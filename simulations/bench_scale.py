@@ -43,7 +43,12 @@ class MemoryLimitError(RuntimeError):
 
 
 def process_memory_kb(pid: int) -> tuple[int, int]:
-    """RSS and PSS of one process in KiB (``(0, 0)`` if it has vanished)."""
+    """RSS and PSS of one process in KiB (``(0, 0)`` if it has vanished).
+
+    RSS counts a shared page (Ray's object store, torch's libraries) once per
+    process that maps it; PSS splits it between them, so summed PSS is a
+    process tree's real footprint.
+    """
     rss = pss = 0
     try:
         for line in Path(f"/proc/{pid}/smaps_rollup").read_text().splitlines():
@@ -54,20 +59,6 @@ def process_memory_kb(pid: int) -> tuple[int, int]:
     except OSError:
         return 0, 0
     return rss, pss
-
-
-def memory_mb(pids: set[int]) -> tuple[float, float]:
-    """Summed RSS and PSS of ``pids`` in MiB (vanished processes count 0).
-
-    RSS counts a shared page (Ray's object store, torch's libraries) once per
-    process that maps it; PSS splits it between them, so summed PSS is the
-    tree's real footprint.
-    """
-    rss = pss = 0
-    for pid in pids:
-        one_rss, one_pss = process_memory_kb(pid)
-        rss, pss = rss + one_rss, pss + one_pss
-    return rss / 1024, pss / 1024
 
 
 ROLES = (

@@ -156,20 +156,29 @@ def wait_for_node_list(
     grid: Grid,
     minimum: int,
     timeout: float,
+    settle: float = 0.0,
     poll_interval: float = NODE_POLL_INTERVAL,
 ) -> list[int]:
     """The sorted node ids once ``minimum`` are connected.
 
-    After ``timeout`` seconds, whatever is connected then (``timeout <= 0``:
-    wait for ever).
+    With ``settle``, also once the count has not changed for that long (nodes
+    still registering). After ``timeout`` seconds, whatever is connected then
+    (``timeout <= 0``: wait for ever). A wait past 5 s is logged once.
     """
-    deadline = time.monotonic() + timeout if timeout > 0 else None
+    start = time.monotonic()
+    last, stable_since, logged = -1, start, False
     while True:
         nodes = sorted(int(n) for n in grid.get_node_ids())
-        if len(nodes) >= minimum:
+        now = time.monotonic()
+        if len(nodes) != last:
+            last, stable_since = len(nodes), now
+        if len(nodes) >= minimum and now - stable_since >= settle:
             return nodes
-        if deadline is not None and time.monotonic() >= deadline:
+        if timeout > 0 and now - start >= timeout:
             return nodes
+        if not logged and len(nodes) < minimum and now - start >= 5.0:
+            log(INFO, "Waiting for nodes: %d connected, %d wanted", len(nodes), minimum)
+            logged = True
         time.sleep(poll_interval)
 
 

@@ -11,13 +11,17 @@ from __future__ import annotations
 
 import dataclasses
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
 from tasks import prepare
 from tasks.cache import cache_dir, cache_key, load_cached, path_fingerprint, save_atomic
 from tasks.spec import ClientData, DataSpec
+
+if TYPE_CHECKING:
+    from tasks.prepare import Tensors
+    from tasks.sources import Source
 
 
 def _data_identity(spec: DataSpec) -> dict[str, Any]:
@@ -78,47 +82,65 @@ def load_client_data(spec: DataSpec, partition_id: int) -> ClientData:
         raise ValueError(
             f"partition-id {partition_id} is outside [0, {spec.num_partitions})"
         )
-    directory = partitions_dir(spec)
-    wanted = directory / f"partition-{partition_id}.pt"
-    tensors = load_cached(wanted)
+    tensors = load_cached(_partition_path(spec, partition_id))
     if tensors is None:
-        for built_id, built in prepare.build_partitions(spec):
-            save_atomic(built, directory / f"partition-{built_id}.pt")
-            if built_id == partition_id:
-                tensors = built
+        tensors = _build_partitions(spec, keep=partition_id)
     return ClientData(**tensors)
 
 
 def load_central_test(spec: DataSpec) -> tuple[torch.Tensor, torch.Tensor]:
     """The held-out test split ``(x, y)`` for server-side evaluation, cached."""
-    path = central_test_path(spec)
-    tensors = load_cached(path)
+    tensors = load_cached(central_test_path(spec))
     if tensors is None:
-        tensors = prepare.build_central_test(spec)
-        save_atomic(tensors, path)
+        tensors = _build_central_test(spec)
     return tensors["x"], tensors["y"]
+
+
+def _partition_path(spec: DataSpec, partition_id: int) -> Path:
+    return partitions_dir(spec) / f"partition-{partition_id}.pt"
+
+
+def _build_partitions(
+    spec: DataSpec, source: Source | None = None, keep: int | None = None
+) -> Tensors | None:
+    """Build and cache every partition; return partition ``keep``'s tensors."""
+    kept = None
+    for built_id, built in prepare.build_partitions(spec, source):
+        save_atomic(built, _partition_path(spec, built_id))
+        if built_id == keep:
+            kept = built
+    return kept
+
+
+def _build_central_test(spec: DataSpec, source: Source | None = None) -> Tensors:
+    tensors = prepare.build_central_test(spec, source)
+    save_atomic(tensors, central_test_path(spec))
+    return tensors
+
+
+def missing_caches(spec: DataSpec) -> tuple[bool, bool]:
+    """Whether ``spec``'s partition files and its central test are not cached."""
+    return (
+        not _partition_path(spec, 0).is_file(),
+        not central_test_path(spec).is_file(),
+    )
 
 
 def prepare_caches(spec: DataSpec) -> None:
     """Fill ``spec``'s partition files and central test cache, from one source.
 
     What is cached already is kept. Generated data (synthetic) is generated
-    once for both, not once per cache.
+    once for both, not once per cache. A dataset without a central test (no
+    split of its own, ``test_fraction`` 0) gets none; the ServerApp says so.
     """
-    directory = partitions_dir(spec)
-    partitions_missing = load_cached(directory / "partition-0.pt") is None
-    central = central_test_path(spec)
-    central_missing = not central.is_file()
+    partitions_missing, central_missing = missing_caches(spec)
     if not (partitions_missing or central_missing):
         return
     source = prepare.open_source_quietly(spec)
     if partitions_missing:
-        for built_id, built in prepare.build_partitions(spec, source):
-            save_atomic(built, directory / f"partition-{built_id}.pt")
-    if central_missing:
-        has_test = source.central is not None or spec.test_fraction > 0
-        if has_test:
-            save_atomic(prepare.build_central_test(spec, source), central)
+        _build_partitions(spec, source)
+    if central_missing and (source.central is not None or spec.test_fraction > 0):
+        _build_central_test(spec, source)
 
 
 def main(argv: list[str] | None = None) -> None:
