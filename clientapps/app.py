@@ -1,9 +1,11 @@
 """The Bouquet ClientApp: one app for every algorithm.
 
-``run_config["algorithm"]`` picks the recipe (through the registry); the model
-and the node's data come from ``tasks/`` as the run config and the node config
+The message names the client routine the server's algorithm needs
+(``config["client-routine"]``, see :mod:`clientapps.routine`); the model and
+the node's data come from ``tasks/`` as the run config and the node config
 (``partition-id`` / ``num-partitions``, or a ``data-path``) say. Heavy imports
-happen inside the handlers so that starting a ClientApp process stays cheap.
+happen inside the handlers so that starting a ClientApp process stays cheap,
+and nothing here imports the server side.
 
 Train and evaluate replies carry ``client-time``: the handler's seconds (data,
 model, the work, the reply), so a round's latency can be split into the
@@ -30,10 +32,10 @@ def _spec_and_data(context: Context):  # noqa: ANN202 (lazy torch types)
 
 
 def _timed(reply: Message, start: float) -> Message:
-    from strategies import keys  # imported by the handler already
+    from tasks import wire
 
-    if reply.has_content() and keys.METRICS in reply.content.metric_records:
-        reply.content[keys.METRICS][keys.CLIENT_TIME] = time.perf_counter() - start
+    if reply.has_content() and wire.METRICS in reply.content.metric_records:
+        reply.content[wire.METRICS][wire.CLIENT_TIME] = time.perf_counter() - start
     return reply
 
 

@@ -45,10 +45,9 @@ from flwr.app import Message
 
 from clientapps.hooks import Hook
 from clientapps.loop import LocalRun
-from clientapps.state import load_arrays, save_arrays
-from strategies import keys
-from strategies.aggregation import to_record
-from strategies.base import derive_seed
+from clientapps.state import array_record, load_arrays, save_arrays
+from tasks import wire as keys
+from tasks.wire import derive_seed
 
 ATTACKS = ("none", "sign-flip", "gaussian", "label-flip", "random", "unreliable")
 DEFAULT_SCALE = {"sign-flip": 4.0, "gaussian": 1.0, "random": 1.0, "unreliable": 1.0}
@@ -140,7 +139,9 @@ class Attack:
             else:  # unreliable, noisy
                 new = w + rng.normal(0.0, 3.0 * self.scale, w.shape)
             poisoned.append(np.asarray(new, dtype=w.dtype))
-        reply.content[keys.ARRAYS] = to_record(dict(zip(names, poisoned, strict=True)))
+        reply.content[keys.ARRAYS] = array_record(
+            dict(zip(names, poisoned, strict=True))
+        )
 
 
 def attack_for_node(

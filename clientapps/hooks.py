@@ -1,10 +1,12 @@
-"""Hooks: the only way an algorithm changes local training (DESIGN rule 2).
+"""Hooks: the only way an algorithm changes local training (architecture rule 2).
 
 A hook is a small object with no-op defaults; an algorithm's recipe is a list
 of hooks that :func:`clientapps.loop.train_local` calls at fixed points:
 
 ======================  ==========================================================
 ``setup(run)``          before the first step: read client state / extra records
+``before_training``     ``(run)``: a phase over the whole local set (``run.data``):
+                        score or select examples (``run.select(indices)``)
 ``order(run, n)``       the example order of an epoch (curriculum); None = shuffle
 ``transform_batch``     ``(run, x, y) -> (x, y)`` (augmentation, label noise)
 ``loss``                ``(run, loss, logits, x, y) -> loss``: add a term
@@ -17,7 +19,9 @@ of hooks that :func:`clientapps.loop.train_local` calls at fixed points:
 ======================  ==========================================================
 
 Hooks read their hyperparameters from the message config (``run.config``), never
-from the run config, so the server can schedule them per round. A hook ends
+from the run config, so the server can schedule them per round. A hook that
+sets ``needs_features = True`` finds the classifier's input of the batch in
+``run.features`` (models expose features as well as logits). A hook ends
 local training early by setting ``run.stop``; it replaces the reply's model by
 putting an ArrayRecord under ``"arrays"`` in ``run.reply_records`` (e.g. a
 gradient instead of weights, shaped like the model).
@@ -32,8 +36,8 @@ import numpy as np
 import torch
 from flwr.app import ArrayRecord
 
-from strategies import keys
-from strategies.aggregation import to_record
+from clientapps.state import array_record
+from tasks import wire
 
 if TYPE_CHECKING:
     from clientapps.loop import LocalRun
@@ -48,14 +52,16 @@ def parameter_names(run: LocalRun) -> list[str]:
 def model_shaped_record(
     run: LocalRun, values: Mapping[str, torch.Tensor | np.ndarray]
 ) -> ArrayRecord:
-    """Every state-dict entry: ``values`` where given, zeros elsewhere.
+    """Every shared state-dict entry: ``values`` where given, zeros elsewhere.
 
-    Each entry keeps the model's dtype. For replies that are not the model
-    (a gradient, a control-variate change) but must validate against the
-    arrays the server sent.
+    Each entry keeps the model's dtype; personal entries are left out. For
+    replies that are not the model (a gradient, a control-variate change) but
+    must validate against the arrays the server sent.
     """
     arrays = {}
     for name, entry in run.model.state_dict().items():
+        if name in run.personal:
+            continue
         like = entry.detach().cpu().numpy()
         value = values.get(name)
         if value is None:
@@ -64,14 +70,20 @@ def model_shaped_record(
             if isinstance(value, torch.Tensor):
                 value = value.detach().cpu().numpy()
             arrays[name] = np.asarray(value).astype(like.dtype, copy=False)
-    return to_record(arrays)
+    return array_record(arrays)
 
 
 class Hook:
     """Base class: every method is a no-op, override what you need."""
 
+    needs_features: bool = False
+    """Set to True to find the classifier's input in ``run.features``."""
+
     def setup(self, run: LocalRun) -> None:
         """Prepare before the first step."""
+
+    def before_training(self, run: LocalRun) -> None:
+        """A phase over the whole local set, after ``setup`` (score, select)."""
 
     def order(self, run: LocalRun, num_examples: int) -> torch.Tensor | None:
         """Example order for ``run.epoch``; ``None`` leaves the seeded shuffle."""
@@ -249,6 +261,10 @@ class ReturnDelta(Hook):
         self._start = {k: v.detach().clone() for k, v in run.model.state_dict().items()}
 
     def finish(self, run: LocalRun) -> None:
-        run.reply_records[keys.ARRAYS] = ArrayRecord(
-            {k: v.detach() - self._start[k] for k, v in run.model.state_dict().items()}
+        run.reply_records[wire.ARRAYS] = ArrayRecord(
+            {
+                k: v.detach() - self._start[k]
+                for k, v in run.model.state_dict().items()
+                if k not in run.personal
+            }
         )

@@ -1,14 +1,21 @@
-"""The one local training loop (DESIGN rule 2).
+"""The one local training loop (architecture rule 2).
 
-``train_local`` runs epochs of mini-batch SGD over in-memory tensors and calls
-the recipe's hooks (see :mod:`clientapps.hooks`) at fixed points. The example
-order of every epoch comes from the seeded generator the caller passes in, so
-a client's update is a pure function of (global arrays, data, config, seed).
+``train_local`` runs epochs of mini-batch steps over in-memory tensors and
+calls the recipe's hooks (:mod:`clientapps.hooks`) at fixed points. What it
+optimises with comes from factories chosen by the message config: the
+optimizer (``optimizer``: ``sgd``, the default, ``adam``, ``adamw``) and the
+loss (``loss``: :mod:`clientapps.losses`). Before the first step, a phase
+sees the whole local set (``before_training``: score, select); hooks that
+declare ``needs_features`` see the classifier's input as ``run.features``.
+
+The example order of every epoch comes from the seeded generator the caller
+passes in, so a client's update is a pure function of (global arrays, data,
+config, seed).
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping, MutableMapping, Sequence
+from collections.abc import Callable, Mapping, MutableMapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -16,7 +23,10 @@ import torch
 from torch import nn
 
 from clientapps.hooks import Hook
-from strategies import keys
+from clientapps.losses import Loss, make_loss
+from tasks import wire
+
+OPTIMIZERS = ("sgd", "adam", "adamw")
 
 
 @dataclass(frozen=True)
@@ -24,7 +34,8 @@ class TrainSettings:
     """Local optimisation settings, read from the message config.
 
     ``local-steps`` > 0 caps the number of optimizer steps (the loop stops
-    after that many, whatever ``local-epochs`` says).
+    after that many, whatever ``local-epochs`` says). ``momentum`` applies to
+    SGD only.
     """
 
     epochs: int = 1
@@ -33,22 +44,70 @@ class TrainSettings:
     momentum: float = 0.0
     weight_decay: float = 0.0
     max_steps: int = 0
+    optimizer: str = "sgd"
+    loss: str = "cross-entropy"
 
     @classmethod
-    def from_config(cls, config: Mapping[str, Any]) -> TrainSettings:
-        """Build from a ConfigRecord (missing keys keep the defaults)."""
+    def from_config(
+        cls, config: Mapping[str, Any], fallback: Mapping[str, Any] | None = None
+    ) -> TrainSettings:
+        """Build from a ConfigRecord.
+
+        A key the record lacks is read from ``fallback`` (e.g. the run
+        config), else keeps the documented default.
+        """
         default = cls()
+
+        def get(key: str, value: Any) -> Any:
+            if key in config:
+                return config[key]
+            return (fallback or {}).get(key, value)
+
         settings = cls(
-            epochs=int(config.get(keys.LOCAL_EPOCHS, default.epochs)),
-            batch_size=int(config.get(keys.BATCH_SIZE, default.batch_size)),
-            lr=float(config.get(keys.LR, default.lr)),
-            momentum=float(config.get(keys.MOMENTUM, default.momentum)),
-            weight_decay=float(config.get(keys.WEIGHT_DECAY, default.weight_decay)),
-            max_steps=int(config.get(keys.LOCAL_STEPS, default.max_steps)),
+            epochs=int(get(wire.LOCAL_EPOCHS, default.epochs)),
+            batch_size=int(get(wire.BATCH_SIZE, default.batch_size)),
+            lr=float(get(wire.LR, default.lr)),
+            momentum=float(get(wire.MOMENTUM, default.momentum)),
+            weight_decay=float(get(wire.WEIGHT_DECAY, default.weight_decay)),
+            max_steps=int(get(wire.LOCAL_STEPS, default.max_steps)),
+            optimizer=str(get(wire.OPTIMIZER, default.optimizer)),
+            loss=str(get(wire.LOSS, default.loss)),
         )
         if settings.batch_size < 1 or settings.epochs < 0 or settings.lr < 0:
             raise ValueError(f"Invalid local training settings: {settings}")
+        if settings.optimizer not in OPTIMIZERS:
+            raise ValueError(
+                f"optimizer must be one of {OPTIMIZERS}; got {settings.optimizer!r}."
+            )
         return settings
+
+
+def make_optimizer(
+    params: Sequence[torch.Tensor], settings: TrainSettings
+) -> torch.optim.Optimizer:
+    """The optimizer ``settings.optimizer`` names, over ``params``."""
+    if settings.optimizer == "sgd":
+        return torch.optim.SGD(
+            params,
+            lr=settings.lr,
+            momentum=settings.momentum,
+            weight_decay=settings.weight_decay,
+        )
+    kind = torch.optim.Adam if settings.optimizer == "adam" else torch.optim.AdamW
+    return kind(params, lr=settings.lr, weight_decay=settings.weight_decay)
+
+
+def head_module(model: nn.Module) -> nn.Module:
+    """The classifier: the module that owns the last entry of the state dict.
+
+    The same rule as the ``"head"`` of personal parameters
+    (:func:`tasks.wire.resolve_personal`).
+    """
+    last = next(reversed(model.state_dict()), None)
+    if last is None:
+        raise ValueError("The model has no parameters.")
+    prefix = last.rpartition(".")[0]
+    return model.get_submodule(prefix) if prefix else model
 
 
 @dataclass
@@ -59,17 +118,23 @@ class LocalRun:
     ----------
     parameters, global_parameters : list[torch.Tensor]
         Trainable parameters and a frozen copy of their values at the start
-        (the global model), aligned. The copy is made only when the run has
-        hooks (nothing else reads it).
+        (the global model, with the node's personal entries), aligned.
     config : Mapping[str, Any]
         The message's config record (the round's hyperparameters).
     state : MutableMapping
         The node's persistent ``Context.state``; namespace your keys.
     incoming : Mapping
         The message's content (extra records sent by the server).
-    data : (torch.Tensor, torch.Tensor) or None
-        The whole local training set ``(x, y)``, for hooks that look at every
-        example (e.g. scoring examples for a curriculum). Read-only.
+    data : (torch.Tensor, torch.Tensor)
+        The whole local training set ``(x, y)``. Read-only.
+    selected : torch.Tensor or None
+        Indices of the examples training uses; a ``before_training`` hook
+        sets it through :meth:`select` (None: all of them).
+    personal : tuple of str
+        State-dict entries that never leave the node (kept in its state).
+    features : torch.Tensor or None
+        The classifier's input for the current batch, when a hook declares
+        ``needs_features``.
     reply_records : dict
         Extra records to send back, by record name.
     metrics : dict[str, float]
@@ -89,13 +154,24 @@ class LocalRun:
     generator: torch.Generator
     parameters: list[torch.Tensor]
     global_parameters: list[torch.Tensor]
-    data: tuple[torch.Tensor, torch.Tensor] | None = None
+    data: tuple[torch.Tensor, torch.Tensor]
+    loss_fn: Loss
+    selected: torch.Tensor | None = None
+    personal: tuple[str, ...] = ()
+    features: torch.Tensor | None = None
     reply_records: dict[str, Any] = field(default_factory=dict)
     metrics: dict[str, float] = field(default_factory=dict)
     epoch: int = 0
     steps: int = 0
     num_examples: int = 0
     stop: bool = False
+
+    def select(self, indices: torch.Tensor) -> None:
+        """Train on these examples of :attr:`data` only (a selection phase)."""
+        indices = torch.as_tensor(indices, dtype=torch.long)
+        if indices.numel() == 0:
+            raise ValueError("A selection must keep at least one example.")
+        self.selected = indices
 
 
 @dataclass(frozen=True)
@@ -127,11 +203,12 @@ def train_local(
     config: Mapping[str, Any] | None = None,
     state: MutableMapping[str, Any] | None = None,
     incoming: Mapping[str, Any] | None = None,
+    personal: Sequence[str] = (),
 ) -> TrainResult:
     """Train ``model`` in place on ``data = (x, y)`` with ``hooks``.
 
-    Returns the number of examples seen per epoch, the step count, the loss
-    of the first step and the mean loss over all steps.
+    Returns the number of examples trained on, the step count, the loss of
+    the first step and the mean loss over all steps.
     """
     x_all, y_all = data
     if len(x_all) != len(y_all) or len(x_all) == 0:
@@ -140,31 +217,32 @@ def train_local(
         )
     device = next(model.parameters()).device
     params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.SGD(
-        params,
-        lr=settings.lr,
-        momentum=settings.momentum,
-        weight_decay=settings.weight_decay,
-    )
     run = LocalRun(
         model=model,
-        optimizer=optimizer,
+        optimizer=make_optimizer(params, settings),
         settings=settings,
         config=config or {},
         state=state if state is not None else {},
         incoming=incoming or {},
         generator=generator,
         parameters=params,
-        # Only hooks read the start values: a plain run skips the model-sized copy.
-        global_parameters=[p.detach().clone() for p in params] if hooks else [],
-        num_examples=len(x_all),
+        global_parameters=[p.detach().clone() for p in params],
         data=(x_all, y_all),
+        loss_fn=make_loss(settings.loss),
+        personal=tuple(personal),
+        num_examples=len(x_all),
     )
     stepper = _stepper(hooks)
-    criterion = nn.CrossEntropyLoss()
     model.train()
     for hook in hooks:
         hook.setup(run)
+    for hook in hooks:
+        hook.before_training(run)
+    if run.selected is not None:
+        x_all, y_all = x_all[run.selected], y_all[run.selected]
+        run.num_examples = len(x_all)
+    capture = _capture_features(run) if any(h.needs_features for h in hooks) else None
+    optimizer = run.optimizer
 
     def default_step() -> None:
         for hook in hooks:
@@ -172,46 +250,60 @@ def train_local(
         optimizer.step()
 
     losses: list[float] = []
-    for epoch in range(settings.epochs):
-        if run.stop or (settings.max_steps and run.steps >= settings.max_steps):
-            break
-        run.epoch = epoch
-        order = next(
-            (o for h in hooks if (o := h.order(run, len(x_all))) is not None), None
-        )
-        if order is None:
-            order = torch.randperm(len(x_all), generator=generator)
-        for start in range(0, len(order), settings.batch_size):
+    try:
+        for epoch in range(settings.epochs):
             if run.stop or (settings.max_steps and run.steps >= settings.max_steps):
                 break
-            idx = order[start : start + settings.batch_size]
-            x, y = x_all[idx].to(device), y_all[idx].to(device)
-            for hook in hooks:
-                x, y = hook.transform_batch(run, x, y)
-
-            def closure(x: torch.Tensor = x, y: torch.Tensor = y) -> torch.Tensor:
-                optimizer.zero_grad(set_to_none=True)
-                logits = model(x)
-                loss = criterion(logits, y)
+            run.epoch = epoch
+            order = next(
+                (o for h in hooks if (o := h.order(run, len(x_all))) is not None), None
+            )
+            if order is None:
+                order = torch.randperm(len(x_all), generator=generator)
+            for start in range(0, len(order), settings.batch_size):
+                if run.stop or (settings.max_steps and run.steps >= settings.max_steps):
+                    break
+                idx = order[start : start + settings.batch_size]
+                x, y = x_all[idx].to(device), y_all[idx].to(device)
                 for hook in hooks:
-                    loss = hook.loss(run, loss, logits, x, y)
-                loss.backward()
-                return loss
+                    x, y = hook.transform_batch(run, x, y)
 
-            loss = stepper.step(run, closure, default_step) if stepper else None
-            if loss is None:
-                loss = closure()
-                default_step()
-            for hook in hooks:
-                hook.after_step(run)
-            run.steps += 1
-            losses.append(float(loss.detach()))
+                def closure(x: torch.Tensor = x, y: torch.Tensor = y) -> torch.Tensor:
+                    optimizer.zero_grad(set_to_none=True)
+                    logits = model(x)
+                    loss = run.loss_fn(logits, y, run)
+                    for hook in hooks:
+                        loss = hook.loss(run, loss, logits, x, y)
+                    loss.backward()
+                    return loss
+
+                loss = stepper.step(run, closure, default_step) if stepper else None
+                if loss is None:
+                    loss = closure()
+                    default_step()
+                for hook in hooks:
+                    hook.after_step(run)
+                run.steps += 1
+                losses.append(float(loss.detach()))
+    finally:
+        if capture is not None:
+            capture.remove()
     for hook in hooks:
         hook.finish(run)
     return TrainResult(
-        num_examples=len(x_all),
+        num_examples=run.num_examples,
         steps=run.steps,
         loss_first=losses[0] if losses else float("nan"),
         loss_mean=sum(losses) / len(losses) if losses else float("nan"),
         run=run,
     )
+
+
+def _capture_features(run: LocalRun) -> torch.utils.hooks.RemovableHandle:
+    """Store the classifier's input in ``run.features`` on every forward pass."""
+
+    def keep(_module: nn.Module, inputs: tuple[torch.Tensor, ...], _out: Any) -> None:
+        run.features = inputs[0]
+
+    hook: Callable = keep
+    return head_module(run.model).register_forward_hook(hook)

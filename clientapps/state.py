@@ -1,4 +1,4 @@
-"""Client state over ``Context.state`` (DESIGN rule 4).
+"""Client state over ``Context.state`` (architecture rule 4).
 
 ``Context.state`` is the node's persistent RecordDict: it survives between
 rounds (in simulation and in deployment, where every message is a new
@@ -20,6 +20,17 @@ def _key(namespace: str, name: str) -> str:
     return f"{namespace}.{name}"
 
 
+def _numpy(value: Any) -> np.ndarray:
+    return value.detach().cpu().numpy() if hasattr(value, "detach") else value
+
+
+def array_record(arrays: Mapping[str, Any]) -> ArrayRecord:
+    """An ArrayRecord of numpy arrays (or tensors), in C order."""
+    return ArrayRecord(
+        {k: Array(np.array(_numpy(v), order="C")) for k, v in arrays.items()}
+    )
+
+
 def load_arrays(
     state: Mapping[str, Any], namespace: str, name: str
 ) -> dict[str, np.ndarray] | None:
@@ -37,9 +48,7 @@ def save_arrays(
     arrays: Mapping[str, np.ndarray],
 ) -> None:
     """Save arrays under ``namespace.name`` (replacing what was there)."""
-    state[_key(namespace, name)] = ArrayRecord(
-        {k: Array(np.array(v, order="C")) for k, v in arrays.items()}
-    )
+    state[_key(namespace, name)] = array_record(arrays)
 
 
 def load_values(

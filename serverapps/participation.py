@@ -29,13 +29,13 @@ from flwr.serverapp import Grid
 from flwr.supercore import log
 
 from serverapps.settings import setting
-from strategies import keys
 from strategies.profiles import client_indices, query_profiles
 from strategies.sampling import (
     Availability,
     ParticipationSpec,
     participation_probabilities,
 )
+from tasks import wire as keys
 
 
 def participation_spec(run_config: Mapping[str, Any]) -> ParticipationSpec:

@@ -17,14 +17,17 @@ import os
 from pathlib import Path
 from typing import Any
 
-from strategies import keys
-from strategies.base import RoundReport
+from strategies.driver import RoundReport
+from strategies.validation import NODE_ACCURACY_MEAN, NODE_ACCURACY_WORST
+from tasks import wire as keys
 
 ROW_FIELDS = (
     "round",
     "train-loss",
     "client-accuracy",
     "client-loss",
+    NODE_ACCURACY_MEAN,
+    NODE_ACCURACY_WORST,
     "central-accuracy",
     "central-loss",
     "train-replies",
@@ -49,6 +52,8 @@ def report_to_row(report: RoundReport) -> dict[str, Any]:
         "train-loss": report.train_metrics.get(keys.TRAIN_LOSS),
         "client-accuracy": report.evaluate_metrics.get(keys.EVAL_ACCURACY),
         "client-loss": report.evaluate_metrics.get(keys.EVAL_LOSS),
+        NODE_ACCURACY_MEAN: report.evaluate_metrics.get(NODE_ACCURACY_MEAN),
+        NODE_ACCURACY_WORST: report.evaluate_metrics.get(NODE_ACCURACY_WORST),
         "central-accuracy": report.central_metrics.get("accuracy"),
         "central-loss": report.central_metrics.get("loss"),
         "train-replies": report.train_replies,
@@ -93,6 +98,7 @@ def progress_line(row: dict[str, Any], num_rounds: int) -> str:
         f"round {row['round']}/{num_rounds}",
         fmt("train-loss", "train loss"),
         fmt("client-accuracy", "client acc"),
+        fmt(NODE_ACCURACY_WORST, "worst-10% node acc"),
         fmt("central-accuracy", "central acc"),
         fmt("central-loss", "central loss"),
     ]
@@ -167,10 +173,17 @@ def summary(rows: list[dict[str, Any]]) -> dict[str, Any]:
     accs = [
         r["central-accuracy"] for r in rows if r.get("central-accuracy") is not None
     ]
+    personal = [r for r in trained if r.get(NODE_ACCURACY_MEAN) is not None]
     return {
         "rounds": len(trained),
         "final-central-accuracy": accs[-1] if accs else None,
         "best-central-accuracy": max(accs) if accs else None,
+        "final-node-accuracy-mean": personal[-1][NODE_ACCURACY_MEAN]
+        if personal
+        else None,
+        "final-node-accuracy-worst10": (
+            personal[-1][NODE_ACCURACY_WORST] if personal else None
+        ),
         "wall-time": sum(r["wall-time"] for r in trained),
         "sim-time": rows[-1].get("sim-time") if rows else None,
         "bytes-sent": sum(r["bytes-sent"] for r in trained),

@@ -30,15 +30,14 @@ from serverapps.results import RunDirectory, progress_line, summary
 from serverapps.settings import (
     DEFAULTS,
     TRAIN_CONFIG_KEYS,
-    hyperparameters,
+    check_settings,
     setting,
     strategy_common,
 )
-from strategies.aggregation import to_record
-from strategies.asynchrony import AsyncStrategy, DeviceSpeeds, VirtualClock, WallClock
-from strategies.base import BouquetStrategy, RoundReport, wait_for_node_list
+from strategies.base import BouquetStrategy, wait_for_node_list
+from strategies.clocks import DeviceSpeeds, VirtualClock, WallClock
+from strategies.driver import Driver, RoundReport
 from strategies.registry import get_algorithm
-from strategies.state import ServerState, load_state, save_state
 
 DEFAULT_OUTPUT_DIR = "~/bouquet-runs"
 
@@ -166,27 +165,23 @@ def _central_evaluator(run_config: Mapping[str, Any], num_partitions: int):  # n
     return model, evaluate
 
 
-def async_environment(run_config: Mapping[str, Any]) -> dict[str, Any]:
-    """The clock and time budget of an asynchronous run, from the run config."""
-    speeds = DeviceSpeeds(
-        kind=setting(run_config, "device-speeds"),
-        ratio=setting(run_config, "device-speed-ratio"),
-        noise=setting(run_config, "device-speed-noise"),
+def clock(run_config: Mapping[str, Any]) -> VirtualClock | WallClock:
+    """The clock of an asynchronous run (ignored by synchronous ones)."""
+    if setting(run_config, "async-clock") == "wall":
+        return WallClock()
+    return VirtualClock(
+        DeviceSpeeds(
+            kind=setting(run_config, "device-speeds"),
+            ratio=setting(run_config, "device-speed-ratio"),
+            noise=setting(run_config, "device-speed-noise"),
+        )
     )
-    kind = setting(run_config, "async-clock")
-    if kind not in ("virtual", "wall"):
-        raise ValueError(f"async-clock must be 'virtual' or 'wall'; got {kind!r}.")
-    budget = setting(run_config, "time-budget")
-    if budget < 0:
-        raise ValueError(f"time-budget must be >= 0; got {budget}.")
-    clock = VirtualClock(speeds) if kind == "virtual" else WallClock()
-    return {"clock": clock, "time_budget": budget}
 
 
 def build_strategy(run_config: Mapping[str, Any]) -> BouquetStrategy:
     """The strategy the run config names, with its hyperparameters."""
-    entry = get_algorithm(setting(run_config, "algorithm"))
-    return entry.build(strategy_common(run_config), hyperparameters(entry, run_config))
+    cls = get_algorithm(setting(run_config, "algorithm"))
+    return cls.from_run_config(strategy_common(run_config), run_config)
 
 
 def run_server(
@@ -196,15 +191,16 @@ def run_server(
     run_config = {**DEFAULTS, **run_config}
     from tasks import DataSpec
 
-    # Fail first, before waiting for nodes: unknown names, values of the wrong type.
+    # Fail first, before waiting for nodes: unknown names, values of the wrong
+    # type or out of range.
+    check_settings(run_config)
     strategy = build_strategy(run_config)
     DataSpec.from_run_config(run_config, num_partitions=1)
     from clientapps.attacks import check_attack
+    from clientapps.losses import check_loss
 
     check_attack(setting(run_config, "attack"), setting(run_config, "attack-fraction"))
-    asynchronous = (
-        async_environment(run_config) if isinstance(strategy, AsyncStrategy) else {}
-    )
+    check_loss(setting(run_config, "loss"))
     num_nodes = wait_for_nodes(
         grid,
         setting(run_config, "min-available-nodes"),
@@ -223,40 +219,28 @@ def run_server(
     directory = RunDirectory(run_directory(run_config))
     directory.write_config(dict(run_config))
 
-    arrays, first_round = ArrayRecord(model.state_dict()), 1
-    if (directory.checkpoint_stem.with_suffix(".json")).exists():
-        state = load_state(directory.checkpoint_stem)
-        strategy.load_state(state.strategy)
-        arrays, first_round = to_record(state.arrays), state.round + 1
-        log(INFO, "Resuming %s after round %d", directory.path, state.round)
-
-    def on_round_end(
-        strat: BouquetStrategy, rnd: int, current: ArrayRecord, report: RoundReport
-    ) -> None:
-        if rnd > 0:
-            save_state(
-                ServerState(
-                    rnd,
-                    {k: a.numpy() for k, a in current.items()},
-                    strat.export_state(),
-                ),
-                directory.checkpoint_stem,
-            )
+    def on_round_end(report: RoundReport, current: ArrayRecord) -> None:
         log(INFO, "%s", progress_line(directory.add(report), num_rounds))
 
     log(INFO, "Bouquet run directory: %s (%d nodes)", directory.path, num_nodes)
-    train_config = ConfigRecord({k: setting(run_config, k) for k in TRAIN_CONFIG_KEYS})
-    result = strategy.start(
+    driver = Driver(
+        checkpoint=directory.checkpoint_stem,
+        resume=True,
+        on_round_end=on_round_end,
+        clock=clock(run_config),
+        time_budget=setting(run_config, "time-budget"),
+    )
+    result = driver.run(
+        strategy,
         grid,
-        arrays,
+        ArrayRecord(model.state_dict()),
         num_rounds=num_rounds,
         timeout=setting(run_config, "round-timeout"),
-        train_config=train_config,
+        train_config=ConfigRecord(
+            {k: setting(run_config, k) for k in TRAIN_CONFIG_KEYS}
+        ),
         evaluate_config=ConfigRecord(),
         evaluate_fn=evaluate,
-        first_round=first_round,
-        on_round_end=on_round_end,
-        **asynchronous,
     )
     final = summary(directory.rows)
     (directory.path / "summary.json").write_text(json.dumps(final, indent=1))

@@ -1,7 +1,11 @@
-"""Run-config parsing: typed, checked values with errors that name the key.
+"""The run config's shared settings: declared once, typed and range-checked.
 
-Flower does not type-check ``--run-config`` values (``lr='oops'`` arrives as a
-string), so every value is coerced to the type of its default here, once.
+Every shared key is a :class:`~strategies.params.Param` here; an algorithm's
+own keys are declared on its strategy class. ``pyproject.toml`` must declare
+the same keys with the same defaults (Flower rejects undeclared run-config
+keys); a test checks that it does. Values arrive untyped from ``--run-config``
+(``lr='oops'`` is a string): :func:`setting` coerces each to the type of its
+default and checks its range, with an error that names the key.
 """
 
 from __future__ import annotations
@@ -9,114 +13,104 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
-from strategies import keys
-from strategies.registry import AlgorithmEntry
+from strategies.clocks import SPEED_MODELS
+from strategies.params import Param, defaults
+from strategies.sampling import LINKS, MODELS
+from tasks import wire
 
-# Shared run-config keys and their defaults (pyproject.toml declares the same).
-DEFAULTS: dict[str, Any] = {
-    "algorithm": "fedavg",
-    "num-server-rounds": 10,
-    "fraction-train": 1.0,
-    "fraction-evaluate": 1.0,
-    "min-train-nodes": 2,
-    "min-evaluate-nodes": 2,
-    "min-available-nodes": 2,
-    keys.LOCAL_EPOCHS: 2,
-    keys.LOCAL_STEPS: 0,
-    keys.BATCH_SIZE: 16,
-    keys.LR: 0.1,
-    keys.MOMENTUM: 0.9,
-    keys.WEIGHT_DECAY: 0.0,
-    "seed": 42,
-    "dataset": "digits",
-    "partitioner": "dirichlet",
-    "num-partitions": 0,
-    "dirichlet-alpha": 0.3,
-    "classes-per-partition": 2,
-    "num-shards-per-partition": 2,
-    "partition-by": "label",
-    "data-path": "",
-    "test-fraction": 0.2,
-    "val-fraction": 0.2,
-    "synthetic-alpha": 1.0,
-    "synthetic-beta": 1.0,
-    "model": "mlp",
-    "model-norm": "batch",
-    "device": "cpu",
-    "output-dir": "",
-    "plot": True,
-    "resume": "",
-    "round-timeout": 3600.0,
-    "node-wait-timeout": 300.0,
-    "attack": "none",
-    "attack-fraction": 0.0,
-    "attack-scale": 0.0,
-    "participation": "uniform",
-    "participation-mean": 0.1,
-    "participation-min": 0.02,
-    "participation-alpha": 0.1,
-    "participation-link": "label",
-    "participation-cycle": 100,
-    "participation-markov-active": 0.05,
-    "async-clock": "virtual",
-    "device-speeds": "equal",
-    "device-speed-ratio": 5.0,
-    "device-speed-noise": 0.0,
-    "time-budget": 0.0,
-}
+SETTINGS: tuple[Param, ...] = (
+    Param("algorithm", "fedavg", help="a registered algorithm name"),
+    Param("num-server-rounds", 10, ">= 1", "rounds (model versions when asynchronous)"),
+    Param("fraction-train", 1.0, "[0, 1]"),
+    Param("fraction-evaluate", 1.0, "[0, 1]"),
+    Param("min-train-nodes", 2, ">= 0"),
+    Param("min-evaluate-nodes", 2, ">= 0"),
+    Param("min-available-nodes", 2, ">= 0"),
+    Param(wire.LOCAL_EPOCHS, 2, ">= 0"),
+    Param(wire.LOCAL_STEPS, 0, ">= 0", "> 0 caps local optimizer steps per round"),
+    Param(wire.BATCH_SIZE, 16, ">= 1"),
+    Param(wire.LR, 0.1, ">= 0"),
+    Param(wire.MOMENTUM, 0.9, ">= 0"),
+    Param(wire.WEIGHT_DECAY, 0.0, ">= 0"),
+    Param(wire.OPTIMIZER, "sgd", choices=("sgd", "adam", "adamw")),
+    Param(wire.LOSS, "cross-entropy", help="the clients' loss (clientapps/losses.py)"),
+    Param("personal-parameters", "", help="comma-separated globs or 'head'"),
+    Param("seed", 42),
+    Param("dataset", "digits"),
+    Param("partitioner", "dirichlet"),
+    Param("num-partitions", 0, ">= 0", "0 = one partition per node"),
+    Param("dirichlet-alpha", 0.3, "> 0"),
+    Param("classes-per-partition", 2, ">= 1"),
+    Param("num-shards-per-partition", 2, ">= 1"),
+    Param("partition-by", "label"),
+    Param("data-path", ""),
+    Param("test-fraction", 0.2, "(0, 1)"),
+    Param("val-fraction", 0.2, "[0, 1)"),
+    Param("synthetic-alpha", 1.0, ">= 0"),
+    Param("synthetic-beta", 1.0, ">= 0"),
+    Param("model", "mlp"),
+    Param("model-norm", "batch", choices=("batch", "group", "none")),
+    Param("device", "cpu"),
+    Param("output-dir", ""),
+    Param("plot", True),
+    Param("resume", ""),
+    Param("round-timeout", 3600.0, "> 0"),
+    Param("node-wait-timeout", 300.0, ">= 0", "0 waits for ever"),
+    Param("attack", "none", help="clientapps/attacks.py"),
+    Param("attack-fraction", 0.0, "[0, 1]"),
+    Param("attack-scale", 0.0, ">= 0", "0 = the attack's default"),
+    Param("participation", "uniform", choices=MODELS),
+    Param("participation-mean", 0.1, "(0, 1]"),
+    Param("participation-min", 0.02, "[0, 1]"),
+    Param("participation-alpha", 0.1, "> 0"),
+    Param("participation-link", "label", choices=LINKS),
+    Param("participation-cycle", 100, ">= 2"),
+    Param("participation-markov-active", 0.05, "(0, 1]"),
+    Param("async-clock", "virtual", choices=("virtual", "wall")),
+    Param("device-speeds", "equal", choices=SPEED_MODELS),
+    Param("device-speed-ratio", 5.0, ">= 1"),
+    Param("device-speed-noise", 0.0, ">= 0"),
+    Param(
+        "time-budget", 0.0, ">= 0", "simulated time (0 = num-server-rounds versions)"
+    ),
+)
+
+_BY_KEY = {p.key: p for p in SETTINGS}
+DEFAULTS: dict[str, Any] = defaults(SETTINGS)
 
 TRAIN_CONFIG_KEYS = (
-    keys.LOCAL_EPOCHS,
-    keys.LOCAL_STEPS,
-    keys.BATCH_SIZE,
-    keys.LR,
-    keys.MOMENTUM,
-    keys.WEIGHT_DECAY,
+    wire.LOCAL_EPOCHS,
+    wire.LOCAL_STEPS,
+    wire.BATCH_SIZE,
+    wire.LR,
+    wire.MOMENTUM,
+    wire.WEIGHT_DECAY,
+    wire.OPTIMIZER,
+    wire.LOSS,
 )
 """Shared keys sent to clients in every train message's config."""
 
 
-def coerce(key: str, value: Any, default: Any) -> Any:
-    """``value`` as the type of ``default``; ValueError naming ``key`` if impossible."""
-    kind = type(default)
-    try:
-        if kind is bool:
-            if isinstance(value, str) and value.lower() in ("true", "false"):
-                return value.lower() == "true"
-            if isinstance(value, bool):
-                return value
-            raise ValueError
-        if kind is int:
-            if isinstance(value, float) and not value.is_integer():
-                raise ValueError
-            return int(value)
-        return kind(value)
-    except (TypeError, ValueError):
-        raise ValueError(
-            f"Run config '{key}' must be {kind.__name__} (like {default!r}); "
-            f"got {value!r}."
-        ) from None
-
-
 def setting(run_config: Mapping[str, Any], key: str) -> Any:
-    """A shared setting, typed, falling back to :data:`DEFAULTS`."""
-    default = DEFAULTS[key]
-    return coerce(key, run_config.get(key, default), default)
+    """A shared setting, typed and checked, falling back to its default."""
+    param = _BY_KEY[key]
+    return param.parse(run_config.get(key, param.default), key)
 
 
-def hyperparameters(
-    entry: AlgorithmEntry, run_config: Mapping[str, Any]
-) -> dict[str, Any]:
-    """The algorithm's own values (``"<name>.<key>"`` in the run config), typed."""
-    values = {}
-    for key, default in entry.hyperparameters.items():
-        full = keys.algorithm_key(entry.name, key)
-        values[key] = coerce(full, run_config.get(full, default), default)
-    return values
+def check_settings(run_config: Mapping[str, Any]) -> None:
+    """Parse every shared setting once, so a bad value fails before any work."""
+    for key in _BY_KEY:
+        setting(run_config, key)
+
+
+def personal_patterns(run_config: Mapping[str, Any]) -> tuple[str, ...]:
+    """The ``personal-parameters`` patterns (comma-separated)."""
+    text = setting(run_config, "personal-parameters")
+    return tuple(p.strip() for p in text.split(",") if p.strip())
 
 
 def strategy_common(run_config: Mapping[str, Any]) -> dict[str, Any]:
-    """Keyword arguments every strategy takes (sampling and seed)."""
+    """Keyword arguments every strategy takes (sampling, seed, personal)."""
     return {
         "fraction_train": setting(run_config, "fraction-train"),
         "fraction_evaluate": setting(run_config, "fraction-evaluate"),
@@ -125,4 +119,5 @@ def strategy_common(run_config: Mapping[str, Any]) -> dict[str, Any]:
         "min_available_nodes": setting(run_config, "min-available-nodes"),
         "node_wait_timeout": setting(run_config, "node-wait-timeout"),
         "seed": setting(run_config, "seed"),
+        "personal": personal_patterns(run_config),
     }

@@ -34,9 +34,9 @@ from flwr.app import ConfigRecord, Message, MetricRecord, RecordDict
 
 from serverapps.run import build_strategy
 from simulations.inprocess import InProcessGrid, app_defaults
-from strategies import keys
 from strategies.aggregation import to_numpy, to_record
 from strategies.registry import list_algorithms
+from tasks import wire as keys
 
 FLAG_RATIO = 3.0
 
@@ -107,8 +107,13 @@ class Round:
                     local[key] = (value + 0.01 * update).astype(value.dtype)
                 else:
                     local[key] = value + 1
-            content = RecordDict({keys.ARRAYS: to_record(local)})
-            for extra in strategy.extra_train_records:
+            content = RecordDict(
+                {
+                    keys.ARRAYS: to_record(local),
+                    keys.CLIENT_INFO: ConfigRecord({keys.ROUTINE: strategy.routine}),
+                }
+            )
+            for extra in strategy.expected_records(strategy.train_round):
                 content[extra] = to_record(
                     {
                         k: 0.01 * v if v.dtype.kind == "f" else v
@@ -120,6 +125,7 @@ class Round:
                     keys.NUM_EXAMPLES: int(rng.integers(50, 150)),
                     keys.PARTITION_ID: i,
                     keys.TRAIN_LOSS: 1.0,
+                    **dict.fromkeys(strategy.reply_metrics, 1.0),
                 }
             )
             replies.append(Message(content, reply_to=msg))

@@ -49,8 +49,6 @@ from torch import nn
 
 from serverapps.settings import setting
 from simulations.inprocess import InProcessGrid, app_defaults, run_inprocess
-from strategies import keys
-from strategies.base import derive_seed
 from tasks import (
     DataSpec,
     build_model,
@@ -59,7 +57,9 @@ from tasks import (
     load_client_data,
     resolve_device,
 )
+from tasks import wire as keys
 from tasks.evaluation import evaluate_model
+from tasks.wire import derive_seed
 
 WORKLOAD = {
     "dataset": "digits",

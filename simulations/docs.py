@@ -1,4 +1,4 @@
-"""Generated documentation: the README's algorithm table, from the registry.
+"""Generated documentation: the README's algorithm table, from the declarations.
 
 ``python -m simulations.docs`` rewrites the block between the
 ``algorithm-table`` markers of README.md; a test fails when it is stale.
@@ -25,11 +25,11 @@ def algorithm_table() -> str:
         "|---|---|---|---|---|---|",
     ]
     for name in list_algorithms():
-        entry = get_algorithm(name)
-        params = ", ".join(f"`{k}={v!r}`" for k, v in entry.hyperparameters.items())
+        cls = get_algorithm(name)
+        params = ", ".join(f"`{p.key}={p.describe()}`" for p in cls.params)
         lines.append(
-            f"| `{name}` | {entry.family} | {entry.summary} | `{entry.client}` | "
-            f"{params or '-'} | {entry.paper} |"
+            f"| `{name}` | {cls.family} | {cls.tagline} | `{cls.routine}` | "
+            f"{params or '-'} | {cls.paper} |"
         )
     return "\n".join(lines) + "\n"
 

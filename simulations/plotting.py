@@ -15,7 +15,9 @@ def plot_rounds(
     """Plot central accuracy and train loss for every run in ``runs``.
 
     ``x`` is the row key on the horizontal axis: ``round``, or ``sim-time``
-    for asynchronous runs (simulated time).
+    for asynchronous runs (simulated time). Where rows carry the worst-10%
+    node accuracy (federated evaluation), it is drawn dashed beside the
+    central accuracy.
     """
     import matplotlib
 
@@ -23,8 +25,14 @@ def plot_rounds(
     import matplotlib.pyplot as plt
 
     fig, (ax_acc, ax_loss) = plt.subplots(1, 2, figsize=(10, 4))
+    series = (
+        (ax_acc, "central-accuracy", "-", ""),
+        (ax_acc, "node-accuracy-worst10", "--", " (worst-10% nodes)"),
+        (ax_loss, "train-loss", "-", ""),
+    )
     for label, rows in runs.items():
-        for ax, key in ((ax_acc, "central-accuracy"), (ax_loss, "train-loss")):
+        color = None
+        for ax, key, style, suffix in series:
             points = [
                 (r[x], r[key])
                 for r in rows
@@ -32,7 +40,11 @@ def plot_rounds(
             ]
             if points:
                 xs, ys = zip(*points, strict=True)
-                ax.plot(xs, ys, marker="." if len(xs) <= 200 else None, label=label)
+                marker = "." if len(xs) <= 200 else None
+                (line,) = ax.plot(
+                    xs, ys, style, marker=marker, color=color, label=label + suffix
+                )
+                color = line.get_color()
     xlabel = "simulated time" if x == "sim-time" else x
     ax_acc.set(xlabel=xlabel, ylabel="central accuracy", title="Accuracy")
     ax_loss.set(xlabel=xlabel, ylabel="train loss", title="Training loss")

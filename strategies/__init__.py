@@ -1,11 +1,11 @@
 """Server side of Bouquet: the registry, the base strategy and one module per algorithm.
 
-Import a strategy class directly (``from strategies.baselines import FedProx``)
-or build one by name (``get_algorithm("fedprox").build(common, hyperparameters)``).
+Import a strategy class from its module (``from strategies.fedprox import
+FedProx``) or look one up by name (``get_algorithm("fedprox")``); see
+``docs/architecture.md`` for the shape of the package.
 """
 
 from strategies.registry import (
-    AlgorithmEntry,
     UnknownAlgorithmError,
     get_algorithm,
     list_algorithms,
@@ -13,7 +13,6 @@ from strategies.registry import (
 )
 
 __all__ = [
-    "AlgorithmEntry",
     "UnknownAlgorithmError",
     "get_algorithm",
     "list_algorithms",

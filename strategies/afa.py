@@ -15,12 +15,16 @@ learning rates (server ``eta``, worker ``eta_L`` = the shared ``lr`` key):
   overwrite theirs; ``x_{t+1} = x_t - eta * mean_i G_i`` over the table
   (stale entries for absent workers, SAG/MIFA-like).
 
-Anarchy is simulated in the strategy (DESIGN rule 6: deterministic by seed):
+Anarchy is simulated in the strategy (architecture rule 6: deterministic by seed):
 the server keeps the last ``tau-max + 1`` global models and sends each of the
 m sampled nodes (m = ``fraction-train`` x N) the model of an age ``tau`` drawn
 from ``(seed, round)``. ``arrival = "uniform"``: the base's uniform sample,
 ``tau ~ U{0..tau-max}``. ``arrival = "biased"``: the upper half of the sorted
 node ids are slow: they arrive 4x less often and always with ``tau = tau-max``.
+
+Both servers are a chain: uniform weights, the mean of the ``G_i`` (AFA-CD)
+or of the table of latest ``G_i`` (AFA-CS, the combine piece
+:class:`TableMean`), then the step ``x - eta G``.
 
 Wire protocol: ``arrays`` (the stale model), ``config`` with ``afa.k``,
 ``afa.k-min``, ``afa.normalize``, ``afa.version`` (the model's round), and
@@ -28,8 +32,8 @@ Wire protocol: ``arrays`` (the stale model), ``config`` with ``afa.k``,
 ``arrays`` is ``G_i`` (zeros for buffers); ``metrics`` add ``afa.local-steps``
 (``K_i``); the round's train metrics add ``afa.staleness`` (mean age of the
 models the replies were computed on). Server state: ``models`` (version ->
-arrays, at most tau-max + 1 of them) and, for AFA-CS, ``table``
-(partition-id -> G_i, M x |model|).
+arrays, at most tau-max + 1 of them) and, for AFA-CS, the combine piece's
+``table`` (partition-id -> G_i, M x |model|).
 
 Decisions where the spec was open (the algorithms are recalled, not checked
 against the paper's Algorithms 1-2):
@@ -52,215 +56,146 @@ against the paper's Algorithms 1-2):
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
-from typing import Any
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any, ClassVar
 
 import numpy as np
-from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord
-from flwr.serverapp import Grid
-from flwr.serverapp import strategy as flwr_strategy
+from flwr.app import ConfigRecord
 
-from strategies import keys
-from strategies.aggregation import apply_delta, mean64, to_numpy, to_record
-from strategies.base import BouquetStrategy, derive_seed, with_records
-from strategies.registry import AlgorithmEntry, register
+from strategies import pieces
+from strategies.aggregation import mean64, to_record
+from strategies.base import BouquetStrategy, Record
+from strategies.context import RoundContext
+from strategies.fedamd import client_key
+from strategies.params import Param
+from strategies.pieces import Replies, State, Updated
+from strategies.registry import register
+from strategies.validation import ClientReply
+from tasks import wire
 
 ARRIVALS = ("uniform", "biased")
 SLOW_WEIGHT = 0.25  # relative arrival rate of a slow node under "biased"
+VERSION = "afa.version"
 
 
-def _key(name: str) -> str:
-    return keys.algorithm_key("afa", name)
+@dataclass(frozen=True)
+class TableMean(pieces.Combine):
+    """AFA-CS: the mean over a table of every worker's latest ``G_i``."""
+
+    def update(
+        self, replies: Replies, weights: np.ndarray, state: State, ctx: RoundContext
+    ) -> Updated:
+        table = {**(state or {}), **{client_key(r): dict(r.arrays) for r in replies}}
+        return mean64([table[k] for k in sorted(table)]), table
 
 
-class AFA(BouquetStrategy, flwr_strategy.FedAvg):
-    """Common server of AFA-CD and AFA-CS: stale models out, ``G_i`` back.
+class AFA(BouquetStrategy):
+    """Common server of AFA-CD and AFA-CS: stale models out, ``G_i`` back."""
 
-    Parameters
-    ----------
-    eta : float
-        Server learning rate (``G_i`` is a gradient: a true step size).
-    k, k_min : int
-        Workers draw ``K_i`` uniformly in ``[k_min, k]``.
-    tau_max : int
-        Largest model age sent.
-    arrival : str
-        ``"uniform"`` or ``"biased"`` (see the module docstring).
-    normalize : bool
-        Workers divide by ``K_i`` (AFA) or return raw deltas (the baseline).
+    routine = "afa"
+    paper = "Yang et al., ICML 2022, https://arxiv.org/abs/2108.09875"
+    family = "participation"
+    params: ClassVar[tuple[Param, ...]] = (
+        Param("eta", 1.0, "> 0", "server learning rate (G_i is a gradient)"),
+        Param("k", 10, ">= 1", "workers draw K_i in [k-min, k]", send="afa.k"),
+        Param("k-min", 1, ">= 1", send="afa.k-min"),
+        Param("tau-max", 5, ">= 0", "largest model age sent (simulated staleness)"),
+        Param(
+            "arrival",
+            "uniform",
+            choices=ARRIVALS,
+            help="biased: slow half rarer, stalest",
+        ),
+        Param(
+            "normalize",
+            True,
+            help="false: raw deltas, the 'FedAvg on stale models' baseline",
+            send="afa.normalize",
+        ),
+    )
 
-    """
+    def validate(self) -> None:
+        """``k-min <= k``."""
+        if self.k_min > self.k:
+            raise ValueError(f"AFA needs k-min <= k; got {self.k_min}, {self.k}.")
 
-    state_attributes: tuple[str, ...] = ("models",)
+    def init_state(self) -> dict[str, Any]:
+        return {"models": {}}
 
-    def __init__(
-        self,
-        *args: Any,
-        eta: float = 1.0,
-        k: int = 10,
-        k_min: int = 1,
-        tau_max: int = 5,
-        arrival: str = "uniform",
-        normalize: bool = True,
-        **kwargs: Any,
-    ) -> None:
-        super().__init__(*args, **kwargs)
-        if not 1 <= k_min <= k:
-            raise ValueError(f"AFA needs 1 <= k-min <= k; got {k_min}, {k}.")
-        if tau_max < 0 or arrival not in ARRIVALS:
-            raise ValueError(
-                f"AFA needs tau-max >= 0 and arrival in {ARRIVALS}; "
-                f"got {tau_max}, {arrival!r}."
-            )
-        self.eta, self.k, self.k_min = float(eta), int(k), int(k_min)
-        self.tau_max, self.arrival, self.normalize = int(tau_max), arrival, normalize
-        self.models: dict[str, dict[str, np.ndarray]] = {}
-        self.versions: dict[int, int] = {}
-        """Model version (round) sent to each node this round, by node id."""
+    def combine_rule(self) -> pieces.Combine:
+        """How this round's ``G_i`` become ``G`` (CD: their mean)."""
+        return pieces.WeightedMean(of="updates")
 
-    def round_config(self, server_round: int) -> dict[str, Any]:
-        return {
-            _key("k"): self.k,
-            _key("k-min"): self.k_min,
-            _key("normalize"): self.normalize,
-            keys.LOCAL_STEPS: self.k,
-            keys.LOCAL_EPOCHS: self.k,
-        }
+    def make_aggregator(self) -> pieces.Aggregator:
+        """Uniform weights, the combine rule, the step ``x - eta G``."""
+        return pieces.Aggregator(
+            pieces.Uniform(), self.combine_rule(), pieces.ServerSGD(-self.eta)
+        )
 
-    def configure_train(
-        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
-    ) -> Iterable[Message]:
+    def round_config(self, ctx: RoundContext) -> dict[str, Any]:
+        """Room for any ``K_i``: ``local-steps = local-epochs = k``."""
+        return {wire.LOCAL_STEPS: self.k, wire.LOCAL_EPOCHS: self.k}
+
+    def recipients(self, ctx: RoundContext) -> dict[int, dict[str, Record]]:
         """Sample m nodes, then send each a model of a random age."""
-        messages = list(super().configure_train(server_round, arrays, config, grid))
-        self.models[str(server_round)] = dict(self.global_arrays)
-        oldest = server_round - self.tau_max
-        self.models = {v: a for v, a in self.models.items() if int(v) >= oldest}
-        rng = np.random.default_rng(derive_seed(self.seed, server_round, "afa"))
-        nodes = sorted(m.metadata.dst_node_id for m in messages)
+        sampled = self.sample(ctx, self.fraction_train, self.min_train_nodes)
+        oldest = ctx.server_round - self.tau_max
+        models = {v: a for v, a in self.state["models"].items() if int(v) >= oldest}
+        models[str(ctx.server_round)] = dict(ctx.arrays)
+        self.state["models"] = models
+        rng = np.random.default_rng(
+            wire.derive_seed(self.seed, ctx.server_round, "afa")
+        )
+        nodes = sorted(sampled)
         slow: set[int] = set()
-        if self.arrival == "biased" and messages:
-            everyone = sorted(grid.get_node_ids())
+        if self.arrival == "biased" and sampled:
+            everyone = sorted(ctx.nodes)
             slow = set(everyone[len(everyone) // 2 :])
             weights = np.array([SLOW_WEIGHT if n in slow else 1.0 for n in everyone])
-            nodes = sorted(
-                int(n)
-                for n in rng.choice(
-                    everyone, len(messages), replace=False, p=weights / weights.sum()
-                )
+            drawn = rng.choice(
+                everyone, len(sampled), replace=False, p=weights / weights.sum()
             )
-        available = min(self.tau_max, len(self.models) - 1)
-        self.versions, tailored = {}, []
-        for node, template in zip(nodes, messages, strict=True):
+            nodes = sorted(int(n) for n in drawn)
+        available = min(self.tau_max, len(models) - 1)
+        plan: dict[int, dict[str, Record]] = {}
+        for node in nodes:
             tau = available if node in slow else int(rng.integers(0, available + 1))
-            version = server_round - tau
-            self.versions[node] = version
-            cfg = ConfigRecord(dict(template.content[keys.CONFIG]))
-            cfg[_key("version")] = version
-            records = {
-                keys.CONFIG: cfg,
-                keys.ARRAYS: to_record(self.models[str(version)]),
+            version = ctx.server_round - tau
+            ctx.per_node[node] = {"version": version}
+            plan[node] = {
+                wire.CONFIG: ConfigRecord({**ctx.config, VERSION: version}),
+                wire.ARRAYS: to_record(models[str(version)]),
             }
-            tailored.append(with_records(template, records, dst_node_id=node))
-        return tailored
+        return plan
 
-    def aggregate_valid(
-        self, server_round: int, replies: list[Message]
-    ) -> tuple[ArrayRecord | None, MetricRecord | None]:
-        gradients = {_client_key(r): to_numpy(r.content[keys.ARRAYS]) for r in replies}
-        direction = self.direction(gradients)
-        metrics = self.train_metrics_aggr_fn(
-            [r.content for r in replies], self.weighted_by_key
-        )
+    def train_metrics(
+        self, replies: Sequence[ClientReply], ctx: RoundContext
+    ) -> dict[str, float]:
+        """``afa.staleness``: the mean age of the models the replies trained."""
         ages = [
-            server_round - self.versions[r.metadata.src_node_id]
+            ctx.server_round - ctx.per_node[r.node]["version"]
             for r in replies
-            if r.metadata.src_node_id in self.versions
+            if r.node in ctx.per_node
         ]
-        if ages:
-            metrics[_key("staleness")] = float(np.mean(ages))
-        return to_record(apply_delta(self.global_arrays, direction, -self.eta)), metrics
-
-    def direction(
-        self, gradients: Mapping[str, Mapping[str, np.ndarray]]
-    ) -> dict[str, np.ndarray]:
-        """``G_t`` from this round's ``G_i`` (by client key), float64."""
-        raise NotImplementedError
+        return {"afa.staleness": float(np.mean(ages))} if ages else {}
 
 
+@register
 class AFACD(AFA):
     """AFA-CD: the mean of the ``G_i`` that arrived this round."""
 
-    def direction(
-        self, gradients: Mapping[str, Mapping[str, np.ndarray]]
-    ) -> dict[str, np.ndarray]:
-        return mean64(list(gradients.values()))
+    name = "afa-cd"
+    tagline = "Stale, self-paced workers; server steps on the mean K-normalised G_i"
 
 
+@register
 class AFACS(AFA):
     """AFA-CS: the mean over the table of every worker's latest ``G_i``."""
 
-    state_attributes = ("models", "table")
+    name = "afa-cs"
+    tagline = "AFA with a table of every worker's latest G_i (cross-silo)"
 
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)
-        self.table: dict[str, dict[str, np.ndarray]] = {}
-
-    def direction(
-        self, gradients: Mapping[str, Mapping[str, np.ndarray]]
-    ) -> dict[str, np.ndarray]:
-        self.table.update({k: dict(v) for k, v in gradients.items()})
-        return mean64([self.table[k] for k in sorted(self.table)])
-
-
-def _client_key(reply: Message) -> str:
-    pid = reply.content[keys.METRICS].get(keys.PARTITION_ID)
-    return str(int(pid)) if pid is not None else f"node-{reply.metadata.src_node_id}"
-
-
-def _builder(cls: type[AFA]) -> Any:
-    def build(common: Mapping[str, Any], hp: Mapping[str, Any]) -> AFA:
-        return cls(
-            **common,
-            eta=hp["eta"],
-            k=hp["k"],
-            k_min=hp["k-min"],
-            tau_max=hp["tau-max"],
-            arrival=hp["arrival"],
-            normalize=hp["normalize"],
-        )
-
-    return build
-
-
-HYPERPARAMETERS = {
-    "eta": 1.0,
-    "k": 10,
-    "k-min": 1,
-    "tau-max": 5,
-    "arrival": "uniform",
-    "normalize": True,
-}
-PAPER = "Yang et al., ICML 2022, https://arxiv.org/abs/2108.09875"
-
-register(
-    AlgorithmEntry(
-        "afa-cd",
-        _builder(AFACD),
-        client="afa",
-        hyperparameters=HYPERPARAMETERS,
-        paper=PAPER,
-        summary="Stale, self-paced workers; server steps on the mean K-normalised G_i",
-        family="participation",
-    )
-)
-register(
-    AlgorithmEntry(
-        "afa-cs",
-        _builder(AFACS),
-        client="afa",
-        hyperparameters=HYPERPARAMETERS,
-        paper=PAPER,
-        summary="AFA with a table of every worker's latest G_i (cross-silo)",
-        family="participation",
-    )
-)
+    def combine_rule(self) -> pieces.Combine:
+        """The mean over the table of latest ``G_i``."""
+        return TableMean()

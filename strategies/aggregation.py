@@ -13,11 +13,9 @@ from collections.abc import Mapping, Sequence
 from io import BytesIO
 
 import numpy as np
-from flwr.app import Array, ArrayRecord, MetricRecord, RecordDict
+from flwr.app import Array, ArrayRecord
 from flwr.common.constant import SType
 from numpy.lib import format as npy_format
-
-from strategies import keys
 
 NDArrays = dict[str, np.ndarray]
 
@@ -141,19 +139,19 @@ def coordinate_median(layers: Sequence[np.ndarray]) -> np.ndarray:
 
 
 def pairwise_sq_distances(
-    records: Sequence[ArrayRecord], block: int = 1 << 20
+    replies: Sequence[Mapping[str, np.ndarray]], block: int = 1 << 20
 ) -> np.ndarray:
-    """Squared L2 distances between the records' arrays (all keys, flattened).
+    """Squared L2 distances between the replies' arrays (all keys, flattened).
 
     Accumulated from a Gram matrix over column blocks of one layer at a time,
-    in float64: memory is ``m * block`` doubles plus one layer of every record,
+    in float64: memory is ``m * block`` doubles plus one layer of every reply,
     never the whole ``(m, d)`` stack (which at m = 100 and d = 1.1e7 is 8.8 GB
     per copy).
     """
-    m = len(records)
+    m = len(replies)
     gram = np.zeros((m, m))
-    for key in records[0]:
-        layer = [array_view(rec[key]).ravel() for rec in records]
+    for key in replies[0]:
+        layer = [np.asarray(reply[key]).ravel() for reply in replies]
         for start in range(0, layer[0].size, block):
             x = np.stack([a[start : start + block] for a in layer]).astype(np.float64)
             gram += x @ x.T
@@ -173,27 +171,3 @@ def apply_delta(
         k: cast_like(ref.astype(np.float64) + scale * delta[k], ref)
         for k, ref in reference.items()
     }
-
-
-def weighted_metrics(records: list[RecordDict], weight_key: str) -> MetricRecord:
-    """Weighted mean of every scalar metric over the replies that report it.
-
-    Unlike Flower's default, replies may report different keys, and the
-    bookkeeping keys (``num-examples``, ``partition-id``) are not averaged;
-    the result carries the total ``num-examples`` instead.
-    """
-    sums: dict[str, float] = {}
-    totals: dict[str, float] = {}
-    num_examples = 0.0
-    for record in records:
-        metrics = next(iter(record.metric_records.values()))
-        weight = float(metrics[weight_key])
-        num_examples += weight
-        for key, value in metrics.items():
-            if key in keys.BOOKKEEPING_METRICS or isinstance(value, list):
-                continue
-            sums[key] = sums.get(key, 0.0) + weight * float(value)
-            totals[key] = totals.get(key, 0.0) + weight
-    result = MetricRecord({k: sums[k] / totals[k] for k in sums})
-    result[keys.NUM_EXAMPLES] = num_examples
-    return result

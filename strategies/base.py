@@ -1,155 +1,92 @@
-"""The base of every Bouquet strategy: a mixin over Flower's message-API strategies.
+"""The base of every Bouquet strategy: a Flower ``Strategy`` with Bouquet's guarantees.
 
-``BouquetStrategy`` adds to any :class:`flwr.serverapp.strategy.Strategy`:
+:class:`BouquetStrategy` implements Flower's message-API contract
+(``configure_train`` / ``aggregate_train`` / ``configure_evaluate`` /
+``aggregate_evaluate`` / ``summary``) and keeps ``start``'s signature exactly,
+so Flower's own ``start`` drives it and Flower's wrappers (differential
+privacy) wrap it. What it adds (``docs/architecture.md``):
 
-- **Seeded sampling.** Nodes are sampled from the sorted node ids with a random
-  stream derived from ``(seed, round)``, so a run replays exactly.
-- **Reply validation.** Replies are checked against the arrays that were sent
-  (keys, shapes, dtypes, finiteness) and against the metrics contract
-  (``num-examples`` > 0, finite numbers). Bad replies are dropped with a logged
-  reason and counted; the round goes on with the rest. If fewer than
-  ``min_train_nodes`` good replies remain, the round's update is skipped (the
-  global arrays stay as they were) and the reason is logged as an error.
-- **Deterministic reply order.** Good replies are aggregated in order of the
-  ``partition-id`` they report, so float sums do not depend on arrival order.
-- **State export/load.** ``export_state()`` / ``load_state()`` cover the
-  attributes named in ``state_attributes`` (e.g. FedAdam's moments), so a run
-  can be checkpointed every round and resumed.
-- **One round driver.** :meth:`start` is Flower's ``start`` with a first round
-  (for resume), an ``on_round_end`` callback (checkpoints, results, progress)
-  and per-round accounting (bytes each way, replies, drops, wall time, and
-  the share of it spent in Bouquet's server code vs waiting for replies).
-  Algorithms customise rounds through ``configure_*`` / ``aggregate_*``, never
-  by copying the loop.
-- **Prompt replies.** Messages go out and come back through :func:`exchange`,
-  which polls every :data:`EXCHANGE_POLL_INTERVAL` seconds; Flower's
-  deployment grid sleeps 3 s between pulls, which added up to 3 s to every
-  phase of a deployment round (``simulations/bench_deployment.py``).
-- **Extra records to clients.** ``outgoing_train_records(round)`` returns
-  named records (e.g. a control variate) added to every train message.
+- **One declaration.** A subclass states its algorithm once, as class
+  attributes: ``name``, ``routine`` (the client half), ``params`` (each
+  hyperparameter's key, default, range), paper, family, reductions, reply
+  records and metrics. The constructor's keyword arguments, run-config
+  parsing, range checks, the ``pyproject.toml`` table and the README table
+  derive from it.
+- **Seeded sampling.** Nodes are drawn by :func:`strategies.sampling.sample_nodes`
+  from ``(seed, round, phase)``, after waiting up to ``node_wait_timeout``
+  seconds for ``min_available_nodes`` (a lost node never blocks a run).
+- **An explicit round context.** ``configure_train`` records what it sampled
+  and sent in a :class:`~strategies.context.RoundContext`; aggregation and the
+  pieces read it there.
+- **Reply acceptance.** Replies are checked against what was sent and what the
+  algorithm declares, decoded once, and dropped with a logged reason when bad
+  (:mod:`strategies.validation`); a reply from a client that did not run the
+  algorithm's routine is refused, and a round where no client ran it fails
+  the run. Accepted replies are aggregated in ``partition-id`` order.
+- **Composed aggregation.** :meth:`make_aggregator` returns the chain of
+  weighting, combine rule and server optimizer (:mod:`strategies.pieces`);
+  metrics are aggregated once, here.
+- **State as a value.** :attr:`state` holds every piece's state and the
+  algorithm's own (plain data); :meth:`export_state` / :meth:`load_state`
+  checkpoint and resume it.
+- **Personal parameters.** ``personal`` names state-dict entries that never
+  leave the nodes (glob patterns, or ``"head"`` for the classifier); replies
+  omit them and aggregation leaves them alone.
 
-- **Per-node messages.** :func:`with_records` copies a configured message with
-  some records replaced (a role, a stale model, an extra ArrayRecord), for
-  strategies that override ``configure_train`` to send nodes different content.
-
-Use it first in the bases: ``class FedProx(BouquetStrategy, flwr.FedProx)``.
+A subclass changes a round through a few hooks, never by copying the loop:
+:meth:`make_aggregator`, :meth:`round_config`, :meth:`recipients` (who is sent
+what), :meth:`outgoing_records` (extra records for every node),
+:meth:`aggregate` (the whole update, when the chain does not fit),
+:meth:`expected_records`, :meth:`train_metrics`, :meth:`evaluate_metrics`
+and :meth:`skipped`.
 """
 
 from __future__ import annotations
 
-import random
+import copy
+import inspect
 import time
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from logging import ERROR, INFO, WARNING
 from typing import Any, ClassVar
 
-import numpy as np
 from flwr.app import (
-    Array,
     ArrayRecord,
     ConfigRecord,
     Message,
+    MessageType,
     MetricRecord,
     RecordDict,
 )
 from flwr.serverapp import Grid
-from flwr.serverapp.strategy import Result
+from flwr.serverapp.strategy import Result, Strategy
 from flwr.supercore import log
 
-from strategies import keys
-from strategies.aggregation import cast_like, to_numpy, to_record, weighted_metrics
-from strategies.validation import ArraySpec, array_spec, check_reply
+from strategies.aggregation import to_numpy, to_record
+from strategies.context import NDArrays, RoundContext
+from strategies.params import Param
+from strategies.pieces import Aggregator, ByExamples, ServerSGD, WeightedMean
+from strategies.sampling import sample_nodes
+from strategies.validation import (
+    ClientReply,
+    Contract,
+    RoutineMissingError,
+    accept_all,
+    array_spec,
+    node_accuracy,
+    weighted_metrics,
+)
+from tasks import wire
 
-_ARRAYRECORD_TAG = "__arrayrecord__"
-
-EXCHANGE_POLL_INTERVAL = 0.05
-"""Seconds between pulls while waiting for replies (see :func:`exchange`)."""
-
-
-def exchange(
-    grid: Grid,
-    messages: Iterable[Message],
-    timeout: float | None,
-    poll_interval: float = EXCHANGE_POLL_INTERVAL,
-) -> list[Message]:
-    """Push ``messages`` and pull their replies until all are in or ``timeout``.
-
-    What ``grid.send_and_receive`` does, with a short poll: Flower's
-    ``HttpGrid`` (the deployment grid) sleeps a fixed 3 s between pulls, so a
-    reply that arrives just after a pull waits up to 3 s more. A pull with
-    nothing to return is one cheap request to the SuperLink.
-    """
-    pending = set(grid.push_messages(list(messages)))
-    deadline = None if timeout is None else time.monotonic() + timeout
-    replies: list[Message] = []
-    while pending:
-        arrived = list(grid.pull_messages(pending))
-        replies.extend(arrived)
-        pending.difference_update(r.metadata.reply_to_message_id for r in arrived)
-        if not pending or (deadline is not None and time.monotonic() >= deadline):
-            break
-        time.sleep(poll_interval)
-    return replies
-
-
-def derive_seed(*parts: int | str) -> int:
-    """A 63-bit seed derived from ``parts`` (e.g. ``seed, round, "train"``)."""
-    words = [
-        p if isinstance(p, int) else int.from_bytes(p.encode(), "little") for p in parts
-    ]
-    return int(np.random.SeedSequence(words).generate_state(2, np.uint64)[0] >> 1)
-
-
-def with_records(
-    message: Message, records: Mapping[str, Any], dst_node_id: int | None = None
-) -> Message:
-    """A copy of an outgoing ``message`` with ``records`` added or replaced.
-
-    For strategies that send different content to different nodes (a role in
-    the config, a stale model, an extra ArrayRecord): Flower's ``configure_*``
-    gives every node a message over one shared RecordDict, so tailor each one
-    with this instead of editing it in place. Records not named are shared.
-    ``dst_node_id`` readdresses the copy (a strategy's own choice of nodes).
-    """
-    content = RecordDict(dict(message.content.items()))
-    for name, record in records.items():
-        content[name] = record
-    return Message(
-        content=content,
-        message_type=message.metadata.message_type,
-        dst_node_id=(
-            message.metadata.dst_node_id if dst_node_id is None else dst_node_id
-        ),
-        group_id=message.metadata.group_id,
-    )
-
+Record = ArrayRecord | ConfigRecord | MetricRecord
+"""A record that can travel in a message besides ``arrays`` and ``config``."""
 
 NODE_WAIT_TIMEOUT = 300.0
-"""Default seconds a round waits for ``min_available_nodes`` (see
-:meth:`BouquetStrategy.connected_nodes`)."""
+"""Default seconds a round waits for ``min_available_nodes``."""
 
 NODE_POLL_INTERVAL = 0.5
 """Seconds between node-list queries while waiting for nodes."""
-
-
-class _NodeSnapshot:
-    """A view of a Grid whose ``get_node_ids`` is one sorted, fixed list.
-
-    Sorted for stable sampling; fixed so that Flower's sampler, which waits in
-    a loop until enough nodes are listed, sees exactly the nodes the strategy
-    already waited for and never blocks on a node lost in between.
-    """
-
-    def __init__(self, grid: Grid, nodes: list[int]) -> None:
-        self._grid = grid
-        self._nodes = nodes
-
-    def get_node_ids(self) -> list[int]:
-        return list(self._nodes)
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self._grid, name)
 
 
 def wait_for_node_list(
@@ -182,111 +119,239 @@ def wait_for_node_list(
         time.sleep(poll_interval)
 
 
-@dataclass
-class RoundReport:
-    """Accounting for one round, filled in by the driver and the mixin."""
+@dataclass(frozen=True)
+class Reduction:
+    """A setting under which an algorithm equals another, checked numerically.
 
-    round: int
-    train_metrics: dict[str, float] = field(default_factory=dict)
-    evaluate_metrics: dict[str, float] = field(default_factory=dict)
-    central_metrics: dict[str, float] = field(default_factory=dict)
-    train_replies: int = 0
-    train_dropped: int = 0
-    evaluate_replies: int = 0
-    evaluate_dropped: int = 0
-    train_missing: int = 0
-    evaluate_missing: int = 0
-    error_replies: int = 0
-    drop_reasons: list[str] = field(default_factory=list)
-    update_skipped: bool = False
-    bytes_sent: int = 0
-    bytes_received: int = 0
-    wall_time: float = 0.0
-    wait_time: float = 0.0
-    """Seconds of ``wall_time`` spent waiting for replies (transport + clients);
-    the rest is the strategy's own work and central evaluation."""
-    client_time: float | None = None
-    """Longest ``client-time`` a train reply reported (Bouquet's ClientApp
-    measures its handler: data, model, training, packing)."""
-    sim_time: float | None = None
-    """Simulated time at the end of the round (asynchronous runs)."""
-    staleness: list[int] = field(default_factory=list)
-    """Staleness of each aggregated update (asynchronous runs)."""
+    ``settings`` (this algorithm's hyperparameters, by key) make its run equal
+    the run of ``equals`` with ``equals_settings``; the conformance test runs
+    both and compares the final arrays.
+    """
+
+    settings: Mapping[str, Any]
+    equals: str
+    equals_settings: Mapping[str, Any] = field(default_factory=dict)
+    note: str = ""
 
 
-Record = ArrayRecord | ConfigRecord | MetricRecord
-"""A record that can travel in a message besides ``arrays`` and ``config``."""
-
-RoundCallback = Callable[["BouquetStrategy", int, ArrayRecord, RoundReport], None]
-
-
-def _payload_bytes(messages: Iterable[Message]) -> int:
-    total = 0
-    for msg in messages:
-        if msg.has_content():
-            for record in msg.content.array_records.values():
-                total += sum(len(a.data) for a in record.values())
-    return total
-
-
-def _plain(record: MetricRecord | None) -> dict[str, float]:
-    if record is None:
-        return {}
-    return {k: v for k, v in record.items() if not isinstance(v, list)}
+_COMMON = (
+    ("fraction_train", 1.0),
+    ("fraction_evaluate", 1.0),
+    ("min_train_nodes", 2),
+    ("min_evaluate_nodes", 2),
+    ("min_available_nodes", 2),
+    ("weighted_by_key", wire.NUM_EXAMPLES),
+    ("seed", 0),
+    ("node_wait_timeout", NODE_WAIT_TIMEOUT),
+    ("personal", ()),
+)
+"""Keyword arguments every strategy takes (Flower's sampling ones, then ours)."""
 
 
-class BouquetStrategy:
-    """Mixin that gives a Flower strategy Bouquet's guarantees (see module doc).
+class BouquetStrategy(Strategy):
+    """Flower strategy with Bouquet's guarantees (see the module docstring).
 
     Parameters
     ----------
+    fraction_train, fraction_evaluate : float
+        Share of the connected nodes sampled per round (Flower's meaning).
+    min_train_nodes, min_evaluate_nodes, min_available_nodes : int
+        Flower's minimums; a round aggregates only with at least
+        ``min_train_nodes`` accepted replies.
+    weighted_by_key : str
+        Metric that weights replies (Flower's name).
     seed : int
-        Root of the sampling stream and of the clients' random streams (sent as
+        Root of the sampling stream and of the clients' streams (sent as
         ``config["seed"]``).
-    *args, **kwargs
-        Passed to the Flower strategy it is mixed into.
+    node_wait_timeout : float
+        Seconds a round waits for ``min_available_nodes`` (0: for ever).
+    personal : sequence of str
+        State-dict entries that never leave the nodes (glob patterns, or
+        ``"head"``).
+    **hyperparameters
+        The algorithm's own, as declared in :attr:`params`.
 
     """
 
-    state_attributes: ClassVar[tuple[str, ...]] = ()
-    """Attributes saved by ``export_state`` and restored by ``load_state``."""
+    # ------------------------------------------------- the declaration --
+    name: ClassVar[str] = ""
+    """Registry name (the module name, the ``pyproject.toml`` table)."""
+    routine: ClassVar[str] = wire.PLAIN_ROUTINE
+    """The client recipe this algorithm needs (``clientapps/recipes``)."""
+    params: ClassVar[tuple[Param, ...]] = ()
+    """The algorithm's hyperparameters: keys, defaults, ranges."""
+    paper: ClassVar[str] = ""
+    """Citation: authors, venue, link."""
+    tagline: ClassVar[str] = ""
+    """One line for the README's algorithm table."""
+    family: ClassVar[str] = "baseline"
+    reductions: ClassVar[tuple[Reduction, ...]] = ()
+    reply_records: ClassVar[tuple[str, ...]] = ()
+    """Extra ArrayRecords a train reply carries, each shaped like the model."""
+    reply_metrics: ClassVar[tuple[str, ...]] = ()
+    """Metrics a train reply must carry besides ``num-examples``."""
+    schedule: ClassVar[str] = "rounds"
+    """How the driver runs it: ``"rounds"`` (synchronous) or ``"events"``."""
 
-    extra_train_records: ClassVar[tuple[str, ...]] = ()
-    """Names of extra ArrayRecords a train reply carries (shaped like the model);
-    the records sent the other way come from :meth:`outgoing_train_records`."""
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        args = [name for name, _ in _COMMON] + [p.arg for p in cls.params]
+        if twice := sorted({a for a in args if args.count(a) > 1}):
+            raise ValueError(
+                f"{cls.__name__}: hyperparameter(s) {twice} declared twice or "
+                "named like a common argument."
+            )
+        # The constructor's signature, for help() and IDEs: the common
+        # arguments, then the algorithm's hyperparameters with their defaults.
+        parameters = [
+            inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, default=default)
+            for name, default in _COMMON
+        ] + [
+            inspect.Parameter(p.arg, inspect.Parameter.KEYWORD_ONLY, default=p.default)
+            for p in cls.params
+        ]
+        cls.__signature__ = inspect.Signature(parameters)  # type: ignore[attr-defined]
 
     def __init__(
         self,
-        *args: Any,
+        *,
+        fraction_train: float = 1.0,
+        fraction_evaluate: float = 1.0,
+        min_train_nodes: int = 2,
+        min_evaluate_nodes: int = 2,
+        min_available_nodes: int = 2,
+        weighted_by_key: str = wire.NUM_EXAMPLES,
         seed: int = 0,
         node_wait_timeout: float = NODE_WAIT_TIMEOUT,
-        **kwargs: Any,
+        personal: Sequence[str] = (),
+        **hyperparameters: Any,
     ) -> None:
-        kwargs.setdefault("train_metrics_aggr_fn", weighted_metrics)
-        kwargs.setdefault("evaluate_metrics_aggr_fn", weighted_metrics)
-        super().__init__(*args, **kwargs)
+        self.fraction_train = float(fraction_train)
+        self.fraction_evaluate = float(fraction_evaluate)
+        self.min_train_nodes = int(min_train_nodes)
+        self.min_evaluate_nodes = int(min_evaluate_nodes)
+        self.min_available_nodes = int(min_available_nodes)
+        self.weighted_by_key = weighted_by_key
+        self.arrayrecord_key = wire.ARRAYS
+        self.configrecord_key = wire.CONFIG
         self.seed = int(seed)
         self.node_wait_timeout = float(node_wait_timeout)
-        self.current_report: RoundReport | None = None
-        self._sent_spec: ArraySpec | None = None
-        self.global_arrays: dict[str, np.ndarray] = {}
-        """The arrays sent this round (the reference for client deltas)."""
-        self._recipients: dict[str, int] = {}
-        """Node each message of the current exchange went to, by message id."""
+        self.personal = tuple(personal)
+        if self.fraction_evaluate == 0.0:
+            self.min_evaluate_nodes = 0  # as Flower's FedAvg
+        if self.fraction_train == 0.0:
+            self.min_train_nodes = 0
+        self._set_hyperparameters(hyperparameters)
+        self.validate()
+        self.aggregator = self.make_aggregator()
+        self.state: dict[str, Any] = {"aggregator": self.aggregator.init()}
+        self.state.update(self.init_state())
+        self.train_round: RoundContext | None = None
+        """What the last ``configure_train`` sampled and sent."""
+        self.evaluate_round: RoundContext | None = None
 
-    # ----------------------------------------------------------- sampling --
+    def _set_hyperparameters(self, values: dict[str, Any]) -> None:
+        by_arg = {p.arg: p for p in self.params}
+        if unknown := sorted(set(values) - set(by_arg)):
+            valid = ", ".join(by_arg) or "none"
+            raise TypeError(
+                f"{type(self).__name__}() got unexpected keyword argument(s) "
+                f"{unknown}; its hyperparameters are: {valid}."
+            )
+        for param in self.params:
+            value = values.get(param.arg, param.default)
+            setattr(self, param.arg, param.parse(value, f"{self.name}.{param.key}"))
+
+    @classmethod
+    def from_run_config(
+        cls, common: Mapping[str, Any], run_config: Mapping[str, Any]
+    ) -> BouquetStrategy:
+        """Build from shared settings and the run config's ``<name>.<key>`` values."""
+        values = {
+            p.arg: p.parse(
+                run_config.get(f"{cls.name}.{p.key}", p.default), f"{cls.name}.{p.key}"
+            )
+            for p in cls.params
+        }
+        return cls(**common, **values)
+
+    def validate(self) -> None:
+        """Check constraints between hyperparameters (ranges are checked already)."""
+
+    def hyperparameters(self) -> dict[str, Any]:
+        """The algorithm's values, by run-config key."""
+        return {p.key: getattr(self, p.arg) for p in self.params}
+
+    # ------------------------------------------------- algorithm hooks --
+    def make_aggregator(self) -> Aggregator:
+        """The chain of pieces (default: FedAvg's, bit for bit Flower's)."""
+        return Aggregator(ByExamples(), WeightedMean(accumulate="wire"), ServerSGD())
+
+    def init_state(self) -> dict[str, Any]:
+        """The algorithm's own state before round 1 (besides the aggregator's)."""
+        return {}
+
+    def round_config(self, ctx: RoundContext) -> dict[str, Any]:
+        """Config values for this round besides the declared ``send`` params.
+
+        ``ctx.config`` holds the values so far (the caller's, the round, the
+        seed, the declared ones); what this returns is added last, so it may
+        override shared keys (e.g. a scheduled ``lr``).
+        """
+        return {}
+
+    def recipients(self, ctx: RoundContext) -> dict[int, dict[str, Record]]:
+        """Who gets a train message, each with its own extra records.
+
+        The default samples ``fraction_train`` of ``ctx.nodes`` and sends all
+        the same content. Records named here replace or add to a node's
+        content (a role in its own ``config``, a stale ``arrays``); the order
+        is the order messages are sent.
+        """
+        return {
+            n: {} for n in self.sample(ctx, self.fraction_train, self.min_train_nodes)
+        }
+
+    def outgoing_records(self, ctx: RoundContext) -> dict[str, Record]:
+        """Extra records sent with every train message (e.g. a control variate)."""
+        return {}
+
+    def aggregate(self, replies: Sequence[ClientReply], ctx: RoundContext) -> NDArrays:
+        """The new global arrays from the accepted replies (default: the chain)."""
+        arrays, self.state["aggregator"] = self.aggregator.update(
+            replies, self.state["aggregator"], ctx
+        )
+        return arrays
+
+    def train_metrics(
+        self, replies: Sequence[ClientReply], ctx: RoundContext
+    ) -> dict[str, float]:
+        """Extra aggregated train metrics of the round (e.g. a scheduled rate)."""
+        return {}
+
+    def evaluate_metrics(
+        self, replies: Sequence[ClientReply], ctx: RoundContext
+    ) -> dict[str, float]:
+        """Extra aggregated evaluation metrics (and a look at the replies)."""
+        return {}
+
+    def expected_records(self, ctx: RoundContext) -> tuple[str, ...]:
+        """The extra records this round's train replies carry (``reply_records``)."""
+        return self.reply_records
+
+    def skipped(self, ctx: RoundContext) -> None:
+        """The round's update was skipped (too few accepted replies)."""
+
+    # ------------------------------------------------------- sampling --
     def connected_nodes(self, grid: Grid, server_round: int, needed: int) -> list[int]:
         """The nodes to sample from this round, after waiting for enough of them.
 
-        Flower's sampler waits, without limit, until ``min_available_nodes``
-        are connected. A node that dies for good mid-run then stops the run for
-        ever. Here the round waits up to ``node_wait_timeout`` seconds (a node
-        that restarts comes back); after that it goes on with the connected
-        nodes if there are at least ``needed`` (the phase's ``min_*_nodes``),
-        with a warning, and otherwise fails with an error that names the
-        numbers (the last round's checkpoint is kept for ``resume``).
+        Waits up to ``node_wait_timeout`` seconds for ``min_available_nodes``
+        (a node that restarts comes back); then goes on with the connected
+        nodes if there are at least ``needed`` (the phase's minimum), with a
+        warning, and otherwise fails with an error that names the numbers.
         """
-        wanted = max(getattr(self, "min_available_nodes", 1), needed)
+        wanted = max(self.min_available_nodes, needed)
         nodes = wait_for_node_list(grid, wanted, self.node_wait_timeout)
         if len(nodes) >= wanted:
             return nodes
@@ -309,142 +374,191 @@ class BouquetStrategy:
             "(0 waits for ever)."
         )
 
-    def _seeded(
-        self,
-        server_round: int,
-        phase: str,
-        configure: Callable,
-        *args: Any,
-        grid: Grid | None = None,
-        needed: int = 1,
-    ) -> list[Message]:
-        """``configure(*args, grid_view)`` with Flower's sampler seeded.
+    def sample(self, ctx: RoundContext, fraction: float, minimum: int) -> list[int]:
+        """``max(int(N * fraction), minimum)`` of ``ctx.nodes`` (at most N), seeded."""
+        count = min(len(ctx.nodes), max(int(len(ctx.nodes) * fraction), minimum))
+        return sample_nodes(ctx.nodes, count, self.seed, ctx.server_round, ctx.phase)
 
-        ``grid_view`` is a fixed list of nodes that suffices for the round
-        (see :meth:`connected_nodes`).
+    # ------------------------------------------------- Flower contract --
+    def _context(
+        self,
+        phase: str,
+        server_round: int,
+        arrays: ArrayRecord,
+        config: ConfigRecord,
+        nodes: list[int],
+    ) -> RoundContext:
+        num_rounds = config.get(wire.NUM_ROUNDS)
+        ctx = RoundContext(
+            server_round=server_round,
+            num_rounds=int(num_rounds) if isinstance(num_rounds, int) else None,
+            phase=phase,
+            nodes=tuple(nodes),
+            sampled=(),
+            arrays=to_numpy(arrays),
+            config={},
+            seed=self.seed,
+            caller_config=dict(config),
+        )
+        ctx.personal = tuple(wire.resolve_personal(self.personal, list(ctx.arrays)))
+        return ctx
+
+    def config_for(self, ctx: RoundContext, config: ConfigRecord) -> dict[str, Any]:
+        """The config values of ``ctx``'s phase.
+
+        The caller's, then the round, the seed, the routine, the declared
+        ``send`` params, and last :meth:`round_config`.
         """
-        restore_minimum = None
-        if grid is not None:
-            nodes = self.connected_nodes(grid, server_round, needed)
-            args = (*args, _NodeSnapshot(grid, nodes))
-            minimum = getattr(self, "min_available_nodes", None)
-            if minimum is not None and minimum > len(nodes):
-                restore_minimum, self.min_available_nodes = minimum, len(nodes)
-        # Flower's samplers draw from the global `random`: seed it for this call
-        # only, and restore it so that nothing else in the process is affected.
-        saved = random.getstate()
-        random.seed(derive_seed(self.seed, server_round, phase))
-        try:
-            return list(configure(*args))
-        finally:
-            random.setstate(saved)
-            if restore_minimum is not None:
-                self.min_available_nodes = restore_minimum
+        values: dict[str, Any] = {
+            **config,
+            wire.SERVER_ROUND: ctx.server_round,
+            wire.SEED: self.seed,
+        }
+        if ctx.phase == "train":
+            values[wire.ROUTINE] = self.routine
+        if self.personal:
+            values[wire.PERSONAL] = list(self.personal)
+        for param in self.params:
+            if key := param.wire_key(self.name):
+                values[key] = getattr(self, param.arg)
+        ctx.config = values
+        if ctx.phase == "train":
+            values.update(self.round_config(ctx))
+        return values
 
     def configure_train(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
     ) -> Iterable[Message]:
         """Sample nodes (seeded) and send them the arrays and the round's config."""
-        self._sent_spec = array_spec(arrays)
-        self.global_arrays = to_numpy(arrays)
-        config[keys.SEED] = self.seed
-        config.update(self.round_config(server_round))
-        if getattr(self, "fraction_train", 1.0) == 0.0:
+        if self.fraction_train == 0.0:
+            self.train_round = None
             return []
-        messages = self._seeded(
-            server_round,
-            "train",
-            super().configure_train,
-            server_round,
-            arrays,
-            config,
-            grid=grid,
-            needed=getattr(self, "min_train_nodes", 1),
+        nodes = self.connected_nodes(grid, server_round, self.min_train_nodes)
+        ctx = self._context("train", server_round, arrays, config, nodes)
+        ctx.config = self.config_for(ctx, config)
+        plan = self.recipients(ctx)
+        ctx.sampled = tuple(plan)
+        extras = self.outgoing_records(ctx)
+        if clash := sorted(set(extras) & {wire.ARRAYS, wire.CONFIG}):
+            raise ValueError(f"Extra records may not replace {clash}.")
+        shared = RecordDict(
+            {wire.ARRAYS: arrays, wire.CONFIG: ConfigRecord(ctx.config), **extras}
         )
-        extras = self.outgoing_train_records(server_round)
-        clash = set(extras) & {keys.ARRAYS, keys.CONFIG}
-        if clash:
-            raise ValueError(f"Extra records may not replace {sorted(clash)}.")
-        for msg in messages:
-            for name, record in extras.items():
-                msg.content[name] = record
-        return messages
+        ctx.messages = [
+            _message(shared, node, extra, MessageType.TRAIN, server_round)
+            for node, extra in plan.items()
+        ]
+        self.train_round = ctx
+        log(
+            INFO,
+            "configure_train: Sampled %s nodes (out of %s)",
+            len(ctx.sampled),
+            len(nodes),
+        )
+        return ctx.messages
 
     def configure_evaluate(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
     ) -> Iterable[Message]:
         """Sample nodes (seeded) for federated evaluation."""
-        config[keys.SEED] = self.seed
-        if getattr(self, "fraction_evaluate", 1.0) == 0.0:
+        if self.fraction_evaluate == 0.0:
+            self.evaluate_round = None
             return []
-        return self._seeded(
-            server_round,
-            "evaluate",
-            super().configure_evaluate,
-            server_round,
-            arrays,
-            config,
-            grid=grid,
-            needed=getattr(self, "min_evaluate_nodes", 1),
+        nodes = self.connected_nodes(grid, server_round, self.min_evaluate_nodes)
+        ctx = self._context("evaluate", server_round, arrays, config, nodes)
+        ctx.config = self.config_for(ctx, config)
+        ctx.sampled = tuple(
+            self.sample(ctx, self.fraction_evaluate, self.min_evaluate_nodes)
+        )
+        content = RecordDict(
+            {wire.ARRAYS: arrays, wire.CONFIG: ConfigRecord(ctx.config)}
+        )
+        ctx.messages = [
+            _message(content, node, {}, MessageType.EVALUATE, server_round)
+            for node in ctx.sampled
+        ]
+        self.evaluate_round = ctx
+        log(
+            INFO,
+            "configure_evaluate: Sampled %s nodes (out of %s)",
+            len(ctx.sampled),
+            len(nodes),
+        )
+        return ctx.messages
+
+    def contract(self, ctx: RoundContext) -> Contract:
+        """What an acceptable reply of ``ctx``'s phase carries."""
+        if ctx.phase != "train":
+            return Contract(weight_key=self.weighted_by_key)
+        spec = {
+            k: v for k, v in array_spec(ctx.arrays).items() if k not in ctx.personal
+        }
+        return Contract(
+            arrays=spec,
+            records={name: spec for name in self.expected_records(ctx)},
+            metrics=self.reply_metrics,
+            routine=None if self.routine == wire.PLAIN_ROUTINE else self.routine,
+            weight_key=self.weighted_by_key,
         )
 
-    def round_config(self, server_round: int) -> dict[str, Any]:
-        """Algorithm-specific config values for this round (override to schedule)."""
-        return {}
+    def accept(
+        self, replies: Iterable[Message], ctx: RoundContext
+    ) -> list[ClientReply]:
+        """The replies fit for aggregation, in deterministic order; logs the rest.
 
-    def outgoing_train_records(self, server_round: int) -> dict[str, Record]:
-        """Extra named records sent with every train message of this round.
+        Raises
+        ------
+        RoutineMissingError
+            If replies came back but none ran the algorithm's client routine:
+            the run would otherwise go on without its client half.
 
-        Override to send tensors besides the model (e.g. SCAFFOLD's server
-        control variate), each in its own record named ``"<algorithm>.<name>"``.
-        Called after ``global_arrays`` holds this round's arrays; the same
-        records go to every sampled node. Default: none.
         """
-        return {}
-
-    # --------------------------------------------------------- validation --
-    def _filter(
-        self, replies: Iterable[Message], array_records: dict[str, ArraySpec]
-    ) -> tuple[list[Message], list[str]]:
-        good, reasons = [], []
-        for msg in replies:
-            reason = check_reply(msg, array_records=array_records)
-            if reason is None:
-                good.append(msg)
-            else:
-                if msg.has_error() and self.current_report is not None:
-                    self.current_report.error_replies += 1
-                # The SuperLink answers for a node it found offline (its own
-                # id as the sender): name the node the message was for.
-                src = self._recipients.get(
-                    msg.metadata.reply_to_message_id, msg.metadata.src_node_id
+        replies = list(replies)
+        recipients = {
+            m.metadata.message_id: m.metadata.dst_node_id
+            for m in getattr(ctx, "messages", [])
+        }
+        contract = self.contract(ctx)
+        good, reasons, errors = accept_all(replies, contract, recipients)
+        log(
+            INFO,
+            "aggregate_%s: Received %s results and %s failures",
+            ctx.phase,
+            len(good),
+            len(replies) - len(good),
+        )
+        for reason in reasons:
+            log(WARNING, "Dropped reply from %s", reason)
+        ctx.outcome.accepted += len(good)
+        ctx.outcome.dropped.extend(reasons)
+        ctx.outcome.errors += errors
+        if contract.routine and not good and len(reasons) > errors:
+            refused = [r for r in reasons if "did not run the routine" in r]
+            if len(refused) == len(reasons) - errors:
+                raise RoutineMissingError(
+                    f"Round {ctx.server_round}: no client ran {self.name}'s client "
+                    f"routine '{contract.routine}'; {refused[0]}"
                 )
-                reasons.append(f"node {src}: {reason}")
-                log(WARNING, "Dropped reply from node %s: %s", src, reason)
-        good.sort(key=_reply_order)
-        return good, reasons
-
-    def valid_train_replies(
-        self, server_round: int, replies: Iterable[Message]
-    ) -> list[Message]:
-        """Replies fit for aggregation, in deterministic order; logs the rest."""
-        spec = self._sent_spec or {}
-        expected = {keys.ARRAYS: spec}
-        expected.update({name: spec for name in self.extra_train_records})
-        good, reasons = self._filter(replies, expected)
-        report = self.current_report
-        if report is not None:
-            report.train_replies += len(good)
-            report.train_dropped += len(reasons)
-            report.drop_reasons.extend(reasons)
         return good
+
+    def _round(self, phase: str, server_round: int) -> RoundContext | None:
+        ctx = self.train_round if phase == "train" else self.evaluate_round
+        if ctx is not None and ctx.server_round != server_round:
+            raise RuntimeError(
+                f"aggregate_{phase}({server_round}) after configure_{phase}"
+                f"({ctx.server_round}): configure each round before aggregating it."
+            )
+        return ctx
 
     def aggregate_train(
         self, server_round: int, replies: Iterable[Message]
     ) -> tuple[ArrayRecord | None, MetricRecord | None]:
-        """Validate, then aggregate with the wrapped strategy's rule."""
-        good = self.valid_train_replies(server_round, replies)
-        minimum = max(1, getattr(self, "min_train_nodes", 1))
+        """Accept replies, then aggregate them with the algorithm's rule."""
+        ctx = self._round("train", server_round)
+        if ctx is None:
+            return None, None
+        good = self.accept(replies, ctx)
+        minimum = max(1, self.min_train_nodes)
         if len(good) < minimum:
             log(
                 ERROR,
@@ -454,65 +568,51 @@ class BouquetStrategy:
                 len(good),
                 minimum,
             )
-            if self.current_report is not None:
-                self.current_report.update_skipped = True
+            ctx.outcome.update_skipped = True
+            self.skipped(ctx)
             return None, None
-        arrays, metrics = self.aggregate_valid(server_round, good)
-        return self._keep_dtypes(arrays), metrics
-
-    def _keep_dtypes(self, arrays: ArrayRecord | None) -> ArrayRecord | None:
-        # Flower's weighted mean turns integer buffers (BatchNorm's
-        # num_batches_tracked) into float64; the next round's replies would then
-        # no longer match what was sent. Cast back to the sent dtypes.
-        if arrays is None or not self.global_arrays:
-            return arrays
-        sent = self.global_arrays
-        # Only the arrays whose dtype changed are deserialized and cast.
-        return ArrayRecord(
-            {
-                k: Array(np.array(cast_like(a.numpy(), sent[k]), order="C"))
-                if k in sent and a.dtype != str(sent[k].dtype)
-                else a
-                for k, a in arrays.items()
-            }
-        )
-
-    def aggregate_valid(
-        self, server_round: int, replies: list[Message]
-    ) -> tuple[ArrayRecord | None, MetricRecord | None]:
-        """The aggregation rule, over validated replies in deterministic order.
-
-        Defaults to the wrapped Flower strategy's ``aggregate_train``; an
-        algorithm with its own rule overrides this (never ``aggregate_train``,
-        which owns validation).
-        """
-        return super().aggregate_train(server_round, replies)
+        arrays = self.aggregate(good, ctx)
+        metrics = weighted_metrics(good)
+        metrics.update(self.train_metrics(good, ctx))
+        return to_record(arrays), metrics
 
     def aggregate_evaluate(
         self, server_round: int, replies: Iterable[Message]
     ) -> MetricRecord | None:
-        """Validate evaluation replies, then average their metrics."""
-        good, reasons = self._filter(replies, {})
-        if self.current_report is not None:
-            self.current_report.evaluate_replies += len(good)
-            self.current_report.evaluate_dropped += len(reasons)
-            self.current_report.drop_reasons.extend(reasons)
+        """Accept evaluation replies; their weighted mean and node accuracies."""
+        ctx = self._round("evaluate", server_round)
+        if ctx is None:
+            return None
+        good = self.accept(replies, ctx)
         if not good:
             return None
-        return super().aggregate_evaluate(server_round, good)
+        metrics = weighted_metrics(good)
+        metrics.update(node_accuracy(good))
+        metrics.update(self.evaluate_metrics(good, ctx))
+        return metrics
 
-    # -------------------------------------------------------------- state --
-    def export_state(self) -> dict[str, Any]:
-        """The strategy's own state (not the global arrays) as plain data."""
-        return {name: _export(getattr(self, name)) for name in self.state_attributes}
+    def summary(self) -> None:
+        """Log the strategy's configuration, as Flower's strategies do."""
+        log(INFO, "\t├──> %s (%s)", type(self).__name__, self.name or "custom")
+        for key, value in self.hyperparameters().items():
+            log(INFO, "\t│\t├── %s: %s", key, value)
+        log(INFO, "\t│\t└── client routine: %s", self.routine)
+        log(INFO, "\t├──> Sampling:")
+        log(
+            INFO,
+            "\t│\t├──Fraction: train (%.2f) | evaluate ( %.2f)",
+            self.fraction_train,
+            self.fraction_evaluate,
+        )
+        log(
+            INFO,
+            "\t│\t├──Minimum nodes: train (%d) | evaluate (%d)",
+            self.min_train_nodes,
+            self.min_evaluate_nodes,
+        )
+        log(INFO, "\t│\t└──Minimum available nodes: %d", self.min_available_nodes)
+        log(INFO, "\t└──> Weighted by: '%s', seed %d", self.weighted_by_key, self.seed)
 
-    def load_state(self, state: dict[str, Any]) -> None:
-        """Restore what :meth:`export_state` returned."""
-        for name in self.state_attributes:
-            if name in state:
-                setattr(self, name, _import(state[name]))
-
-    # ------------------------------------------------------------- driver --
     def start(
         self,
         grid: Grid,
@@ -522,149 +622,70 @@ class BouquetStrategy:
         train_config: ConfigRecord | None = None,
         evaluate_config: ConfigRecord | None = None,
         evaluate_fn: Callable[[int, ArrayRecord], MetricRecord | None] | None = None,
-        *,
-        first_round: int = 1,
-        on_round_end: RoundCallback | None = None,
     ) -> Result:
-        """Run rounds ``first_round..num_rounds`` (Flower's ``start`` otherwise).
+        """Run the strategy with Bouquet's driver (Flower's ``start`` signature).
 
-        Parameters
-        ----------
-        first_round : int
-            Round to start at; ``> 1`` when resuming from a checkpoint of round
-            ``first_round - 1`` (load the strategy state first).
-        on_round_end : callable, optional
-            ``on_round_end(strategy, round, arrays, report)`` after every round,
-            e.g. to checkpoint and write results.
-
+        Flower's own ``Strategy.start`` drives this strategy too; Bouquet's
+        driver adds prompt reply polling, per-round accounting and, for
+        asynchronous algorithms, their event schedule. Checkpoints, resume
+        and per-round callbacks are set on a :class:`strategies.driver.Driver`.
         """
-        self.summary()
-        train_config = ConfigRecord() if train_config is None else train_config
-        evaluate_config = ConfigRecord() if evaluate_config is None else evaluate_config
-        result = Result()
-        arrays = initial_arrays
-        if evaluate_fn and first_round == 1:
-            if (res := evaluate_fn(0, initial_arrays)) is not None:
-                result.evaluate_metrics_serverapp[0] = res
-                if on_round_end is not None:
-                    on_round_end(
-                        self, 0, arrays, RoundReport(0, central_metrics=_plain(res))
-                    )
-        for rnd in range(first_round, num_rounds + 1):
-            log(INFO, "[ROUND %s/%s]", rnd, num_rounds)
-            report = self.current_report = RoundReport(rnd)
-            t0 = time.perf_counter()
-            messages = list(self.configure_train(rnd, arrays, train_config, grid))
-            report.bytes_sent += _payload_bytes(messages)
-            replies = self._timed_exchange(grid, messages, timeout, report)
-            report.client_time = _longest_client_time(replies)
-            report.train_missing = _missing(rnd, "train", messages, replies, timeout)
-            report.bytes_received += _payload_bytes(replies)
-            new_arrays, train_metrics = self.aggregate_train(rnd, replies)
-            if new_arrays is not None:
-                arrays = new_arrays
-            if train_metrics is not None:
-                result.train_metrics_clientapp[rnd] = train_metrics
-                report.train_metrics = _plain(train_metrics)
-            messages = list(self.configure_evaluate(rnd, arrays, evaluate_config, grid))
-            report.bytes_sent += _payload_bytes(messages)
-            replies = self._timed_exchange(grid, messages, timeout, report)
-            report.evaluate_missing = _missing(
-                rnd, "evaluate", messages, replies, timeout
-            )
-            if (eval_metrics := self.aggregate_evaluate(rnd, replies)) is not None:
-                result.evaluate_metrics_clientapp[rnd] = eval_metrics
-                report.evaluate_metrics = _plain(eval_metrics)
-            if evaluate_fn and (res := evaluate_fn(rnd, arrays)) is not None:
-                result.evaluate_metrics_serverapp[rnd] = res
-                report.central_metrics = _plain(res)
-            report.wall_time = time.perf_counter() - t0
-            result.arrays = arrays
-            if on_round_end is not None:
-                on_round_end(self, rnd, arrays, report)
-        self.current_report = None
-        result.arrays = arrays
-        return result
+        from strategies.driver import Driver
 
-    def _timed_exchange(
-        self, grid: Grid, messages: list[Message], timeout: float, report: RoundReport
-    ) -> list[Message]:
-        if not messages:
-            return []
-        start = time.perf_counter()
-        replies = exchange(grid, messages, timeout)
-        report.wait_time += time.perf_counter() - start
-        self._recipients = {
-            m.metadata.message_id: m.metadata.dst_node_id for m in messages
-        }
-        return replies
-
-
-def _longest_client_time(replies: Iterable[Message]) -> float | None:
-    times = [
-        float(r.content[keys.METRICS][keys.CLIENT_TIME])
-        for r in replies
-        if r.has_content()
-        and keys.METRICS in r.content.metric_records
-        and keys.CLIENT_TIME in r.content[keys.METRICS]
-    ]
-    return max(times, default=None)
-
-
-def _missing(
-    server_round: int,
-    phase: str,
-    sent: list[Message],
-    replies: list[Message],
-    timeout: float,
-) -> int:
-    """Log and count the nodes that were sent a message and never answered.
-
-    Replies are matched to messages by id, not by sender: the SuperLink itself
-    answers (an error reply) for a node it has found offline.
-    """
-    answered = {r.metadata.reply_to_message_id for r in replies}
-    lost = sorted(
-        {m.metadata.dst_node_id for m in sent if m.metadata.message_id not in answered}
-    )
-    if lost:
-        log(
-            WARNING,
-            "Round %s: no %s reply from node(s) %s within the round timeout "
-            "(%.0fs): node lost, stopped or too slow; the round goes on without "
-            "them.",
-            server_round,
-            phase,
-            lost,
-            timeout,
+        return Driver().run(
+            self,
+            grid,
+            initial_arrays,
+            num_rounds=num_rounds,
+            timeout=timeout,
+            train_config=train_config,
+            evaluate_config=evaluate_config,
+            evaluate_fn=evaluate_fn,
         )
-    return len(lost)
+
+    # ---------------------------------------------------------- state --
+    def export_state(self) -> dict[str, Any]:
+        """The strategy's state (not the global arrays) as plain data.
+
+        Values are shared with the strategy, not copied (checkpoints write them
+        out at once): read them, do not change them.
+        """
+        return dict(self.state)
+
+    def load_state(self, state: Mapping[str, Any]) -> None:
+        """Restore what :meth:`export_state` returned (a copy of it is kept)."""
+        self.state.update(copy.deepcopy(dict(state)))
 
 
-def _reply_order(msg: Message) -> tuple[float, int]:
-    metrics = msg.content.metric_records.get(keys.METRICS, {})
-    pid = metrics.get(keys.PARTITION_ID, float("inf"))
-    return (
-        float(pid) if not isinstance(pid, list) else float("inf"),
-        msg.metadata.src_node_id,
+def _message(
+    shared: RecordDict,
+    node: int,
+    extra: Mapping[str, Record],
+    message_type: str,
+    server_round: int,
+) -> Message:
+    content = shared
+    if extra:
+        content = RecordDict(dict(shared.items()))
+        for name, record in extra.items():
+            content[name] = record
+    return Message(
+        content=content,
+        dst_node_id=node,
+        message_type=message_type,
+        group_id=str(server_round),
     )
 
 
-def _export(value: Any) -> Any:
-    if isinstance(value, ArrayRecord):
-        return {_ARRAYRECORD_TAG: to_numpy(value)}
-    if isinstance(value, dict):
-        return {k: _export(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_export(v) for v in value]
-    return value
+def common_arguments() -> tuple[str, ...]:
+    """Names of the keyword arguments every strategy takes."""
+    return tuple(name for name, _ in _COMMON)
 
 
-def _import(value: Any) -> Any:
-    if isinstance(value, dict):
-        if set(value) == {_ARRAYRECORD_TAG}:
-            return to_record(value[_ARRAYRECORD_TAG])
-        return {k: _import(v) for k, v in value.items()}
-    if isinstance(value, list):
-        return [_import(v) for v in value]
-    return value
+__all__ = [
+    "BouquetStrategy",
+    "Record",
+    "Reduction",
+    "common_arguments",
+    "wait_for_node_list",
+]

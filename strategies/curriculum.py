@@ -30,7 +30,7 @@ Wire protocol: the server sends ``arrays`` and ``config`` with
 Client state (``Context.state``, namespace ``curriculum``): the per-example
 scores and the round they were computed (reused for ``rescore-every`` rounds;
 the ``random`` ranking is drawn once and kept). Server state:
-``client_scores`` and ``score_rounds`` per node id.
+``client-scores`` and ``score-rounds`` per node id.
 
 Decisions where the spec was open (all ASSUMPTIONs of the spec, kept):
 
@@ -55,26 +55,21 @@ from __future__ import annotations
 
 import math
 import random
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
-from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord
-from flwr.serverapp import Grid
-from flwr.serverapp import strategy as flwr_strategy
-from flwr.serverapp.strategy import Result
-
-from strategies import keys
-from strategies.base import BouquetStrategy, derive_seed
-from strategies.registry import AlgorithmEntry, register
-from strategies.validation import check_reply
+from strategies.base import BouquetStrategy, Record, Reduction
+from strategies.context import NDArrays, RoundContext
+from strategies.params import Param
+from strategies.registry import register
+from strategies.validation import ClientReply
+from tasks import wire
 
 NAME = "curriculum"
 ORDERINGS = ("curriculum", "anti", "random")
 PACINGS = ("linear", "quad", "root", "step", "exp", "log")
-ORDERING = keys.algorithm_key(NAME, "ordering")
-FRACTION = keys.algorithm_key(NAME, "fraction")
-RESCORE_EVERY = keys.algorithm_key(NAME, "rescore-every")
-MEAN_SCORE = keys.algorithm_key(NAME, "mean-score")
+FRACTION = f"{NAME}.fraction"
+MEAN_SCORE = f"{NAME}.mean-score"
 
 
 def pacing(family: str, t: float, total: float, a: float, b: float) -> float:
@@ -126,173 +121,98 @@ def eligible_nodes(
     return ranked[: max(0, count)]
 
 
-class Curriculum(BouquetStrategy, flwr_strategy.FedAvg):
-    """FedAvg with ordered local learning and optional easy-first selection.
+@register
+class Curriculum(BouquetStrategy):
+    """FedAvg with ordered local learning and optional easy-first selection."""
 
-    Parameters
-    ----------
-    ordering : str
-        ``"curriculum"``, ``"anti"`` or ``"random"``.
-    pacing_family, a, b : str, float, float
-        Data pacing ``g(t)`` (see the module docstring).
-    rescore_every : int
-        Clients re-score their examples every this many rounds.
-    client_pacing, client_a, client_b : str, float, float
-        Client pacing ``g_c(t)``; ``client_pacing = "none"`` samples uniformly.
-    total_rounds : int
-        ``T``; :meth:`start` sets it from ``num_rounds``.
+    name = NAME
+    routine = NAME
+    paper = "Vahidian et al., ICCV 2023, https://arxiv.org/abs/2212.12712"
+    tagline = (
+        "Ordered local learning (curriculum/anti/random, paced) + "
+        "easy-first client selection"
+    )
+    family = "optimization"
+    params = (
+        Param("ordering", "curriculum", choices=ORDERINGS, send=True),
+        Param("pacing", "linear", choices=PACINGS, help="data pacing family g(t)"),
+        Param("a", 0.8, "> 0", "fraction of the rounds until all data is used"),
+        Param("b", 0.2, "[0, 1]", "initial data fraction"),
+        Param(
+            "rescore-every", 1, ">= 1", "rounds a client's scores stay valid", send=True
+        ),
+        Param("client-pacing", "none", choices=("none", *PACINGS)),
+        Param("client-a", 0.8, "> 0"),
+        Param("client-b", 0.2, "[0, 1]"),
+    )
+    reductions = (Reduction({"b": 1.0}, "fedavg"),)
 
-    """
+    def init_state(self) -> dict[str, Any]:
+        return {"client-scores": {}, "score-rounds": {}}
 
-    state_attributes = ("client_scores", "score_rounds")
+    def total_rounds(self, ctx: RoundContext) -> int:
+        """``T``: the run's length, which the pacing needs."""
+        if ctx.num_rounds is None:
+            raise ValueError(
+                "curriculum paces by the run's length: put "
+                f"'{wire.NUM_ROUNDS}' in the train config (Bouquet's driver does)."
+            )
+        return max(1, ctx.num_rounds)
 
-    def __init__(
-        self,
-        *args: Any,
-        ordering: str = "curriculum",
-        pacing_family: str = "linear",
-        a: float = 0.8,
-        b: float = 0.2,
-        rescore_every: int = 1,
-        client_pacing: str = "none",
-        client_a: float = 0.8,
-        client_b: float = 0.2,
-        total_rounds: int = 1,
-        **kwargs: Any,
-    ) -> None:
-        super().__init__(*args, **kwargs)
-        if ordering not in ORDERINGS:
-            raise ValueError(f"curriculum.ordering must be one of {ORDERINGS}.")
-        if pacing_family not in PACINGS:
-            raise ValueError(f"curriculum.pacing must be one of {PACINGS}.")
-        if client_pacing not in ("none", *PACINGS):
-            raise ValueError(f"curriculum.client-pacing: 'none' or one of {PACINGS}.")
-        if a <= 0 or client_a <= 0 or not (0 <= b <= 1 and 0 <= client_b <= 1):
-            raise ValueError("curriculum: need a > 0 and b in [0, 1].")
-        if rescore_every < 1:
-            raise ValueError("curriculum.rescore-every must be >= 1.")
-        self.ordering, self.pacing_family = ordering, pacing_family
-        self.a, self.b, self.rescore_every = float(a), float(b), int(rescore_every)
-        self.client_pacing = client_pacing
-        self.client_a, self.client_b = float(client_a), float(client_b)
-        self.total_rounds = max(1, int(total_rounds))
-        self.client_scores: dict[str, float] = {}
-        self.score_rounds: dict[str, int] = {}
-
-    def start(
-        self,
-        grid: Grid,
-        initial_arrays: ArrayRecord,
-        num_rounds: int = 3,
-        *args: Any,
-        **kwargs: Any,
-    ) -> Result:
-        """Flower's ``start`` (see the base); records ``T = num_rounds`` first."""
-        self.total_rounds = max(1, int(num_rounds))
-        return super().start(grid, initial_arrays, num_rounds, *args, **kwargs)
-
-    def data_fraction(self, server_round: int) -> float:
-        """``g(t)`` for ``server_round`` (``t = server_round - 1``)."""
+    def data_fraction(self, ctx: RoundContext) -> float:
+        """``g(t)`` for the round (``t = server_round - 1``)."""
         return pacing(
-            self.pacing_family, server_round - 1, self.total_rounds, self.a, self.b
+            self.pacing, ctx.server_round - 1, self.total_rounds(ctx), self.a, self.b
         )
 
-    def client_fraction(self, server_round: int) -> float:
+    def client_fraction(self, ctx: RoundContext) -> float:
         """``g_c(t)``: the eligible fraction of clients (1 without client pacing)."""
         if self.client_pacing == "none":
             return 1.0
         return pacing(
             self.client_pacing,
-            server_round - 1,
-            self.total_rounds,
+            ctx.server_round - 1,
+            self.total_rounds(ctx),
             self.client_a,
             self.client_b,
         )
 
-    def round_config(self, server_round: int) -> dict[str, Any]:
-        return {
-            ORDERING: self.ordering,
-            FRACTION: self.data_fraction(server_round),
-            RESCORE_EVERY: self.rescore_every,
-        }
+    def round_config(self, ctx: RoundContext) -> dict[str, Any]:
+        return {FRACTION: self.data_fraction(ctx)}
 
-    def configure_train(
-        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
-    ) -> Iterable[Message]:
-        """The base's seeded sampling, re-drawn from the easy pool when pacing."""
-        messages = list(super().configure_train(server_round, arrays, config, grid))
-        if self.client_pacing == "none" or not messages:
-            return messages
-        nodes = sorted(grid.get_node_ids())
+    def recipients(self, ctx: RoundContext) -> dict[int, dict[str, Record]]:
+        """The base's seeded sample, re-drawn from the easy pool when pacing."""
+        plan = super().recipients(ctx)
+        if self.client_pacing == "none" or not plan:
+            return plan
+        nodes = sorted(ctx.nodes)
         # round(): g = .6000000000000001 must give 6 of 10, not 7.
-        size = math.ceil(round(self.client_fraction(server_round) * len(nodes), 9))
-        pool = eligible_nodes(nodes, self.client_scores, max(len(messages), size))
-        rng = random.Random(derive_seed(self.seed, server_round, NAME))
-        chosen = sorted(rng.sample(pool, len(messages)))
-        # Every message of a round carries the same content: readdress it.
-        return list(
-            self._construct_messages(messages[0].content, chosen, MessageType.TRAIN)
-        )
+        size = math.ceil(round(self.client_fraction(ctx) * len(nodes), 9))
+        scores = self.state["client-scores"]
+        pool = eligible_nodes(nodes, scores, max(len(plan), size))
+        rng = random.Random(wire.derive_seed(self.seed, ctx.server_round, NAME))
+        return {n: {} for n in sorted(rng.sample(pool, len(plan)))}
 
-    def _record_scores(
-        self, server_round: int, replies: Iterable[Message], key: str, *, check: bool
+    def _record(
+        self, ctx: RoundContext, replies: Iterable[ClientReply], key: str
     ) -> None:
-        for msg in replies:
-            if check and check_reply(msg, array_records={}) is not None:
-                continue
-            value = msg.content[keys.METRICS].get(key)
+        scores = dict(self.state["client-scores"])
+        rounds = dict(self.state["score-rounds"])
+        for reply in replies:
+            value = reply.metrics.get(key)
             if isinstance(value, (int, float)) and math.isfinite(value):
-                node = str(msg.metadata.src_node_id)
-                self.client_scores[node] = float(value)
-                self.score_rounds[node] = int(server_round)
+                scores[str(reply.node)] = float(value)
+                rounds[str(reply.node)] = int(ctx.server_round)
+        self.state["client-scores"], self.state["score-rounds"] = scores, rounds
 
-    def aggregate_valid(
-        self, server_round: int, replies: list[Message]
-    ) -> tuple[ArrayRecord | None, MetricRecord | None]:
-        # Already validated by the base.
-        self._record_scores(server_round, replies, MEAN_SCORE, check=False)
-        return super().aggregate_valid(server_round, replies)
+    def aggregate(self, replies: Sequence[ClientReply], ctx: RoundContext) -> NDArrays:
+        """Record the clients' difficulty, then FedAvg."""
+        self._record(ctx, replies, MEAN_SCORE)
+        return super().aggregate(replies, ctx)
 
-    def aggregate_evaluate(
-        self, server_round: int, replies: Iterable[Message]
-    ) -> MetricRecord | None:
-        replies = list(replies)
-        self._record_scores(server_round, replies, keys.EVAL_LOSS, check=True)
-        return super().aggregate_evaluate(server_round, replies)
-
-
-def _build(common: Mapping[str, Any], hp: Mapping[str, Any]) -> Curriculum:
-    return Curriculum(
-        **common,
-        ordering=hp["ordering"],
-        pacing_family=hp["pacing"],
-        a=hp["a"],
-        b=hp["b"],
-        rescore_every=hp["rescore-every"],
-        client_pacing=hp["client-pacing"],
-        client_a=hp["client-a"],
-        client_b=hp["client-b"],
-    )
-
-
-register(
-    AlgorithmEntry(
-        NAME,
-        _build,
-        client=NAME,
-        hyperparameters={
-            "ordering": "curriculum",
-            "pacing": "linear",
-            "a": 0.8,
-            "b": 0.2,
-            "rescore-every": 1,
-            "client-pacing": "none",
-            "client-a": 0.8,
-            "client-b": 0.2,
-        },
-        paper="Vahidian et al., ICCV 2023, https://arxiv.org/abs/2212.12712",
-        summary="Ordered local learning (curriculum/anti/random, paced) + "
-        "easy-first client selection",
-        family="optimization",
-    )
-)
+    def evaluate_metrics(
+        self, replies: Sequence[ClientReply], ctx: RoundContext
+    ) -> dict[str, float]:
+        """Evaluation losses update the clients' difficulty too."""
+        self._record(ctx, replies, wire.EVAL_LOSS)
+        return {}

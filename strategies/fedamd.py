@@ -17,6 +17,9 @@ Official code: github.com/HarliWu/FedAMD (``algo/fedamd.py``, ``main_fmnist.py``
   ``d_k = d_{k-1} + grad f_i(y_k; B_k) - grad f_i(y_{k-1}; B_k)`` (same batch,
   ``y_{-1} = y_0``), ``y_{k+1} = y_k - eta d_k``; K steps.
 
+Miners' models are aggregated by the chain (uniform weights, mean of
+``y_K^i - x_t``, a step of ``eta_g``); anchors only refresh the table.
+
 Wire protocol: every train message carries ``arrays`` (x_t) and ``config`` with
 ``fedamd.role`` (``"anchor"`` | ``"miner"``). Anchors get ``local-epochs = 1``,
 ``local-steps = 0`` and reply with ``arrays`` = their gradient (zeros for
@@ -47,27 +50,23 @@ Decisions where the spec was open:
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
-from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord
-from flwr.serverapp import Grid
-from flwr.serverapp import strategy as flwr_strategy
+from flwr.app import ConfigRecord
 
-from strategies import keys
-from strategies.aggregation import (
-    apply_delta,
-    mean64,
-    to_numpy,
-    to_record,
-    weighted_mean,
-)
-from strategies.base import BouquetStrategy, derive_seed, with_records
-from strategies.registry import AlgorithmEntry, register
+from strategies.aggregation import to_record, weighted_mean
+from strategies.base import BouquetStrategy, Record
+from strategies.context import NDArrays, RoundContext
+from strategies.params import Param
+from strategies.pieces import Aggregator, ServerSGD, Uniform, WeightedMean
+from strategies.registry import register
+from strategies.validation import ClientReply
+from tasks import wire
 
-ROLE = keys.algorithm_key("fedamd", "role")
-DIRECTION = keys.algorithm_key("fedamd", "direction")
+ROLE = "fedamd.role"
+DIRECTION = "fedamd.direction"
 ANCHOR, MINER = "anchor", "miner"
 
 
@@ -81,116 +80,83 @@ def draw_roles(
     return [ANCHOR if u < p else MINER for u in rng.random(num)]
 
 
-class FedAMD(BouquetStrategy, flwr_strategy.FedAvg):
-    """FedAMD's server: anchor table, miner averaging (see the module docstring).
+def client_key(reply: ClientReply) -> str:
+    """A table key that is the same in every engine: the partition id."""
+    return str(reply.partition) if reply.partition is not None else f"node-{reply.node}"
 
-    Parameters
-    ----------
-    p : float
-        Anchor probability in [0, 1), or an integer period >= 2.
-    k : int
-        Local steps of a miner (the paper's K).
-    eta_g : float
-        Global learning rate on the mean miner update.
 
-    """
+@register
+class FedAMD(BouquetStrategy):
+    """FedAMD's server: anchor table, miner averaging (see the module docstring)."""
 
-    state_attributes = ("table",)
+    name = "fedamd"
+    routine = "fedamd"
+    paper = "Wu et al., ICML 2023, https://arxiv.org/abs/2206.05891"
+    tagline = "Anchor clients refresh full-batch gradients; miners run SARAH steps"
+    family = "participation"
+    params = (
+        Param("p", 0.2, ">= 0", "anchor probability, or an integer period >= 2"),
+        Param("k", 10, ">= 1", "miner local steps K"),
+        Param("eta-g", 1.0, "> 0", "global learning rate"),
+    )
 
-    def __init__(
-        self, *args: Any, p: float = 0.2, k: int = 10, eta_g: float = 1.0, **kwargs: Any
-    ) -> None:
-        super().__init__(*args, **kwargs)
-        if not (0.0 <= p < 1.0 or (p >= 2 and float(p).is_integer())):
-            raise ValueError(f"fedamd.p must be in [0, 1) or an integer >= 2; got {p}.")
-        if k < 1:
-            raise ValueError(f"fedamd.k must be >= 1; got {k}.")
-        self.p, self.k, self.eta_g = float(p), int(k), float(eta_g)
-        self.table: dict[str, dict[str, np.ndarray]] = {}
-        self.roles: dict[int, str] = {}
-        """Role of each node sampled this round (by node id)."""
+    def validate(self) -> None:
+        """``p`` is a probability below 1 or an integer period."""
+        if not (self.p < 1.0 or (self.p >= 2 and float(self.p).is_integer())):
+            raise ValueError(
+                f"fedamd.p must be in [0, 1) or an integer >= 2; got {self.p}."
+            )
 
-    def direction(self) -> dict[str, np.ndarray]:
+    def init_state(self) -> dict[str, Any]:
+        return {"table": {}}
+
+    def make_aggregator(self) -> Aggregator:
+        """The miners' uniform mean, a step of eta_g."""
+        return Aggregator(Uniform(), WeightedMean(), ServerSGD(self.eta_g))
+
+    def direction(self) -> NDArrays:
         """``v_t``: the mean of the stored anchor gradients."""
-        return weighted_mean([self.table[key] for key in sorted(self.table)])
+        table = self.state["table"]
+        return weighted_mean([table[key] for key in sorted(table)])
 
-    def configure_train(
-        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
-    ) -> Iterable[Message]:
+    def recipients(self, ctx: RoundContext) -> dict[int, dict[str, Record]]:
         """Sample (all nodes while the table is empty), then assign roles."""
-        init = not self.table
-        fraction = self.fraction_train
-        if init:
-            self.fraction_train = 1.0  # every node fills its table entry first
-        try:
-            messages = list(super().configure_train(server_round, arrays, config, grid))
-        finally:
-            self.fraction_train = fraction
-        messages.sort(key=lambda m: m.metadata.dst_node_id)
-        rng = np.random.default_rng(derive_seed(self.seed, server_round, "fedamd"))
+        init = not self.state["table"]
+        fraction = 1.0 if init else self.fraction_train
+        nodes = sorted(self.sample(ctx, fraction, self.min_train_nodes))
+        rng = np.random.default_rng(
+            wire.derive_seed(self.seed, ctx.server_round, "fedamd")
+        )
         roles = (
-            [ANCHOR] * len(messages)
+            [ANCHOR] * len(nodes)
             if init
-            else draw_roles(len(messages), self.p, server_round, rng)
+            else draw_roles(len(nodes), self.p, ctx.server_round, rng)
         )
         direction = None if init or MINER not in roles else to_record(self.direction())
-        self.roles, tailored = {}, []
-        for msg, role in zip(messages, roles, strict=True):
-            self.roles[msg.metadata.dst_node_id] = role
-            cfg = ConfigRecord(dict(msg.content[keys.CONFIG]))
-            cfg[ROLE] = role
-            records: dict[str, Any] = {keys.CONFIG: cfg}
+        plan: dict[int, dict[str, Record]] = {}
+        for node, role in zip(nodes, roles, strict=True):
+            ctx.per_node[node] = {"role": role}
+            config = ConfigRecord({**ctx.config, ROLE: role})
+            records: dict[str, Record] = {wire.CONFIG: config}
             if role == ANCHOR:
-                cfg[keys.LOCAL_EPOCHS], cfg[keys.LOCAL_STEPS] = 1, 0
+                config[wire.LOCAL_EPOCHS], config[wire.LOCAL_STEPS] = 1, 0
             else:
-                cfg[keys.LOCAL_EPOCHS] = cfg[keys.LOCAL_STEPS] = self.k
+                config[wire.LOCAL_EPOCHS] = config[wire.LOCAL_STEPS] = self.k
                 records[DIRECTION] = direction
-            tailored.append(with_records(msg, records))
-        return tailored
+            plan[node] = records
+        return plan
 
-    def aggregate_valid(
-        self, server_round: int, replies: list[Message]
-    ) -> tuple[ArrayRecord | None, MetricRecord | None]:
+    def aggregate(self, replies: Sequence[ClientReply], ctx: RoundContext) -> NDArrays:
+        """Anchors refresh the table; ``x - eta_g mean_i (x - y_i)`` over the miners."""
         miners = []
         for reply in replies:
-            arrays = to_numpy(reply.content[keys.ARRAYS])
-            node = reply.metadata.src_node_id
-            if self.roles.get(node) == ANCHOR:
-                self.table[_client_key(reply)] = arrays
+            if ctx.per_node.get(reply.node, {}).get("role") == ANCHOR:
+                self.state["table"] = {
+                    **self.state["table"],
+                    client_key(reply): reply.arrays,
+                }
             else:
-                miners.append(arrays)
-        metrics = self.train_metrics_aggr_fn(
-            [r.content for r in replies], self.weighted_by_key
-        )
-        return to_record(self.server_update(self.global_arrays, miners)), metrics
-
-    def server_update(
-        self, x: Mapping[str, np.ndarray], miners: list[Mapping[str, np.ndarray]]
-    ) -> dict[str, np.ndarray]:
-        """``x - eta_g * mean_i (x - y_i)`` over the miners; ``x`` if there are none."""
+                miners.append(reply)
         if not miners:
-            return dict(x)
-        step = mean64(miners, reference=x)  # mean (y_i - x) in float64
-        return apply_delta(x, step, self.eta_g)
-
-
-def _client_key(reply: Message) -> str:
-    pid = reply.content[keys.METRICS].get(keys.PARTITION_ID)
-    return str(int(pid)) if pid is not None else f"node-{reply.metadata.src_node_id}"
-
-
-def _build(common: Mapping[str, Any], hp: Mapping[str, Any]) -> FedAMD:
-    return FedAMD(**common, p=hp["p"], k=hp["k"], eta_g=hp["eta-g"])
-
-
-register(
-    AlgorithmEntry(
-        "fedamd",
-        _build,
-        client="fedamd",
-        hyperparameters={"p": 0.2, "k": 10, "eta-g": 1.0},
-        paper="Wu et al., ICML 2023, https://arxiv.org/abs/2206.05891",
-        summary="Anchor clients refresh full-batch gradients; miners run SARAH steps",
-        family="participation",
-    )
-)
+            return dict(ctx.arrays)
+        return super().aggregate(miners, ctx)

@@ -29,32 +29,33 @@ reply ``Delta_i``). The driver, clocks and wire protocol are in
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
-from typing import Any
+from collections.abc import Sequence
 
-from strategies.aggregation import NDArrays
-from strategies.asynchrony import (
-    AsyncStrategy,
-    Update,
-    check_choice,
-    driver_options,
-)
-from strategies.registry import AlgorithmEntry, register
+from strategies.asynchrony import AsyncStrategy, Update, async_params
+from strategies.params import Param
+from strategies.registry import register
 
 WEIGHTS = ("identical", "weight")
 
 
+@register
 class FedAsync(AsyncStrategy):
     """Asynchronous FedAvg (see module docstring)."""
 
-    def __init__(
-        self,
-        *args: Any,
-        weights: str = "identical",
-        **kwargs: Any,
-    ) -> None:
-        super().__init__(*args, **kwargs)
-        self.weights = check_choice("fedasync.weights", weights, WEIGHTS)
+    name = "fedasync"
+    paper = (
+        "Fraboni et al., JMLR 2023, https://arxiv.org/abs/2206.10189 (Async); "
+        "Xie et al. 2019, https://arxiv.org/abs/1903.03934"
+    )
+    tagline = (
+        "Asynchronous FedAvg: aggregate each update on arrival, staleness-weighted"
+    )
+    params = (
+        Param(
+            "weights", "identical", choices=WEIGHTS, help="d_i: 1, or from durations"
+        ),
+        *async_params(),
+    )
 
     def on_arrival(self, update: Update) -> None:
         self.commit([update])
@@ -68,38 +69,5 @@ class FedAsync(AsyncStrategy):
         taus = {n: self.durations.get(n) or longest for n in self.nodes}
         return sum(1.0 / t for t in taus.values()) * taus[node] * self.p(node)
 
-    def combine(self, updates: Sequence[Update]) -> NDArrays:
-        return self.weighted_sum(
-            updates,
-            [self.d(u.node) * self.s(u) for u in updates],
-        )
-
-
-def _build(common: Mapping[str, Any], hp: Mapping[str, Any]) -> FedAsync:
-    return FedAsync(
-        **common,
-        **driver_options(hp),
-        weights=hp["weights"],
-    )
-
-
-register(
-    AlgorithmEntry(
-        "fedasync",
-        _build,
-        client="delta",
-        hyperparameters={
-            "eta-g": 1.0,
-            "weights": "identical",
-            "staleness": "constant",
-            "staleness-a": 0.5,
-            "staleness-b": 4.0,
-            "importance": "uniform",
-        },
-        paper="Fraboni et al., JMLR 2023, https://arxiv.org/abs/2206.10189 "
-        "(Async); Xie et al. 2019, https://arxiv.org/abs/1903.03934",
-        summary="Asynchronous FedAvg: aggregate each update on arrival, "
-        "staleness-weighted",
-        family="asynchronous",
-    )
-)
+    def coefficients(self, updates: Sequence[Update]) -> list[float]:
+        return [self.d(u.node) * self.s(u) for u in updates]

@@ -25,11 +25,14 @@ Client rule: plain local SGD (recipe ``plain``); the spec's "I = 5 local
 iterations, batch 16, lr 0.1" are the shared run-config keys ``local-steps``,
 ``batch-size`` and ``lr``.
 
+The rule is a weighting piece (:class:`IntervalWeights`) in the chain, then
+the weighted sum of ``y_n - x`` and a step of ``eta_g``.
+
 Wire protocol: server sends ``arrays`` and ``config`` (shared training keys
 only); clients return full local ``arrays`` and ``metrics`` (``num-examples``).
-Server state (``state_attributes``, checkpointed every round): ``node_ids``
-and, aligned with them, ``counters`` (``c_n``), ``interval_sums`` and
-``interval_counts``. Clients keep none.
+Server state (the weighting piece's, checkpointed every round): ``node-ids``
+and, aligned with them, ``counters`` (``c_n``), ``interval-sums`` and
+``interval-counts``. Clients keep none.
 
 Decisions where the spec was open:
 
@@ -54,159 +57,131 @@ Decisions where the spec was open:
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping, Sequence
-from typing import Any
+from collections.abc import Sequence
+from dataclasses import dataclass
 
 import numpy as np
-from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord
-from flwr.serverapp import Grid
-from flwr.serverapp import strategy as flwr_strategy
 
-from strategies import keys
-from strategies.aggregation import apply_delta, to_numpy, to_record, weighted_sum
-from strategies.base import BouquetStrategy
-from strategies.registry import AlgorithmEntry, register
+from strategies import pieces
+from strategies.base import BouquetStrategy, Reduction
+from strategies.context import RoundContext
+from strategies.params import Param
+from strategies.registry import register
 
 WEIGHTINGS = ("adaptive", "average-participating", "average-all")
 
 
-class FedAU(BouquetStrategy, flwr_strategy.FedAvg):
-    """FedAU's server: online interval estimates as aggregation weights.
+def new_intervals() -> dict[str, np.ndarray]:
+    """The bookkeeping of no node."""
+    return {
+        "node-ids": np.zeros(0, dtype=np.int64),
+        "counters": np.zeros(0, dtype=np.int64),
+        "interval-sums": np.zeros(0, dtype=np.float64),
+        "interval-counts": np.zeros(0, dtype=np.int64),
+    }
 
-    Parameters
-    ----------
-    k : int
-        Interval cutoff K.
-    eta_g : float
-        Global learning rate.
-    weighting : str
-        ``"adaptive"`` (FedAU), ``"average-participating"`` or ``"average-all"``.
 
-    """
+def slots(state: dict[str, np.ndarray], node_ids: Sequence[int]) -> np.ndarray:
+    """Positions of ``node_ids`` in ``state`` (new ids are added, in place)."""
+    known = {int(n): i for i, n in enumerate(state["node-ids"])}
+    new = [n for n in dict.fromkeys(int(n) for n in node_ids) if n not in known]
+    if new:
+        grow = len(new)
+        state["node-ids"] = np.concatenate([state["node-ids"], np.array(new, np.int64)])
+        for key, dtype in (
+            ("counters", np.int64),
+            ("interval-sums", np.float64),
+            ("interval-counts", np.int64),
+        ):
+            state[key] = np.concatenate([state[key], np.zeros(grow, dtype)])
+        known.update({n: len(known) + i for i, n in enumerate(new)})
+    return np.array([known[int(n)] for n in node_ids], dtype=np.int64)
 
-    state_attributes = ("node_ids", "counters", "interval_sums", "interval_counts")
 
-    def __init__(
-        self,
-        *args: Any,
-        k: int = 100000,
-        eta_g: float = 1.0,
-        weighting: str = "adaptive",
-        **kwargs: Any,
-    ) -> None:
-        super().__init__(*args, **kwargs)
-        if weighting not in WEIGHTINGS:
-            raise ValueError(
-                f"fedau.weighting must be one of {WEIGHTINGS}; got {weighting!r}."
-            )
-        if k < 1:
-            raise ValueError(f"fedau.k must be >= 1; got {k}.")
-        self.k = int(k)
-        self.eta_g = float(eta_g)
-        self.weighting = weighting
-        self.node_ids = np.zeros(0, dtype=np.int64)
-        self.counters = np.zeros(0, dtype=np.int64)
-        self.interval_sums = np.zeros(0, dtype=np.float64)
-        self.interval_counts = np.zeros(0, dtype=np.int64)
-        self._round_nodes: list[int] = []
-        self._participants: set[int] = set()
+def omega(state: dict[str, np.ndarray], node_ids: Sequence[int]) -> np.ndarray:
+    """``omega_n``: mean recorded interval of each node, 1 if none yet."""
+    at = slots(state, node_ids)
+    counts = state["interval-counts"][at]
+    return np.where(counts > 0, state["interval-sums"][at] / np.maximum(counts, 1), 1.0)
 
-    # -------------------------------------------------------- bookkeeping --
-    def _slots(self, node_ids: Iterable[int]) -> np.ndarray:
-        """Positions of ``node_ids`` in the state arrays (new ids are added)."""
-        node_ids = [int(n) for n in node_ids]
-        known = {int(n): i for i, n in enumerate(self.node_ids)}
-        new = [n for n in dict.fromkeys(node_ids) if n not in known]
-        if new:
-            grow = len(new)
-            self.node_ids = np.concatenate([self.node_ids, np.array(new, np.int64)])
-            self.counters = np.concatenate([self.counters, np.zeros(grow, np.int64)])
-            self.interval_sums = np.concatenate([self.interval_sums, np.zeros(grow)])
-            self.interval_counts = np.concatenate(
-                [self.interval_counts, np.zeros(grow, np.int64)]
-            )
-            known.update({n: len(known) + i for i, n in enumerate(new)})
-        return np.array([known[n] for n in node_ids], dtype=np.int64)
 
-    def omega(self, node_ids: Sequence[int]) -> np.ndarray:
-        """``omega_n``: mean recorded interval of each node, 1 if none yet."""
-        slots = self._slots(node_ids)
-        counts = self.interval_counts[slots]
-        sums = self.interval_sums[slots]
-        return np.where(counts > 0, sums / np.maximum(counts, 1), 1.0)
+def record_participation(
+    state: dict[str, np.ndarray],
+    node_ids: Sequence[int],
+    participants: set[int],
+    k: int,
+) -> None:
+    """Step 4 of the server rule for every node in ``node_ids`` (in place)."""
+    for slot, node in zip(slots(state, node_ids), node_ids, strict=True):
+        if node in participants:
+            state["interval-sums"][slot] += state["counters"][slot] + 1
+            state["interval-counts"][slot] += 1
+            state["counters"][slot] = 0
+        else:
+            state["counters"][slot] += 1
+            if state["counters"][slot] >= k:
+                state["interval-sums"][slot] += k
+                state["interval-counts"][slot] += 1
+                state["counters"][slot] = 0
 
-    def record_participation(
-        self, node_ids: Sequence[int], participants: set[int]
-    ) -> None:
-        """Step 4 of the server rule for every node in ``node_ids``."""
-        for slot, node in zip(self._slots(node_ids), node_ids, strict=True):
-            if node in participants:
-                self.interval_sums[slot] += self.counters[slot] + 1
-                self.interval_counts[slot] += 1
-                self.counters[slot] = 0
-            else:
-                self.counters[slot] += 1
-                if self.counters[slot] >= self.k:
-                    self.interval_sums[slot] += self.k
-                    self.interval_counts[slot] += 1
-                    self.counters[slot] = 0
 
-    # ------------------------------------------------------------- rounds --
-    def configure_train(
-        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
-    ) -> Iterable[Message]:
-        """Remember every registered node (non-participants count too), then sample."""
-        self._round_nodes = sorted(int(n) for n in grid.get_node_ids())
-        self._slots(self._round_nodes)
-        return super().configure_train(server_round, arrays, config, grid)
+@dataclass(frozen=True)
+class IntervalWeights(pieces.Weighting):
+    """FedAU's weights ``omega_n / N`` (or a baseline's), then the bookkeeping."""
 
-    def aggregate_train(
-        self, server_round: int, replies: Iterable[Message]
-    ) -> tuple[ArrayRecord | None, MetricRecord | None]:
-        """Aggregate (weights from past intervals), then record this round's."""
-        self._participants = set()
-        result = super().aggregate_train(server_round, replies)
-        self.record_participation(self._round_nodes, self._participants)
-        return result
+    k: int = 100000
+    weighting: str = "adaptive"
 
-    def weights(self, node_ids: Sequence[int]) -> np.ndarray:
-        """The factor of each participant's update before ``eta_g``."""
-        total = max(len(self._round_nodes), len(node_ids))
+    def init(self) -> pieces.State:
+        return new_intervals()
+
+    def update(
+        self, replies: pieces.Replies, state: pieces.State, ctx: RoundContext
+    ) -> tuple[np.ndarray, pieces.State]:
+        state = {key: value.copy() for key, value in state.items()}
+        nodes = [r.node for r in replies]
+        everyone = sorted(set(ctx.nodes) | set(nodes))
+        total = max(len(everyone), len(nodes))
+        slots(state, everyone)
         if self.weighting == "average-participating":
-            return np.full(len(node_ids), 1.0 / len(node_ids))
-        if self.weighting == "average-all":
-            return np.full(len(node_ids), 1.0 / total)
-        return self.omega(node_ids) / total
-
-    def aggregate_valid(
-        self, server_round: int, replies: list[Message]
-    ) -> tuple[ArrayRecord | None, MetricRecord | None]:
-        nodes = [int(r.metadata.src_node_id) for r in replies]
-        self._participants = set(nodes)
-        self._round_nodes = sorted(set(self._round_nodes) | self._participants)
-        weights = self.weights(nodes)
-        reference = self.global_arrays
-        update = weighted_sum(
-            [to_numpy(r.content[keys.ARRAYS]) for r in replies], weights, reference
-        )
-        metrics = self.train_metrics_aggr_fn(
-            [r.content for r in replies], self.weighted_by_key
-        )
-        return to_record(apply_delta(reference, update, self.eta_g)), metrics
+            weights = np.full(len(nodes), 1.0 / len(nodes))
+        elif self.weighting == "average-all":
+            weights = np.full(len(nodes), 1.0 / total)
+        else:
+            weights = omega(state, nodes) / total
+        record_participation(state, everyone, set(nodes), self.k)
+        return weights, state
 
 
-def _build(common: Mapping[str, Any], hp: Mapping[str, Any]) -> FedAU:
-    return FedAU(**common, k=hp["k"], eta_g=hp["eta-g"], weighting=hp["weighting"])
+@register
+class FedAU(BouquetStrategy):
+    """FedAU's server: online interval estimates as aggregation weights."""
 
-
-register(
-    AlgorithmEntry(
-        "fedau",
-        _build,
-        client="plain",
-        hyperparameters={"k": 100000, "eta-g": 1.0, "weighting": "adaptive"},
-        paper="Wang & Ji, ICLR 2024, https://arxiv.org/abs/2306.03401",
-        summary="FedAvg weighted by online estimates of 1/p_n (unknown participation)",
-        family="participation",
+    name = "fedau"
+    paper = "Wang & Ji, ICLR 2024, https://arxiv.org/abs/2306.03401"
+    tagline = "FedAvg weighted by online estimates of 1/p_n (unknown participation)"
+    family = "participation"
+    params = (
+        Param("k", 100000, ">= 1", "interval cutoff K (100000: effectively none)"),
+        Param("eta-g", 1.0, "> 0", "global learning rate"),
+        Param("weighting", "adaptive", choices=WEIGHTINGS, help="FedAU or a baseline"),
     )
-)
+    reductions = (
+        Reduction(
+            {"weighting": "average-participating"}, "fedavg", {"weighting": "uniform"}
+        ),
+    )
+
+    def make_aggregator(self) -> pieces.Aggregator:
+        """Interval weights, their weighted sum of ``y_n - x``, a step of eta_g."""
+        return pieces.Aggregator(
+            IntervalWeights(self.k, self.weighting),
+            pieces.WeightedMean(),
+            pieces.ServerSGD(self.eta_g),
+        )
+
+    def skipped(self, ctx: RoundContext) -> None:
+        """A skipped round counts as non-participation for every node."""
+        state = {k: v.copy() for k, v in self.state["aggregator"]["weighting"].items()}
+        record_participation(state, sorted(ctx.nodes), set(), self.k)
+        self.state["aggregator"] = {**self.state["aggregator"], "weighting": state}

@@ -30,41 +30,42 @@ Clients: recipe ``delta``. Driver and wire protocol: ``strategies/asynchrony.py`
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from typing import Any
 
-from strategies.aggregation import NDArrays
-from strategies.asynchrony import (
-    AsyncStrategy,
-    Update,
-    check_choice,
-    driver_options,
-)
-from strategies.registry import AlgorithmEntry, register
+from strategies.asynchrony import AsyncStrategy, Task, Update, async_params
+from strategies.params import Param
+from strategies.registry import register
 
 WEIGHTS = ("identical", "examples", "weight")
 
 
+@register
 class FedBuff(AsyncStrategy):
     """Buffered asynchronous aggregation (see module docstring)."""
 
-    policy_attributes = ("buffer", "inclusions", "aggregations")
+    name = "fedbuff"
+    paper = (
+        "Nguyen et al., AISTATS 2022, https://arxiv.org/abs/2106.06639; "
+        "as in Fraboni et al., JMLR 2023, https://arxiv.org/abs/2206.10189"
+    )
+    tagline = (
+        "Buffered async FL: aggregate the K earliest updates "
+        "(K = all nodes: synchronous FedAvg)"
+    )
+    params = (
+        Param("buffer-size", 5, ">= 0", "K; 0 = every node (synchronous FedAvg)"),
+        Param(
+            "weights",
+            "identical",
+            choices=WEIGHTS,
+            help="identical (1/K) | examples (n_i share) | weight (p_i / f_i)",
+        ),
+        *async_params(),
+    )
 
-    def __init__(
-        self,
-        *args: Any,
-        buffer_size: int = 5,
-        weights: str = "identical",
-        **kwargs: Any,
-    ) -> None:
-        super().__init__(*args, **kwargs)
-        if buffer_size < 0:
-            raise ValueError(f"fedbuff.buffer-size must be >= 0; got {buffer_size}.")
-        self.buffer_size = int(buffer_size)
-        self.weights = check_choice("fedbuff.weights", weights, WEIGHTS)
-        self.buffer: list[Update] = []
-        self.inclusions: dict[int, int] = {}
-        self.aggregations = 0
+    def init_state(self) -> dict[str, Any]:
+        return {"buffer": [], "inclusions": {}, "aggregations": 0}
 
     @property
     def c(self) -> int:
@@ -74,64 +75,32 @@ class FedBuff(AsyncStrategy):
         return max(1, min(size, live))
 
     def on_arrival(self, update: Update) -> None:
-        self.buffer.append(update)
+        self.state["buffer"] = [*self.state["buffer"], update]
         self._maybe_aggregate()
 
-    def on_failure(self, task: Any) -> None:
+    def on_failure(self, task: Task) -> None:
         super().on_failure(task)
         self._maybe_aggregate()
 
     def _maybe_aggregate(self) -> None:
-        if self.buffer and len(self.buffer) >= self.c:
-            buffered, self.buffer = self.buffer, []
+        buffered = self.state["buffer"]
+        if buffered and len(buffered) >= self.c:
+            self.state["buffer"] = []
             self.commit(buffered)
             self.dispatch(u.node for u in buffered)
 
-    def combine(self, updates: Sequence[Update]) -> NDArrays:
-        self.aggregations += 1
+    def coefficients(self, updates: Sequence[Update]) -> list[float]:
+        self.state["aggregations"] += 1
+        inclusions = dict(self.state["inclusions"])
         for u in updates:
-            self.inclusions[u.node] = self.inclusions.get(u.node, 0) + 1
+            inclusions[u.node] = inclusions.get(u.node, 0) + 1
+        self.state["inclusions"] = inclusions
         if self.weights == "identical":
             d = [1.0 / len(updates)] * len(updates)
         elif self.weights == "examples":
             total = sum(u.num_examples for u in updates)
             d = [u.num_examples / total for u in updates]
         else:
-            d = [
-                self.p(u.node) * self.aggregations / self.inclusions[u.node]
-                for u in updates
-            ]
-        s = [self.s(u) for u in updates]
-        return self.weighted_sum(updates, [a * b for a, b in zip(d, s, strict=True)])
-
-
-def _build(common: Mapping[str, Any], hp: Mapping[str, Any]) -> FedBuff:
-    return FedBuff(
-        **common,
-        **driver_options(hp),
-        buffer_size=hp["buffer-size"],
-        weights=hp["weights"],
-    )
-
-
-register(
-    AlgorithmEntry(
-        "fedbuff",
-        _build,
-        client="delta",
-        hyperparameters={
-            "buffer-size": 5,
-            "eta-g": 1.0,
-            "weights": "identical",
-            "staleness": "constant",
-            "staleness-a": 0.5,
-            "staleness-b": 4.0,
-            "importance": "uniform",
-        },
-        paper="Nguyen et al., AISTATS 2022, https://arxiv.org/abs/2106.06639; "
-        "as in Fraboni et al., JMLR 2023, https://arxiv.org/abs/2206.10189",
-        summary="Buffered async FL: aggregate the K earliest updates "
-        "(K = all nodes: synchronous FedAvg)",
-        family="asynchronous",
-    )
-)
+            aggregations = self.state["aggregations"]
+            d = [self.p(u.node) * aggregations / inclusions[u.node] for u in updates]
+        return [a * self.s(u) for a, u in zip(d, updates, strict=True)]

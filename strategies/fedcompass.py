@@ -50,88 +50,78 @@ Clients: recipe ``delta``, ``local-steps`` = ``Q_i`` per task.
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from typing import Any
 
-from strategies.aggregation import NDArrays
-from strategies.asynchrony import (
-    AsyncStrategy,
-    Task,
-    Update,
-    driver_options,
-)
-from strategies.registry import AlgorithmEntry, register
+from strategies.asynchrony import AsyncStrategy, Task, Update, async_params
+from strategies.params import Param
+from strategies.registry import register
 
 
+@register
 class FedCompass(AsyncStrategy):
-    """The COMPASS scheduler and its group aggregation (see module docstring)."""
+    """The COMPASS scheduler and its group aggregation (see module docstring).
 
-    policy_attributes = (
-        "speed",
-        "assigned_steps",
-        "group_of",
-        "groups",
-        "general_buffer",
-        "group_counter",
+    State (``self.state``): ``speed`` (``s_i``, estimated time per local step),
+    ``assigned-steps``, ``group-of``, ``groups`` (id -> ``expected`` E,
+    ``latest`` D, ``members`` still out, ``arrived``, ``buffer``, ``closed``),
+    ``general-buffer`` and ``group-counter``.
+    """
+
+    name = "fedcompass"
+    paper = "Li et al., ICLR 2024, https://arxiv.org/abs/2309.14675"
+    tagline = (
+        "Semi-async FL: a speed-aware scheduler assigns local steps so groups "
+        "arrive together"
+    )
+    params = (
+        Param("q-max", 100, ">= 1", "most local steps assigned"),
+        Param("q-min", 20, ">= 1", "fewest local steps assigned"),
+        Param("latest-time-factor", 1.5, ">= 1", "lambda: a group waits lambda x E"),
+        Param("speed-momentum", 0.9, "(0, 1]", "weight of the newest speed sample"),
+        Param("alpha", 0.9, "> 0", "aggregation weight"),
+        *async_params(staleness="polynomial"),
     )
 
-    def __init__(
-        self,
-        *args: Any,
-        q_max: int = 100,
-        q_min: int = 20,
-        latest_time_factor: float = 1.5,
-        speed_momentum: float = 0.9,
-        alpha: float = 0.9,
-        **kwargs: Any,
-    ) -> None:
-        super().__init__(*args, **kwargs)
-        if not 1 <= q_min <= q_max:
+    def validate(self) -> None:
+        """``q-min <= q-max``."""
+        if self.q_min > self.q_max:
             raise ValueError(
-                f"fedcompass needs 1 <= q-min <= q-max; got {q_min}, {q_max}."
+                f"fedcompass needs q-min <= q-max; got {self.q_min}, {self.q_max}."
             )
-        if not latest_time_factor >= 1.0:
-            raise ValueError(
-                f"fedcompass.latest-time-factor must be >= 1; got {latest_time_factor}."
-            )
-        if not 0.0 < speed_momentum <= 1.0:
-            raise ValueError(
-                f"fedcompass.speed-momentum must be in (0, 1]; got {speed_momentum}."
-            )
-        self.q_max, self.q_min = int(q_max), int(q_min)
-        self.latest_time_factor = float(latest_time_factor)
-        self.speed_momentum = float(speed_momentum)
-        self.alpha = float(alpha)
-        self.speed: dict[int, float] = {}
-        """``s_i``: estimated time per local step."""
-        self.assigned_steps: dict[int, int] = {}
-        self.group_of: dict[int, int] = {}
-        self.groups: dict[int, dict[str, Any]] = {}
-        """Group id -> ``expected`` (E), ``latest`` (D), ``members`` (still out),
-        ``arrived``, ``buffer`` and ``closed`` (aggregated or timed out)."""
-        self.general_buffer: list[Update] = []
-        self.group_counter = 0
+
+    def init_state(self) -> dict[str, Any]:
+        return {
+            "speed": {},
+            "assigned-steps": {},
+            "group-of": {},
+            "groups": {},
+            "general-buffer": [],
+            "group-counter": 0,
+        }
 
     # ---------------------------------------------------------- scheduling --
     def on_start(self) -> None:
         self.dispatch(self.nodes, {n: self.q_max for n in self.nodes})
 
     def local_steps(self, node: int) -> int:
-        return self.assigned_steps.get(node, self.q_max)
+        return self.state["assigned-steps"].get(node, self.q_max)
 
     def _measure(self, node: int, start: float, steps: int) -> None:
+        speed = self.state["speed"]
         sample = (self.now() - start) / steps
-        if node in self.speed:
+        if node in speed:
             m = self.speed_momentum
-            self.speed[node] = (1 - m) * self.speed[node] + m * sample
+            speed[node] = (1 - m) * speed[node] + m * sample
         else:
-            self.speed[node] = sample
+            speed[node] = sample
 
     def on_arrival(self, update: Update) -> None:
         node, now = update.node, self.now()
         self._measure(node, update.start, update.steps)
-        gid = self.group_of.pop(node, None)
-        group = self.groups.get(gid) if gid is not None else None
+        gid = self.state["group-of"].pop(node, None)
+        groups = self.state["groups"]
+        group = groups.get(gid) if gid is not None else None
         if group is None:
             # First return (no group yet): a single asynchronous aggregation.
             self.commit([update])
@@ -146,14 +136,15 @@ class FedCompass(AsyncStrategy):
             return
         # Late: aggregated with the next group; new work at once.
         if not group["members"] and not group["arrived"]:
-            del self.groups[gid]
-        self.general_buffer.append(update)
+            del groups[gid]
+        self.state["general-buffer"].append(update)
         self._assign_and_send([node])
 
     def on_failure(self, task: Task) -> None:
-        gid = self.group_of.pop(task.node, None)
-        if gid is not None and gid in self.groups:
-            group = self.groups[gid]
+        gid = self.state["group-of"].pop(task.node, None)
+        groups = self.state["groups"]
+        if gid is not None and gid in groups:
+            group = groups[gid]
             group["members"].remove(task.node)
             if not group["closed"] and not group["members"] and group["arrived"]:
                 self._aggregate_group(gid)
@@ -161,60 +152,66 @@ class FedCompass(AsyncStrategy):
             self._assign_and_send([task.node])
 
     def next_timer(self) -> float | None:
-        open_ = [g["latest"] for g in self.groups.values() if not g["closed"]]
+        open_ = [g["latest"] for g in self.state["groups"].values() if not g["closed"]]
         return min(open_) if open_ else None
 
     def on_timer(self) -> None:
-        now = self.now()
-        for gid in sorted(self.groups, key=lambda g: self.groups[g]["latest"]):
-            group = self.groups.get(gid)
+        now, groups = self.now(), self.state["groups"]
+        for gid in sorted(groups, key=lambda g: groups[g]["latest"]):
+            group = groups.get(gid)
             if group is not None and not group["closed"] and group["latest"] <= now:
                 self._aggregate_group(gid)
 
     def _aggregate_group(self, gid: int) -> None:
-        group = self.groups[gid]
+        groups = self.state["groups"]
+        group = groups[gid]
         group["closed"] = True
         arrived, buffered = group["arrived"], group["buffer"]
         group["arrived"], group["buffer"] = [], []
         if not group["members"]:
-            del self.groups[gid]
+            del groups[gid]
         if not buffered:
             return  # the deadline passed with nobody back: nothing to aggregate
-        updates, self.general_buffer = [*self.general_buffer, *buffered], []
+        updates = [*self.state["general-buffer"], *buffered]
+        self.state["general-buffer"] = []
         self.commit(updates)
+        speed = self.state["speed"]
         self._assign_and_send(
-            sorted(arrived, key=lambda n: (self.speed[n], self.order_key(n)))
+            sorted(arrived, key=lambda n: (speed[n], self.order_key(n)))
         )
 
     def _assign_and_send(self, nodes: Sequence[int]) -> None:
         nodes = [n for n in nodes if n not in self.retired]
         for node in nodes:  # in order: each assignment sees the groups before it
             self._assign(node)
-        self.dispatch(nodes, {n: self.assigned_steps[n] for n in nodes})
+        steps = self.state["assigned-steps"]
+        self.dispatch(nodes, {n: steps[n] for n in nodes})
 
     def _assign(self, node: int) -> None:
-        now, s = self.now(), self.speed[node]
-        if not self.groups:
+        speed, groups = self.state["speed"], self.state["groups"]
+        now, s = self.now(), speed[node]
+        if not groups:
             self._new_group(node, self.q_max)
             return
         best, chosen = -1, None
-        for gid in sorted(self.groups):
-            group = self.groups[gid]
+        for gid in sorted(groups):
+            group = groups[gid]
             if group["closed"]:
                 continue
             q = math.floor((group["expected"] - now) / s)
             if self.q_min <= q <= self.q_max and q >= best:
                 best, chosen = q, gid
         if chosen is not None:
-            self.groups[chosen]["members"].append(node)
-            self.group_of[node], self.assigned_steps[node] = chosen, best
+            groups[chosen]["members"].append(node)
+            self.state["group-of"][node] = chosen
+            self.state["assigned-steps"][node] = best
             return
         best = -1
-        for group in self.groups.values():
+        for group in groups.values():
             if group["closed"] or now >= group["latest"]:
                 continue
             out = group["members"] + group["arrived"]
-            fastest = min(self.speed.get(n, s) for n in out) if out else s
+            fastest = min(speed.get(n, s) for n in out) if out else s
             q = math.floor((group["latest"] + fastest * self.q_max - now) / s)
             if q <= self.q_max:
                 best = max(best, q)
@@ -223,10 +220,10 @@ class FedCompass(AsyncStrategy):
         self._new_group(node, self.q_max if best < 0 else max(1, best))
 
     def _new_group(self, node: int, steps: int) -> None:
-        now, s = self.now(), self.speed[node]
-        gid = self.group_counter
-        self.group_counter += 1
-        self.groups[gid] = {
+        now, s = self.now(), self.state["speed"][node]
+        gid = self.state["group-counter"]
+        self.state["group-counter"] += 1
+        self.state["groups"][gid] = {
             "expected": now + steps * s,
             "latest": now + steps * s * self.latest_time_factor,
             "members": [node],
@@ -234,48 +231,9 @@ class FedCompass(AsyncStrategy):
             "buffer": [],
             "closed": False,
         }
-        self.group_of[node], self.assigned_steps[node] = gid, steps
+        self.state["group-of"][node] = gid
+        self.state["assigned-steps"][node] = steps
 
     # --------------------------------------------------------- aggregation --
-    def combine(self, updates: Sequence[Update]) -> NDArrays:
-        return self.weighted_sum(
-            updates,
-            [self.alpha * self.s(u) * self.p(u.node) for u in updates],
-        )
-
-
-def _build(common: Mapping[str, Any], hp: Mapping[str, Any]) -> FedCompass:
-    return FedCompass(
-        **common,
-        **driver_options(hp),
-        q_max=hp["q-max"],
-        q_min=hp["q-min"],
-        latest_time_factor=hp["latest-time-factor"],
-        speed_momentum=hp["speed-momentum"],
-        alpha=hp["alpha"],
-    )
-
-
-register(
-    AlgorithmEntry(
-        "fedcompass",
-        _build,
-        client="delta",
-        hyperparameters={
-            "q-max": 100,
-            "q-min": 20,
-            "latest-time-factor": 1.5,
-            "speed-momentum": 0.9,
-            "alpha": 0.9,
-            "staleness": "polynomial",
-            "staleness-a": 0.5,
-            "staleness-b": 4.0,
-            "eta-g": 1.0,
-            "importance": "uniform",
-        },
-        paper="Li et al., ICLR 2024, https://arxiv.org/abs/2309.14675",
-        summary="Semi-async FL: a speed-aware scheduler assigns local steps so "
-        "groups arrive together",
-        family="asynchronous",
-    )
-)
+    def coefficients(self, updates: Sequence[Update]) -> list[float]:
+        return [self.alpha * self.s(u) * self.p(u.node) for u in updates]

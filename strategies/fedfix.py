@@ -32,27 +32,30 @@ Clients: recipe ``delta``. Driver and wire protocol: ``strategies/asynchrony.py`
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from typing import Any
 
-from strategies.aggregation import NDArrays
-from strategies.asynchrony import AsyncStrategy, Update, driver_options
-from strategies.registry import AlgorithmEntry, register
+from strategies.asynchrony import AsyncStrategy, Update, async_params
+from strategies.params import Param
+from strategies.registry import register
 
 
+@register
 class FedFix(AsyncStrategy):
     """Fixed-period asynchronous aggregation (see module docstring)."""
 
-    policy_attributes = ("buffer", "boundary")
+    name = "fedfix"
+    paper = "Fraboni et al., JMLR 2023, https://arxiv.org/abs/2206.10189"
+    tagline = (
+        "Async FL aggregated at fixed time boundaries, weights ceil(tau_i/Delta_t) p_i"
+    )
+    params = (
+        Param("delta-t", 0.5, "> 0", "period, in units of the slowest task time"),
+        *async_params(staleness=None),
+    )
 
-    def __init__(self, *args: Any, delta_t: float = 0.5, **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)
-        if not delta_t > 0:
-            raise ValueError(f"fedfix.delta-t must be > 0; got {delta_t}.")
-        self.delta_t = float(delta_t)
-        self.buffer: list[Update] = []
-        self.boundary = 0.0
-        """Time of the last boundary processed."""
+    def init_state(self) -> dict[str, Any]:
+        return {"buffer": [], "boundary": 0.0}
 
     def period(self) -> float | None:
         """The aggregation period in clock time (None until it can be known)."""
@@ -66,20 +69,20 @@ class FedFix(AsyncStrategy):
         return None if not longest else self.delta_t * longest
 
     def next_timer(self) -> float | None:
-        if not self.buffer and not self.in_flight:
+        if not self.state["buffer"] and not self.in_flight:
             return None  # nothing can arrive: no boundary can matter
         period = self.period()
-        return None if period is None else self.boundary + period
+        return None if period is None else self.state["boundary"] + period
 
     def on_arrival(self, update: Update) -> None:
-        self.buffer.append(update)
+        self.state["buffer"] = [*self.state["buffer"], update]
 
     def on_timer(self) -> None:
         period = self.period()
         assert period is not None
-        self.boundary += period
-        if self.buffer:
-            returned, self.buffer = self.buffer, []
+        self.state["boundary"] += period
+        if self.state["buffer"]:
+            returned, self.state["buffer"] = self.state["buffer"], []
             self.commit(returned)
             self.dispatch(u.node for u in returned)
 
@@ -89,24 +92,6 @@ class FedFix(AsyncStrategy):
         # A duration equal to a multiple of the period must not round up.
         return math.ceil(tau / period - 1e-9) * self.p(node)
 
-    def combine(self, updates: Sequence[Update]) -> NDArrays:
+    def coefficients(self, updates: Sequence[Update]) -> list[float]:
         period = self.period() or 1.0
-        return self.weighted_sum(updates, [self.d(u.node, period) for u in updates])
-
-
-def _build(common: Mapping[str, Any], hp: Mapping[str, Any]) -> FedFix:
-    return FedFix(**common, **driver_options(hp), delta_t=hp["delta-t"])
-
-
-register(
-    AlgorithmEntry(
-        "fedfix",
-        _build,
-        client="delta",
-        hyperparameters={"delta-t": 0.5, "eta-g": 1.0, "importance": "uniform"},
-        paper="Fraboni et al., JMLR 2023, https://arxiv.org/abs/2206.10189",
-        summary="Async FL aggregated at fixed time boundaries, weights "
-        "ceil(tau_i/Delta_t) p_i",
-        family="asynchronous",
-    )
-)
+        return [self.d(u.node, period) for u in updates]

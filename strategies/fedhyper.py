@@ -25,6 +25,8 @@ hypergradient step size (1 in the code) and ``a_0 = 0``, from round 2 on:
 - ``full``: ``gm`` on the server and ``cl`` on the clients.
 
 Round 1 is plain FedAvg in every variant (there is no previous update yet).
+The server schedulers are one server-optimizer piece, :class:`HypergradientLR`,
+after FedAvg's weighted mean.
 
 Wire protocol: server sends ``arrays`` and ``config``. ``sl`` overrides the
 shared ``lr`` key with the scheduled rate. ``cl``/``full`` add the record
@@ -34,8 +36,8 @@ round 1) and the config keys ``fedhyper.client-scheduler`` (True),
 ``fedhyper.hypergrad-lr``, ``fedhyper.gamma-max``, ``fedhyper.beta-min``,
 ``fedhyper.beta-max``, ``fedhyper.global-weight``. Clients return their full
 local ``arrays`` and ``metrics`` (``cl`` adds ``fedhyper.beta``, the final
-multiplier). Server state: ``alpha`` (``a_t``), ``previous_update``
-(``Delta_{t-1}``) and ``momentum_buffer`` (``m_{t-1}``, ``gm``/``full``).
+multiplier). Server state (the optimizer piece's): ``alpha`` (``a_t``),
+``previous`` (``Delta_{t-1}``) and ``momentum`` (``m_{t-1}``, ``gm``/``full``).
 Clients keep none: the multiplier restarts at 1 every round, as in the code.
 
 Decisions where the spec was open:
@@ -60,25 +62,33 @@ Decisions where the spec was open:
 from __future__ import annotations
 
 from collections.abc import Mapping
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
-from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord
-from flwr.serverapp import Grid
-from flwr.serverapp import strategy as flwr_strategy
+from flwr.app import ConfigRecord
 
-from strategies import keys
-from strategies.aggregation import cast_like, to_numpy, to_record
-from strategies.base import BouquetStrategy, with_records
-from strategies.registry import AlgorithmEntry, register
+from strategies import pieces
+from strategies.aggregation import cast_like, to_record
+from strategies.base import BouquetStrategy, Record, Reduction
+from strategies.context import NDArrays, RoundContext
+from strategies.params import Param
+from strategies.registry import register
+from tasks import wire
 
 NAME = "fedhyper"
 SCHEDULERS = ("g", "gm", "sl", "cl", "full")
-GLOBAL_UPDATE = keys.algorithm_key(NAME, "global-update")
+GLOBAL_UPDATE = f"{NAME}.global-update"
 """ArrayRecord sent to ``cl`` clients: the previous FedAvg update."""
+NUM_SAMPLED = f"{NAME}.num-sampled"
 BUFFER_SUFFIXES = ("running_mean", "running_var", "num_batches_tracked")
-
-NDArrays = dict[str, np.ndarray]
+CLIENT_CONSTANTS = (
+    "hypergrad-lr",
+    "gamma-max",
+    "beta-min",
+    "beta-max",
+    "global-weight",
+)
 
 
 def trainable_keys(arrays: Mapping[str, np.ndarray]) -> list[str]:
@@ -95,215 +105,145 @@ def dot(a: Mapping[str, np.ndarray], b: Mapping[str, np.ndarray]) -> float:
     return float(sum(np.dot(a[k].ravel().astype(np.float64), b[k].ravel()) for k in a))
 
 
-class FedHyper(BouquetStrategy, flwr_strategy.FedAvg):
-    """FedHyper's server (see the module docstring for the rules).
+@dataclass(frozen=True)
+class HypergradientLR(pieces.ServerOptimizer):
+    """FedHyper's global schedulers on ``Delta_t`` (see the module docstring).
 
-    Parameters
-    ----------
-    scheduler : str
-        ``"g"``, ``"gm"``, ``"sl"``, ``"cl"`` or ``"full"``.
-    hypergrad_lr : float
-        Step size on the hypergradient (dot product); 0 gives FedAvg.
-    a_min_g, a_min_gm, a_max : float
-        Clip of ``a_t`` (global lr ``1 + a_t``) for ``g`` and ``gm``/``full``.
-    gm_momentum : float
-        ``mu`` of ``gm``.
-    local_lr_min, local_lr_max : float
-        Clip of the local lr scheduled by ``sl``.
-    gamma_max, beta_min, beta_max, global_weight : float
-        The client scheduler's constants (sent to ``cl``/``full`` clients).
-
+    ``x_{t+1} = x_t + Delta_t + extra``: ``extra = a_t Delta_t`` (``g``),
+    ``a_t Delta_t + mu a_t m_{t-1}`` (``gm``/``full``), none for ``sl``/``cl``
+    (``sl`` only moves ``a_t``, which schedules the next round's local rate).
     """
 
-    state_attributes = ("alpha", "previous_update", "momentum_buffer")
+    scheduler: str = "gm"
+    hypergrad_lr: float = 1.0
+    a_bounds: tuple[float, float] = (-0.2, 4.0)
+    mu: float = 0.9
 
-    def __init__(
-        self,
-        *args: Any,
-        scheduler: str = "gm",
-        hypergrad_lr: float = 1.0,
-        a_min_g: float = -0.8,
-        a_min_gm: float = -0.2,
-        a_max: float = 4.0,
-        gm_momentum: float = 0.9,
-        local_lr_min: float = 0.001,
-        local_lr_max: float = 0.1,
-        gamma_max: float = 1.1,
-        beta_min: float = 0.1,
-        beta_max: float = 10.0,
-        global_weight: float = 0.1,
-        **kwargs: Any,
-    ) -> None:
-        super().__init__(*args, **kwargs)
-        if scheduler not in SCHEDULERS:
-            raise ValueError(
-                f"fedhyper.scheduler must be one of {SCHEDULERS}; got {scheduler!r}."
-            )
-        if hypergrad_lr < 0 or a_max < max(a_min_g, a_min_gm):
-            raise ValueError("fedhyper: need hypergrad-lr >= 0 and a-max >= a-min.")
-        if not 0 < local_lr_min <= local_lr_max or not 0 < beta_min <= beta_max:
-            raise ValueError("fedhyper: lr and beta bounds must be 0 < min <= max.")
-        self.scheduler = scheduler
-        self.hypergrad_lr = float(hypergrad_lr)
-        low = a_min_g if scheduler == "g" else a_min_gm
-        self.a_bounds = (float(low), float(a_max))
-        self.gm_momentum = float(gm_momentum)
-        self.local_lr_bounds = (float(local_lr_min), float(local_lr_max))
-        self.client_constants = {
-            "gamma-max": float(gamma_max),
-            "beta-min": float(beta_min),
-            "beta-max": float(beta_max),
-            "global-weight": float(global_weight),
-        }
-        self.eta_0 = 0.0  # the run's local lr, read from each round's config
-        self.alpha = 0.0
-        self.previous_update: NDArrays | None = None
-        self.momentum_buffer: NDArrays | None = None
+    def init(self) -> pieces.State:
+        return {"alpha": 0.0, "previous": None, "momentum": None}
+
+    def update(
+        self, delta: NDArrays, state: pieces.State, ctx: RoundContext
+    ) -> pieces.Updated:
+        names = trainable_keys({k: ctx.arrays[k] for k in delta})
+        d = {k: delta[k] for k in names}
+        alpha, previous, momentum = state["alpha"], state["previous"], state["momentum"]
+        extra: NDArrays = {}
+        h = self.hypergrad_lr
+        if self.scheduler in ("gm", "full"):
+            if momentum is not None:
+                alpha = float(np.clip(alpha + h * dot(d, momentum), *self.a_bounds))
+                extra = {k: alpha * d[k] + self.mu * alpha * momentum[k] for k in names}
+                momentum = {k: d[k] + self.mu * momentum[k] for k in names}
+            else:
+                momentum = d
+        elif previous is not None and self.scheduler in ("g", "sl"):
+            alpha += h * dot(d, previous)
+            if self.scheduler == "g":
+                alpha = float(np.clip(alpha, *self.a_bounds))
+                extra = {k: alpha * d[k] for k in names}
+        step = {k: delta[k] + extra[k] if k in extra else delta[k] for k in delta}
+        new_state = {"alpha": float(alpha), "previous": d, "momentum": momentum}
+        return pieces.apply_step(ctx, step), new_state
+
+
+@register
+class FedHyper(BouquetStrategy):
+    """FedHyper's server (see the module docstring for the rules)."""
+
+    name = NAME
+    routine = NAME
+    paper = "Wang et al., ICLR 2024, https://arxiv.org/abs/2310.03156"
+    tagline = "Hypergradient schedulers of the global and local learning rates"
+    family = "optimization"
+    params = (
+        Param("scheduler", "gm", choices=SCHEDULERS, help="g | gm | sl | cl | full"),
+        Param("hypergrad-lr", 1.0, ">= 0", "step size on the dot products; 0 = FedAvg"),
+        Param("a-min-g", -0.8, help="g: global lr 1 + a_t in [0.2, 5]"),
+        Param("a-min-gm", -0.2, help="gm / full: global lr in [0.8, 5]"),
+        Param("a-max", 4.0),
+        Param("gm-momentum", 0.9, ">= 0", "mu of gm"),
+        Param("local-lr-min", 0.001, "> 0", "sl: clip of the scheduled local lr"),
+        Param("local-lr-max", 0.1, "> 0"),
+        Param("gamma-max", 1.1, "> 0", "cl: cap of the per-step multiplier"),
+        Param("beta-min", 0.1, "> 0", "cl: bounds of the local lr factor"),
+        Param("beta-max", 10.0, "> 0"),
+        Param("global-weight", 0.1, help="cl: weight of <u_k, Delta_{t-1}> / n"),
+    )
+    reductions = (Reduction({"hypergrad-lr": 0.0}, "fedavg"),)
+
+    def validate(self) -> None:
+        """The clip bounds must be ordered."""
+        if self.a_max < max(self.a_min_g, self.a_min_gm):
+            raise ValueError("fedhyper: a-max must be >= a-min-g and a-min-gm.")
+        if self.local_lr_min > self.local_lr_max or self.beta_min > self.beta_max:
+            raise ValueError("fedhyper: lr and beta bounds must be min <= max.")
 
     @property
     def client_scheduler(self) -> bool:
         """Whether clients run the ``cl`` scheduler."""
         return self.scheduler in ("cl", "full")
 
+    def make_aggregator(self) -> pieces.Aggregator:
+        """FedAvg's mean, then the hypergradient schedule."""
+        low = self.a_min_g if self.scheduler == "g" else self.a_min_gm
+        return pieces.Aggregator(
+            pieces.ByExamples(),
+            pieces.WeightedMean(accumulate="wire"),
+            HypergradientLR(
+                self.scheduler, self.hypergrad_lr, (low, self.a_max), self.gm_momentum
+            ),
+        )
+
     @property
-    def global_lr(self) -> float:
-        """The global learning rate ``1 + a_t`` (1 for ``sl``/``cl``)."""
-        return 1.0 + self.alpha if self.scheduler in ("g", "gm", "full") else 1.0
+    def alpha(self) -> float:
+        """``a_t``."""
+        return float(self.state["aggregator"]["optimizer"]["alpha"])
 
     def local_lr(self, eta_0: float) -> float:
         """``sl``'s local rate for the next round, from the initial rate."""
-        return float(np.clip(eta_0 * (1.0 + self.alpha), *self.local_lr_bounds))
+        bounds = (self.local_lr_min, self.local_lr_max)
+        return float(np.clip(eta_0 * (1.0 + self.alpha), *bounds))
 
-    # ----------------------------------------------------------- to clients --
-    def configure_train(
-        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
-    ) -> list[Message]:
-        """Sample nodes; add the scheduled lr or the client scheduler's inputs."""
-        # The caller passes the same record every round: copy it, so that the
-        # initial lr eta_0 stays readable and our values never leak into it.
-        config = ConfigRecord(dict(config))
-        self.eta_0 = float(config.get(keys.LR, 0.0))
+    def round_config(self, ctx: RoundContext) -> dict[str, Any]:
+        """``sl``'s scheduled lr, or the client scheduler's constants."""
+        values: dict[str, Any] = {}
         if self.scheduler == "sl":
-            config[keys.LR] = self.local_lr(self.eta_0)
+            values[wire.LR] = self.local_lr(float(ctx.caller_config.get(wire.LR, 0.0)))
         if self.client_scheduler:
-            config[keys.algorithm_key(NAME, "client-scheduler")] = True
-            config[keys.algorithm_key(NAME, "hypergrad-lr")] = self.hypergrad_lr
-            for key, value in self.client_constants.items():
-                config[keys.algorithm_key(NAME, key)] = value
-        messages = list(super().configure_train(server_round, arrays, config, grid))
-        if not self.client_scheduler or not messages:
-            return messages
-        # Only known after sampling: the cohort size (the code's N * frac).
-        config = ConfigRecord(dict(messages[0].content[keys.CONFIG]))
-        config[keys.algorithm_key(NAME, "num-sampled")] = len(messages)
-        extra = {keys.CONFIG: config, GLOBAL_UPDATE: self.global_update_record()}
-        return [with_records(msg, extra) for msg in messages]
+            values[f"{NAME}.client-scheduler"] = True
+            for key in CLIENT_CONSTANTS:
+                values[f"{NAME}.{key}"] = getattr(self, key.replace("-", "_"))
+        return values
 
-    def global_update_record(self) -> ArrayRecord:
+    def recipients(self, ctx: RoundContext) -> dict[int, dict[str, Record]]:
+        """The base's sample; ``cl`` clients also learn the cohort size."""
+        plan = super().recipients(ctx)
+        if not self.client_scheduler:
+            return plan
+        config = ConfigRecord({**ctx.config, NUM_SAMPLED: len(plan)})
+        return {node: {wire.CONFIG: config} for node in plan}
+
+    def outgoing_records(self, ctx: RoundContext) -> dict[str, Record]:
         """``Delta_{t-1}`` over the trainable entries (zeros in round 1)."""
-        sent = self.global_arrays
-        previous = self.previous_update or {}
-        return to_record(
-            {
-                k: cast_like(previous.get(k, np.zeros(sent[k].shape)), sent[k])
-                for k in trainable_keys(sent)
-            }
-        )
-
-    # ---------------------------------------------------------- aggregation --
-    def aggregate_valid(
-        self, server_round: int, replies: list[Message]
-    ) -> tuple[ArrayRecord | None, MetricRecord | None]:
-        mean_record, metrics = super().aggregate_valid(server_round, replies)
-        if mean_record is None:
-            return None, metrics
-        new = self.step(self.global_arrays, to_numpy(mean_record))
-        if metrics is not None:
-            metrics[keys.algorithm_key(NAME, "global-lr")] = self.global_lr
-            metrics[keys.algorithm_key(NAME, "alpha")] = self.alpha
-            if self.scheduler == "sl":  # the rate the next round will use
-                metrics[keys.algorithm_key(NAME, "local-lr")] = self.local_lr(
-                    self.eta_0
-                )
-        return to_record(new), metrics
-
-    def step(self, reference: Mapping[str, np.ndarray], mean: NDArrays) -> NDArrays:
-        """One server round from the FedAvg mean; updates the schedule's state.
-
-        Parameters
-        ----------
-        reference : mapping
-            The global arrays ``x_t`` sent this round.
-        mean : dict
-            The FedAvg mean of the replies.
-
-        Returns
-        -------
-        dict
-            ``x_{t+1}``; entries that are not trainable are the plain mean.
-
-        """
-        names = trainable_keys(reference)
-        delta = {
-            k: mean[k].astype(np.float64) - reference[k].astype(np.float64)
-            for k in names
-        }
-        extra: NDArrays = {}
-        previous, momentum = self.previous_update, self.momentum_buffer
-        h = self.hypergrad_lr
-        if self.scheduler in ("gm", "full"):
-            if momentum is not None:
-                self.alpha = float(
-                    np.clip(self.alpha + h * dot(delta, momentum), *self.a_bounds)
-                )
-                a, mu = self.alpha, self.gm_momentum
-                extra = {k: a * delta[k] + mu * a * momentum[k] for k in names}
-                self.momentum_buffer = {k: delta[k] + mu * momentum[k] for k in names}
-            else:
-                self.momentum_buffer = delta
-        elif previous is not None and self.scheduler in ("g", "sl"):
-            self.alpha += h * dot(delta, previous)
-            if self.scheduler == "g":
-                self.alpha = float(np.clip(self.alpha, *self.a_bounds))
-                extra = {k: self.alpha * delta[k] for k in names}
-        self.previous_update = delta
-        # x_t + (1 + a) Delta written as mean + a Delta (+ mu a m), as in the
-        # code: exactly the FedAvg mean while a = 0.
+        if not self.client_scheduler:
+            return {}
+        previous = self.state["aggregator"]["optimizer"]["previous"] or {}
+        sent = ctx.arrays
         return {
-            k: cast_like(mean[k].astype(np.float64) + extra[k], reference[k])
-            if k in extra
-            else cast_like(mean[k], reference[k])
-            for k in mean
+            GLOBAL_UPDATE: to_record(
+                {
+                    k: cast_like(previous.get(k, np.zeros(sent[k].shape)), sent[k])
+                    for k in trainable_keys({k: sent[k] for k in ctx.shared})
+                }
+            )
         }
 
-
-def _build(common: Mapping[str, Any], hp: Mapping[str, Any]) -> FedHyper:
-    return FedHyper(**common, **{k.replace("-", "_"): v for k, v in hp.items()})
-
-
-HYPERPARAMETERS: dict[str, Any] = {
-    "scheduler": "gm",
-    "hypergrad-lr": 1.0,
-    "a-min-g": -0.8,
-    "a-min-gm": -0.2,
-    "a-max": 4.0,
-    "gm-momentum": 0.9,
-    "local-lr-min": 0.001,
-    "local-lr-max": 0.1,
-    "gamma-max": 1.1,
-    "beta-min": 0.1,
-    "beta-max": 10.0,
-    "global-weight": 0.1,
-}
-
-register(
-    AlgorithmEntry(
-        NAME,
-        _build,
-        client=NAME,
-        hyperparameters=HYPERPARAMETERS,
-        paper="Wang et al., ICLR 2024, https://arxiv.org/abs/2310.03156",
-        summary="Hypergradient schedulers of the global and local learning rates",
-        family="optimization",
-    )
-)
+    def train_metrics(self, replies: Any, ctx: RoundContext) -> dict[str, float]:
+        """The global rate and ``a_t`` (and ``sl``'s next local rate)."""
+        global_lr = 1.0 + self.alpha if self.scheduler in ("g", "gm", "full") else 1.0
+        metrics = {f"{NAME}.global-lr": global_lr, f"{NAME}.alpha": self.alpha}
+        if self.scheduler == "sl":
+            eta_0 = float(ctx.caller_config.get(wire.LR, 0.0))
+            metrics[f"{NAME}.local-lr"] = self.local_lr(eta_0)
+        return metrics

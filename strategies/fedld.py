@@ -22,11 +22,15 @@ n x n matrix is formed. Because ``D D^T e_j = m s_j e_j``, the projections are
 ``<d_i, v_j> = m s_j e_ij`` and ``||v_j|| = sqrt(m s_j)``, so the update is one
 more product ``D^T c`` (c an m-vector).
 
+The server rule is the combine piece :class:`PrincipalDirections` in the
+chain (uniform or example weights, then a step of 1).
+
 Wire protocol: server sends ``arrays`` and ``config`` with ``fedld.lambda``
 (0 in the aggregation-only ablation); clients return full local ``arrays`` and
 ``metrics`` (``num-examples``, ``train-loss``, ``train-loss-first``). Server
 state: ``history`` (per-entry EMA of the update, 0.99/0.01, as in the official
-code, where it only marks that the first round has passed). Clients keep none.
+code, where it only marks that the first round has passed), the combine
+piece's state. Clients keep none.
 
 Decisions where the spec was open:
 
@@ -55,17 +59,16 @@ Decisions where the spec was open:
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
-from typing import Any
+from dataclasses import dataclass
 
 import numpy as np
-from flwr.app import ArrayRecord, Message, MetricRecord
-from flwr.serverapp import strategy as flwr_strategy
 
-from strategies import keys
-from strategies.aggregation import apply_delta, to_numpy, to_record
-from strategies.base import BouquetStrategy
-from strategies.registry import AlgorithmEntry, register
+from strategies import pieces
+from strategies.base import BouquetStrategy, Reduction
+from strategies.context import NDArrays, RoundContext
+from strategies.params import Param
+from strategies.pieces import Replies, State, Updated
+from strategies.registry import register
 
 EPS = 1e-12
 MODES = ("full", "loss-only", "aggregation-only")
@@ -119,123 +122,83 @@ def principal_update(
     return d.T @ coefficients
 
 
-class FedLD(BouquetStrategy, flwr_strategy.FedAvg):
-    """FedLD's server: principal-gradient aggregation (see the module docstring).
+@dataclass(frozen=True)
+class PrincipalDirections(pieces.Combine):
+    """FedLD's combine rule; its state is the per-entry ``history``.
 
-    Parameters
-    ----------
-    lambda_ : float
-        Margin-control weight, sent to clients as ``fedld.lambda``.
-    k_proportion : float
-        Fraction of principal directions kept.
-    weighting : str
-        ``"uniform"`` (official) or ``"num-examples"``.
-    mode : str
-        ``"full"``, ``"loss-only"`` or ``"aggregation-only"``.
-
+    ``plain`` (the ``loss-only`` ablation) takes the weighted mean of the
+    deltas every round; otherwise the first round does, and later rounds
+    rebuild each delta from the principal directions
+    (:func:`principal_update`). One-element entries always take the mean.
     """
 
-    state_attributes = ("history",)
+    k_proportion: float = 0.8
+    plain: bool = False
 
-    def __init__(
-        self,
-        *args: Any,
-        lambda_: float = 0.1,
-        k_proportion: float = 0.8,
-        weighting: str = "uniform",
-        mode: str = "full",
-        **kwargs: Any,
-    ) -> None:
-        super().__init__(*args, **kwargs)
-        if mode not in MODES:
-            raise ValueError(f"fedld.mode must be one of {MODES}; got {mode!r}.")
-        if weighting not in ("uniform", "num-examples"):
-            raise ValueError(
-                f"fedld.weighting must be 'uniform' or 'num-examples'; "
-                f"got {weighting!r}."
-            )
-        if not 0.0 < k_proportion <= 1.0:
-            raise ValueError(
-                f"fedld.k-proportion must be in (0, 1]; got {k_proportion}."
-            )
-        self.lambda_ = 0.0 if mode == "aggregation-only" else float(lambda_)
-        self.k_proportion = float(k_proportion)
-        self.weighting = weighting
-        self.mode = mode
-        self.history: dict[str, np.ndarray] = {}
-
-    def round_config(self, server_round: int) -> dict[str, Any]:
-        return {keys.algorithm_key("fedld", "lambda"): self.lambda_}
-
-    def aggregate_valid(
-        self, server_round: int, replies: list[Message]
-    ) -> tuple[ArrayRecord | None, MetricRecord | None]:
-        clients = [to_numpy(r.content[keys.ARRAYS]) for r in replies]
-        weights = None
-        if self.weighting == "num-examples":
-            weights = np.array(
-                [float(r.content[keys.METRICS][keys.NUM_EXAMPLES]) for r in replies]
-            )
-        update = self.aggregate_deltas(self.global_arrays, clients, weights)
-        metrics = self.train_metrics_aggr_fn(
-            [r.content for r in replies], self.weighted_by_key
-        )
-        return to_record(apply_delta(self.global_arrays, update)), metrics
-
-    def aggregate_deltas(
-        self,
-        reference: Mapping[str, np.ndarray],
-        clients: Sequence[Mapping[str, np.ndarray]],
-        weights: np.ndarray | None = None,
-    ) -> dict[str, np.ndarray]:
-        """The per-entry update ``delta`` (float64) and the history update."""
-        update: dict[str, np.ndarray] = {}
-        plain = self.mode == "loss-only" or not self.history
-        m = len(clients)
-        w = np.full(m, 1.0 / m) if weights is None else weights / np.sum(weights)
-        for key, ref in reference.items():
+    def update(
+        self, replies: Replies, weights: np.ndarray, state: State, ctx: RoundContext
+    ) -> Updated:
+        first = not state
+        history = dict(state or {})
+        update: NDArrays = {}
+        m = len(replies)
+        for key in ctx.shared:
+            ref = ctx.arrays[key]
             flat_ref = ref.reshape(-1).astype(np.float64)
             # One (m, n_l) float64 buffer per entry: the deltas, written in place.
             stacked = np.empty((m, flat_ref.size))
-            for row, client in zip(stacked, clients, strict=True):
-                np.subtract(client[key].reshape(-1), flat_ref, out=row)
-            if plain or ref.size == 1:
-                delta = w @ stacked
+            for row, reply in zip(stacked, replies, strict=True):
+                np.subtract(reply.arrays[key].reshape(-1), flat_ref, out=row)
+            if self.plain or first or ref.size == 1:
+                delta = weights @ stacked
             else:
                 delta = principal_update(stacked, self.k_proportion, weights)
             update[key] = delta.reshape(ref.shape)
-            previous = self.history.get(key)
-            self.history[key] = (
+            previous = history.get(key)
+            history[key] = (
                 0.01 * update[key]
                 if previous is None
                 else 0.99 * previous + 0.01 * update[key]
             )
-        return update
+        return update, history
 
 
-def _build(common: Mapping[str, Any], hp: Mapping[str, Any]) -> FedLD:
-    return FedLD(
-        **common,
-        lambda_=hp["lambda"],
-        k_proportion=hp["k-proportion"],
-        weighting=hp["weighting"],
-        mode=hp["mode"],
+@register
+class FedLD(BouquetStrategy):
+    """FedLD's server: principal-gradient aggregation (see the module docstring)."""
+
+    name = "fedld"
+    routine = "fedld"
+    paper = "Zeng et al., MICCAI 2024, https://arxiv.org/abs/2408.12300"
+    tagline = "Margin-control loss + SVD principal-gradient aggregation"
+    family = "optimization"
+    params = (
+        Param("lambda", 0.1, ">= 0", "margin-control weight lambda"),
+        Param("k-proportion", 0.8, "(0, 1]", "share of principal directions kept"),
+        Param(
+            "weighting",
+            "uniform",
+            choices=("uniform", "num-examples"),
+            help="weights of the rebuilt updates (official: uniform)",
+        ),
+        Param("mode", "full", choices=MODES, help="the paper's ablations"),
+    )
+    reductions = (
+        Reduction(
+            {"mode": "loss-only", "lambda": 0.0, "weighting": "num-examples"},
+            "fedavg",
+        ),
     )
 
+    def round_config(self, ctx: RoundContext) -> dict[str, float]:
+        """``fedld.lambda``: 0 in the aggregation-only ablation."""
+        lambda_ = 0.0 if self.mode == "aggregation-only" else self.lambda_
+        return {"fedld.lambda": lambda_}
 
-register(
-    AlgorithmEntry(
-        "fedld",
-        _build,
-        client="fedld",
-        hyperparameters={
-            "lambda": 0.1,
-            "k-proportion": 0.8,
-            "weighting": "uniform",
-            "mode": "full",
-        },
-        paper="Zeng et al., MICCAI 2024, https://arxiv.org/abs/2408.12300",
-        summary="Margin-control loss + SVD principal-gradient aggregation",
-        family="optimization",
-    )
-)
+    def make_aggregator(self) -> pieces.Aggregator:
+        """Weights, FedLD's principal directions, a step of 1."""
+        weighting = (
+            pieces.Uniform() if self.weighting == "uniform" else pieces.ByExamples()
+        )
+        combine = PrincipalDirections(self.k_proportion, self.mode == "loss-only")
+        return pieces.Aggregator(weighting, combine, pieces.ServerSGD())

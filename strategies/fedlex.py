@@ -57,29 +57,27 @@ Decisions where the spec was open (see ``shared/algorithms/fedlex.md``):
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from logging import WARNING
 from typing import Any
 
 import numpy as np
-from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord
-from flwr.serverapp import Grid
-from flwr.serverapp import strategy as flwr_strategy
+from flwr.app import ConfigRecord
 from flwr.supercore import log
 
-from strategies import keys
-from strategies.aggregation import to_numpy, to_record
-from strategies.base import BouquetStrategy
-from strategies.registry import AlgorithmEntry, register
+from strategies.aggregation import to_record
+from strategies.base import BouquetStrategy, Record, Reduction
+from strategies.context import NDArrays, RoundContext
+from strategies.params import Param
+from strategies.registry import register
+from strategies.validation import ClientReply
+from tasks import wire
 
-PHASE = keys.algorithm_key("fedlex", "phase")
-PATIENCE = keys.algorithm_key("fedlex", "patience")
-MAX_GRAD_NORM = keys.algorithm_key("fedlex", "max-grad-norm")
-BASE = keys.algorithm_key("fedlex", "base")
+PHASE = "fedlex.phase"
+BASE = "fedlex.base"
 """Reply ArrayRecord of the exploration round: the model after one epoch."""
-GUIDANCE = keys.algorithm_key("fedlex", "guidance")
+GUIDANCE = "fedlex.guidance"
 """ArrayRecord sent in guided rounds: the guidance matrix G, per entry."""
-EXPLORE_EPOCHS = keys.algorithm_key("fedlex", "explore-epochs")
 NORMALIZATIONS = ("minmax", "robust")
 
 Arrays = Mapping[str, np.ndarray]
@@ -128,158 +126,80 @@ def guidance_matrix(
     }
 
 
-class FedLEx(BouquetStrategy, flwr_strategy.FedAvg):
-    """FedLEx's server: an exploration round, then FedAvg with guidance ``G``.
+@register
+class FedLEx(BouquetStrategy):
+    """FedLEx's server: an exploration round, then FedAvg with guidance ``G``."""
 
-    Parameters
-    ----------
-    explore_epochs : int
-        ``E_x``; 0 skips exploration (plain FedAvg).
-    patience : int
-        ``P``, early-stopping patience of the scouts, in epochs.
-    perc_clients_for_mask : float
-        Fraction of nodes that explore (1.0: ``G`` per round from the sampled).
-    guidance_normalization : str
-        ``"minmax"`` or ``"robust"``.
-    guidance_floor : float
-        Lower bound on ``G`` (0: none, as in the paper).
-    max_grad_norm : float
-        Client gradient clipping after the mask (0: none).
+    name = "fedlex"
+    routine = "fedlex"
+    paper = "Internò et al., IJCNN 2024, https://arxiv.org/abs/2506.18640"
+    tagline = "Loss-exploration round builds guidance G; local gradients * G"
+    family = "optimization"
+    params = (
+        Param("explore-epochs", 150, ">= 0", "E_x (official command); 0 = FedAvg"),
+        Param("patience", 40, ">= 1", "P, scouts' early stopping (epochs)", send=True),
+        Param("perc-clients-for-mask", 1.0, "(0, 1]", "share of nodes that explore"),
+        Param(
+            "guidance-normalization",
+            "minmax",
+            choices=NORMALIZATIONS,
+            help="minmax (official) | robust",
+        ),
+        Param("guidance-floor", 0.0, ">= 0", "lower bound on G; 0 = none (official)"),
+        Param("max-grad-norm", 0.0, ">= 0", "client clip after the mask", send=True),
+    )
+    reductions = (Reduction({"explore-epochs": 0}, "fedavg"),)
 
-    """
+    def init_state(self) -> dict[str, Any]:
+        return {"deviations": {}}
 
-    state_attributes = ("deviations",)
+    def exploring(self, ctx: RoundContext) -> bool:
+        """Round 1 explores (unless ``explore-epochs`` is 0)."""
+        return ctx.server_round == 1 and self.explore_epochs > 0
 
-    def __init__(
-        self,
-        *args: Any,
-        explore_epochs: int = 150,
-        patience: int = 40,
-        perc_clients_for_mask: float = 1.0,
-        guidance_normalization: str = "minmax",
-        guidance_floor: float = 0.0,
-        max_grad_norm: float = 0.0,
-        **kwargs: Any,
-    ) -> None:
-        super().__init__(*args, **kwargs)
-        if guidance_normalization not in NORMALIZATIONS:
-            raise ValueError(
-                f"fedlex.guidance-normalization must be one of {NORMALIZATIONS}; "
-                f"got {guidance_normalization!r}."
-            )
-        if not 0.0 < perc_clients_for_mask <= 1.0:
-            raise ValueError(
-                "fedlex.perc-clients-for-mask must be in (0, 1]; "
-                f"got {perc_clients_for_mask}."
-            )
-        if explore_epochs < 0 or patience < 1 or max_grad_norm < 0:
-            raise ValueError(
-                "fedlex: need explore-epochs >= 0, patience >= 1, max-grad-norm >= 0."
-            )
-        self.explore_epochs = int(explore_epochs)
-        self.patience = int(patience)
-        self.perc_clients_for_mask = float(perc_clients_for_mask)
-        self.guidance_normalization = guidance_normalization
-        self.guidance_floor = float(guidance_floor)
-        self.max_grad_norm = float(max_grad_norm)
-        self.deviations: dict[str, dict[str, np.ndarray]] = {}
-        self.exploring = False
+    def round_config(self, ctx: RoundContext) -> dict[str, Any]:
+        return {PHASE: "explore" if self.exploring(ctx) else "train"}
 
-    def round_config(self, server_round: int) -> dict[str, Any]:
-        return {
-            PHASE: "explore" if self.exploring else "train",
-            PATIENCE: self.patience,
-            MAX_GRAD_NORM: self.max_grad_norm,
-        }
+    def recipients(self, ctx: RoundContext) -> dict[int, dict[str, Record]]:
+        """Round 1: explorers, with ``E_x`` epochs; later rounds: the base's."""
+        if not self.exploring(ctx):
+            return super().recipients(ctx)
+        config = ConfigRecord(
+            {**ctx.config, wire.LOCAL_EPOCHS: self.explore_epochs, wire.LOCAL_STEPS: 0}
+        )
+        nodes = self.sample(ctx, self.perc_clients_for_mask, self.min_train_nodes)
+        return {n: {wire.CONFIG: config} for n in nodes}
 
-    def configure_train(
-        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
-    ) -> Iterable[Message]:
-        """Round 1: explorers and their settings; later: attach ``G``."""
-        self.exploring = server_round == 1 and self.explore_epochs > 0
-        self.extra_train_records = (BASE,) if self.exploring else ()
-        if not self.exploring:
-            messages = list(super().configure_train(server_round, arrays, config, grid))
-            guidance = self.round_guidance(messages)
-            if guidance is not None:
-                record = to_record(guidance)
-                for msg in messages:
-                    msg.content[GUIDANCE] = record
-            return messages
-        # A copy: Flower reuses one train config for every round.
-        config = ConfigRecord(dict(config))
-        config[keys.LOCAL_EPOCHS] = self.explore_epochs
-        config[keys.LOCAL_STEPS] = 0
-        fraction, self.fraction_train = self.fraction_train, self.perc_clients_for_mask
-        try:
-            return list(super().configure_train(server_round, arrays, config, grid))
-        finally:
-            self.fraction_train = fraction
+    def expected_records(self, ctx: RoundContext) -> tuple[str, ...]:
+        """Explorers also send their model after one epoch."""
+        return (BASE,) if self.exploring(ctx) else ()
 
-    def round_guidance(
-        self, messages: Sequence[Message]
-    ) -> dict[str, np.ndarray] | None:
-        """``G`` for the nodes of ``messages`` (None before any exploration)."""
-        if not self.deviations:
+    def outgoing_records(self, ctx: RoundContext) -> dict[str, Record]:
+        """``G`` in guided rounds, once exploration has happened."""
+        if self.exploring(ctx):
+            return {}
+        guidance = self.round_guidance(ctx.sampled)
+        return {} if guidance is None else {GUIDANCE: to_record(guidance)}
+
+    def round_guidance(self, sampled: Sequence[int]) -> dict[str, np.ndarray] | None:
+        """``G`` for the ``sampled`` nodes (None before any exploration)."""
+        deviations = self.state["deviations"]
+        if not deviations:
             return None
-        chosen = list(self.deviations.values())
+        chosen = list(deviations.values())
         if self.perc_clients_for_mask == 1.0:
-            sampled = [str(m.metadata.dst_node_id) for m in messages]
-            chosen = [self.deviations[n] for n in sampled if n in self.deviations]
+            chosen = [deviations[str(n)] for n in sampled if str(n) in deviations]
             if not chosen:
                 log(WARNING, "fedlex: no sampled node explored; G uses every explorer.")
-                chosen = list(self.deviations.values())
+                chosen = list(deviations.values())
         return guidance_matrix(chosen, self.guidance_normalization, self.guidance_floor)
 
-    def aggregate_valid(
-        self, server_round: int, replies: list[Message]
-    ) -> tuple[ArrayRecord | None, MetricRecord | None]:
-        if not self.exploring:
-            return super().aggregate_valid(server_round, replies)
-        self.absorb_exploration(replies)
-        metrics = self.train_metrics_aggr_fn(
-            [r.content for r in replies], self.weighted_by_key
-        )
-        return to_record(self.global_arrays), metrics
-
-    def absorb_exploration(self, replies: Sequence[Message]) -> None:
-        """Store each explorer's squared deviation from the first explorer's base."""
-        base = to_numpy(replies[0].content[BASE])
-        self.deviations = {
-            str(r.metadata.src_node_id): squared_deviation(
-                to_numpy(r.content[keys.ARRAYS]), base
-            )
-            for r in replies
+    def aggregate(self, replies: Sequence[ClientReply], ctx: RoundContext) -> NDArrays:
+        """Exploration stores deviations and keeps ``theta_0``; later: FedAvg."""
+        if not self.exploring(ctx):
+            return super().aggregate(replies, ctx)
+        base = replies[0].records[BASE]
+        self.state["deviations"] = {
+            str(r.node): squared_deviation(r.arrays, base) for r in replies
         }
-
-
-def _build(common: Mapping[str, Any], hp: Mapping[str, Any]) -> FedLEx:
-    return FedLEx(
-        **common,
-        explore_epochs=hp["explore-epochs"],
-        patience=hp["patience"],
-        perc_clients_for_mask=hp["perc-clients-for-mask"],
-        guidance_normalization=hp["guidance-normalization"],
-        guidance_floor=hp["guidance-floor"],
-        max_grad_norm=hp["max-grad-norm"],
-    )
-
-
-register(
-    AlgorithmEntry(
-        "fedlex",
-        _build,
-        client="fedlex",
-        hyperparameters={
-            "explore-epochs": 150,
-            "patience": 40,
-            "perc-clients-for-mask": 1.0,
-            "guidance-normalization": "minmax",
-            "guidance-floor": 0.0,
-            "max-grad-norm": 0.0,
-        },
-        paper="Internò et al., IJCNN 2024, https://arxiv.org/abs/2506.18640",
-        summary="Loss-exploration round builds guidance G; local gradients * G",
-        family="optimization",
-    )
-)
+        return dict(ctx.arrays)

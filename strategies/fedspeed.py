@@ -18,12 +18,16 @@ FL-Simulator (``client/fedspeed.py``, ``server/FedSpeed.py``, ``optimizer/ESAM.p
   then relaxed by ``eta-g``: ``x^t + eta_g (x^{t+1} - x^t)``.
 - Per-round local learning rate ``eta_t = lr * lr-decay^(t-1)``.
 
+The server rule is the combine piece :class:`ProxCorrectedMean` (its state is
+``H``) between uniform weights and a step of ``eta_g``.
+
 Wire protocol: the server sends ``arrays`` (``x^t``) and ``config`` with ``lr``
 (decayed), ``fedspeed.rho``, ``fedspeed.lambda``, ``fedspeed.alpha``,
 ``fedspeed.max-grad-norm`` and ``fedspeed.server-rule``; clients return full
 local ``arrays`` and ``metrics`` (``num-examples``, ``train-loss``). State:
 each client keeps ``h_i`` in ``Context.state`` (``fedspeed.h``); the server
-keeps only ``correction_sum`` (H, checkpointed), never N x d per-client vectors.
+keeps only H (the combine piece's state, checkpointed), never N x d per-client
+vectors.
 
 Decisions where the spec was open:
 
@@ -45,24 +49,18 @@ Decisions where the spec was open:
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
-from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord
-from flwr.serverapp import Grid
-from flwr.serverapp import strategy as flwr_strategy
 
-from strategies import keys
-from strategies.aggregation import (
-    NDArrays,
-    cast_like,
-    mean64,
-    to_numpy,
-    to_record,
-)
-from strategies.base import BouquetStrategy
-from strategies.registry import AlgorithmEntry, register
+from strategies import pieces
+from strategies.base import BouquetStrategy, Reduction
+from strategies.context import RoundContext
+from strategies.params import Param
+from strategies.pieces import Replies, State, Updated
+from strategies.registry import register
+from tasks import wire
 
 SERVER_RULES = ("all-clients", "sampled")
 STATISTICS = ("running_mean", "running_var")
@@ -73,177 +71,82 @@ def corrected(key: str, value: np.ndarray) -> bool:
     return value.dtype.kind == "f" and not key.endswith(STATISTICS)
 
 
-def fedspeed_update(
-    reference: Mapping[str, np.ndarray],
-    clients: Sequence[Mapping[str, np.ndarray]],
-    correction_sum: Mapping[str, np.ndarray] | None,
-    num_clients: int,
-    eta_g: float = 1.0,
-) -> NDArrays:
-    """The new global arrays (float64) from the sampled clients' arrays.
+@dataclass(frozen=True)
+class ProxCorrectedMean(pieces.Combine):
+    """``Delta = mean_i (y_i - x) + H / N`` on corrected entries; state ``H``.
 
-    ``mean_i y_i + H / N`` on the corrected entries (``H`` already holding this
-    round's updates; None: no correction), ``mean_i y_i`` elsewhere, then
-    ``x + eta_g (. - x)``.
-    """
-    out: NDArrays = {}
-    # mean_i y_i in float64, one reply at a time (a float64 stack of every
-    # reply's layer took 2.3 GB at 100 replies of ResNet-18 size)
-    means = mean64(clients)
-    for key, ref in reference.items():
-        x = ref.astype(np.float64)
-        mean = means[key]
-        if correction_sum is not None and key in correction_sum:
-            mean = mean + correction_sum[key] / num_clients
-        out[key] = x + eta_g * (mean - x)
-    return out
-
-
-class FedSpeed(BouquetStrategy, flwr_strategy.FedAvg):
-    """FedSpeed's server (see the module docstring).
-
-    Parameters
-    ----------
-    rho, lambda_, alpha : float
-        Perturbation radius, prox-correction coefficient, weight of the
-        perturbed gradient; sent to clients.
-    lr_decay : float
-        Per-round factor on the run's ``lr``.
-    max_grad_norm : float
-        Client gradient clip (0: none).
-    eta_g : float
-        Global learning rate.
-    server_rule : str
-        ``"all-clients"`` (official) or ``"sampled"`` (paper).
-
+    ``H += sum_i (y_i - x)`` over this round's replies first (the running sum
+    of every client's ``h_i``). ``correct = False`` (lambda 0, or the paper's
+    ``sampled`` rule, where clients add ``h_i`` themselves) is the plain mean.
     """
 
-    state_attributes = ("correction_sum",)
+    correct: bool = True
 
-    def __init__(
-        self,
-        *args: Any,
-        rho: float = 0.1,
-        lambda_: float = 0.1,
-        alpha: float = 1.0,
-        lr_decay: float = 0.998,
-        max_grad_norm: float = 10.0,
-        eta_g: float = 1.0,
-        server_rule: str = "all-clients",
-        **kwargs: Any,
-    ) -> None:
-        super().__init__(*args, **kwargs)
-        if server_rule not in SERVER_RULES:
-            raise ValueError(
-                f"fedspeed.server-rule must be one of {SERVER_RULES}; "
-                f"got {server_rule!r}."
-            )
-        if rho < 0 or lambda_ < 0 or lr_decay <= 0:
-            raise ValueError(
-                "fedspeed needs rho >= 0, lambda >= 0 and lr-decay > 0; got "
-                f"rho={rho}, lambda={lambda_}, lr-decay={lr_decay}."
-            )
-        self.rho, self.lambda_, self.alpha = float(rho), float(lambda_), float(alpha)
-        self.lr_decay = float(lr_decay)
-        self.max_grad_norm = float(max_grad_norm)
-        self.eta_g = float(eta_g)
-        self.server_rule = server_rule
-        self.num_clients = 0
-        self.correction_sum: dict[str, np.ndarray] = {}
-
-    def configure_train(
-        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
-    ) -> Iterable[Message]:
-        """Count the population N, decay the lr, then sample as usual."""
-        self.num_clients = len(list(grid.get_node_ids()))
-        # A copy: the driver passes the same record every round, so scaling it
-        # in place would compound the decay.
-        config = ConfigRecord(dict(config))
-        if keys.LR in config:
-            decay = self.lr_decay ** (server_round - 1)
-            config[keys.LR] = float(config[keys.LR]) * decay
-        return super().configure_train(server_round, arrays, config, grid)
-
-    def round_config(self, server_round: int) -> dict[str, Any]:
-        def key(name: str) -> str:
-            return keys.algorithm_key("fedspeed", name)
-
-        return {
-            key("rho"): self.rho,
-            key("lambda"): self.lambda_,
-            key("alpha"): self.alpha,
-            key("max-grad-norm"): self.max_grad_norm,
-            key("server-rule"): self.server_rule,
-        }
-
-    def aggregate_valid(
-        self, server_round: int, replies: list[Message]
-    ) -> tuple[ArrayRecord | None, MetricRecord | None]:
-        clients = [to_numpy(r.content[keys.ARRAYS]) for r in replies]
-        reference = self.global_arrays
-        correction = None
-        if self.lambda_ > 0 and self.server_rule == "all-clients":
-            self.accumulate(reference, clients)
-            correction = self.correction_sum
-        update = fedspeed_update(
-            reference,
-            clients,
-            correction,
-            max(self.num_clients, len(clients)),
-            self.eta_g,
-        )
-        metrics = self.train_metrics_aggr_fn(
-            [r.content for r in replies], self.weighted_by_key
-        )
-        return to_record(
-            {k: cast_like(v, reference[k]) for k, v in update.items()}
-        ), metrics
-
-    def accumulate(
-        self,
-        reference: Mapping[str, np.ndarray],
-        clients: Sequence[Mapping[str, np.ndarray]],
-    ) -> None:
-        """``H += sum_i (y_i - x^t)`` on the corrected entries."""
-        for key, ref in reference.items():
+    def update(
+        self, replies: Replies, weights: np.ndarray, state: State, ctx: RoundContext
+    ) -> Updated:
+        delta, _ = pieces.WeightedMean().update(replies, weights, None, ctx)
+        if not self.correct:
+            return delta, state
+        total = dict(state or {})
+        n = max(ctx.population, len(replies))
+        for key in ctx.shared:
+            ref = ctx.arrays[key]
             if not corrected(key, ref):
                 continue
             x = ref.astype(np.float64)
-            total = self.correction_sum.get(key, np.zeros(ref.shape))
-            for client in clients:
-                total = total + (client[key].astype(np.float64) - x)
-            self.correction_sum[key] = total
+            h = total.get(key, np.zeros(ref.shape))
+            for reply in replies:
+                h = h + (reply.arrays[key].astype(np.float64) - x)
+            total[key] = h
+            delta[key] = delta[key] + h / n
+        return delta, total
 
 
-def _build(common: Mapping[str, Any], hp: Mapping[str, Any]) -> FedSpeed:
-    return FedSpeed(
-        **common,
-        rho=hp["rho"],
-        lambda_=hp["lambda"],
-        alpha=hp["alpha"],
-        lr_decay=hp["lr-decay"],
-        max_grad_norm=hp["max-grad-norm"],
-        eta_g=hp["eta-g"],
-        server_rule=hp["server-rule"],
+@register
+class FedSpeed(BouquetStrategy):
+    """FedSpeed's server (see the module docstring)."""
+
+    name = "fedspeed"
+    routine = "fedspeed"
+    paper = "Sun et al., ICLR 2023, https://arxiv.org/abs/2302.10429"
+    tagline = "SAM-style perturbed local gradient + prox-correction (dual) term"
+    family = "optimization"
+    params = (
+        Param("rho", 0.1, ">= 0", "SAM perturbation radius rho", send=True),
+        Param("lambda", 0.1, ">= 0", "prox-correction coefficient", send=True),
+        Param("alpha", 1.0, "[0, 1]", "weight of the perturbed gradient", send=True),
+        Param("lr-decay", 0.998, "> 0", "per-round factor on the local lr"),
+        Param(
+            "max-grad-norm", 10.0, ">= 0", "client gradient clip (0: none)", send=True
+        ),
+        Param("eta-g", 1.0, "> 0", "global learning rate"),
+        Param(
+            "server-rule",
+            "all-clients",
+            choices=SERVER_RULES,
+            help="official code (all-clients) or the paper (sampled)",
+            send=True,
+        ),
+    )
+    reductions = (
+        Reduction(
+            {"lambda": 0.0, "rho": 0.0, "max-grad-norm": 0.0, "lr-decay": 1.0},
+            "fedavg",
+            {"weighting": "uniform"},
+        ),
     )
 
+    def round_config(self, ctx: RoundContext) -> dict[str, Any]:
+        """The decayed local rate ``lr * lr-decay^(t-1)``."""
+        if wire.LR not in ctx.caller_config:
+            return {}
+        decay = self.lr_decay ** (ctx.server_round - 1)
+        return {wire.LR: float(ctx.caller_config[wire.LR]) * decay}
 
-register(
-    AlgorithmEntry(
-        "fedspeed",
-        _build,
-        client="fedspeed",
-        hyperparameters={
-            "rho": 0.1,
-            "lambda": 0.1,
-            "alpha": 1.0,
-            "lr-decay": 0.998,
-            "max-grad-norm": 10.0,
-            "eta-g": 1.0,
-            "server-rule": "all-clients",
-        },
-        paper="Sun et al., ICLR 2023, https://arxiv.org/abs/2302.10429",
-        summary="SAM-style perturbed local gradient + prox-correction (dual) term",
-        family="optimization",
-    )
-)
+    def make_aggregator(self) -> pieces.Aggregator:
+        """Uniform weights, the prox-corrected mean, a step of eta_g."""
+        correct = self.lambda_ > 0 and self.server_rule == "all-clients"
+        return pieces.Aggregator(
+            pieces.Uniform(), ProxCorrectedMean(correct), pieces.ServerSGD(self.eta_g)
+        )

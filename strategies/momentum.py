@@ -28,6 +28,9 @@ of N connected nodes (uniform means, as in both papers):
 momentum buffer on the SERVER over pseudo-gradients; ``fedavg-m`` here mixes the
 server's average direction g^r into every LOCAL step of every client.
 
+The update of x is the chain (uniform weights, mean of ``y_i - x``, a step
+of ``eta_g``); ``g``, ``c`` and ``x^{r-1}`` are the family's own state.
+
 Wire protocol (namespace ``momentum``, shared by the five names):
 config ``momentum.beta`` (float), ``momentum.scaffold`` (bool), ``momentum.vr``
 (bool); extra records server -> client ``momentum.c`` (SCAFFOLD variants),
@@ -59,229 +62,169 @@ Decisions where the spec was open:
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any, ClassVar
 
 import numpy as np
-from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord
-from flwr.serverapp import Grid
-from flwr.serverapp import strategy as flwr_strategy
 
-from strategies import keys
-from strategies.aggregation import (
-    apply_delta,
-    cast_like,
-    mean64,
-    to_numpy,
-    to_record,
-    weighted_sum,
-)
-from strategies.base import BouquetStrategy, Record
-from strategies.registry import AlgorithmEntry, register
+from strategies.aggregation import cast_like, mean64, to_record, weighted_sum
+from strategies.base import BouquetStrategy, Record, Reduction
+from strategies.context import NDArrays, RoundContext
+from strategies.params import Param
+from strategies.pieces import Aggregator, ServerSGD, Uniform, WeightedMean
+from strategies.registry import register
+from strategies.validation import ClientReply
 
 NAMESPACE = "momentum"
-BETA = keys.algorithm_key(NAMESPACE, "beta")
-USE_SCAFFOLD = keys.algorithm_key(NAMESPACE, "scaffold")
-USE_VR = keys.algorithm_key(NAMESPACE, "vr")
-C_RECORD = keys.algorithm_key(NAMESPACE, "c")
-G_RECORD = keys.algorithm_key(NAMESPACE, "g")
-X_PREV_RECORD = keys.algorithm_key(NAMESPACE, "x-prev")
-DC_RECORD = keys.algorithm_key(NAMESPACE, "dc")
-ETA_K = keys.algorithm_key(NAMESPACE, "eta-k")
+BETA = f"{NAMESPACE}.beta"
+USE_SCAFFOLD = f"{NAMESPACE}.scaffold"
+USE_VR = f"{NAMESPACE}.vr"
+C_RECORD = f"{NAMESPACE}.c"
+G_RECORD = f"{NAMESPACE}.g"
+X_PREV_RECORD = f"{NAMESPACE}.x-prev"
+DC_RECORD = f"{NAMESPACE}.dc"
+ETA_K = f"{NAMESPACE}.eta-k"
+
+ETA_G = Param("eta-g", 1.0, "> 0", "global learning rate eta_g")
+BETA_PARAM = Param("beta", 0.1, "(0, 1]", "weight of the fresh gradient (1: none)")
+PAPER = "Cheng et al., ICLR 2024, https://arxiv.org/abs/2306.16504"
+NO_MOMENTUM_IS_FEDAVG = (Reduction({"beta": 1.0}, "fedavg", {"weighting": "uniform"}),)
+NO_MOMENTUM_IS_SCAFFOLD = (Reduction({"beta": 1.0}, "scaffold"),)
 
 
-def _like(
-    arrays: Mapping[str, np.ndarray], reference: Mapping[str, np.ndarray]
-) -> ArrayRecord:
+def _like(arrays: Mapping[str, np.ndarray], reference: NDArrays) -> Record:
     """``arrays`` as a record in the keys and dtypes of the model."""
     return to_record(
-        {k: cast_like(np.asarray(arrays[k]), r) for k, r in reference.items()}
+        {
+            k: cast_like(np.asarray(arrays.get(k, np.zeros(r.shape))), r)
+            for k, r in reference.items()
+        }
     )
 
 
-class MomentumFamily(BouquetStrategy, flwr_strategy.FedAvg):
-    """Server of the whole family; subclasses fix which parts are on.
+class MomentumFamily(BouquetStrategy):
+    """Server of the whole family; subclasses fix which parts are on."""
 
-    Parameters
-    ----------
-    beta : float
-        Weight of the fresh gradient, in (0, 1]; 1 = no momentum.
-    eta_g : float
-        Global learning rate.
-
-    """
-
+    routine = NAMESPACE
+    family = "optimization"
+    paper = PAPER
+    params: ClassVar[tuple[Param, ...]] = (BETA_PARAM, ETA_G)
+    reply_metrics = (ETA_K,)
+    beta: float = 1.0
+    """Weight of the fresh gradient; SCAFFOLD does not declare it (no momentum)."""
     control_variates: ClassVar[bool] = False
     variance_reduced: ClassVar[bool] = False
-    state_attributes = ("g", "c", "x_prev")
 
-    def __init__(
-        self, *args: Any, beta: float = 1.0, eta_g: float = 1.0, **kwargs: Any
-    ) -> None:
-        super().__init__(*args, **kwargs)
-        if not 0.0 < beta <= 1.0:
-            raise ValueError(f"beta must be in (0, 1]; got {beta}.")
-        if eta_g <= 0.0:
-            raise ValueError(f"eta-g must be positive; got {eta_g}.")
-        self.beta = float(beta)
-        self.eta_g = float(eta_g)
-        self.extra_train_records = (DC_RECORD,) if self.control_variates else ()
-        self.g: dict[str, np.ndarray] = {}
-        self.c: dict[str, np.ndarray] = {}
-        self.x_prev: dict[str, np.ndarray] = {}
-        self.population = 0
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        cls.reply_records = (DC_RECORD,) if cls.control_variates else ()
 
     @property
     def uses_momentum(self) -> bool:
         """Whether clients mix g into their steps (so the server must track g)."""
         return self.beta < 1.0 or self.variance_reduced
 
-    def configure_train(
-        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
-    ) -> list[Message]:
-        """Remember N (for SCAFFOLD's c update), then sample as usual."""
-        self.population = len(list(grid.get_node_ids()))
-        return super().configure_train(server_round, arrays, config, grid)
+    def make_aggregator(self) -> Aggregator:
+        """Uniform mean of ``y_i - x`` (both papers), a step of ``eta_g``."""
+        return Aggregator(Uniform(), WeightedMean(), ServerSGD(self.eta_g))
 
-    def round_config(self, server_round: int) -> dict[str, Any]:
+    def init_state(self) -> dict[str, Any]:
+        return {"g": {}, "c": {}, "x_prev": {}}
+
+    def round_config(self, ctx: RoundContext) -> dict[str, Any]:
         return {
             BETA: self.beta,
             USE_SCAFFOLD: self.control_variates,
             USE_VR: self.variance_reduced,
         }
 
-    def outgoing_train_records(self, server_round: int) -> dict[str, Record]:
-        x = self.global_arrays
-        records: dict[str, Record] = {}
+    def outgoing_records(self, ctx: RoundContext) -> dict[str, Record]:
+        x = {k: ctx.arrays[k] for k in ctx.shared}
+        g, records = self.state["g"], {}
         if self.control_variates:
-            records[C_RECORD] = _like(self.c or _zeros(x), x)
-        if self.uses_momentum and self.g:
-            records[G_RECORD] = _like(self.g, x)
-        if self.variance_reduced and self.x_prev and self.g:
-            records[X_PREV_RECORD] = _like(self.x_prev, x)
+            records[C_RECORD] = _like(self.state["c"], x)
+        if self.uses_momentum and g:
+            records[G_RECORD] = _like(g, x)
+        if self.variance_reduced and self.state["x_prev"] and g:
+            records[X_PREV_RECORD] = _like(self.state["x_prev"], x)
         return records
 
-    def aggregate_valid(
-        self, server_round: int, replies: list[Message]
-    ) -> tuple[ArrayRecord | None, MetricRecord | None]:
-        x = self.global_arrays
-        models = [to_numpy(r.content[keys.ARRAYS]) for r in replies]
-        # Uniform means of the updates y_i - x in float64, as in both papers,
-        # one layer at a time rather than every reply's float64 delta at once.
-        mean_update = mean64(models, reference=x)
+    def aggregate(self, replies: Sequence[ClientReply], ctx: RoundContext) -> NDArrays:
+        """The chain's update of x, then g, c and x^{r-1}."""
+        x = {k: ctx.arrays[k] for k in ctx.shared}
+        arrays = super().aggregate(replies, ctx)
         if self.uses_momentum:
-            etas = [float(r.content[keys.METRICS].get(ETA_K, 0.0)) for r in replies]
-            used = [(y, eta) for y, eta in zip(models, etas, strict=True) if eta > 0]
+            used = [
+                (r, float(r.metrics[ETA_K])) for r in replies if r.metrics[ETA_K] > 0
+            ]
             if used:
                 # g = mean_i of -(y_i - x) / eta_k,i over the replies with a step
-                self.g = weighted_sum(
-                    [y for y, _ in used],
+                self.state["g"] = weighted_sum(
+                    [r.arrays for r, _ in used],
                     [-1.0 / (eta * len(used)) for _, eta in used],
                     reference=x,
                 )
         if self.control_variates:
-            # Uniform mean of the Delta c_i, in float64 from views of the replies.
-            mean_dc = mean64([to_numpy(r.content[DC_RECORD]) for r in replies])
-            scale = len(replies) / max(self.population, len(replies))
-            c = self.c or _zeros(x)
-            self.c = {k: c[k] + scale * v for k, v in mean_dc.items()}
+            mean_dc = mean64([r.records[DC_RECORD] for r in replies])
+            scale = len(replies) / max(ctx.population, len(replies))
+            c = self.state["c"]
+            self.state["c"] = {
+                k: (c[k] if k in c else 0.0) + scale * v for k, v in mean_dc.items()
+            }
         if self.variance_reduced:
-            self.x_prev = {k: np.array(v) for k, v in x.items()}
-        metrics = self.train_metrics_aggr_fn(
-            [r.content for r in replies], self.weighted_by_key
-        )
-        return to_record(apply_delta(x, mean_update, self.eta_g)), metrics
+            self.state["x_prev"] = {k: np.array(v) for k, v in x.items()}
+        return arrays
 
 
-def _zeros(reference: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
-    return {k: np.zeros(v.shape) for k, v in reference.items()}
-
-
+@register
 class SCAFFOLD(MomentumFamily):
     """SCAFFOLD (option II): control variates, no momentum."""
 
+    name = "scaffold"
+    paper = "Karimireddy et al., ICML 2020, https://arxiv.org/abs/1910.06378"
+    tagline = "Client/server control variates correct local drift (option II)"
+    params = (ETA_G,)
     control_variates = True
 
 
+@register
 class FedAvgMomentum(MomentumFamily):
     """FedAvg-M: the server's average direction g^r mixed into local steps."""
 
+    name = "fedavg-m"
+    tagline = (
+        "Local steps mix in the global direction g (client-side momentum; "
+        "not fedavgm's server momentum)"
+    )
+    reductions = NO_MOMENTUM_IS_FEDAVG
 
+
+@register
 class SCAFFOLDMomentum(MomentumFamily):
     """SCAFFOLD-M: SCAFFOLD's corrected gradient mixed with g^r."""
 
+    name = "scaffold-m"
+    tagline = "SCAFFOLD with the global direction g mixed into local steps"
     control_variates = True
+    reductions = NO_MOMENTUM_IS_SCAFFOLD
 
 
+@register
 class FedAvgMomentumVR(MomentumFamily):
     """FedAvg-M-VR: STORM-type recursive momentum over rounds."""
 
+    name = "fedavg-m-vr"
+    tagline = "FedAvg-M with STORM variance reduction (2 gradients/step)"
     variance_reduced = True
+    reductions = NO_MOMENTUM_IS_FEDAVG
 
 
+@register
 class SCAFFOLDMomentumVR(MomentumFamily):
     """SCAFFOLD-M-VR: STORM-type momentum plus control variates."""
 
+    name = "scaffold-m-vr"
+    tagline = "SCAFFOLD-M with STORM variance reduction (2 gradients/step)"
     control_variates = True
     variance_reduced = True
-
-
-def _builder(cls: type[MomentumFamily]) -> Any:
-    def build(common: Mapping[str, Any], hp: Mapping[str, Any]) -> MomentumFamily:
-        return cls(**common, beta=hp.get("beta", 1.0), eta_g=hp["eta-g"])
-
-    return build
-
-
-_PAPER = "Cheng et al., ICLR 2024, https://arxiv.org/abs/2306.16504"
-_MOMENTUM = {"beta": 0.1, "eta-g": 1.0}
-
-for _entry in (
-    AlgorithmEntry(
-        "scaffold",
-        _builder(SCAFFOLD),
-        client=NAMESPACE,
-        hyperparameters={"eta-g": 1.0},
-        paper="Karimireddy et al., ICML 2020, https://arxiv.org/abs/1910.06378",
-        summary="Client/server control variates correct local drift (option II)",
-        family="optimization",
-    ),
-    AlgorithmEntry(
-        "fedavg-m",
-        _builder(FedAvgMomentum),
-        client=NAMESPACE,
-        hyperparameters=dict(_MOMENTUM),
-        paper=_PAPER,
-        summary="Local steps mix in the global direction g (client-side "
-        "momentum; not fedavgm's server momentum)",
-        family="optimization",
-    ),
-    AlgorithmEntry(
-        "scaffold-m",
-        _builder(SCAFFOLDMomentum),
-        client=NAMESPACE,
-        hyperparameters=dict(_MOMENTUM),
-        paper=_PAPER,
-        summary="SCAFFOLD with the global direction g mixed into local steps",
-        family="optimization",
-    ),
-    AlgorithmEntry(
-        "fedavg-m-vr",
-        _builder(FedAvgMomentumVR),
-        client=NAMESPACE,
-        hyperparameters=dict(_MOMENTUM),
-        paper=_PAPER,
-        summary="FedAvg-M with STORM variance reduction (2 gradients/step)",
-        family="optimization",
-    ),
-    AlgorithmEntry(
-        "scaffold-m-vr",
-        _builder(SCAFFOLDMomentumVR),
-        client=NAMESPACE,
-        hyperparameters=dict(_MOMENTUM),
-        paper=_PAPER,
-        summary="SCAFFOLD-M with STORM variance reduction (2 gradients/step)",
-        family="optimization",
-    ),
-):
-    register(_entry)
+    reductions = NO_MOMENTUM_IS_SCAFFOLD

@@ -20,11 +20,10 @@ from typing import Any
 from flwr.app import ConfigRecord, Message, MessageType, RecordDict
 from flwr.serverapp import Grid
 
-from strategies import keys
-from strategies.base import exchange
-
-QUERY_KEY = "query"
-DATA_PROFILE = "data-profile"
+from strategies.driver import Exchange
+from tasks import wire
+from tasks.wire import DATA_PROFILE
+from tasks.wire import QUERY as QUERY_KEY
 
 
 class ProfileError(RuntimeError):
@@ -45,7 +44,7 @@ def query_profiles(
     node_ids = sorted(set(node_ids))
     if not node_ids:
         return {}
-    content = RecordDict({keys.CONFIG: ConfigRecord({QUERY_KEY: DATA_PROFILE})})
+    content = RecordDict({wire.CONFIG: ConfigRecord({QUERY_KEY: DATA_PROFILE})})
     queries = [
         Message(
             content, dst_node_id=node, message_type=MessageType.QUERY, group_id=group_id
@@ -53,13 +52,13 @@ def query_profiles(
         for node in node_ids
     ]
     profiles: dict[int, dict[str, Any]] = {}
-    for reply in exchange(grid, queries, timeout):
+    for reply in Exchange(grid).round_trip(queries, timeout):
         node = reply.metadata.src_node_id
         if reply.has_error():
             raise ProfileError(
                 f"Node {node} did not describe its data: {reply.error.reason}"
             )
-        profiles[node] = dict(reply.content[keys.METRICS])
+        profiles[node] = dict(reply.content[wire.METRICS])
     if missing := sorted(set(node_ids) - set(profiles)):
         raise ProfileError(f"No data profile from nodes {missing}.")
     return profiles
@@ -68,7 +67,7 @@ def query_profiles(
 def client_indices(profiles: Mapping[int, Mapping[str, Any]]) -> dict[int, int]:
     """``node id -> client index``: the partition id if distinct, else the rank."""
     nodes = sorted(profiles)
-    pids = [profiles[n].get(keys.PARTITION_ID) for n in nodes]
+    pids = [profiles[n].get(wire.PARTITION_ID) for n in nodes]
     if None not in pids and len(set(pids)) == len(pids):
         return {n: int(p) for n, p in zip(nodes, pids, strict=True)}
     return {n: i for i, n in enumerate(nodes)}

@@ -1,9 +1,13 @@
-"""The algorithm registry: one entry per algorithm, looked up by name.
+"""The algorithm registry: every algorithm's declaration, looked up by name.
 
-An algorithm registers itself at import time from its own module in
-``strategies/`` (``register(AlgorithmEntry(...))``). The registry imports every
-module of the package on first use, so adding an algorithm means adding its
-module, never editing a list here.
+An algorithm is its strategy class (``docs/architecture.md``, "One
+declaration"): the class attributes ``name``, ``routine``, ``params``,
+``paper``, ``tagline``, ``family`` and ``reductions`` say everything the apps,
+the docs and the tests need. A module registers its classes with the
+:func:`register` decorator; the registry imports every module of this package
+on first use, so adding an algorithm means adding its module, never editing a
+list. A module that fails to import is reported by name and does not hide the
+others.
 
 Names may be listed with shell-style wildcards (``list_algorithms("fed*")``);
 an unknown name raises a :class:`KeyError` that lists the known ones and
@@ -16,69 +20,21 @@ import difflib
 import fnmatch
 import importlib
 import pkgutil
-from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
-from typing import Any
+import re
+import traceback
+from logging import ERROR
+from typing import TYPE_CHECKING, TypeVar
 
-from flwr.serverapp.strategy import Strategy
+from flwr.supercore import log
 
-# Modules of this package that hold infrastructure, not algorithms.
-_INFRASTRUCTURE = frozenset(
-    {
-        "registry",
-        "keys",
-        "base",
-        "aggregation",
-        "state",
-        "sampling",
-        "validation",
-        "profiles",
-        "asynchrony",
-    }
-)
+from tasks import wire
 
-StrategyBuilder = Callable[[Mapping[str, Any], Mapping[str, Any]], Strategy]
-"""``build(common, hyperparameters) -> Strategy``.
+if TYPE_CHECKING:
+    from strategies.base import BouquetStrategy
 
-``common`` holds the shared strategy settings as Python keyword names
-(``fraction_train``, ``min_train_nodes``, ``seed`` ...); ``hyperparameters`` the
-algorithm's own values, keyed as in its ``pyproject.toml`` table (kebab-case,
-without the ``"<algorithm>."`` prefix).
-"""
+_NAME = re.compile(r"^[a-z][a-z0-9-]*$")
 
-
-@dataclass(frozen=True)
-class AlgorithmEntry:
-    """Everything the apps need to know about one algorithm.
-
-    Attributes
-    ----------
-    name : str
-        Registry name; equals the module name and the ``pyproject.toml`` table.
-    build : StrategyBuilder
-        Creates the server-side strategy.
-    client : str
-        Name of the client recipe in ``clientapps.recipes`` (``"plain"`` for
-        algorithms whose clients just train, e.g. FedAvg, Krum).
-    hyperparameters : Mapping[str, Any]
-        The algorithm's own run-config keys with their defaults (the paper's
-        names and values). ``pyproject.toml`` must declare exactly these.
-    paper : str
-        Citation: title, venue, link.
-    summary : str
-        One line for the README's algorithm table.
-    family : str
-        Grouping used in the README table.
-
-    """
-
-    name: str
-    build: StrategyBuilder
-    client: str = "plain"
-    hyperparameters: Mapping[str, Any] = field(default_factory=dict)
-    paper: str = ""
-    summary: str = ""
-    family: str = "baseline"
+S = TypeVar("S", bound="type[BouquetStrategy]")
 
 
 class UnknownAlgorithmError(KeyError):
@@ -88,29 +44,42 @@ class UnknownAlgorithmError(KeyError):
         return str(self.args[0])
 
 
-_REGISTRY: dict[str, AlgorithmEntry] = {}
+_REGISTRY: dict[str, type[BouquetStrategy]] = {}
+_BROKEN: dict[str, str] = {}
 _discovered = False
 
 
-def register(entry: AlgorithmEntry) -> AlgorithmEntry:
-    """Add ``entry`` to the registry; a name registered twice raises ValueError."""
-    if entry.name in _REGISTRY and _REGISTRY[entry.name] is not entry:
-        raise ValueError(f"Algorithm '{entry.name}' is already registered.")
-    _REGISTRY[entry.name] = entry
-    return entry
+def register(cls: S) -> S:
+    """Class decorator: add an algorithm's strategy class under ``cls.name``."""
+    name = cls.name
+    if not _NAME.match(name or ""):
+        raise ValueError(f"{cls.__name__}.name must be kebab-case; got {name!r}.")
+    if name in _REGISTRY and _REGISTRY[name] is not cls:
+        raise ValueError(f"Algorithm '{name}' is already registered.")
+    keys = [p.key for p in cls.params]
+    if len(set(keys)) != len(keys):
+        raise ValueError(f"{name}: a hyperparameter is declared twice: {keys}.")
+    if not _NAME.match(cls.routine):
+        raise ValueError(f"{name}: routine must name a recipe; got {cls.routine!r}.")
+    _REGISTRY[name] = cls
+    return cls
 
 
 def _discover() -> None:
-    """Import every algorithm module of this package once."""
+    """Import every module of this package once (broken ones are reported)."""
     global _discovered
     if _discovered:
         return
     _discovered = True
     package = importlib.import_module(__package__ or "strategies")
     for module in pkgutil.iter_modules(package.__path__):
-        if module.name.startswith("_") or module.name in _INFRASTRUCTURE:
+        if module.name.startswith("_"):
             continue
-        importlib.import_module(f"{package.__name__}.{module.name}")
+        try:
+            importlib.import_module(f"{package.__name__}.{module.name}")
+        except Exception as err:
+            _BROKEN[module.name] = "".join(traceback.format_exception_only(err)).strip()
+            log(ERROR, "strategies.%s failed to import: %s", module.name, err)
 
 
 def list_algorithms(pattern: str = "*") -> list[str]:
@@ -119,14 +88,14 @@ def list_algorithms(pattern: str = "*") -> list[str]:
     return sorted(n for n in _REGISTRY if fnmatch.fnmatchcase(n, pattern))
 
 
-def get_algorithm(name: str) -> AlgorithmEntry:
-    """Return the entry registered as ``name``.
+def get_algorithm(name: str) -> type[BouquetStrategy]:
+    """Return the strategy class registered as ``name``.
 
     Raises
     ------
     UnknownAlgorithmError
         If no algorithm has that name; the message lists the known names and
-        the closest matches.
+        the closest matches (and any module that failed to import).
 
     """
     _discover()
@@ -135,6 +104,42 @@ def get_algorithm(name: str) -> AlgorithmEntry:
     known = sorted(_REGISTRY)
     close = difflib.get_close_matches(name, known, n=3)
     hint = f" Did you mean {', '.join(repr(c) for c in close)}?" if close else ""
-    raise UnknownAlgorithmError(
-        f"Unknown algorithm '{name}'.{hint} Known algorithms: {', '.join(known)}."
+    broken = (
+        f" Modules that failed to import: {', '.join(sorted(_BROKEN))}."
+        if _BROKEN
+        else ""
     )
+    raise UnknownAlgorithmError(
+        f"Unknown algorithm '{name}'.{hint} Known algorithms: "
+        f"{', '.join(known)}.{broken}"
+    )
+
+
+def broken_modules() -> dict[str, str]:
+    """Modules of this package that failed to import, with their error."""
+    _discover()
+    return dict(_BROKEN)
+
+
+def pyproject_tables() -> str:
+    """The ``[tool.flwr.app.config.<name>]`` tables every algorithm needs.
+
+    ``pyproject.toml`` must declare them (Flower rejects undeclared run-config
+    keys); a test checks that it does, value for value.
+    """
+    blocks = []
+    for name in list_algorithms():
+        lines = [f"[tool.flwr.app.config.{name}]"]
+        for p in get_algorithm(name).params:
+            value = (
+                repr(p.default) if not isinstance(p.default, str) else f'"{p.default}"'
+            )
+            value = {"True": "true", "False": "false"}.get(value, value)
+            lines.append(f"{p.key} = {value}")
+        blocks.append("\n".join(lines))
+    return "\n\n".join(blocks) + "\n"
+
+
+def routine_of(name: str) -> str:
+    """The client routine the algorithm ``name`` needs."""
+    return get_algorithm(name).routine if name else wire.PLAIN_ROUTINE

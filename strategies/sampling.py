@@ -1,4 +1,7 @@
-"""Participation models: which clients are available in a round.
+"""Who takes part: the strategies' node sampler, and the participation models.
+
+:func:`sample_nodes` is how every strategy draws its nodes. The rest of the
+module models which clients are available in a round (the environment).
 
 The environment, not the strategy, decides who can take part: a client that is
 unavailable in round ``t`` never receives that round's train message and so
@@ -45,14 +48,30 @@ Probabilities are capped at 1.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import random
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
 import numpy as np
 
-from strategies.base import derive_seed
+from tasks.wire import derive_seed
 
 MODELS = ("uniform", "bernoulli", "cyclic", "markov")
+
+
+def sample_nodes(
+    node_ids: Iterable[int], count: int, seed: int, server_round: int, phase: str
+) -> list[int]:
+    """``count`` of the sorted ``node_ids``, drawn from ``(seed, round, phase)``.
+
+    The strategies' sampler (architecture rule 6): an explicit function of its
+    inputs, so that a run replays exactly and nothing else in the process is
+    touched (Python's global ``random`` stays as it was).
+    """
+    rng = random.Random(derive_seed(seed, server_round, phase))
+    return rng.sample(sorted(int(n) for n in node_ids), count)
+
+
 LINKS = ("label", "size", "none")
 
 

@@ -5,9 +5,11 @@ holds every array, ``<stem>.json`` the structure (round, scalars, which npz
 entry goes where). No pickle is involved, so a checkpoint can be read without
 trusting its author, and the JSON part stays human-readable.
 
-Strategy state is whatever :meth:`strategies.base.BouquetStrategy.export_state`
-returns: nested dicts and lists of numpy arrays, Python scalars, strings and
-``None``.
+It is the one checkpoint format of the package: the driver writes it after
+every round (or model version) with the strategy's state
+(:meth:`strategies.base.BouquetStrategy.export_state`) and its schedule's
+(the asynchronous bookkeeping), both plain data: nested dicts and lists of
+numpy arrays, Python scalars, strings and ``None``. Dict keys are strings.
 """
 
 from __future__ import annotations
@@ -21,7 +23,7 @@ from typing import Any
 import numpy as np
 
 _ARRAY_TAG = "__array__"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
 
 
 @dataclass
@@ -37,12 +39,15 @@ class ServerState:
     strategy : dict[str, Any]
         The strategy's own state (server optimizer moments, per-client
         estimates, ...), as returned by ``export_state``.
+    driver : dict[str, Any]
+        The schedule's state (an asynchronous run's clock, tasks in flight).
 
     """
 
     round: int
     arrays: dict[str, np.ndarray]
     strategy: dict[str, Any] = field(default_factory=dict)
+    driver: dict[str, Any] = field(default_factory=dict)
 
 
 def _flatten(value: Any, arrays: dict[str, np.ndarray]) -> Any:
@@ -83,6 +88,7 @@ def save_state(state: ServerState, stem: str | Path) -> None:
         "arrays": _flatten(dict(state.arrays), arrays),
         "array-order": list(state.arrays),
         "strategy": _flatten(state.strategy, arrays),
+        "driver": _flatten(state.driver, arrays),
     }
     npz_tmp = stem.with_name(stem.name + ".npz.tmp")
     with open(npz_tmp, "wb") as fh:
@@ -102,9 +108,16 @@ def load_state(stem: str | Path) -> ServerState:
         raise FileNotFoundError(f"No checkpoint at {json_path}.")
     skeleton = json.loads(json_path.read_text())
     if skeleton.get("format-version") != FORMAT_VERSION:
-        raise ValueError(f"Unsupported checkpoint format in {json_path}.")
+        raise ValueError(
+            f"{json_path} is checkpoint format {skeleton.get('format-version')}; "
+            f"this version reads format {FORMAT_VERSION}. Resume it with the "
+            "Bouquet version that wrote it."
+        )
     with np.load(stem.with_suffix(".npz"), allow_pickle=False) as npz:
         arrays = _unflatten(skeleton["arrays"], npz)
         strategy = _unflatten(skeleton["strategy"], npz)
+        driver = _unflatten(skeleton["driver"], npz)
     ordered = {k: arrays[k] for k in skeleton["array-order"]}
-    return ServerState(round=int(skeleton["round"]), arrays=ordered, strategy=strategy)
+    return ServerState(
+        round=int(skeleton["round"]), arrays=ordered, strategy=strategy, driver=driver
+    )

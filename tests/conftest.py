@@ -49,9 +49,16 @@ def make_reply(
     metrics: dict | None = None,
     node_id: int = 1,
     extra: dict | None = None,
+    routine: str | None = None,
 ) -> Message:
-    """A reply from ``node_id`` carrying ``arrays`` and ``metrics``."""
+    """A reply from ``node_id`` carrying ``arrays`` and ``metrics``.
+
+    ``routine``: the client routine the reply says it ran (its ``client-info``
+    record), as a Bouquet client's reply does.
+    """
     content = RecordDict()
+    if routine is not None:
+        content["client-info"] = ConfigRecord({"client-routine": routine})
     if arrays is not None:
         content["arrays"] = ArrayRecord(
             {k: Array(np.asarray(v)) for k, v in arrays.items()}

@@ -76,6 +76,7 @@ class Scenario:
         config = ConfigRecord(
             {k: setting(self.run_config, k) for k in TRAIN_CONFIG_KEYS}
         )
+        config["num-server-rounds"] = 2
         messages = list(
             strategy.configure_train(2, to_record(self.state.arrays), config, self.grid)
         )
@@ -103,6 +104,27 @@ def _replace_array(
     content["arrays"] = ArrayRecord({k: Array(v) for k, v in arrays.items()})
 
 
+def _mislabel(content: RecordDict, pick: int) -> None:
+    """Declare an array as it was sent, but ship other bytes (int64, or fewer)."""
+    import io
+
+    record = content["arrays"]
+    names = _float_keys(record)
+    name = names[pick % len(names)]
+    original = record[name]
+    payload = original.numpy().astype(np.int64)
+    if pick % 2:
+        payload = payload.reshape(-1)[:-1]
+    buffer = io.BytesIO()
+    np.save(buffer, payload, allow_pickle=False)
+    record[name] = Array(
+        dtype=original.dtype,
+        shape=tuple(original.shape),
+        stype=original.stype,
+        data=buffer.getvalue(),
+    )
+
+
 def _poke(value: float) -> Callable[[np.ndarray], np.ndarray]:
     def change(a: np.ndarray) -> np.ndarray:
         a.reshape(-1)[0] = value
@@ -128,6 +150,7 @@ CORRUPTIONS: dict[str, Callable[[RecordDict, int], RecordDict | None]] = {
     "dtype": lambda c, i: _replace_array(c, i, lambda a: a.astype(np.float64)),
     "int-dtype": lambda c, i: _replace_array(c, i, lambda a: a.astype(np.int32)),
     "empty": lambda c, i: _replace_array(c, i, lambda a: np.empty(0, a.dtype)),
+    "declared-not-sent": _mislabel,
     "missing-key": lambda c, i: c["arrays"].pop(
         list(c["arrays"].keys())[i % len(c["arrays"])]
     ),

@@ -23,8 +23,8 @@ from clientapps.hooks import (
     parameter_names,
 )
 from clientapps.loop import LocalRun
-from strategies import keys
-from strategies.base import derive_seed
+from tasks import wire as keys
+from tasks.wire import derive_seed
 
 
 def draw_local_steps(seed: int, k_min: int, k: int) -> int:

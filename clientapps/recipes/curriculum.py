@@ -24,7 +24,7 @@ from torch import nn
 from clientapps.hooks import Hook
 from clientapps.loop import LocalRun
 from clientapps.state import load_arrays, load_values, save_arrays, save_values
-from strategies import keys
+from tasks import wire as keys
 
 NAMESPACE = "curriculum"
 SCORING_BATCH = 1024

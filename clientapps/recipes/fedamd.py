@@ -20,7 +20,7 @@ from clientapps.hooks import (
     parameter_names,
 )
 from clientapps.loop import LocalRun
-from strategies import keys
+from tasks import wire as keys
 
 ROLE = keys.algorithm_key("fedamd", "role")
 DIRECTION = keys.algorithm_key("fedamd", "direction")

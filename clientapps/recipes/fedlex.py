@@ -24,8 +24,13 @@ from flwr.app import ArrayRecord
 
 from clientapps.hooks import Hook
 from clientapps.loop import LocalRun
-from strategies.fedlex import BASE, EXPLORE_EPOCHS, GUIDANCE, MAX_GRAD_NORM, PATIENCE
-from strategies.fedlex import PHASE as PHASE_KEY
+
+PHASE_KEY = "fedlex.phase"
+PATIENCE = "fedlex.patience"
+MAX_GRAD_NORM = "fedlex.max-grad-norm"
+BASE = "fedlex.base"
+GUIDANCE = "fedlex.guidance"
+EXPLORE_EPOCHS = "fedlex.explore-epochs"
 
 
 class Scout(Hook):

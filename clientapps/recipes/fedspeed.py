@@ -27,7 +27,7 @@ import torch
 from clientapps.hooks import ClipGradNorm, Hook, SharpnessAwareStep
 from clientapps.loop import LocalRun
 from clientapps.state import load_arrays, save_arrays
-from strategies.keys import algorithm_key
+from tasks.wire import algorithm_key
 
 NAMESPACE = "fedspeed"
 

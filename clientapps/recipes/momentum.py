@@ -28,17 +28,16 @@ import torch
 from clientapps.hooks import Hook, model_shaped_record, parameter_names
 from clientapps.loop import LocalRun
 from clientapps.state import load_arrays, save_arrays
-from strategies.momentum import (
-    BETA,
-    C_RECORD,
-    DC_RECORD,
-    ETA_K,
-    G_RECORD,
-    NAMESPACE,
-    USE_SCAFFOLD,
-    USE_VR,
-    X_PREV_RECORD,
-)
+
+NAMESPACE = "momentum"
+BETA = f"{NAMESPACE}.beta"
+USE_SCAFFOLD = f"{NAMESPACE}.scaffold"
+USE_VR = f"{NAMESPACE}.vr"
+C_RECORD = f"{NAMESPACE}.c"
+G_RECORD = f"{NAMESPACE}.g"
+X_PREV_RECORD = f"{NAMESPACE}.x-prev"
+DC_RECORD = f"{NAMESPACE}.dc"
+ETA_K = f"{NAMESPACE}.eta-k"
 
 
 def _tensors(run: LocalRun, name: str) -> list[torch.Tensor] | None:

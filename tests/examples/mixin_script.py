@@ -23,7 +23,7 @@ app = ClientApp()
 @app.train()
 def train(msg: Message, ctx: Context) -> Message:
     i = int(ctx.node_config["partition-id"])
-    return train_client(msg, ctx, net(), (X[i::4], Y[i::4]), algorithm="fedld")
+    return train_client(msg, ctx, net(), (X[i::4], Y[i::4]))
 
 
 @app.evaluate()

@@ -1,13 +1,23 @@
 import pytest
 
-from serverapps.settings import DEFAULTS, coerce, hyperparameters, setting
+from serverapps.settings import (
+    DEFAULTS,
+    SETTINGS,
+    check_settings,
+    personal_patterns,
+    setting,
+    strategy_common,
+)
 from simulations.inprocess import app_defaults
+from strategies.params import Param
 from strategies.registry import get_algorithm
 
 
 def test_pyproject_and_settings_declare_the_same_shared_keys():
     declared = {k: v for k, v in app_defaults().items() if "." not in k}
     assert declared == DEFAULTS
+    assert DEFAULTS == {p.key: p.default for p in SETTINGS}
+    check_settings(app_defaults())  # the shipped defaults are all valid
 
 
 @pytest.mark.parametrize(
@@ -21,20 +31,67 @@ def test_pyproject_and_settings_declare_the_same_shared_keys():
         (7, "x", "7"),
     ],
 )
-def test_coerce_good_values(value, default, expected):
-    assert coerce("k", value, default) == expected
+def test_parse_good_values(value, default, expected):
+    got = Param("k", default).parse(value, "k")
+    assert got == expected
+    assert type(got) is type(default)
 
 
 @pytest.mark.parametrize(("value", "default"), [("oops", 1.0), (2.5, 1), ("yes", True)])
-def test_coerce_bad_values_name_the_key(value, default):
-    with pytest.raises(ValueError, match="Run config 'k' must be"):
-        coerce("k", value, default)
+def test_parse_bad_values_name_the_key(value, default):
+    with pytest.raises(ValueError, match="'k' must be"):
+        Param("k", default).parse(value, "k")
 
 
 def test_setting_and_hyperparameters_fall_back_to_defaults():
     assert setting({}, "lr") == DEFAULTS["lr"]
-    entry = get_algorithm("fedprox")
-    assert hyperparameters(entry, {}) == {"proximal-mu": 0.01}
-    assert hyperparameters(entry, {"fedprox.proximal-mu": "0.5"}) == {
-        "proximal-mu": 0.5
-    }
+    assert setting({"lr": "0.5"}, "lr") == 0.5
+    cls = get_algorithm("fedprox")
+    common = strategy_common({})
+    assert cls.from_run_config(common, {}).hyperparameters() == {"proximal-mu": 0.01}
+    strategy = cls.from_run_config(common, {"fedprox.proximal-mu": "0.5"})
+    assert strategy.hyperparameters() == {"proximal-mu": 0.5}
+    assert strategy.proximal_mu == 0.5
+
+
+def test_bad_algorithm_value_names_its_key():
+    cls = get_algorithm("fedprox")
+    with pytest.raises(ValueError, match=r"'fedprox\.proximal-mu' must be >= 0"):
+        cls.from_run_config(strategy_common({}), {"fedprox.proximal-mu": -1.0})
+    with pytest.raises(ValueError, match=r"'fedprox\.proximal-mu' must be float"):
+        cls.from_run_config(strategy_common({}), {"fedprox.proximal-mu": "oops"})
+
+
+@pytest.mark.parametrize(
+    ("key", "value", "fragment"),
+    [
+        ("lr", "oops", "'lr' must be float"),
+        ("lr", -0.1, "'lr' must be >= 0"),
+        ("fraction-train", 1.5, "'fraction-train' must be [0, 1]"),
+        ("num-server-rounds", 0, "'num-server-rounds' must be >= 1"),
+        ("num-server-rounds", 2.5, "'num-server-rounds' must be int"),
+        ("test-fraction", 1.0, "'test-fraction' must be (0, 1)"),
+        ("optimizer", "rmsprop", "'optimizer' must be one of"),
+        ("plot", "yes", "'plot' must be bool"),
+    ],
+)
+def test_check_settings_fails_on_a_bad_value_naming_it(key, value, fragment):
+    with pytest.raises(ValueError) as err:
+        setting({key: value}, key)
+    assert fragment in str(err.value)
+    with pytest.raises(ValueError) as err:
+        check_settings({**app_defaults(), key: value})
+    assert fragment in str(err.value)
+
+
+def test_strategy_common_is_typed():
+    common = strategy_common(
+        {"fraction-train": "0.5", "min-train-nodes": 3.0, "seed": "7"}
+    )
+    assert common["fraction_train"] == 0.5
+    assert common["min_train_nodes"] == 3 and type(common["min_train_nodes"]) is int
+    assert common["seed"] == 7 and common["personal"] == ()
+    assert personal_patterns({"personal-parameters": " head, fc.* ,"}) == (
+        "head",
+        "fc.*",
+    )

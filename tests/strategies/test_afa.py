@@ -9,25 +9,39 @@ from flwr.app import ConfigRecord
 from simulations.inprocess import InProcessGrid, run_inprocess
 from strategies.afa import AFACD, AFACS
 from strategies.aggregation import to_numpy, to_record
+from strategies.context import RoundContext
 
 X = {"w": np.array([1.0, 2.0], np.float32), "n": np.array(3, np.int64)}
 
 
 def _reply(reply, g, pid):
     arrays = {"w": np.array(g, np.float32), "n": np.array(0, np.int64)}
-    return reply(arrays, {"num-examples": 5, "partition-id": pid}, node_id=100 + pid)
+    return reply(
+        arrays,
+        {"num-examples": 5, "partition-id": pid},
+        node_id=100 + pid,
+        routine="afa",
+    )
 
 
-def _prepare(strategy):
-    strategy.global_arrays = dict(X)
-    strategy._sent_spec = {"w": ((2,), "float32"), "n": ((), "int64")}
+def _prepare(strategy, server_round, versions=None):
+    """The round ``configure_train`` would have recorded: ``X`` sent, at ``versions``."""
+    strategy.train_round = RoundContext(
+        server_round=server_round,
+        num_rounds=None,
+        phase="train",
+        nodes=(),
+        sampled=(),
+        arrays=dict(X),
+        config={},
+        per_node={node: {"version": v} for node, v in (versions or {}).items()},
+    )
     return strategy
 
 
 def test_afa_cd_golden_step(reply):
     # mean G = ((1, 0) + (3, 4)) / 2 = (2, 2); eta = 0.5 -> x - (1, 1) = (0, 1)
-    strategy = _prepare(AFACD(eta=0.5))
-    strategy.versions = {100: 1, 101: 3}  # ages 3 and 1 at round 4
+    strategy = _prepare(AFACD(eta=0.5), 4, {100: 1, 101: 3})  # ages 3 and 1
     out, metrics = strategy.aggregate_train(
         4, [_reply(reply, [1, 0], 0), _reply(reply, [3, 4], 1)]
     )
@@ -38,17 +52,21 @@ def test_afa_cd_golden_step(reply):
 
 
 def test_afa_cs_golden_step_uses_stale_entries(reply):
-    strategy = _prepare(AFACS(eta=0.5))
-    strategy.table = {"0": {"w": np.array([2.0, 2.0]), "n": np.array(0)}}
-    strategy.table["1"] = {"w": np.array([9.0, 9.0]), "n": np.array(0)}
+    strategy = _prepare(AFACS(eta=0.5), 5)
+    table = {"0": {"w": np.array([2.0, 2.0]), "n": np.array(0)}}
+    table["1"] = {"w": np.array([9.0, 9.0]), "n": np.array(0)}
+    strategy.state["aggregator"]["combine"] = table
     replies = [_reply(reply, [4, 0], 1), _reply(reply, [0, 6], 2)]
     out, _ = strategy.aggregate_train(5, replies)
     # table: 0 -> (2, 2) stale, 1 -> (4, 0) overwritten, 2 -> (0, 6) new
     # mean (2, 8/3); x - 0.5 * mean = (0, 2/3)
     np.testing.assert_allclose(to_numpy(out)["w"], [0.0, 2.0 / 3.0], rtol=1e-6)
-    np.testing.assert_allclose(strategy.table["1"]["w"], [4.0, 0.0])
+    table = strategy.state["aggregator"]["combine"]
+    assert sorted(table) == ["0", "1", "2"]
+    np.testing.assert_allclose(table["0"]["w"], [2.0, 2.0])
+    np.testing.assert_allclose(table["1"]["w"], [4.0, 0.0])
     # first report of everyone: AFA-CS equals AFA-CD
-    cd, cs = _prepare(AFACD(eta=0.5)), _prepare(AFACS(eta=0.5))
+    cd, cs = _prepare(AFACD(eta=0.5), 1), _prepare(AFACS(eta=0.5), 1)
     for s in (cd, cs):
         s.out = to_numpy(s.aggregate_train(1, replies)[0])["w"]
     np.testing.assert_array_equal(cd.out, cs.out)
@@ -60,7 +78,7 @@ def test_eta_lr_k_on_normalised_gradients_is_the_mean_local_model(reply):
     lr, k = 0.1, 4
     ys = [np.array([0.0, 4.0]), np.array([2.0, 1.0])]
     gs = [(X["w"] - y) / (lr * k) for y in ys]
-    strategy = _prepare(AFACD(eta=lr * k))
+    strategy = _prepare(AFACD(eta=lr * k), 1)
     out, _ = strategy.aggregate_train(
         1, [_reply(reply, g, i) for i, g in enumerate(gs)]
     )
@@ -88,8 +106,11 @@ def test_each_node_gets_a_model_of_a_bounded_random_age():
             assert w[0] == version and t - min(2, t - 1) <= version <= t
             assert cfg["local-steps"] == cfg["local-epochs"] == cfg["afa.k"] == 7
             ages.append(t - version)
-    assert set(ages) == {0, 1, 2} and sorted(strategy.models) == ["4", "5", "6"]
-    assert len(strategy.versions) == 3  # the last round's ages feed the metrics
+    models = strategy.state["models"]
+    assert set(ages) == {0, 1, 2} and sorted(models) == ["4", "5", "6"]
+    # the last round's ages feed the metrics
+    assert strategy.train_round.server_round == 6
+    assert len(strategy.train_round.per_node) == 3
     again = _rounds(AFACD(seed=1, tau_max=2, k=7, fraction_train=0.5), grid, 6)
     assert [[m.content["config"]["afa.version"] for m in r] for r in again] == [
         [m.content["config"]["afa.version"] for m in r] for r in sent
@@ -113,13 +134,17 @@ def test_biased_arrivals_favour_fast_nodes_and_slow_ones_are_stalest():
 
 def test_state_roundtrip_and_bad_options():
     strategy = AFACS()
-    strategy.models = {"3": {"w": np.ones(2)}}
-    strategy.table = {"0": {"w": np.arange(2.0)}}
+    strategy.state["models"] = {"3": {"w": np.ones(2)}}
+    strategy.state["aggregator"]["combine"] = {"0": {"w": np.arange(2.0)}}
     fresh = AFACS()
     fresh.load_state(strategy.export_state())
-    np.testing.assert_array_equal(fresh.table["0"]["w"], [0.0, 1.0])
-    np.testing.assert_array_equal(fresh.models["3"]["w"], [1.0, 1.0])
-    assert "table" not in AFACD().export_state()
+    table = fresh.state["aggregator"]["combine"]
+    np.testing.assert_array_equal(table["0"]["w"], [0.0, 1.0])
+    np.testing.assert_array_equal(fresh.state["models"]["3"]["w"], [1.0, 1.0])
+    # AFA-CD keeps no table: its combine rule is stateless
+    state = AFACD().export_state()
+    assert set(state) == {"aggregator", "models"}
+    assert state["aggregator"]["combine"] is None
     with pytest.raises(ValueError, match="k-min"):
         AFACD(k=2, k_min=3)
     with pytest.raises(ValueError, match="arrival"):

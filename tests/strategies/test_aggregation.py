@@ -6,9 +6,9 @@ from strategies.aggregation import (
     apply_delta,
     mean64,
     weighted_mean,
-    weighted_metrics,
     weighted_sum,
 )
+from strategies.validation import ClientReply, Contract, accept, weighted_metrics
 
 
 def test_weighted_mean_golden():
@@ -44,12 +44,14 @@ def test_update_and_apply_delta_roundtrip():
 def test_weighted_metrics_skips_bookkeeping(reply):
     r1 = reply(None, {"num-examples": 10, "train-loss": 1.0, "partition-id": 0})
     r2 = reply(None, {"num-examples": 30, "train-loss": 3.0, "partition-id": 1})
-    r3 = reply(None, {"num-examples": 10, "other": 5.0})
-    out = weighted_metrics([r.content for r in (r1, r2, r3)], "num-examples")
+    r3 = reply(None, {"num-examples": 10, "other": 5.0, "client-time": 2.0})
+    replies = [accept(r, Contract()) for r in (r1, r2, r3)]
+    assert all(isinstance(r, ClientReply) for r in replies)
+    out = weighted_metrics(replies)
     assert out["train-loss"] == pytest.approx((10 * 1 + 30 * 3) / 40)
     assert out["other"] == 5.0
     assert out["num-examples"] == 50
-    assert "partition-id" not in out
+    assert "partition-id" not in out and "client-time" not in out
     assert isinstance(RecordDict({"m": out}), RecordDict)
 
 

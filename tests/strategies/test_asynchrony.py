@@ -9,15 +9,9 @@ from flwr.app import Message
 
 from serverapps.run import build_strategy
 from simulations.inprocess import app_defaults, run_inprocess
-from strategies.asynchrony import (
-    TIMER,
-    DeviceSpeeds,
-    Task,
-    Update,
-    VirtualClock,
-    WallClock,
-    staleness_weight,
-)
+from strategies.asynchrony import Update, staleness_weight
+from strategies.clocks import TIMER, DeviceSpeeds, Task, VirtualClock, WallClock
+from strategies.context import RoundContext
 from strategies.state import load_state
 
 
@@ -34,9 +28,18 @@ def _update(node, version, delta, examples=10.0, start=0.0, arrival=1.0):
         steps=1,
         start=start,
         arrival=arrival,
+        partition=None,
         num_examples=examples,
-        delta={"w": np.array(delta, dtype=np.float64)},
+        metrics={},
+        arrays={"w": np.array(delta, dtype=np.float64)},
     )
+
+
+def _combine(s, updates):
+    """The rule's increment ``sum_i c_i Delta_i`` (before ``eta_g``)."""
+    coefficients = s.coefficients(updates)
+    assert len(coefficients) == len(updates)
+    return sum(c * u.arrays["w"] for c, u in zip(coefficients, updates, strict=True))
 
 
 # ------------------------------------------------------------ mechanics --
@@ -89,17 +92,34 @@ def test_virtual_clock_releases_replies_in_simulated_order():
 # --------------------------------------------------------- golden rules --
 def test_fedasync_identical_and_staleness_weighted():
     s = _strategy("fedasync")
-    s.version = 3
-    inc = s.combine([_update(1, 1, [2.0, -4.0])])
-    np.testing.assert_allclose(inc["w"], [2.0, -4.0])
+    s.book.version = 3
+    assert s.coefficients([_update(1, 1, [2.0, -4.0])]) == [1.0]
+    np.testing.assert_allclose(_combine(s, [_update(1, 1, [2.0, -4.0])]), [2.0, -4.0])
     s = _strategy("fedasync", staleness="polynomial", **{"staleness-a": 0.5})
-    s.version = 3  # tau = 3 - 0 = 3: S = 4^-0.5 = 0.5
-    np.testing.assert_allclose(s.combine([_update(1, 0, [2.0, -4.0])])["w"], [1, -2])
+    s.book.version = 3  # tau = 3 - 0 = 3: S = 4^-0.5 = 0.5
+    assert s.coefficients([_update(1, 0, [2.0, -4.0])]) == pytest.approx([0.5])
+    np.testing.assert_allclose(_combine(s, [_update(1, 0, [2.0, -4.0])]), [1, -2])
+
+
+def test_async_chain_adds_eta_g_times_the_combined_update():
+    s = _strategy("fedasync", staleness="polynomial", **{"eta-g": 0.5})
+    s.book.version = 3  # S = 0.5 as above: increment [1, -2], times eta_g 0.5
+    ctx = RoundContext(
+        server_round=4,
+        num_rounds=None,
+        phase="train",
+        nodes=(1,),
+        sampled=(1,),
+        arrays={"w": np.array([1.0, 1.0])},
+        config={},
+    )
+    new = s.aggregate([_update(1, 0, [2.0, -4.0])], ctx)
+    np.testing.assert_allclose(new["w"], [1.5, 0.0])
 
 
 def test_fedasync_weight_variant_uses_durations():
     s = _strategy("fedasync", weights="weight")
-    s.nodes = [1, 2]
+    s.book.nodes = [1, 2]
     s.durations.add(1, 1.0)
     s.durations.add(2, 4.0)
     # d_1 = (1/1 + 1/4) * 1 * 1/2 = 0.625 ; d_2 = 1.25 * 4 * 0.5 = 2.5
@@ -109,27 +129,30 @@ def test_fedasync_weight_variant_uses_durations():
 def test_fedbuff_weights():
     ups = [_update(1, 2, [1.0], 10), _update(2, 1, [4.0], 30)]
     s = _strategy("fedbuff", **{"buffer-size": 2})
-    s.version = 2
-    np.testing.assert_allclose(s.combine(ups)["w"], [2.5])  # (1 + 4) / 2
+    s.book.version = 2
+    np.testing.assert_allclose(_combine(s, ups), [2.5])  # (1 + 4) / 2
     s = _strategy("fedbuff", weights="examples")
-    np.testing.assert_allclose(s.combine(ups)["w"], [0.25 * 1 + 0.75 * 4])
+    np.testing.assert_allclose(s.coefficients(ups), [0.25, 0.75])
+    np.testing.assert_allclose(_combine(s, ups), [0.25 * 1 + 0.75 * 4])
     s = _strategy("fedbuff", staleness="polynomial")
-    s.version = 2  # staleness 0 and 1: S = 1 and 2^-0.5
-    np.testing.assert_allclose(s.combine(ups)["w"], [0.5 + 0.5 * 4 / math.sqrt(2)])
+    s.book.version = 2  # staleness 0 and 1: S = 1 and 2^-0.5
+    np.testing.assert_allclose(_combine(s, ups), [0.5 + 0.5 * 4 / math.sqrt(2)])
     s = _strategy("fedbuff", weights="weight")
-    s.nodes = [1, 2, 3, 4]
-    s.combine(ups)  # aggregation 1: both included
-    s.inclusions[3] = 0
-    got = s.combine([_update(1, 0, [8.0])])  # aggregation 2: f_1 = 2/2 -> d = 1/4
-    np.testing.assert_allclose(got["w"], [2.0])
-    got = s.combine([_update(2, 0, [8.0])])  # aggregation 3: f_2 = 2/3 -> d = 3/8
-    np.testing.assert_allclose(got["w"], [3.0])
+    s.book.nodes = [1, 2, 3, 4]
+    _combine(s, ups)  # aggregation 1: both included
+    assert s.state["aggregations"] == 1
+    assert s.state["inclusions"] == {1: 1, 2: 1}
+    s.state["inclusions"][3] = 0
+    got = _combine(s, [_update(1, 0, [8.0])])  # aggregation 2: f_1 = 2/2 -> d = 1/4
+    np.testing.assert_allclose(got, [2.0])
+    got = _combine(s, [_update(2, 0, [8.0])])  # aggregation 3: f_2 = 2/3 -> d = 3/8
+    np.testing.assert_allclose(got, [3.0])
 
 
 def test_fedfix_weights_are_ceil_tau_over_period_times_p():
     s = _strategy("fedfix", **{"delta-t": 0.5})
-    s.clock = WallClock()  # no known speeds: the period follows measurements
-    s.nodes = [1, 2, 3, 4]
+    s.book.clock = WallClock()  # no known speeds: the period follows measurements
+    s.book.nodes = [1, 2, 3, 4]
     s.durations.add(1, 2.0)  # period 0.5 * 4 (slowest, node 2) = 2
     s.durations.add(2, 4.0)
     s.durations.add(3, 2.5)
@@ -137,39 +160,42 @@ def test_fedfix_weights_are_ceil_tau_over_period_times_p():
     assert s.d(1, 2.0) == pytest.approx(1 * 0.25)
     assert s.d(2, 2.0) == pytest.approx(2 * 0.25)
     assert s.d(3, 2.0) == pytest.approx(2 * 0.25)
-    inc = s.combine([_update(1, 0, [4.0]), _update(2, 0, [4.0])])
-    np.testing.assert_allclose(inc["w"], [0.25 * 4 + 0.5 * 4])
+    inc = _combine(s, [_update(1, 0, [4.0]), _update(2, 0, [4.0])])
+    np.testing.assert_allclose(inc, [0.25 * 4 + 0.5 * 4])
 
 
 def test_fedcompass_group_aggregation():
     s = _strategy("fedcompass")  # alpha 0.9, polynomial a 0.5, p = 1/N
-    s.nodes = [1, 2, 3]
-    s.version = 1
-    inc = s.combine([_update(1, 1, [3.0]), _update(2, 0, [3.0])])
-    np.testing.assert_allclose(inc["w"], [0.9 / 3 * 3 + 0.9 / 3 * 3 / math.sqrt(2)])
+    s.book.nodes = [1, 2, 3]
+    s.book.version = 1
+    inc = _combine(s, [_update(1, 1, [3.0]), _update(2, 0, [3.0])])
+    np.testing.assert_allclose(inc, [0.9 / 3 * 3 + 0.9 / 3 * 3 / math.sqrt(2)])
 
 
 def test_fedcompass_assignment_follows_the_official_scheduler():
     s = _strategy("fedcompass")  # q-max 100, q-min 20, lambda 1.5
     s.clock.restore(0.0)
-    s.speed = {1: 0.1, 2: 0.2, 3: 0.5, 4: 2.0}
+    s.state["speed"] = {1: 0.1, 2: 0.2, 3: 0.5, 4: 2.0}
+    groups, group_of = s.state["groups"], s.state["group-of"]
+    steps = s.state["assigned-steps"]
     s._assign(1)  # no group yet: a new one with Q_max
-    g0 = s.groups[0]
-    assert s.assigned_steps[1] == 100
+    g0 = groups[0]
+    assert steps[1] == 100
     assert (g0["expected"], g0["latest"]) == pytest.approx((10.0, 15.0))
     s._assign(2)  # joins: floor(10 / 0.2) = 50 in [20, 100]
-    assert s.group_of[2] == 0 and s.assigned_steps[2] == 50
+    assert group_of[2] == 0 and steps[2] == 50
     s._assign(3)  # joins: floor(10 / 0.5) = 20 = Q_min
-    assert s.group_of[3] == 0 and s.assigned_steps[3] == 20
+    assert group_of[3] == 0 and steps[3] == 20
     s._assign(4)  # floor(10/2) = 5 < Q_min: new group landing after g0's next
     # cycle: floor((15 + 0.1 * 100 - 0) / 2) = 12 -> raised to Q_min = 20.
-    assert s.group_of[4] == 1 and s.assigned_steps[4] == 20
-    assert s.groups[1]["expected"] == pytest.approx(40.0)
-    assert s.groups[1]["latest"] == pytest.approx(60.0)
+    assert group_of[4] == 1 and steps[4] == 20
+    assert groups[1]["expected"] == pytest.approx(40.0)
+    assert groups[1]["latest"] == pytest.approx(60.0)
     s.clock.restore(30.0)
-    s.speed[5] = 0.25
+    s.state["speed"][5] = 0.25
     s._assign(5)  # g0 closed for joining (E passed); g1: floor(10/0.25) = 40
-    assert s.group_of[5] == 1 and s.assigned_steps[5] == 40
+    assert group_of[5] == 1 and steps[5] == 40
+    assert s.state["group-counter"] == 2
 
 
 # ------------------------------------------------------- whole runs --
@@ -265,7 +291,7 @@ def test_async_resume_continues_the_version_count(tmp_path):
     }
     _, path, _ = run_inprocess(config, num_nodes=4)
     state = load_state(path / "checkpoint")
-    assert state.round == 3 and state.strategy["async"]["in-flight"]
+    assert state.round == 3 and state.driver["in-flight"]
     resumed, path2, _ = run_inprocess(
         {**config, "num-server-rounds": 6, "resume": str(path)}, num_nodes=4
     )

@@ -4,18 +4,21 @@ import math
 
 import numpy as np
 import pytest
-from flwr.app import ArrayRecord, ConfigRecord
+from flwr.app import ConfigRecord
 
 from simulations.inprocess import ensure_task_identity
 from strategies.aggregation import to_record
 from strategies.curriculum import (
     FRACTION,
     MEAN_SCORE,
-    ORDERING,
     Curriculum,
     eligible_nodes,
     pacing,
 )
+from tasks import wire
+
+ORDERING = wire.algorithm_key("curriculum", "ordering")
+RESCORE_EVERY = wire.algorithm_key("curriculum", "rescore-every")
 
 
 class FakeGrid:
@@ -24,6 +27,9 @@ class FakeGrid:
 
     def get_node_ids(self):
         return list(self.node_ids)
+
+    def push_messages(self, messages):
+        return []  # nothing accepted: a round without replies
 
 
 ARRAYS = {"w": np.zeros(2, np.float32)}
@@ -73,9 +79,14 @@ def _strategy(**kwargs):
     )
 
 
-def _targets(strategy, server_round, grid):
+def _config(num_rounds):
+    """A train config as Bouquet's driver passes it (the run's length in it)."""
+    return ConfigRecord({wire.NUM_ROUNDS: num_rounds})
+
+
+def _targets(strategy, server_round, grid, num_rounds=10):
     msgs = strategy.configure_train(
-        server_round, to_record(ARRAYS), ConfigRecord(), grid
+        server_round, to_record(ARRAYS), _config(num_rounds), grid
     )
     return sorted(m.metadata.dst_node_id for m in msgs), msgs
 
@@ -83,9 +94,8 @@ def _targets(strategy, server_round, grid):
 def test_client_pacing_samples_only_the_easy_pool():
     grid = FakeGrid(range(1, 11))
     strategy = _strategy(client_pacing="linear", client_a=0.8, client_b=0.2)
-    strategy.total_rounds = 10
-    # Nodes 10, 9, ..., 1 from easiest to hardest.
-    strategy.client_scores = {str(n): 1.0 / n for n in range(1, 11)}
+    # T = 10 rounds. Nodes 10, 9, ..., 1 from easiest to hardest.
+    strategy.state["client-scores"] = {str(n): 1.0 / n for n in range(1, 11)}
     # Round 1: g_c = .2 -> pool of ceil(.2 * 10) = 2 = the sample size.
     assert _targets(strategy, 1, grid)[0] == [9, 10]
     # Round 5: g_c = .6 -> the 6 easiest; the draw is seeded by (seed, round).
@@ -103,50 +113,82 @@ def test_client_pacing_samples_only_the_easy_pool():
 def test_without_client_pacing_sampling_is_the_base_sampling():
     grid = FakeGrid(range(1, 11))
     paced = _strategy(client_pacing="none")
-    paced.client_scores = {str(n): float(n) for n in range(1, 11)}
+    paced.state["client-scores"] = {str(n): float(n) for n in range(1, 11)}
     plain = _strategy()
     for rnd in (1, 2, 3):
         assert _targets(paced, rnd, grid)[0] == _targets(plain, rnd, grid)[0]
 
 
 def test_round_config_uses_total_rounds():
-    strategy = _strategy(ordering="anti", pacing_family="quad", a=0.5, b=0.0)
-    strategy.total_rounds = 8  # u = (r - 1) / 4
-    config = strategy.round_config(3)
-    assert config[ORDERING] == "anti"
+    strategy = _strategy(ordering="anti", pacing="quad", a=0.5, b=0.0)
+    # T = 8: u = (r - 1) / 4
+    _, msgs = _targets(strategy, 3, FakeGrid([1]), num_rounds=8)
+    ctx = strategy.train_round
+    assert strategy.total_rounds(ctx) == 8
+    assert strategy.round_config(ctx)[FRACTION] == pytest.approx(0.25)
+    config = msgs[0].content["config"]
+    assert config[ORDERING] == "anti" and config[RESCORE_EVERY] == 1
     assert config[FRACTION] == pytest.approx(0.25)
 
 
-def test_scores_from_train_and_evaluate_replies_and_state_roundtrip(reply):
+def test_pacing_needs_the_run_length():
     strategy = _strategy()
-    strategy.configure_train(1, to_record(ARRAYS), ConfigRecord(), FakeGrid([1, 2]))
+    with pytest.raises(ValueError, match=wire.NUM_ROUNDS):
+        strategy.configure_train(1, to_record(ARRAYS), ConfigRecord(), FakeGrid([1]))
+
+
+def test_scores_from_train_and_evaluate_replies_and_state_roundtrip(reply):
+    strategy = _strategy(fraction_evaluate=1.0, min_evaluate_nodes=1)
+    strategy.configure_train(1, to_record(ARRAYS), _config(2), FakeGrid([1, 2]))
     train = [
-        reply(ARRAYS, {"num-examples": 4, MEAN_SCORE: 2.5}, node_id=1),
-        reply(ARRAYS, {"num-examples": 4, MEAN_SCORE: float("nan")}, node_id=2),
+        reply(
+            ARRAYS,
+            {"num-examples": 4, MEAN_SCORE: 2.5},
+            node_id=1,
+            routine="curriculum",
+        ),
+        reply(
+            ARRAYS,
+            {"num-examples": 4, MEAN_SCORE: float("nan")},
+            node_id=2,
+            routine="curriculum",
+        ),
     ]
     arrays, _ = strategy.aggregate_train(1, train)
     assert arrays is not None
-    assert strategy.client_scores == {"1": 2.5} and strategy.score_rounds == {"1": 1}
+    assert strategy.state["client-scores"] == {"1": 2.5}
+    assert strategy.state["score-rounds"] == {"1": 1}
+    strategy.configure_evaluate(2, to_record(ARRAYS), ConfigRecord(), FakeGrid([1, 2]))
     evaluate = [
         reply(None, {"num-examples": 3, "eval-loss": 0.7}, node_id=2),
         reply(None, {"num-examples": 0, "eval-loss": 0.1}, node_id=1),  # invalid
     ]
     strategy.aggregate_evaluate(2, evaluate)
-    assert strategy.client_scores == {"1": 2.5, "2": 0.7}
-    assert strategy.score_rounds == {"1": 1, "2": 2}
+    assert strategy.state["client-scores"] == {"1": 2.5, "2": 0.7}
+    assert strategy.state["score-rounds"] == {"1": 1, "2": 2}
 
     fresh = _strategy()
     fresh.load_state(strategy.export_state())
-    assert fresh.client_scores == strategy.client_scores
-    assert fresh.score_rounds == strategy.score_rounds
+    assert fresh.state["client-scores"] == strategy.state["client-scores"]
+    assert fresh.state["score-rounds"] == strategy.state["score-rounds"]
 
 
 def test_aggregation_is_fedavg(reply):
     strategy = _strategy()
-    strategy.configure_train(1, to_record(ARRAYS), ConfigRecord(), FakeGrid([1, 2]))
+    strategy.configure_train(1, to_record(ARRAYS), _config(2), FakeGrid([1, 2]))
     replies = [
-        reply({"w": np.array([1.0, 2.0], np.float32)}, {"num-examples": 1}, 1),
-        reply({"w": np.array([4.0, -1.0], np.float32)}, {"num-examples": 2}, 2),
+        reply(
+            {"w": np.array([1.0, 2.0], np.float32)},
+            {"num-examples": 1},
+            1,
+            routine="curriculum",
+        ),
+        reply(
+            {"w": np.array([4.0, -1.0], np.float32)},
+            {"num-examples": 2},
+            2,
+            routine="curriculum",
+        ),
     ]
     arrays, _ = strategy.aggregate_train(1, replies)
     np.testing.assert_allclose(arrays["w"].numpy(), [3.0, 0.0])
@@ -155,7 +197,7 @@ def test_aggregation_is_fedavg(reply):
 def test_bad_options_fail():
     for kwargs in (
         {"ordering": "sideways"},
-        {"pacing_family": "cubic"},
+        {"pacing": "cubic"},
         {"client_pacing": "sometimes"},
         {"a": 0.0},
         {"b": 1.5},
@@ -167,9 +209,17 @@ def test_bad_options_fail():
 
 def test_start_sets_total_rounds():
     strategy = _strategy()
-    assert math.isclose(strategy.data_fraction(1), 0.2)
-    strategy.start(FakeGrid([]), ArrayRecord(), num_rounds=0)
-    assert strategy.total_rounds == 1  # clamped: T is a divisor
+    # T = num-server-rounds, clamped: T is a divisor.
+    strategy.configure_train(1, to_record(ARRAYS), _config(0), FakeGrid([1]))
+    assert strategy.total_rounds(strategy.train_round) == 1
+    assert math.isclose(strategy.data_fraction(strategy.train_round), 0.2)
+    # start() (Bouquet's driver) puts num_rounds in the train config.
+    strategy.start(FakeGrid([1]), to_record(ARRAYS), num_rounds=5)
+    assert strategy.train_round.num_rounds == 5
+    assert strategy.total_rounds(strategy.train_round) == 5
+    sent = strategy.train_round.config
+    assert sent[wire.NUM_ROUNDS] == 5
+    assert sent[FRACTION] == pytest.approx(pacing("linear", 4, 5, 0.8, 0.2))
 
 
 def test_inprocess_client_pacing_scores_every_node(tmp_path):
@@ -196,5 +246,5 @@ def test_inprocess_client_pacing_scores_every_node(tmp_path):
     assert first <= {1000, 1001} and {1000, 1001} <= trained
     # Federated evaluation (fraction 1) scored every node after each round.
     state = load_state(path / "checkpoint").strategy
-    assert state["score_rounds"] == {str(n): 2 for n in range(1000, 1004)}
-    assert all(np.isfinite(v) for v in state["client_scores"].values())
+    assert state["score-rounds"] == {str(n): 2 for n in range(1000, 1004)}
+    assert all(np.isfinite(v) for v in state["client-scores"].values())

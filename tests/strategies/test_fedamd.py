@@ -6,10 +6,34 @@ from flwr.app import ConfigRecord
 
 from simulations.inprocess import InProcessGrid, run_inprocess
 from strategies.aggregation import to_numpy, to_record
+from strategies.context import RoundContext
 from strategies.fedamd import DIRECTION, ROLE, FedAMD, draw_roles
 from strategies.state import load_state
 
 X = {"w": np.array([1.0, 2.0], np.float32), "n": np.array(3, np.int64)}
+
+
+def _round(strategy, server_round, arrays, roles=None):
+    """The round ``configure_train`` would have recorded: ``arrays`` sent, ``roles``."""
+    ctx = RoundContext(
+        server_round=server_round,
+        num_rounds=None,
+        phase="train",
+        nodes=(),
+        sampled=(),
+        arrays=arrays,
+        config={},
+        per_node={node: {"role": role} for node, role in (roles or {}).items()},
+    )
+    strategy.train_round = ctx
+    return ctx
+
+
+def _miner_replies(reply, models):
+    return [
+        reply(y, {"num-examples": 5, "partition-id": i}, 10 + i, routine="fedamd")
+        for i, y in enumerate(models)
+    ]
 
 
 def _grid(num_nodes=4):
@@ -20,24 +44,29 @@ def _config():
     return ConfigRecord({"local-epochs": 2, "local-steps": 0, "lr": 0.1})
 
 
-def test_miner_update_golden_numbers():
+def test_miner_update_golden_numbers(reply):
     # y1 - x = (-1, 0), y2 - x = (1, -2): mean (0, -1); eta_g = 0.5 -> (1, 1.5)
     strategy = FedAMD(eta_g=0.5)
     miners = [
         {"w": np.array([0.0, 2.0], np.float32), "n": np.array(3, np.int64)},
         {"w": np.array([2.0, 0.0], np.float32), "n": np.array(3, np.int64)},
     ]
-    out = strategy.server_update(X, miners)
+    _round(strategy, 2, dict(X))  # no roles recorded: every reply is a miner's
+    arrays, _ = strategy.aggregate_train(2, _miner_replies(reply, miners))
+    out = to_numpy(arrays)
     np.testing.assert_allclose(out["w"], [1.0, 1.5])
     assert out["w"].dtype == np.float32 and out["n"] == 3 and out["n"].dtype == np.int64
     # no miner this round: the model does not move
-    assert strategy.server_update(X, [])["w"] is X["w"]
+    ctx = _round(strategy, 3, dict(X))
+    assert strategy.aggregate([], ctx)["w"] is X["w"]
 
 
-def test_eta_g_one_is_the_plain_mean_of_miner_models():
+def test_eta_g_one_is_the_plain_mean_of_miner_models(reply):
     miners = [{"w": np.array([0.0, 4.0])}, {"w": np.array([2.0, 0.0])}]
-    out = FedAMD(eta_g=1.0).server_update({"w": np.array([9.0, 9.0])}, miners)
-    np.testing.assert_allclose(out["w"], [1.0, 2.0])
+    strategy = FedAMD(eta_g=1.0)
+    _round(strategy, 2, {"w": np.array([9.0, 9.0])})
+    arrays, _ = strategy.aggregate_train(2, _miner_replies(reply, miners))
+    np.testing.assert_allclose(to_numpy(arrays)["w"], [1.0, 2.0])
 
 
 def test_roles_probability_and_period():
@@ -69,12 +98,13 @@ def test_first_round_makes_every_node_an_anchor_then_miners_get_v_t(reply):
             {"w": np.array(g, np.float32), "n": np.array(0, np.int64)},
             {"num-examples": 5, "partition-id": i},
             node_id=msg.metadata.dst_node_id,
+            routine="fedamd",
         )
         for i, (g, msg) in enumerate(zip(grads, messages, strict=True))
     ]
     arrays, _ = strategy.aggregate_train(1, replies)
     np.testing.assert_array_equal(to_numpy(arrays)["w"], X["w"])  # anchors only
-    assert sorted(strategy.table) == ["0", "1", "2", "3"]
+    assert sorted(strategy.state["table"]) == ["0", "1", "2", "3"]
 
     messages = list(strategy.configure_train(2, arrays, _config(), grid))
     assert len(messages) == 2  # fraction_train = 0.5 from round 2 on
@@ -86,23 +116,29 @@ def test_first_round_makes_every_node_an_anchor_then_miners_get_v_t(reply):
 
 
 def test_anchor_reply_overwrites_only_its_own_entry(reply):
-    strategy = FedAMD(seed=0, p=0.0)
-    strategy.table = {"0": {"w": np.zeros(2)}, "1": {"w": np.ones(2)}}
-    strategy.roles = {7: "anchor"}
-    strategy.global_arrays = {"w": np.zeros(2)}
-    strategy._sent_spec = {"w": ((2,), "float64")}
-    good = reply({"w": np.array([4.0, 4.0])}, {"num-examples": 1, "partition-id": 1}, 7)
-    strategy.aggregate_valid(3, [good])
-    np.testing.assert_allclose(strategy.table["1"]["w"], [4.0, 4.0])
+    strategy = FedAMD(seed=0, p=0.0, min_train_nodes=1)
+    strategy.state["table"] = {"0": {"w": np.zeros(2)}, "1": {"w": np.ones(2)}}
+    _round(strategy, 3, {"w": np.zeros(2)}, roles={7: "anchor"})
+    good = reply(
+        {"w": np.array([4.0, 4.0])},
+        {"num-examples": 1, "partition-id": 1},
+        7,
+        routine="fedamd",
+    )
+    arrays, _ = strategy.aggregate_train(3, [good])
+    np.testing.assert_array_equal(to_numpy(arrays)["w"], [0.0, 0.0])  # anchor only
+    np.testing.assert_allclose(strategy.state["table"]["0"]["w"], [0.0, 0.0])
+    np.testing.assert_allclose(strategy.state["table"]["1"]["w"], [4.0, 4.0])
     np.testing.assert_allclose(strategy.direction()["w"], [2.0, 2.0])
 
 
 def test_state_roundtrip():
     strategy = FedAMD()
-    strategy.table = {"0": {"w": np.arange(3.0)}, "2": {"w": -np.arange(3.0)}}
+    strategy.state["table"] = {"0": {"w": np.arange(3.0)}, "2": {"w": -np.arange(3.0)}}
     fresh = FedAMD()
     fresh.load_state(strategy.export_state())
-    np.testing.assert_array_equal(fresh.table["2"]["w"], -np.arange(3.0))
+    assert sorted(fresh.state["table"]) == ["0", "2"]
+    np.testing.assert_array_equal(fresh.state["table"]["2"]["w"], -np.arange(3.0))
 
 
 def test_inprocess_run_fills_the_table_and_learns(tmp_path):

@@ -6,8 +6,8 @@ from flwr.app import ArrayRecord, ConfigRecord
 
 from simulations.inprocess import ensure_task_identity
 from strategies.aggregation import to_numpy, to_record
-from strategies.baselines import FedAvg
-from strategies.fedau import FedAU
+from strategies.fedau import FedAU, omega
+from strategies.fedavg import FedAvg
 
 A, B, C = 11, 22, 33
 
@@ -39,6 +39,30 @@ def play(strategy, rnd, arrays, deltas, make_reply, examples=None, nodes=(A, B, 
     return arrays if new is None else to_numpy(new)
 
 
+def book(strategy):
+    """FedAU's interval bookkeeping: the state of its weighting piece."""
+    return strategy.state["aggregator"]["weighting"]
+
+
+def omega_now(strategy, node_ids):
+    """``omega_n`` of ``node_ids`` now (the strategy's state is left as it is)."""
+    return omega(dict(book(strategy)), node_ids)
+
+
+def assert_state_equal(got, expected):
+    """Nested dicts / lists of arrays and scalars are equal, leaf by leaf."""
+    if isinstance(expected, dict):
+        assert isinstance(got, dict) and set(got) == set(expected)
+        for key, value in expected.items():
+            assert_state_equal(got[key], value)
+    elif isinstance(expected, (list, tuple)):
+        assert len(got) == len(expected)
+        for g, e in zip(got, expected, strict=True):
+            assert_state_equal(g, e)
+    else:
+        np.testing.assert_array_equal(got, expected)
+
+
 # Participation sequence, K = 3 (worked out in the test below).
 SEQUENCE = [{A}, {A, B}, set(), {A}, set(), set(), set(), {A, C}]
 
@@ -48,17 +72,20 @@ def test_interval_bookkeeping_golden_with_cutoff(reply):
     w = {"w": np.zeros(2)}
     omegas = []
     for rnd, who in enumerate(SEQUENCE, start=1):
-        omegas.append(dict(zip(sorted(who), strategy.omega(sorted(who)), strict=True)))
+        omegas.append(
+            dict(zip(sorted(who), omega_now(strategy, sorted(who)), strict=True))
+        )
         w = play(strategy, rnd, w, {n: [0.0, 0.0] for n in who}, reply)
     # A: intervals 1 (r1), 1 (r2), 2 (r4), 3 (cutoff at r7), 1 (r8).
     # B: 2 (r2), 3 (cutoff r5), 3 (cutoff r8). C: 3 (r3), 3 (r6), 2 (r8).
-    slots = {int(n): i for i, n in enumerate(strategy.node_ids)}
+    state = book(strategy)
+    slots = {int(n): i for i, n in enumerate(state["node-ids"])}
     got = {
-        n: (strategy.interval_sums[slots[n]], strategy.interval_counts[slots[n]])
+        n: (state["interval-sums"][slots[n]], state["interval-counts"][slots[n]])
         for n in (A, B, C)
     }
     assert got == {A: (8.0, 5), B: (8.0, 3), C: (8.0, 3)}
-    assert list(strategy.counters) == [0, 0, 0]
+    assert list(state["counters"]) == [0, 0, 0]
     # Weights use past intervals only; first participation weighs 1.
     assert omegas[0] == {A: 1.0}
     assert omegas[1] == {A: 1.0, B: 1.0}
@@ -82,8 +109,8 @@ def test_counters_keep_running_without_a_cutoff(reply):
     w = {"w": np.zeros(1)}
     for rnd in range(1, 6):
         w = play(strategy, rnd, w, {A: [0.0]} if rnd == 5 else {}, reply)
-    assert strategy.omega([A, B]).tolist() == [5.0, 1.0]  # A: one interval of 5
-    assert strategy.counters.tolist() == [0, 5, 5]
+    assert omega_now(strategy, [A, B]).tolist() == [5.0, 1.0]  # A: one interval of 5
+    assert book(strategy)["counters"].tolist() == [0, 5, 5]
 
 
 @pytest.mark.parametrize("weighting", ["adaptive", "average-participating"])
@@ -96,7 +123,7 @@ def test_full_participation_equals_fedavg_with_equal_weights(reply, weighting):
         x = play(fedau, rnd, x, deltas, reply)
         y = play(fedavg, rnd, y, deltas, reply)
         np.testing.assert_allclose(x["w"], y["w"], rtol=1e-6, atol=1e-7)
-    assert fedau.omega([A, B, C]).tolist() == [1.0, 1.0, 1.0]
+    assert omega_now(fedau, [A, B, C]).tolist() == [1.0, 1.0, 1.0]
 
 
 def test_baseline_weightings(reply):
@@ -115,11 +142,11 @@ def test_dropped_replies_and_skipped_rounds_count_as_absent(reply):
     w = {"w": np.zeros(1)}
     w = play(strategy, 1, w, {A: [1.0]}, reply)  # one reply < min: skipped
     assert w["w"][0] == 0.0
-    assert strategy.counters.tolist() == [1, 1, 1]
+    assert book(strategy)["counters"].tolist() == [1, 1, 1]
     bad = {A: [np.nan], B: [1.0], C: [2.0]}  # A's reply is invalid
     w = play(strategy, 2, w, bad, reply)
     np.testing.assert_allclose(w["w"], [(1.0 + 2.0) / 3])
-    assert strategy.counters.tolist() == [2, 0, 0]
+    assert book(strategy)["counters"].tolist() == [2, 0, 0]
 
 
 def test_state_roundtrip_resumes_identically(reply):
@@ -142,16 +169,15 @@ def test_state_roundtrip_resumes_identically(reply):
     for rnd, d in enumerate(rounds[4:], start=5):
         v = play(resumed, rnd, v, d, reply)
     np.testing.assert_array_equal(v["w"], w["w"])
-    for name, value in straight.export_state().items():
-        np.testing.assert_array_equal(resumed.export_state()[name], value)
+    assert_state_equal(resumed.export_state(), straight.export_state())
 
 
 def test_new_nodes_join_with_fresh_counters(reply):
     strategy = FedAU(seed=0, min_train_nodes=1, min_available_nodes=1)
     w = play(strategy, 1, {"w": np.zeros(1)}, {A: [1.0]}, reply, nodes=(A,))
     play(strategy, 2, w, {B: [3.0]}, reply, nodes=(A, B))
-    assert strategy.node_ids.tolist() == [A, B]
-    assert strategy.counters.tolist() == [1, 0]
+    assert book(strategy)["node-ids"].tolist() == [A, B]
+    assert book(strategy)["counters"].tolist() == [1, 0]
     assert isinstance(to_record(w), ArrayRecord)
 
 
@@ -171,11 +197,12 @@ def test_inprocess_bernoulli_run_counts_participation_and_resumes(tmp_path):
     }
     straight, path, grid = run_inprocess({**run, "num-server-rounds": 4}, num_nodes=6)
     state = load_state(path / "checkpoint").strategy
+    intervals = state["aggregator"]["weighting"]
     trained = [n for n, kind in grid.calls if kind == "train"]
     # Every node was registered; each participation recorded one interval.
-    assert sorted(state["node_ids"].tolist()) == list(range(1000, 1006))
+    assert sorted(intervals["node-ids"].tolist()) == list(range(1000, 1006))
     assert 0 < len(trained) < 24
-    assert int(state["interval_counts"].sum()) == len(trained)
+    assert int(intervals["interval-counts"].sum()) == len(trained)
 
     _, part, _ = run_inprocess({**run, "num-server-rounds": 2}, num_nodes=6)
     resumed, _, _ = run_inprocess(
@@ -184,5 +211,4 @@ def test_inprocess_bernoulli_run_counts_participation_and_resumes(tmp_path):
     for key, value in straight.arrays.items():
         np.testing.assert_array_equal(value.numpy(), resumed.arrays[key].numpy())
     final = load_state(part / "checkpoint").strategy
-    for name, value in state.items():
-        np.testing.assert_array_equal(final[name], value)
+    assert_state_equal(final, state)

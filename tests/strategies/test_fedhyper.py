@@ -6,7 +6,8 @@ from flwr.app import ConfigRecord
 
 from simulations.inprocess import ensure_task_identity
 from strategies.aggregation import to_numpy, to_record
-from strategies.baselines import FedAvg
+from strategies.context import RoundContext
+from strategies.fedavg import FedAvg
 from strategies.fedhyper import GLOBAL_UPDATE, FedHyper, dot, trainable_keys
 
 
@@ -24,6 +25,36 @@ def x(w, running=0.0):
     }
 
 
+def schedule(strategy):
+    """The hypergradient optimizer's state: ``alpha``, ``previous``, ``momentum``."""
+    return strategy.state["aggregator"]["optimizer"]
+
+
+def step(strategy, reference, mean):
+    """One server step from the FedAvg ``mean`` of a round that sent ``reference``.
+
+    Runs the strategy's server optimizer (the hypergradient schedule) on
+    ``Delta = mean - reference`` and keeps its new state; returns ``x_{t+1}``.
+    """
+    ctx = RoundContext(
+        server_round=1,
+        num_rounds=None,
+        phase="train",
+        nodes=(),
+        sampled=(),
+        arrays=reference,
+        config={},
+    )
+    delta = {
+        k: mean[k].astype(np.float64) - reference[k].astype(np.float64)
+        for k in reference
+    }
+    optimizer = strategy.aggregator.optimizer
+    arrays, new_state = optimizer.update(delta, schedule(strategy), ctx)
+    strategy.state["aggregator"]["optimizer"] = new_state
+    return arrays
+
+
 def play(strategy, rnd, global_arrays, client_ws, reply, lr=0.01):
     """One round: configure, two equal-sized replies, aggregate -> (arrays, config)."""
     ensure_task_identity()
@@ -31,7 +62,11 @@ def play(strategy, rnd, global_arrays, client_ws, reply, lr=0.01):
         rnd, to_record(global_arrays), ConfigRecord({"lr": lr}), FakeGrid()
     )
     replies = [
-        reply(x(w, running=100.0 * (i + 1)), {"num-examples": 5, "partition-id": i})
+        reply(
+            x(w, running=100.0 * (i + 1)),
+            {"num-examples": 5, "partition-id": i},
+            routine=strategy.routine,
+        )
         for i, w in enumerate(client_ws)
     ]
     arrays, metrics = strategy.aggregate_train(rnd, replies)
@@ -70,16 +105,16 @@ def test_gm_golden_rounds():
     # Round 3: Delta_2 = (0, -1): a = 3 - 2.8 = .2,
     #   x = (7.7, 11.4) + 1.2 (0,-1) + .9 * .2 (1.9, 2.8) = (8.042, 10.704).
     s = FedHyper(scheduler="gm", seed=0)
-    x1 = s.step({"w": np.zeros(2)}, {"w": np.array([1.0, 2.0])})
+    x1 = step(s, {"w": np.zeros(2)}, {"w": np.array([1.0, 2.0])})
     np.testing.assert_allclose(x1["w"], [1, 2])
-    np.testing.assert_allclose(s.momentum_buffer["w"], [1, 2])
-    x2 = s.step(x1, {"w": np.array([2.0, 3.0])})
+    np.testing.assert_allclose(schedule(s)["momentum"]["w"], [1, 2])
+    x2 = step(s, x1, {"w": np.array([2.0, 3.0])})
     np.testing.assert_allclose(x2["w"], [7.7, 11.4])
-    np.testing.assert_allclose(s.momentum_buffer["w"], [1.9, 2.8])
-    x3 = s.step(x2, {"w": np.array([7.7, 10.4])})
+    np.testing.assert_allclose(schedule(s)["momentum"]["w"], [1.9, 2.8])
+    x3 = step(s, x2, {"w": np.array([7.7, 10.4])})
     assert s.alpha == pytest.approx(0.2)
     np.testing.assert_allclose(x3["w"], [8.042, 10.704])
-    np.testing.assert_allclose(s.momentum_buffer["w"], [1.71, 1.52])
+    np.testing.assert_allclose(schedule(s)["momentum"]["w"], [1.71, 1.52])
 
 
 @pytest.mark.parametrize(
@@ -89,8 +124,8 @@ def test_gm_golden_rounds():
 def test_alpha_is_clipped(scheduler, sign, expected):
     s = FedHyper(scheduler=scheduler, seed=0)
     ref = {"w": np.zeros(1)}
-    s.step(ref, {"w": np.array([10.0])})
-    s.step(ref, {"w": np.array([sign * 10.0])})  # dot = +-100
+    step(s, ref, {"w": np.array([10.0])})
+    step(s, ref, {"w": np.array([sign * 10.0])})  # dot = +-100
     assert s.alpha == pytest.approx(expected)
 
 
@@ -104,7 +139,7 @@ def test_sl_schedules_the_local_lr(reply):
     assert m2["fedhyper.local-lr"] == pytest.approx(0.04)  # 0.01 * (1 + 3)
     _, sent3, _ = play(s, 3, a2, [[1, 2], [3, 4]], reply, lr=0.01)
     assert sent3["config"]["lr"] == pytest.approx(0.04)
-    s.alpha = 1e6
+    schedule(s)["alpha"] = 1e6
     assert s.local_lr(0.01) == 0.1 and s.local_lr(0.0) == 0.001
 
 
@@ -124,11 +159,16 @@ def test_cl_sends_previous_update_and_cohort_size(reply):
 
 def test_callers_config_is_not_modified(reply):
     s = FedHyper(scheduler="sl", seed=0)
-    s.alpha = 3.0
+    schedule(s)["alpha"] = 3.0
     config = ConfigRecord({"lr": 0.01})
     ensure_task_identity()
-    s.configure_train(1, to_record(x([0, 0])), config, FakeGrid())
+    messages = s.configure_train(1, to_record(x([0, 0])), config, FakeGrid())
     assert dict(config) == {"lr": 0.01}
+    assert messages[0].content["config"]["lr"] == pytest.approx(0.04)  # 0.01 * 4
+    # The next round still schedules from the caller's eta_0 = 0.01.
+    messages = s.configure_train(2, to_record(x([0, 0])), config, FakeGrid())
+    assert dict(config) == {"lr": 0.01}
+    assert messages[0].content["config"]["lr"] == pytest.approx(0.04)
 
 
 @pytest.mark.parametrize("scheduler", ["g", "gm", "sl", "cl", "full"])

@@ -3,6 +3,8 @@
 import numpy as np
 import pytest
 
+from strategies.aggregation import to_numpy
+from strategies.context import RoundContext
 from strategies.fedld import FedLD, principal_update
 
 
@@ -87,32 +89,57 @@ def test_weighted_option():
     )
 
 
-def test_strategy_first_round_is_mean_then_principal():
+def _context(server_round, ref):
+    return RoundContext(
+        server_round=server_round,
+        num_rounds=None,
+        phase="train",
+        nodes=(),
+        sampled=(),
+        arrays=dict(ref),
+        config={},
+    )
+
+
+def _deltas(strategy, server_round, ref, clients, reply):
+    """One round from ``ref``: the update the strategy applied (new arrays - ref)."""
+    strategy.train_round = _context(server_round, ref)
+    replies = [
+        reply(c, {"num-examples": 10, "partition-id": i}, 10 + i, routine="fedld")
+        for i, c in enumerate(clients)
+    ]
+    arrays, _ = strategy.aggregate_train(server_round, replies)
+    out = to_numpy(arrays)
+    for key, value in out.items():
+        assert value.dtype == ref[key].dtype  # each entry keeps its dtype
+    return {k: v.astype(np.float64) - ref[k] for k, v in out.items()}
+
+
+def test_strategy_first_round_is_mean_then_principal(reply):
     strategy = FedLD(seed=0, k_proportion=0.67)
     ref = {"w": np.zeros(4, np.float32), "n": np.array(2, np.int64)}
     clients = [
         {"w": (row).astype(np.float32), "n": np.array(3 + i, np.int64)}
         for i, row in enumerate(D3)
     ]
-    first = strategy.aggregate_deltas(ref, clients)
+    first = _deltas(strategy, 1, ref, clients, reply)
     np.testing.assert_allclose(first["w"], D3.mean(0), rtol=1e-6)
     assert first["n"] == pytest.approx(2.0)  # (3+4+5)/3 - 2; one-element -> mean
-    assert set(strategy.history) == {"w", "n"}
-    second = strategy.aggregate_deltas(ref, clients)
+    assert set(strategy.state["aggregator"]["combine"]) == {"w", "n"}  # history
+    second = _deltas(strategy, 2, ref, clients, reply)
     np.testing.assert_allclose(second["w"], reference_update(D3, 0.67), rtol=1e-5)
 
 
-def test_loss_only_mode_is_always_the_mean_and_bad_options_fail():
+def test_loss_only_mode_is_always_the_mean_and_bad_options_fail(reply):
     strategy = FedLD(seed=0, mode="loss-only")
     ref = {"w": np.zeros(4)}
     clients = [{"w": row} for row in D3]
-    for _ in range(2):
+    for server_round in (1, 2):
         np.testing.assert_allclose(
-            strategy.aggregate_deltas(ref, clients)["w"], D3.mean(0)
+            _deltas(strategy, server_round, ref, clients, reply)["w"], D3.mean(0)
         )
-    assert FedLD(mode="aggregation-only", lambda_=0.5).round_config(1) == {
-        "fedld.lambda": 0.0
-    }
+    ablation = FedLD(mode="aggregation-only", lambda_=0.5)
+    assert ablation.round_config(_context(1, ref)) == {"fedld.lambda": 0.0}
     with pytest.raises(ValueError, match="mode"):
         FedLD(mode="nope")
     with pytest.raises(ValueError, match="k-proportion"):

@@ -83,6 +83,7 @@ def _explore(strategy, reply, ids=(11, 12, 13, 14)):
             {"num-examples": 10, "partition-id": 3 - i},
             node_id=node,
             extra={BASE: _arrays(base if 3 - i == 0 else [9, 9, 9, 9])},
+            routine="fedlex",
         )
         for i, (node, scout) in enumerate(
             zip(
@@ -109,9 +110,10 @@ def test_exploration_round_settings_and_deviations(reply):
     assert GUIDANCE not in messages[0].content
     np.testing.assert_array_equal(arrays["w"].numpy(), [0, 1, 2, 3])  # theta_0 kept
     # base = node 14's record (partition 0), scouts minus base, squared
-    np.testing.assert_array_equal(strategy.deviations["11"]["w"], [1, 0, 4, 0])
-    np.testing.assert_array_equal(strategy.deviations["12"]["w"], [0, 4, 0, 16])
-    np.testing.assert_array_equal(strategy.deviations["14"]["w"], [1, 1, 4, 9])
+    deviations = strategy.state["deviations"]
+    np.testing.assert_array_equal(deviations["11"]["w"], [1, 0, 4, 0])
+    np.testing.assert_array_equal(deviations["12"]["w"], [0, 4, 0, 16])
+    np.testing.assert_array_equal(deviations["14"]["w"], [1, 1, 4, 9])
 
 
 def test_guided_round_sends_g_of_the_sampled_explorers(reply):
@@ -121,8 +123,10 @@ def test_guided_round_sends_g_of_the_sampled_explorers(reply):
     messages = strategy.configure_train(
         2, _arrays([0, 1, 2, 3]), config, FakeGrid([11, 12, 13, 14])
     )
-    assert len(messages) == 2 and strategy.extra_train_records == ()
-    sampled = [strategy.deviations[str(m.metadata.dst_node_id)] for m in messages]
+    assert len(messages) == 2
+    assert strategy.expected_records(strategy.train_round) == ()  # no base reply
+    deviations = strategy.state["deviations"]
+    sampled = [deviations[str(m.metadata.dst_node_id)] for m in messages]
     for msg in messages:
         assert msg.content["config"]["fedlex.phase"] == "train"
         assert msg.content["config"]["local-epochs"] == 5
@@ -146,14 +150,14 @@ def test_partial_exploration_uses_every_explorer(reply):
         seed=1, explore_epochs=3, perc_clients_for_mask=0.5, fraction_train=1.0
     )
     messages, _, _ = _explore(strategy, reply)
-    assert len(messages) == 2 and len(strategy.deviations) == 2
+    assert len(messages) == 2 and len(strategy.state["deviations"]) == 2
     guided = strategy.configure_train(
         2, _arrays([0, 1, 2, 3]), ConfigRecord(), FakeGrid([11, 12, 13, 14])
     )
     assert len(guided) == 4
     np.testing.assert_allclose(
         guided[0].content[GUIDANCE]["w"].numpy(),
-        guidance_matrix(list(strategy.deviations.values()))["w"],
+        guidance_matrix(list(strategy.state["deviations"].values()))["w"],
         rtol=1e-6,
     )
 

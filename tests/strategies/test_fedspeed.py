@@ -6,33 +6,90 @@ import numpy as np
 import pytest
 from flwr.app import ConfigRecord
 
-from simulations.inprocess import InProcessGrid
+from simulations.inprocess import InProcessGrid, ensure_task_identity
 from strategies.aggregation import to_numpy, to_record, weighted_mean
-from strategies.fedspeed import FedSpeed, corrected, fedspeed_update
+from strategies.context import RoundContext
+from strategies.fedspeed import FedSpeed, ProxCorrectedMean, corrected
+from strategies.pieces import Aggregator, ServerSGD, Uniform
+from strategies.validation import ClientReply
 from tests.conftest import make_reply
+
+
+def fedspeed_update(x, clients, h, num_clients, eta_g=1.0):
+    """FedSpeed's server chain on hand-made arrays -> (new arrays, new H).
+
+    ``h`` is H before this round (None: no correction); the chain adds this
+    round's updates to it, then ``x + eta_g (mean_i y_i + H / N - x)``.
+    """
+    ctx = RoundContext(
+        server_round=1,
+        num_rounds=None,
+        phase="train",
+        nodes=tuple(range(1, num_clients + 1)),
+        sampled=tuple(range(1, len(clients) + 1)),
+        arrays=x,
+        config={},
+    )
+    replies = [
+        ClientReply(node=i + 1, partition=i, num_examples=1.0, metrics={}, arrays=c)
+        for i, c in enumerate(clients)
+    ]
+    chain = Aggregator(Uniform(), ProxCorrectedMean(h is not None), ServerSGD(eta_g))
+    state = {**chain.init(), "combine": dict(h or {})}
+    arrays, state = chain.update(replies, state, ctx)
+    return arrays, state["combine"]
 
 
 def test_update_golden_numbers():
     x = {"w": np.zeros(2)}
     clients = [{"w": np.array([1.0, 2.0])}, {"w": np.array([3.0, -2.0])}]
-    h = {"w": np.array([4.0, 0.0])}
+    # H = 0 + deltas (1, 2) + (3, -2) = (4, 0)
     # mean y = (2, 0); + H/N = (4, 0)/4 -> (3, 0)
-    np.testing.assert_allclose(fedspeed_update(x, clients, h, 4)["w"], [3.0, 0.0])
+    out, h = fedspeed_update(x, clients, {}, 4)
+    np.testing.assert_allclose(out["w"], [3.0, 0.0])
+    np.testing.assert_allclose(h["w"], [4.0, 0.0])
     # eta_g = .5: x + .5 (3, 0 - x)
     np.testing.assert_allclose(
-        fedspeed_update(x, clients, h, 4, eta_g=0.5)["w"], [1.5, 0.0]
+        fedspeed_update(x, clients, {}, 4, eta_g=0.5)[0]["w"], [1.5, 0.0]
     )
-    np.testing.assert_allclose(fedspeed_update(x, clients, None, 4)["w"], [2.0, 0.0])
+    # H from earlier rounds (2, 2) -> (6, 2): (2, 0) + (6, 2)/4
+    out, h = fedspeed_update(x, clients, {"w": np.array([2.0, 2.0])}, 4)
+    np.testing.assert_allclose(out["w"], [3.5, 0.5])
+    np.testing.assert_allclose(h["w"], [6.0, 2.0])
+    out, h = fedspeed_update(x, clients, None, 4)
+    np.testing.assert_allclose(out["w"], [2.0, 0.0])
+    assert h == {}
 
 
-def _round(strategy, reference, clients, rnd=1):
-    strategy.global_arrays = reference
+class FakeGrid:
+    def __init__(self, num_nodes):
+        self.ids = list(range(1, num_nodes + 1))
+
+    def get_node_ids(self):
+        return list(self.ids)
+
+
+def _round(strategy, reference, clients, rnd=1, num_clients=None):
+    """One round sent to ``num_clients`` connected nodes, replies from the first."""
+    ensure_task_identity()
+    grid = FakeGrid(num_clients or len(clients))
+    strategy.configure_train(rnd, to_record(reference), ConfigRecord(), grid)
     replies = [
-        make_reply(c, {"num-examples": 10 * (i + 1), "partition-id": i}, node_id=i + 1)
+        make_reply(
+            c,
+            {"num-examples": 10 * (i + 1), "partition-id": i},
+            node_id=i + 1,
+            routine="fedspeed",
+        )
         for i, c in enumerate(clients)
     ]
-    arrays, metrics = strategy.aggregate_valid(rnd, replies)
+    arrays, metrics = strategy.aggregate_train(rnd, replies)
     return to_numpy(arrays), metrics
+
+
+def correction_sum(strategy):
+    """H: the state of FedSpeed's combine piece."""
+    return strategy.state["aggregator"]["combine"]
 
 
 def _model(w, rm, n):
@@ -45,60 +102,65 @@ def _model(w, rm, n):
 
 def test_two_rounds_accumulate_h_over_all_clients():
     strategy = FedSpeed(seed=0)
-    strategy.num_clients = 4
     x0 = _model([0, 0], [0, 0], 0)
-    # Round 1: deltas (1, 2), (3, -2) -> H = (4, 0); x1 = (2, 0) + (1, 0)
+    # N = 4. Round 1: deltas (1, 2), (3, -2) -> H = (4, 0); x1 = (2, 0) + (1, 0)
     x1, _ = _round(
-        strategy, x0, [_model([1, 2], [1, 1], 3), _model([3, -2], [3, 1], 4)]
+        strategy,
+        x0,
+        [_model([1, 2], [1, 1], 3), _model([3, -2], [3, 1], 4)],
+        num_clients=4,
     )
     np.testing.assert_allclose(x1["w"], [3.0, 0.0])
     np.testing.assert_allclose(x1["bn.running_mean"], [2.0, 1.0])  # plain mean
     assert x1["bn.num_batches_tracked"] == 4 and x1["w"].dtype == np.float32
-    assert set(strategy.correction_sum) == {"w"}
+    assert set(correction_sum(strategy)) == {"w"}
     # Round 2 from x1 = (3, 0): deltas (0, 1), (2, 1) -> H = (6, 2);
     # x2 = mean y (4, 1) + H/4 (1.5, .5)
     x2, _ = _round(
-        strategy, x1, [_model([3, 1], [2, 1], 5), _model([5, 1], [2, 1], 5)], rnd=2
+        strategy,
+        x1,
+        [_model([3, 1], [2, 1], 5), _model([5, 1], [2, 1], 5)],
+        rnd=2,
+        num_clients=4,
     )
     np.testing.assert_allclose(x2["w"], [5.5, 1.5])
-    np.testing.assert_allclose(strategy.correction_sum["w"], [6.0, 2.0])
+    np.testing.assert_allclose(correction_sum(strategy)["w"], [6.0, 2.0])
 
 
 def test_state_roundtrip_continues_identically():
     first = FedSpeed(seed=0)
-    first.num_clients = 3
     x0 = {"w": np.zeros(3, np.float32)}
     clients = [{"w": np.array([1, 2, 3], np.float32)}, {"w": np.ones(3, np.float32)}]
-    _round(first, x0, clients)
+    _round(first, x0, clients, num_clients=3)
     fresh = FedSpeed(seed=0)
     fresh.load_state(first.export_state())
-    fresh.num_clients = 3
-    np.testing.assert_array_equal(fresh.correction_sum["w"], first.correction_sum["w"])
-    a, _ = _round(first, x0, clients, rnd=2)
-    b, _ = _round(fresh, x0, clients, rnd=2)
+    np.testing.assert_array_equal(
+        correction_sum(fresh)["w"], correction_sum(first)["w"]
+    )
+    a, _ = _round(first, x0, clients, rnd=2, num_clients=3)
+    b, _ = _round(fresh, x0, clients, rnd=2, num_clients=3)
     np.testing.assert_array_equal(a["w"], b["w"])
 
 
 def test_lambda_zero_is_the_unweighted_mean_and_keeps_no_state():
     strategy = FedSpeed(seed=0, lambda_=0.0)
-    strategy.num_clients = 10
     x0 = _model([0, 0], [0, 0], 0)
     clients = [_model([1, 2], [1, 1], 3), _model([3, -2], [3, 1], 4)]
     for rnd in (1, 2):
-        out, _ = _round(strategy, x0, clients, rnd)
+        out, _ = _round(strategy, x0, clients, rnd, num_clients=10)
         expected = weighted_mean(clients)
         for key, value in expected.items():
             np.testing.assert_array_equal(out[key], value)
-    assert strategy.correction_sum == {}
+    assert not correction_sum(strategy)  # no H kept
 
 
 def test_sampled_rule_is_the_mean_of_the_corrected_models():
     strategy = FedSpeed(seed=0, server_rule="sampled")
-    strategy.num_clients = 10
     x0 = {"w": np.zeros(2)}
-    out, _ = _round(strategy, x0, [{"w": np.array([1.0, 2.0])}, {"w": np.ones(2)}])
+    clients = [{"w": np.array([1.0, 2.0])}, {"w": np.ones(2)}]
+    out, _ = _round(strategy, x0, clients, num_clients=10)
     np.testing.assert_allclose(out["w"], [1.0, 1.5])
-    assert strategy.correction_sum == {}
+    assert not correction_sum(strategy)  # no H kept
 
 
 def test_configure_train_sends_keys_and_decays_lr_without_compounding():
@@ -108,7 +170,7 @@ def test_configure_train_sends_keys_and_decays_lr_without_compounding():
     arrays = to_record({"w": np.zeros(2, np.float32)})
     for rnd, lr in ((1, 0.1), (3, 0.025), (3, 0.025)):
         messages = list(strategy.configure_train(rnd, arrays, config, grid))
-        assert len(messages) == 3 and strategy.num_clients == 3
+        assert len(messages) == 3 and strategy.train_round.population == 3
         sent = messages[0].content["config"]
         assert sent["lr"] == pytest.approx(lr)
         assert sent["fedspeed.rho"] == 0.2 and sent["fedspeed.lambda"] == 0.3
@@ -174,7 +236,8 @@ def test_client_h_lives_in_context_state_and_sums_to_server_h(tmp_path):
             total = (
                 arrays if total is None else {k: total[k] + arrays[k] for k in total}
             )
-    server_h = load_state(path / "checkpoint").strategy["correction_sum"]
+    state = load_state(path / "checkpoint").strategy
+    server_h = state["aggregator"]["combine"]
     assert set(server_h) == set(total)
     for key, value in total.items():
         np.testing.assert_allclose(server_h[key], value, rtol=1e-4, atol=1e-6)

@@ -6,7 +6,7 @@ from flwr.app import Array, ArrayRecord, ConfigRecord
 
 from simulations.inprocess import InProcessGrid
 from strategies.aggregation import to_record
-from strategies.baselines import FedAvg
+from strategies.fedavg import FedAvg
 from strategies.momentum import (
     SCAFFOLD,
     FedAvgMomentum,
@@ -41,6 +41,7 @@ def _reply(y, node, eta_k, dc=None, num_examples=10):
         {"num-examples": num_examples, "partition-id": node, "momentum.eta-k": eta_k},
         node_id=1000 + node,
         extra=extra,
+        routine="momentum",
     )
 
 
@@ -65,8 +66,8 @@ def test_scaffold_golden_numbers_and_records():
     arrays, _ = strategy.aggregate_train(1, [_reply(*r) for r in REPLIES])
     np.testing.assert_allclose(arrays["w"].numpy(), [1.0, 1.5])  # x + 2 * mean dy
     assert arrays["n"].numpy() == 7  # 3 + 2 * (5 - 3), integer kept
-    np.testing.assert_allclose(strategy.c["w"], [0.2, -0.1])
-    assert strategy.g == {}
+    np.testing.assert_allclose(strategy.state["c"]["w"], [0.2, -0.1])
+    assert strategy.state["g"] == {}
     sent = _configure(strategy, 2)[0].content["momentum.c"]["w"].numpy()
     np.testing.assert_allclose(sent, [0.2, -0.1], rtol=1e-6)
     assert sent.dtype == np.float32
@@ -78,7 +79,7 @@ def test_scaffold_drops_reply_without_dc():
     good, bad = _reply(*REPLIES[0]), _reply(*REPLIES[1][:3])
     arrays, _ = strategy.aggregate_train(1, [good, bad])
     np.testing.assert_allclose(arrays["w"].numpy(), [0.5, 2.5])
-    np.testing.assert_allclose(strategy.c["w"], np.array([0.2, -0.4]) / 4)
+    np.testing.assert_allclose(strategy.state["c"]["w"], np.array([0.2, -0.4]) / 4)
 
 
 def test_fedavg_m_tracks_g_in_gradient_units_and_sends_it():
@@ -86,8 +87,8 @@ def test_fedavg_m_tracks_g_in_gradient_units_and_sends_it():
     assert "momentum.g" not in _configure(strategy)[0].content  # no g^0
     arrays, _ = strategy.aggregate_train(1, [_reply(*r[:3]) for r in REPLIES])
     np.testing.assert_allclose(arrays["w"].numpy(), [1.0, 1.75])
-    np.testing.assert_allclose(strategy.g["w"], [0.25, 0.0])
-    assert strategy.c == {} and strategy.extra_train_records == ()
+    np.testing.assert_allclose(strategy.state["g"]["w"], [0.25, 0.0])
+    assert strategy.state["c"] == {} and strategy.reply_records == ()
     messages = _configure(strategy, 2, arrays={k: v.numpy() for k, v in arrays.items()})
     np.testing.assert_allclose(
         messages[0].content["momentum.g"]["w"].numpy(), [0.25, 0]
@@ -127,8 +128,10 @@ def test_vr_sends_previous_model_and_state_roundtrips():
     fresh = SCAFFOLDMomentumVR(beta=0.5)
     fresh.load_state(strategy.export_state())
     for name in ("g", "c", "x_prev"):
-        for key, value in getattr(strategy, name).items():
-            np.testing.assert_array_equal(getattr(fresh, name)[key], value)
+        assert strategy.state[name]  # every part of the state is exercised
+        assert set(fresh.state[name]) == set(strategy.state[name])
+        for key, value in strategy.state[name].items():
+            np.testing.assert_array_equal(fresh.state[name][key], value)
 
 
 def test_invalid_hyperparameters():

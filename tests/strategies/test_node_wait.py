@@ -15,7 +15,7 @@ from flwr.app import ConfigRecord
 from serverapps.run import wait_for_nodes
 from simulations.inprocess import ensure_task_identity
 from strategies.aggregation import to_record
-from strategies.baselines import FedAvg
+from strategies.fedavg import FedAvg
 
 
 class ScriptedGrid:
@@ -126,7 +126,8 @@ def test_superlink_error_reply_for_an_offline_node_is_not_also_missing(caplog):
     from flwr.app import Error, Message, RecordDict
     from flwr.common.constant import SUPERLINK_NODE_ID
 
-    from strategies.base import RoundReport, _missing
+    from strategies.context import RoundContext
+    from strategies.driver import Exchange
 
     ensure_task_identity()
     sent = []
@@ -137,13 +138,44 @@ def test_superlink_error_reply_for_an_offline_node_is_not_also_missing(caplog):
     offline = Message(Error(code=0, reason="node unavailable"), reply_to=sent[2])
     offline.metadata.__dict__["_src_node_id"] = SUPERLINK_NODE_ID
     assert offline.metadata.src_node_id == SUPERLINK_NODE_ID
+
+    class OfflineGrid:
+        """Accepts every message; only the SuperLink's error reply ever comes."""
+
+        def __init__(self):
+            self.replies = {"m9": offline}
+
+        def push_messages(self, messages):
+            return [m.metadata.message_id for m in messages]
+
+        def pull_messages(self, message_ids):
+            return [self.replies.pop(i) for i in message_ids if i in self.replies]
+
     # Node 8 never answered; 9 answered through the SuperLink; 7 is still out.
-    assert _missing(1, "train", sent, [offline], 5.0) == 2
+    exchange = Exchange(OfflineGrid(), poll_interval=0.01)
+    with caplog.at_level(logging.WARNING):
+        replies = exchange.round_trip(sent, timeout=0.2)
+    assert replies == [offline]
+    assert exchange.report.train_missing == 2
+    assert exchange.report.evaluate_missing == 0
+    assert exchange.report.error_replies == 1
+    assert "node(s) [7, 8]" in caplog.text
 
     strategy = FedAvg()
-    strategy.current_report = RoundReport(1)
-    strategy._recipients = {m.metadata.message_id: m.metadata.dst_node_id for m in sent}
+    ctx = RoundContext(
+        server_round=1,
+        num_rounds=None,
+        phase="train",
+        nodes=(7, 8, 9),
+        sampled=(7, 8, 9),
+        arrays={"w": np.zeros(3, np.float32)},
+        config={},
+        messages=sent,
+    )
+    caplog.clear()
     with caplog.at_level(logging.WARNING):
-        good, reasons = strategy._filter([offline], {})
-    assert good == [] and strategy.current_report.error_replies == 1
-    assert reasons[0].startswith("node 9:")
+        good = strategy.accept([offline], ctx)
+    assert good == [] and ctx.outcome.errors == 1
+    assert len(ctx.outcome.dropped) == 1
+    assert ctx.outcome.dropped[0].startswith("node 9:")
+    assert "Dropped reply from node 9:" in caplog.text

@@ -1,0 +1,113 @@
+"""The wire protocol both halves share: record and key names, seeds, the routine.
+
+The server (``strategies/``) and the client (``clientapps/``) are deployed
+apart and never import each other; what crosses the wire is named here, once,
+and this module imports nothing heavier than NumPy (see
+``docs/architecture.md``, "The wire").
+
+Record and config keys are kebab-case. Keys that belong to one algorithm are
+namespaced ``"<algorithm>.<key>"`` (:func:`algorithm_key`), so that two
+algorithms composed in one run never read each other's values; each algorithm
+names those in its own strategy module and client recipe, and the conformance
+test checks that the two agree.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+from collections.abc import Sequence
+
+import numpy as np
+
+# Records of a message's RecordDict.
+ARRAYS = "arrays"
+"""ArrayRecord: the global model (server -> client) or the local model (back)."""
+CONFIG = "config"
+"""ConfigRecord: hyperparameters the server sends for this round."""
+METRICS = "metrics"
+"""MetricRecord: what a client reports (training loss, accuracy, num-examples)."""
+CLIENT_INFO = "client-info"
+"""ConfigRecord of a reply: which client routine produced it (:data:`ROUTINE`)."""
+
+# Keys of the CONFIG record (server -> client).
+SERVER_ROUND = "server-round"
+NUM_ROUNDS = "num-server-rounds"
+SEED = "seed"
+ROUTINE = "client-routine"
+"""The client routine the server's algorithm needs (a recipe name); also the
+key of :data:`CLIENT_INFO` in the reply, naming the routine that ran."""
+PERSONAL = "personal-parameters"
+"""Names (glob patterns, or ``"head"``) of parameters that never leave the node."""
+LOCAL_EPOCHS = "local-epochs"
+LOCAL_STEPS = "local-steps"
+BATCH_SIZE = "batch-size"
+LR = "lr"
+MOMENTUM = "momentum"
+WEIGHT_DECAY = "weight-decay"
+OPTIMIZER = "optimizer"
+LOSS = "loss"
+
+# Keys of the METRICS record (client -> server).
+NUM_EXAMPLES = "num-examples"
+TRAIN_LOSS = "train-loss"
+TRAIN_LOSS_FIRST = "train-loss-first"
+EVAL_LOSS = "eval-loss"
+EVAL_ACCURACY = "eval-accuracy"
+LABEL_COUNTS = "label-counts"
+"""A node's label histogram (list of counts per class), in its data profile."""
+CLIENT_TIME = "client-time"
+"""Seconds Bouquet's ClientApp spent in a handler (data, model, work, reply)."""
+PARTITION_ID = "partition-id"
+"""Reported so the server can order replies deterministically (node ids differ
+between the in-process runner, Ray and deployment; partition ids do not)."""
+
+BOOKKEEPING_METRICS = frozenset({NUM_EXAMPLES, PARTITION_ID, CLIENT_TIME})
+"""Metric keys that are not averaged into the round's aggregated metrics."""
+
+PLAIN_ROUTINE = "plain"
+"""The routine of server-only algorithms: local training, the model back."""
+
+QUERY = "query"
+"""Config key of a query message: what the server asks (:data:`DATA_PROFILE`)."""
+DATA_PROFILE = "data-profile"
+
+
+def algorithm_key(algorithm: str, key: str) -> str:
+    """Return the namespaced key ``"<algorithm>.<key>"``."""
+    return f"{algorithm}.{key}"
+
+
+def derive_seed(*parts: int | str) -> int:
+    """A 63-bit seed derived from ``parts`` (e.g. ``seed, round, "train"``).
+
+    Both halves derive every random stream from it (architecture rule 6): the
+    server's sampling from ``(seed, round, phase)``, a client's from ``(seed,
+    round, partition-id)``.
+    """
+    words = [
+        p if isinstance(p, int) else int.from_bytes(p.encode(), "little") for p in parts
+    ]
+    return int(np.random.SeedSequence(words).generate_state(2, np.uint64)[0] >> 1)
+
+
+HEAD = "head"
+"""In :data:`PERSONAL`: the classifier, i.e. the entries of the module that owns
+the last entry of the state dict (``fc`` of a ResNet, the last ``Linear`` of a
+``Sequential``)."""
+
+
+def resolve_personal(patterns: Sequence[str], names: Sequence[str]) -> list[str]:
+    """The entries of ``names`` (state-dict order) that ``patterns`` make personal.
+
+    A pattern is a glob over state-dict names (``"fc.*"``, ``"*.bn*"``) or
+    :data:`HEAD`. Both halves resolve it on the names alone, so server and
+    client agree on which entries never leave the node.
+    """
+    chosen: set[str] = set()
+    for pattern in patterns:
+        if pattern == HEAD and names:
+            module = names[-1].rpartition(".")[0]
+            chosen.update(n for n in names if n.rpartition(".")[0] == module)
+        else:
+            chosen.update(fnmatch.filter(names, pattern))
+    return [n for n in names if n in chosen]
