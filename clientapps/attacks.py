@@ -46,7 +46,7 @@ from flwr.app import Message
 from clientapps.hooks import Hook
 from clientapps.loop import LocalRun
 from clientapps.state import array_record, load_arrays, save_arrays
-from tasks import wire as keys
+from tasks import wire
 from tasks.wire import derive_seed
 
 ATTACKS = ("none", "sign-flip", "gaussian", "label-flip", "random", "unreliable")
@@ -111,9 +111,9 @@ class Attack:
         """
         if self.kind in ("none", "label-flip"):
             return
-        local = reply.content[keys.ARRAYS].to_numpy_ndarrays()
-        names = list(reply.content[keys.ARRAYS].keys())
-        sent = msg.content[keys.ARRAYS].to_numpy_ndarrays()
+        local = reply.content[wire.ARRAYS].to_numpy_ndarrays()
+        names = list(reply.content[wire.ARRAYS].keys())
+        sent = msg.content[wire.ARRAYS].to_numpy_ndarrays()
         rng = np.random.default_rng(derive_seed(seed, "attack"))
         previous = load_arrays(state, *_STATE)
         if self.kind == "unreliable":
@@ -139,7 +139,7 @@ class Attack:
             else:  # unreliable, noisy
                 new = w + rng.normal(0.0, 3.0 * self.scale, w.shape)
             poisoned.append(np.asarray(new, dtype=w.dtype))
-        reply.content[keys.ARRAYS] = array_record(
+        reply.content[wire.ARRAYS] = array_record(
             dict(zip(names, poisoned, strict=True))
         )
 
@@ -157,8 +157,8 @@ def attack_for_node(
     if kind == "none" or fraction == 0.0:
         return None
     seed = int(run_config.get("seed", 0))
-    if keys.PARTITION_ID in node_config:
-        partition = int(node_config[keys.PARTITION_ID])
+    if wire.PARTITION_ID in node_config:
+        partition = int(node_config[wire.PARTITION_ID])
         total = int(node_config.get("num-partitions", partition + 1))
         attacks = partition in attacker_partitions(total, fraction, seed)
     else:

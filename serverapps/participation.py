@@ -35,7 +35,7 @@ from strategies.sampling import (
     ParticipationSpec,
     participation_probabilities,
 )
-from tasks import wire as keys
+from tasks import wire
 
 
 def participation_spec(run_config: Mapping[str, Any]) -> ParticipationSpec:
@@ -65,9 +65,9 @@ def participation_grid(grid: Grid, run_config: Mapping[str, Any]) -> Grid:
 
 
 def _round_of(msg: Message) -> int:
-    config = msg.content.config_records.get(keys.CONFIG, {})
-    if keys.SERVER_ROUND in config:
-        return int(config[keys.SERVER_ROUND])
+    config = msg.content.config_records.get(wire.CONFIG, {})
+    if wire.SERVER_ROUND in config:
+        return int(config[wire.SERVER_ROUND])
     return int(msg.metadata.group_id)
 
 
@@ -122,14 +122,14 @@ class ParticipationGrid:
         size = max(self.index.values()) + 1
         by_index = {self.index[n]: self.profiles[n] for n in nodes}
         sizes = [
-            float(by_index.get(i, {}).get(keys.NUM_EXAMPLES, 0.0)) for i in range(size)
+            float(by_index.get(i, {}).get(wire.NUM_EXAMPLES, 0.0)) for i in range(size)
         ]
         counts = None
         if self.spec.link == "label":
-            classes = max(len(p.get(keys.LABEL_COUNTS, [])) for p in by_index.values())
+            classes = max(len(p.get(wire.LABEL_COUNTS, [])) for p in by_index.values())
             counts = np.zeros((size, classes))
             for i, profile in by_index.items():
-                row = profile.get(keys.LABEL_COUNTS, [])
+                row = profile.get(wire.LABEL_COUNTS, [])
                 counts[i, : len(row)] = row
         p = participation_probabilities(self.spec, self.seed, counts, sizes)
         self.availability = Availability(self.spec, p, self.seed)

@@ -19,7 +19,7 @@ from typing import Any
 
 from strategies.driver import RoundReport
 from strategies.validation import NODE_ACCURACY_MEAN, NODE_ACCURACY_WORST
-from tasks import wire as keys
+from tasks import wire
 
 ROW_FIELDS = (
     "round",
@@ -49,9 +49,9 @@ def report_to_row(report: RoundReport) -> dict[str, Any]:
     """Flatten a round report into one results row (missing values are None)."""
     row: dict[str, Any] = {
         "round": report.round,
-        "train-loss": report.train_metrics.get(keys.TRAIN_LOSS),
-        "client-accuracy": report.evaluate_metrics.get(keys.EVAL_ACCURACY),
-        "client-loss": report.evaluate_metrics.get(keys.EVAL_LOSS),
+        "train-loss": report.train_metrics.get(wire.TRAIN_LOSS),
+        "client-accuracy": report.evaluate_metrics.get(wire.EVAL_ACCURACY),
+        "client-loss": report.evaluate_metrics.get(wire.EVAL_LOSS),
         NODE_ACCURACY_MEAN: report.evaluate_metrics.get(NODE_ACCURACY_MEAN),
         NODE_ACCURACY_WORST: report.evaluate_metrics.get(NODE_ACCURACY_WORST),
         "central-accuracy": report.central_metrics.get("accuracy"),
@@ -79,7 +79,7 @@ def report_to_row(report: RoundReport) -> dict[str, Any]:
     extra = {
         f"train-{k}": v
         for k, v in report.train_metrics.items()
-        if k not in (keys.TRAIN_LOSS, keys.NUM_EXAMPLES)
+        if k not in (wire.TRAIN_LOSS, wire.NUM_EXAMPLES)
     }
     row.update(extra)
     if report.drop_reasons:

@@ -36,7 +36,7 @@ from serverapps.run import build_strategy
 from simulations.inprocess import InProcessGrid, app_defaults
 from strategies.aggregation import to_numpy, to_record
 from strategies.registry import list_algorithms
-from tasks import wire as keys
+from tasks import wire
 
 FLAG_RATIO = 3.0
 
@@ -95,7 +95,7 @@ class Round:
         replies = []
         ordered = sorted(messages, key=lambda m: m.metadata.dst_node_id)
         for i, msg in enumerate(ordered):
-            sent = to_numpy(msg.content[keys.ARRAYS])
+            sent = to_numpy(msg.content[wire.ARRAYS])
             coefficients = rng.standard_normal(len(directions)).astype(np.float32)
             local = {}
             for key, value in sent.items():
@@ -109,8 +109,8 @@ class Round:
                     local[key] = value + 1
             content = RecordDict(
                 {
-                    keys.ARRAYS: to_record(local),
-                    keys.CLIENT_INFO: ConfigRecord({keys.ROUTINE: strategy.routine}),
+                    wire.ARRAYS: to_record(local),
+                    wire.CLIENT_INFO: ConfigRecord({wire.ROUTINE: strategy.routine}),
                 }
             )
             for extra in strategy.expected_records(strategy.train_round):
@@ -120,11 +120,11 @@ class Round:
                         for k, v in local.items()
                     }
                 )
-            content[keys.METRICS] = MetricRecord(
+            content[wire.METRICS] = MetricRecord(
                 {
-                    keys.NUM_EXAMPLES: int(rng.integers(50, 150)),
-                    keys.PARTITION_ID: i,
-                    keys.TRAIN_LOSS: 1.0,
+                    wire.NUM_EXAMPLES: int(rng.integers(50, 150)),
+                    wire.PARTITION_ID: i,
+                    wire.TRAIN_LOSS: 1.0,
                     **dict.fromkeys(strategy.reply_metrics, 1.0),
                 }
             )

@@ -7,7 +7,8 @@ torch``, ``import flwr``, ``import clientapps.app`` (Bouquet's import), then
 building the model and loading the node's partition from the prepared disk
 cache (Bouquet's data-ready time; the cache is filled once before timing),
 the first ``torch.optim`` optimizer (which imports ``torch._dynamo``: any
-PyTorch client pays it) and the algorithm registry the train handler loads.
+PyTorch client pays it) and the client routine the train handler loads (one
+recipe module; the client never imports the server's strategies).
 
     python -m simulations.bench_cold_start --repeats 5 [--dataset digits --model cnn]
 
@@ -42,12 +43,13 @@ model, _, _ = bouquet._model_and_data(context)
 t4 = time.perf_counter()
 torch.optim.SGD(model.parameters(), lr=0.1)  # first use imports torch._dynamo
 t5 = time.perf_counter()
-import strategies  # the registry, imported by the train handler
+from clientapps.recipes import get_recipe
+get_recipe("fedprox")  # the one recipe module a train message names
 t6 = time.perf_counter()
 print(json.dumps({"import torch": t1 - t0, "import flwr": t2 - t1,
     "import clientapps.app": t3 - t2, "model + data ready": t4 - t3,
     "first torch.optim (imports torch._dynamo)": t5 - t4,
-    "import strategies (registry)": t6 - t5}))
+    "client routine (one recipe)": t6 - t5}))
 """
 
 

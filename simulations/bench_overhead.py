@@ -56,8 +56,8 @@ from tasks import (
     load_central_test,
     load_client_data,
     resolve_device,
+    wire,
 )
-from tasks import wire as keys
 from tasks.evaluation import evaluate_model
 from tasks.wire import derive_seed
 
@@ -98,17 +98,17 @@ def local_sgd(
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.SGD(
         params,
-        lr=float(config[keys.LR]),
-        momentum=float(config[keys.MOMENTUM]),
-        weight_decay=float(config[keys.WEIGHT_DECAY]),
+        lr=float(config[wire.LR]),
+        momentum=float(config[wire.MOMENTUM]),
+        weight_decay=float(config[wire.WEIGHT_DECAY]),
     )
     criterion = nn.CrossEntropyLoss()
-    batch = int(config[keys.BATCH_SIZE])
+    batch = int(config[wire.BATCH_SIZE])
     device = next(model.parameters()).device
     model.train()
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        for _ in range(int(config[keys.LOCAL_EPOCHS])):
+        for _ in range(int(config[wire.LOCAL_EPOCHS])):
             order = torch.randperm(len(x), generator=generator)
             for start in range(0, len(order), batch):
                 idx = order[start : start + batch]
@@ -204,11 +204,11 @@ def run_flower(run_config: Mapping[str, Any], nodes: int) -> float:
         return MetricRecord({"loss": loss, "accuracy": accuracy})
 
     strategy = FedAvg(fraction_train=1.0, fraction_evaluate=0.0)
-    config = {k: setting(run_config, k) for k in (keys.LR, keys.MOMENTUM)}
+    config = {k: setting(run_config, k) for k in (wire.LR, wire.MOMENTUM)}
     config.update(
-        {k: setting(run_config, k) for k in (keys.WEIGHT_DECAY, keys.BATCH_SIZE)}
+        {k: setting(run_config, k) for k in (wire.WEIGHT_DECAY, wire.BATCH_SIZE)}
     )
-    config[keys.LOCAL_EPOCHS] = setting(run_config, keys.LOCAL_EPOCHS)
+    config[wire.LOCAL_EPOCHS] = setting(run_config, wire.LOCAL_EPOCHS)
     result = strategy.start(
         grid,
         ArrayRecord(fresh().state_dict()),

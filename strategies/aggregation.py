@@ -159,15 +159,3 @@ def pairwise_sq_distances(
     distances = np.maximum(norms[:, None] + norms[None, :] - 2.0 * gram, 0.0)
     np.fill_diagonal(distances, 0.0)
     return distances
-
-
-def apply_delta(
-    reference: Mapping[str, np.ndarray],
-    delta: Mapping[str, np.ndarray],
-    scale: float = 1.0,
-) -> NDArrays:
-    """``reference + scale * delta``, cast back to each array's dtype."""
-    return {
-        k: cast_like(ref.astype(np.float64) + scale * delta[k], ref)
-        for k, ref in reference.items()
-    }

@@ -131,7 +131,6 @@ class Reduction:
     settings: Mapping[str, Any]
     equals: str
     equals_settings: Mapping[str, Any] = field(default_factory=dict)
-    note: str = ""
 
 
 _COMMON = (
@@ -515,8 +514,7 @@ class BouquetStrategy(Strategy):
         """
         replies = list(replies)
         recipients = {
-            m.metadata.message_id: m.metadata.dst_node_id
-            for m in getattr(ctx, "messages", [])
+            m.metadata.message_id: m.metadata.dst_node_id for m in ctx.messages
         }
         contract = self.contract(ctx)
         good, reasons, errors = accept_all(replies, contract, recipients)
@@ -677,15 +675,9 @@ def _message(
     )
 
 
-def common_arguments() -> tuple[str, ...]:
-    """Names of the keyword arguments every strategy takes."""
-    return tuple(name for name, _ in _COMMON)
-
-
 __all__ = [
     "BouquetStrategy",
     "Record",
     "Reduction",
-    "common_arguments",
     "wait_for_node_list",
 ]

@@ -7,7 +7,8 @@ Federated Optimization", ICLR 2021, https://arxiv.org/abs/2003.00295.
   beta_1) Delta``, ``v = beta_2 v + (1 - beta_2) Delta^2``,
   ``x <- x + eta_t m / (sqrt(v) + tau)``; the chain with
   :class:`~strategies.pieces.ServerAdam`. ``eta_t`` carries Flower's bias
-  correction (see that class), so this equals Flower's FedAdam.
+  correction (see that class), and the mean and the step are computed in the
+  arrays' dtypes as Flower does, so this equals Flower's FedAdam bit for bit.
 - **Client**: plain local SGD; its learning rate is the shared ``lr`` key
   (``eta-l`` is the paper's name for it, kept for Flower's signature and
   reported in the summary only).
@@ -44,5 +45,5 @@ class FedAdam(BouquetStrategy):
         return Aggregator(
             ByExamples(),
             WeightedMean(accumulate="wire"),
-            ServerAdam(self.eta, self.beta_1, self.beta_2, self.tau),
+            ServerAdam(self.eta, self.beta_1, self.beta_2, self.tau, "wire"),
         )

@@ -6,7 +6,8 @@ Federated Visual Classification", 2019, https://arxiv.org/abs/1909.06335.
 - **Server**: the FedAvg mean gives the pseudo-gradient ``g = x - mean``; a
   heavy-ball buffer ``v = beta v + g`` (``v = g`` in round 1) and
   ``x <- x - eta v`` (``server-learning-rate`` eta, ``server-momentum`` beta),
-  as Flower's FedAvgM: the chain with :class:`~strategies.pieces.ServerSGD`.
+  as Flower's FedAvgM (bit for bit: the chain with
+  :class:`~strategies.pieces.ServerSGD` in the arrays' dtypes).
 - **Client**: plain local SGD.
 
 Wire protocol: FedAvg's. Server state: the momentum buffer (checkpointed).
@@ -42,5 +43,5 @@ class FedAvgM(BouquetStrategy):
         return Aggregator(
             ByExamples(),
             WeightedMean(accumulate="wire"),
-            ServerSGD(self.server_learning_rate, self.server_momentum),
+            ServerSGD(self.server_learning_rate, self.server_momentum, "wire"),
         )

@@ -72,7 +72,7 @@ from strategies import pieces
 from strategies.aggregation import cast_like, to_record
 from strategies.base import BouquetStrategy, Record, Reduction
 from strategies.context import NDArrays, RoundContext
-from strategies.params import Param
+from strategies.params import Param, python_name
 from strategies.registry import register
 from tasks import wire
 
@@ -213,7 +213,7 @@ class FedHyper(BouquetStrategy):
         if self.client_scheduler:
             values[f"{NAME}.client-scheduler"] = True
             for key in CLIENT_CONSTANTS:
-                values[f"{NAME}.{key}"] = getattr(self, key.replace("-", "_"))
+                values[f"{NAME}.{key}"] = getattr(self, python_name(key))
         return values
 
     def recipients(self, ctx: RoundContext) -> dict[int, dict[str, Record]]:

@@ -55,6 +55,7 @@ from typing import Any
 import numpy as np
 
 from strategies import pieces
+from strategies.aggregation import weighted_sum
 from strategies.base import BouquetStrategy, Reduction
 from strategies.context import RoundContext
 from strategies.params import Param
@@ -73,11 +74,12 @@ def corrected(key: str, value: np.ndarray) -> bool:
 
 @dataclass(frozen=True)
 class ProxCorrectedMean(pieces.Combine):
-    """``Delta = mean_i (y_i - x) + H / N`` on corrected entries; state ``H``.
+    """``Delta = mean_i y_i + H / N - x`` on corrected entries; state ``H``.
 
     ``H += sum_i (y_i - x)`` over this round's replies first (the running sum
     of every client's ``h_i``). ``correct = False`` (lambda 0, or the paper's
     ``sampled`` rule, where clients add ``h_i`` themselves) is the plain mean.
+    Summed in this order, as the official code does.
     """
 
     correct: bool = True
@@ -85,22 +87,22 @@ class ProxCorrectedMean(pieces.Combine):
     def update(
         self, replies: Replies, weights: np.ndarray, state: State, ctx: RoundContext
     ) -> Updated:
-        delta, _ = pieces.WeightedMean().update(replies, weights, None, ctx)
-        if not self.correct:
-            return delta, state
+        means = weighted_sum(
+            [{k: r.arrays[k] for k in ctx.shared} for r in replies], weights
+        )
         total = dict(state or {})
         n = max(ctx.population, len(replies))
-        for key in ctx.shared:
-            ref = ctx.arrays[key]
-            if not corrected(key, ref):
-                continue
-            x = ref.astype(np.float64)
-            h = total.get(key, np.zeros(ref.shape))
-            for reply in replies:
-                h = h + (reply.arrays[key].astype(np.float64) - x)
-            total[key] = h
-            delta[key] = delta[key] + h / n
-        return delta, total
+        delta = {}
+        for key, mean in means.items():
+            x = ctx.arrays[key].astype(np.float64)
+            if self.correct and corrected(key, ctx.arrays[key]):
+                h = total.get(key, np.zeros(x.shape))
+                for reply in replies:
+                    h = h + (reply.arrays[key].astype(np.float64) - x)
+                total[key] = h
+                mean = mean + h / n
+            delta[key] = mean - x
+        return delta, (total if self.correct else state)
 
 
 @register

@@ -246,6 +246,32 @@ class ServerOptimizer:
         raise NotImplementedError
 
 
+PRECISIONS = ("float64", "wire")
+
+
+def in_precision(
+    precision: str, ctx: RoundContext, delta: NDArrays
+) -> dict[str, np.ndarray]:
+    """The ``Delta`` a server optimizer steps with.
+
+    As it is (``"float64"``), or ``mean - x`` in each array's own dtype
+    (``"wire"``), as Flower's server optimizers compute it: the mean is the
+    float64 ``x + Delta`` rounded to the dtype it was summed in (float arrays
+    keep theirs; integer buffers were summed in float64), so after a
+    ``"wire"`` mean the result is Flower's bit for bit.
+    """
+    if precision == "float64":
+        return delta
+    if precision != "wire":
+        raise ValueError(f"precision must be one of {PRECISIONS}; got {precision!r}.")
+    out = {}
+    for k, d in delta.items():
+        x = ctx.arrays[k]
+        summed = x.dtype if x.dtype.kind == "f" else np.dtype(np.float64)
+        out[k] = (x.astype(np.float64) + d).astype(summed) - x
+    return out
+
+
 def apply_step(ctx: RoundContext, step: Mapping[str, np.ndarray]) -> NDArrays:
     """``x + step`` in float64, cast back to each entry's dtype.
 
@@ -264,13 +290,16 @@ class ServerSGD(ServerOptimizer):
     With momentum (Hsu et al., "Measuring the Effects of Non-Identical Data
     Distribution for Federated Visual Classification", 2019, FedAvgM):
     ``v = mu v + (x - mean)`` (``v`` = the first pseudo-gradient in round 1),
-    ``x <- x - lr v``, as Flower's FedAvgM.
+    ``x <- x - lr v``, as Flower's FedAvgM. ``precision``: see
+    :func:`in_precision`.
     """
 
     lr: float = 1.0
     momentum: float = 0.0
+    precision: str = "float64"
 
     def update(self, delta: NDArrays, state: State, ctx: RoundContext) -> Updated:
+        delta = in_precision(self.precision, ctx, delta)
         if self.momentum <= 0.0:
             return apply_step(ctx, {k: self.lr * d for k, d in delta.items()}), state
         pseudo = {k: -d for k, d in delta.items()}
@@ -289,13 +318,15 @@ class _Adaptive(ServerOptimizer):
     Reddi et al., "Adaptive Federated Optimization", ICLR 2021,
     https://arxiv.org/abs/2003.00295: ``m = beta_1 m + (1 - beta_1) Delta``, a
     second moment ``v`` (the subclass's rule) and
-    ``x <- x + eta_t m / (sqrt(v) + tau)``.
+    ``x <- x + eta_t m / (sqrt(v) + tau)``. ``precision``: see
+    :func:`in_precision`.
     """
 
     eta: float = 0.1
     beta_1: float = 0.9
     beta_2: float = 0.99
     tau: float = 1e-3
+    precision: str = "float64"
 
     def init(self) -> State:
         return {"m": {}, "v": {}}
@@ -307,6 +338,7 @@ class _Adaptive(ServerOptimizer):
         return self.eta
 
     def update(self, delta: NDArrays, state: State, ctx: RoundContext) -> Updated:
+        delta = in_precision(self.precision, ctx, delta)
         m_old, v_old = state["m"], state["v"]
         m = {
             k: self.beta_1 * m_old.get(k, 0.0) + (1.0 - self.beta_1) * d
@@ -341,7 +373,12 @@ class ServerAdam(_Adaptive):
 
     def step_size(self, server_round: int) -> float:
         t = server_round + 1.0
-        return float(self.eta * np.sqrt(1 - self.beta_2**t) / (1 - self.beta_1**t))
+        # A NumPy scalar, as Flower's: it makes the step float64 (NEP 50).
+        return (
+            self.eta
+            * np.sqrt(1 - np.power(self.beta_2, t))
+            / (1 - np.power(self.beta_1, t))
+        )
 
 
 @dataclass(frozen=True)

@@ -27,8 +27,6 @@ from typing import TYPE_CHECKING, TypeVar
 
 from flwr.supercore import log
 
-from tasks import wire
-
 if TYPE_CHECKING:
     from strategies.base import BouquetStrategy
 
@@ -138,8 +136,3 @@ def pyproject_tables() -> str:
             lines.append(f"{p.key} = {value}")
         blocks.append("\n".join(lines))
     return "\n\n".join(blocks) + "\n"
-
-
-def routine_of(name: str) -> str:
-    """The client routine the algorithm ``name`` needs."""
-    return get_algorithm(name).routine if name else wire.PLAIN_ROUTINE

@@ -23,7 +23,7 @@ from clientapps.hooks import (
     parameter_names,
 )
 from clientapps.loop import LocalRun
-from tasks import wire as keys
+from tasks import wire
 from tasks.wire import derive_seed
 
 
@@ -65,8 +65,8 @@ class AnarchicSteps(Hook):
                     names, run.parameters, run.global_parameters, strict=True
                 )
             }
-        run.reply_records[keys.ARRAYS] = model_shaped_record(run, update)
-        run.metrics[keys.algorithm_key("afa", "local-steps")] = float(run.steps)
+        run.reply_records[wire.ARRAYS] = model_shaped_record(run, update)
+        run.metrics[wire.algorithm_key("afa", "local-steps")] = float(run.steps)
 
 
 def make_hooks(config: Mapping[str, Any]) -> list[Hook]:

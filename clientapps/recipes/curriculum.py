@@ -24,7 +24,7 @@ from torch import nn
 from clientapps.hooks import Hook
 from clientapps.loop import LocalRun
 from clientapps.state import load_arrays, load_values, save_arrays, save_values
-from tasks import wire as keys
+from tasks import wire
 
 NAMESPACE = "curriculum"
 SCORING_BATCH = 1024
@@ -102,7 +102,7 @@ class OrderedData(Hook):
         self.rank: torch.Tensor | None = None
 
     def _scores(self, run: LocalRun) -> tuple[torch.Tensor, float]:
-        server_round = int(run.config.get(keys.SERVER_ROUND, 0))
+        server_round = int(run.config.get(wire.SERVER_ROUND, 0))
         cached = load_values(run.state, NAMESPACE, "scored")
         arrays = load_arrays(run.state, NAMESPACE, "scores")
         fresh = (
@@ -134,7 +134,7 @@ class OrderedData(Hook):
         if run.data is None:
             raise ValueError("The curriculum hook needs run.data (the local set).")
         loss, mean = self._scores(run)
-        run.metrics[keys.algorithm_key(NAMESPACE, "mean-score")] = mean
+        run.metrics[wire.algorithm_key(NAMESPACE, "mean-score")] = mean
         scores = self._random_keys(run) if self.ordering == "random" else loss
         self.rank = ranking(scores, self.ordering)
 

@@ -20,10 +20,10 @@ from clientapps.hooks import (
     parameter_names,
 )
 from clientapps.loop import LocalRun
-from tasks import wire as keys
+from tasks import wire
 
-ROLE = keys.algorithm_key("fedamd", "role")
-DIRECTION = keys.algorithm_key("fedamd", "direction")
+ROLE = wire.algorithm_key("fedamd", "role")
+DIRECTION = wire.algorithm_key("fedamd", "direction")
 
 
 class AnchorGradient(Hook):
@@ -62,7 +62,7 @@ class AnchorGradient(Hook):
             name: acc / max(self.seen, 1)
             for name, acc in zip(parameter_names(run), self.total, strict=True)
         }
-        run.reply_records[keys.ARRAYS] = model_shaped_record(run, gradient)
+        run.reply_records[wire.ARRAYS] = model_shaped_record(run, gradient)
 
 
 class MinerRecursion(Hook):

@@ -13,7 +13,6 @@ from strategies.registry import (
     list_algorithms,
     pyproject_tables,
     register,
-    routine_of,
 )
 
 
@@ -36,9 +35,6 @@ def test_get_algorithm_returns_the_class():
         cls = get_algorithm(name)
         assert isinstance(cls, type) and issubclass(cls, BouquetStrategy)
         assert cls.name == name
-        assert routine_of(name) == cls.routine
-    assert routine_of("fedprox") == "fedprox"
-    assert routine_of("") == "plain"
 
 
 def test_every_module_imports():
