@@ -167,7 +167,7 @@ class Param:
     def describe(self) -> str:
         """``default`` plus its range or choices, for tables."""
         if self.choices:
-            return f"{self.default!r} ({' | '.join(self.choices)})"
+            return f"{self.default!r} ({' / '.join(self.choices)})"
         bounds = str(self.range)
         return f"{self.default!r}" + (f" ({bounds})" if bounds else "")
 

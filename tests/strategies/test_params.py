@@ -108,7 +108,7 @@ def test_param_choices():
     assert "'median'" in str(err.value)
     with pytest.raises(ValueError, match="not in choices"):
         Param("mode", "other", choices=("full", "loss-only"))
-    assert weighting.describe() == "'uniform' (uniform | num-examples)"
+    assert weighting.describe() == "'uniform' (uniform / num-examples)"
     assert Param("mu", 0.5, "[0, 1]").describe() == "0.5 ([0, 1])"
     assert Param("name", "x").describe() == "'x'"
 
