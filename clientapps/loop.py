@@ -15,6 +15,7 @@ config, seed).
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable, Mapping, MutableMapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -117,8 +118,10 @@ class LocalRun:
     Attributes
     ----------
     parameters, global_parameters : list[torch.Tensor]
-        Trainable parameters and a frozen copy of their values at the start
-        (the global model, with the node's personal entries), aligned.
+        Trainable parameters and their values at the start (the global model,
+        with the node's personal entries), aligned. The start values are read
+        from ``start_values`` when a hook first asks for them (a plain run
+        never copies the model), else copied before the first step.
     config : Mapping[str, Any]
         The message's config record (the round's hyperparameters).
     state : MutableMapping
@@ -153,7 +156,6 @@ class LocalRun:
     incoming: Mapping[str, Any]
     generator: torch.Generator
     parameters: list[torch.Tensor]
-    global_parameters: list[torch.Tensor]
     data: tuple[torch.Tensor, torch.Tensor]
     loss_fn: Loss
     selected: torch.Tensor | None = None
@@ -165,6 +167,21 @@ class LocalRun:
     steps: int = 0
     num_examples: int = 0
     stop: bool = False
+    start_values: Callable[[], Mapping[str, Any]] | None = field(
+        default=None, repr=False
+    )
+
+    @functools.cached_property
+    def global_parameters(self) -> list[torch.Tensor]:
+        """The trainable parameters' values at the start, aligned with them."""
+        if self.start_values is None:
+            raise RuntimeError("No start values: train_local copies them first.")
+        values = self.start_values()
+        names = [n for n, p in self.model.named_parameters() if p.requires_grad]
+        return [
+            torch.tensor(values[n], dtype=p.dtype, device=p.device)
+            for n, p in zip(names, self.parameters, strict=True)
+        ]
 
     def select(self, indices: torch.Tensor) -> None:
         """Train on these examples of :attr:`data` only (a selection phase)."""
@@ -204,8 +221,13 @@ def train_local(
     state: MutableMapping[str, Any] | None = None,
     incoming: Mapping[str, Any] | None = None,
     personal: Sequence[str] = (),
+    start_values: Callable[[], Mapping[str, Any]] | None = None,
 ) -> TrainResult:
     """Train ``model`` in place on ``data = (x, y)`` with ``hooks``.
+
+    ``start_values``: a callable giving the model's values before training,
+    by state-dict name (the arrays received); without it the start values
+    are copied from the model.
 
     Returns the number of examples trained on, the step count, the loss of
     the first step and the mean loss over all steps.
@@ -226,12 +248,14 @@ def train_local(
         incoming=incoming or {},
         generator=generator,
         parameters=params,
-        global_parameters=[p.detach().clone() for p in params],
         data=(x_all, y_all),
         loss_fn=make_loss(settings.loss),
         personal=tuple(personal),
         num_examples=len(x_all),
+        start_values=start_values,
     )
+    if start_values is None:
+        run.__dict__["global_parameters"] = [p.detach().clone() for p in params]
     stepper = _stepper(hooks)
     model.train()
     for hook in hooks:

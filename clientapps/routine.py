@@ -147,6 +147,12 @@ def train_client(
     hooks = [*hooks, *extra_hooks]
     personal = personal_names(msg, model)
     load_model(model, msg.content[wire.ARRAYS], personal, context.state)
+
+    def start_values() -> dict:
+        values = {k: a.numpy() for k, a in msg.content[wire.ARRAYS].items()}
+        values.update(load_arrays(context.state, *PERSONAL_STATE) or {})
+        return values
+
     seed = client_seed(msg, context)
     generator = torch.Generator().manual_seed(seed)
     with torch.random.fork_rng(devices=[]):
@@ -162,6 +168,7 @@ def train_client(
             state=context.state,
             incoming=msg.content,
             personal=personal,
+            start_values=start_values,
         )
     _keep_personal(model, personal, context.state)
     metrics = _base_metrics(context, result.num_examples)

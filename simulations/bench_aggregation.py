@@ -77,7 +77,7 @@ class Round:
         replies: list[Message] = []
         for rnd in (1, 2):
             del replies  # one round's replies in memory at a time (4.4 GB at the top)
-            config = ConfigRecord({"server-round": rnd})
+            config = ConfigRecord({"server-round": rnd, wire.NUM_ROUNDS: 2})
             messages = list(strategy.configure_train(rnd, arrays, config, self.grid))
             replies = self._replies(strategy, messages, rng, directions)
             del messages

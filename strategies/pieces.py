@@ -143,7 +143,10 @@ class WeightedMean(Combine):
         keys = ctx.shared
         if self.accumulate == "wire" and reference is not None:
             return {
-                k: _wire_mean(replies, weights, k) - reference[k] for k in keys
+                k: np.subtract(
+                    _wire_mean(replies, weights, k), reference[k], dtype=np.float64
+                )
+                for k in keys
             }, state
         arrays = [{k: r.arrays[k] for k in keys} for r in replies]
         if reference is not None:
@@ -154,7 +157,7 @@ class WeightedMean(Combine):
 def _wire_mean(
     replies: Sequence[ClientReply], weights: np.ndarray, key: str
 ) -> np.ndarray:
-    """``sum_i w_i y_i`` summed in the replies' dtype, returned as float64.
+    """``sum_i w_i y_i`` summed in the replies' dtype, in reply order.
 
     A Python float weight stays weak (NEP 50): float32 replies are summed in
     float32, as Flower does.
@@ -162,8 +165,11 @@ def _wire_mean(
     total = None
     for reply, weight in zip(replies, weights, strict=True):
         term = reply.arrays[key] * float(weight)
-        total = term if total is None else total + term
-    return np.asarray(total).astype(np.float64)
+        if total is None:
+            total = term
+        else:
+            total += term
+    return np.asarray(total)
 
 
 @dataclass(frozen=True)
@@ -184,9 +190,10 @@ class CoordinateMedian(Combine):
         delta: NDArrays = {}
         for key in ctx.shared:
             median = np.asarray(coordinate_median([r.arrays[key] for r in replies]))
-            delta[key] = median.astype(np.float64)
-            if reference is not None:
-                delta[key] -= reference[key]
+            if reference is None:
+                delta[key] = median.astype(np.float64)
+            else:
+                delta[key] = np.subtract(median, reference[key], dtype=np.float64)
         return delta, state
 
 
@@ -272,15 +279,22 @@ def in_precision(
     return out
 
 
-def apply_step(ctx: RoundContext, step: Mapping[str, np.ndarray]) -> NDArrays:
-    """``x + step`` in float64, cast back to each entry's dtype.
+def apply_step(
+    ctx: RoundContext, step: Mapping[str, np.ndarray], scale: float = 1.0
+) -> NDArrays:
+    """``x + scale * step`` in float64, cast back to each entry's dtype.
 
-    Entries without a step (personal parameters) keep their value.
+    One layer at a time (no model-sized scaled copy). Entries without a step
+    (personal parameters) keep their value.
     """
-    return {
-        k: cast_like(x.astype(np.float64) + step[k], x) if k in step else x
-        for k, x in ctx.arrays.items()
-    }
+    out = {}
+    for k, x in ctx.arrays.items():
+        if k not in step:
+            out[k] = x
+            continue
+        scaled = step[k] if scale == 1.0 else scale * step[k]
+        out[k] = cast_like(np.add(x, scaled, dtype=np.float64), x)
+    return out
 
 
 @dataclass(frozen=True)
@@ -301,14 +315,14 @@ class ServerSGD(ServerOptimizer):
     def update(self, delta: NDArrays, state: State, ctx: RoundContext) -> Updated:
         delta = in_precision(self.precision, ctx, delta)
         if self.momentum <= 0.0:
-            return apply_step(ctx, {k: self.lr * d for k, d in delta.items()}), state
+            return apply_step(ctx, delta, self.lr), state
         pseudo = {k: -d for k, d in delta.items()}
         velocity = (
             pseudo
             if not state
             else {k: self.momentum * state[k] + g for k, g in pseudo.items()}
         )
-        return apply_step(ctx, {k: -self.lr * v for k, v in velocity.items()}), velocity
+        return apply_step(ctx, velocity, -self.lr), velocity
 
 
 @dataclass(frozen=True)
