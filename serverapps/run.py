@@ -34,10 +34,11 @@ from serverapps.settings import (
     setting,
     strategy_common,
 )
-from strategies.base import BouquetStrategy, wait_for_node_list
+from strategies.base import BouquetStrategy
 from strategies.clocks import DeviceSpeeds, VirtualClock, WallClock
 from strategies.driver import Driver, RoundReport
 from strategies.registry import get_algorithm
+from strategies.sampling import wait_for_node_list
 
 DEFAULT_OUTPUT_DIR = "~/bouquet-runs"
 

@@ -45,7 +45,6 @@ from __future__ import annotations
 
 import copy
 import inspect
-import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from logging import ERROR, INFO, WARNING
@@ -67,7 +66,7 @@ from strategies.aggregation import to_numpy, to_record
 from strategies.context import NDArrays, RoundContext
 from strategies.params import Param
 from strategies.pieces import Aggregator, ByExamples, ServerSGD, WeightedMean
-from strategies.sampling import sample_nodes
+from strategies.sampling import sample_nodes, wait_for_node_list
 from strategies.validation import (
     ClientReply,
     Contract,
@@ -84,39 +83,6 @@ Record = ArrayRecord | ConfigRecord | MetricRecord
 
 NODE_WAIT_TIMEOUT = 300.0
 """Default seconds a round waits for ``min_available_nodes``."""
-
-NODE_POLL_INTERVAL = 0.5
-"""Seconds between node-list queries while waiting for nodes."""
-
-
-def wait_for_node_list(
-    grid: Grid,
-    minimum: int,
-    timeout: float,
-    settle: float = 0.0,
-    poll_interval: float = NODE_POLL_INTERVAL,
-) -> list[int]:
-    """The sorted node ids once ``minimum`` are connected.
-
-    With ``settle``, also once the count has not changed for that long (nodes
-    still registering). After ``timeout`` seconds, whatever is connected then
-    (``timeout <= 0``: wait for ever). A wait past 5 s is logged once.
-    """
-    start = time.monotonic()
-    last, stable_since, logged = -1, start, False
-    while True:
-        nodes = sorted(int(n) for n in grid.get_node_ids())
-        now = time.monotonic()
-        if len(nodes) != last:
-            last, stable_since = len(nodes), now
-        if len(nodes) >= minimum and now - stable_since >= settle:
-            return nodes
-        if timeout > 0 and now - start >= timeout:
-            return nodes
-        if not logged and len(nodes) < minimum and now - start >= 5.0:
-            log(INFO, "Waiting for nodes: %d connected, %d wanted", len(nodes), minimum)
-            logged = True
-        time.sleep(poll_interval)
 
 
 @dataclass(frozen=True)
@@ -679,5 +645,4 @@ __all__ = [
     "BouquetStrategy",
     "Record",
     "Reduction",
-    "wait_for_node_list",
 ]

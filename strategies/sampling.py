@@ -1,7 +1,9 @@
 """Who takes part: the strategies' node sampler, and the participation models.
 
-:func:`sample_nodes` is how every strategy draws its nodes. The rest of the
-module models which clients are available in a round (the environment).
+:func:`wait_for_node_list` waits until enough nodes are connected (never for
+ever) and :func:`sample_nodes` is how every strategy draws among them. The
+rest of the module models which clients are available in a round (the
+environment).
 
 The environment, not the strategy, decides who can take part: a client that is
 unavailable in round ``t`` never receives that round's train message and so
@@ -49,12 +51,50 @@ Probabilities are capped at 1.
 from __future__ import annotations
 
 import random
+import time
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
+from logging import INFO
 
 import numpy as np
+from flwr.serverapp import Grid
+from flwr.supercore import log
 
 from tasks.wire import derive_seed
+
+NODE_POLL_INTERVAL = 0.5
+"""Seconds between node-list queries while waiting for nodes."""
+
+
+def wait_for_node_list(
+    grid: Grid,
+    minimum: int,
+    timeout: float,
+    settle: float = 0.0,
+    poll_interval: float = NODE_POLL_INTERVAL,
+) -> list[int]:
+    """The sorted node ids once ``minimum`` are connected.
+
+    With ``settle``, also once the count has not changed for that long (nodes
+    still registering). After ``timeout`` seconds, whatever is connected then
+    (``timeout <= 0``: wait for ever). A wait past 5 s is logged once.
+    """
+    start = time.monotonic()
+    last, stable_since, logged = -1, start, False
+    while True:
+        nodes = sorted(int(n) for n in grid.get_node_ids())
+        now = time.monotonic()
+        if len(nodes) != last:
+            last, stable_since = len(nodes), now
+        if len(nodes) >= minimum and now - stable_since >= settle:
+            return nodes
+        if timeout > 0 and now - start >= timeout:
+            return nodes
+        if not logged and len(nodes) < minimum and now - start >= 5.0:
+            log(INFO, "Waiting for nodes: %d connected, %d wanted", len(nodes), minimum)
+            logged = True
+        time.sleep(poll_interval)
+
 
 MODELS = ("uniform", "bernoulli", "cyclic", "markov")
 
