@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import atexit
 import os
+import shutil
+import tempfile
 import uuid
 
 import numpy as np
@@ -12,6 +15,13 @@ from simulations.proctools import PRIVATE_ENV
 
 for _key, _value in PRIVATE_ENV.items():
     os.environ.setdefault(_key, _value)
+
+if "RAY_TMPDIR" not in os.environ:
+    # Ray's default temp dir (/tmp/ray) is shared by the machine: a cluster
+    # file left there captures later runs. Short path: Ray's sockets live in it.
+    _ray_tmp = tempfile.mkdtemp(prefix="bqray", dir="/tmp")
+    os.environ["RAY_TMPDIR"] = _ray_tmp
+    atexit.register(shutil.rmtree, _ray_tmp, ignore_errors=True)
 
 from flwr.app import (  # noqa: E402 (environment first)
     Array,

@@ -30,7 +30,7 @@ from simulations.proctools import (
     STATUS_COMPLETED,
     Poll,
     all_pids,
-    free_port,
+    free_ports,
     read_run_metrics,
 )
 
@@ -79,18 +79,46 @@ class ActorWatch(Poll):
 
 @pytest.fixture(scope="module")
 def cluster(flower, tmp_path_factory):
-    port = free_port()
+    port, client_port = free_ports(2)
+
+    def private_ports() -> list[str]:
+        # Ray's defaults (52365, 10001, ...) are shared by everything on the
+        # machine; each node of this cluster gets its own.
+        names = (
+            "node-manager",
+            "object-manager",
+            "dashboard-agent-listen",
+            "dashboard-agent-grpc",
+            "runtime-env-agent",
+            "metrics-export",
+        )
+        ports = free_ports(len(names))
+        return [
+            x
+            for n, p in zip(names, ports, strict=True)
+            for x in (f"--{n}-port", str(p))
+        ]
+
     address = f"127.0.0.1:{port}"
     ray = [sys.executable, "-m", "ray.scripts.scripts", "start"]
     common = ["--num-cpus", "1", "--disable-usage-stats", "--block"]
-    head = ["--head", "--port", str(port), "--include-dashboard=false"]
+    head = [
+        "--head",
+        "--port",
+        str(port),
+        "--ray-client-server-port",
+        str(client_port),
+        "--include-dashboard=false",
+    ]
     flower.start(
-        "ray-head", [*ray, *head, *common], env={NODE_TAG: "head", "RAY_ADDRESS": ""}
+        "ray-head",
+        [*ray, *head, *private_ports(), *common],
+        env={NODE_TAG: "head", "RAY_ADDRESS": ""},
     )
     python = _worker_python(tmp_path_factory.mktemp("worker-venv"))
     flower.start(
         "ray-worker",
-        [str(python), *ray[1:], "--address", address, *common],
+        [str(python), *ray[1:], "--address", address, *private_ports(), *common],
         env={NODE_TAG: "worker", "RAY_ADDRESS": "", "PYTHONPATH": ""},
     )
     deadline = time.monotonic() + 120
