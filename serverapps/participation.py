@@ -111,9 +111,10 @@ class ParticipationGrid:
         missing = sorted(set(node_ids) - set(self.profiles))
         if not missing:
             return
-        self.profiles.update(
-            query_profiles(self._grid, missing, self.timeout, "participation")
-        )
+        answered = query_profiles(self._grid, missing, self.timeout, "participation")
+        # A node that did not describe its data is treated as having none
+        # (and is not asked again): it cannot stop the run.
+        self.profiles.update({n: answered.get(n, {}) for n in missing})
         self._build()
 
     def _build(self) -> None:

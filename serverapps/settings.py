@@ -56,6 +56,12 @@ SETTINGS: tuple[Param, ...] = (
     Param("resume", ""),
     Param("round-timeout", 3600.0, "> 0"),
     Param("node-wait-timeout", 300.0, ">= 0", "0 waits for ever"),
+    Param(
+        "max-num-examples",
+        1_000_000_000,
+        ">= 1",
+        "largest num-examples a reply may claim (larger: the reply is dropped)",
+    ),
     Param("attack", "none", help="clientapps/attacks.py"),
     Param("attack-fraction", 0.0, "[0, 1]"),
     Param("attack-scale", 0.0, ">= 0", "0 = the attack's default"),
@@ -118,6 +124,7 @@ def strategy_common(run_config: Mapping[str, Any]) -> dict[str, Any]:
         "min_evaluate_nodes": setting(run_config, "min-evaluate-nodes"),
         "min_available_nodes": setting(run_config, "min-available-nodes"),
         "node_wait_timeout": setting(run_config, "node-wait-timeout"),
+        "max_num_examples": setting(run_config, "max-num-examples"),
         "seed": setting(run_config, "seed"),
         "personal": personal_patterns(run_config),
     }

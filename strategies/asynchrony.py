@@ -297,7 +297,8 @@ class AsyncStrategy(BouquetStrategy):
         epochs = int(config.get(wire.LOCAL_EPOCHS, 1))
         batch = int(config.get(wire.BATCH_SIZE, 32))
         examples = float(self.profiles.get(node, {}).get(wire.NUM_EXAMPLES, batch))
-        return max(1, epochs * math.ceil(examples / batch))
+        # A profile is a claim: a task never asks for more than a client runs.
+        return min(wire.MAX_LOCAL_STEPS, max(1, epochs * math.ceil(examples / batch)))
 
     # ------------------------------------------------ the schedule's view --
     @property

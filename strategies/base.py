@@ -64,13 +64,16 @@ from flwr.supercore import log
 
 from strategies.aggregation import to_numpy, to_record
 from strategies.context import NDArrays, RoundContext
-from strategies.params import Param
+from strategies.params import Param, Range
 from strategies.pieces import Aggregator, ByExamples, ServerSGD, WeightedMean
+from strategies.safety import snapshot, state_problem
 from strategies.sampling import sample_nodes, wait_for_node_list
 from strategies.validation import (
+    MAX_NUM_EXAMPLES,
     ClientReply,
     Contract,
     RoutineMissingError,
+    Sent,
     accept_all,
     array_spec,
     node_accuracy,
@@ -109,6 +112,7 @@ _COMMON = (
     ("seed", 0),
     ("node_wait_timeout", NODE_WAIT_TIMEOUT),
     ("personal", ()),
+    ("max_num_examples", MAX_NUM_EXAMPLES),
 )
 """Keyword arguments every strategy takes (Flower's sampling ones, then ours)."""
 
@@ -155,6 +159,9 @@ class BouquetStrategy(Strategy):
     """Extra ArrayRecords a train reply carries, each shaped like the model."""
     reply_metrics: ClassVar[tuple[str, ...]] = ()
     """Metrics a train reply must carry besides ``num-examples``."""
+    reply_metric_ranges: ClassVar[Mapping[str, str | tuple[str, ...]]] = {}
+    """Valid range of a declared reply metric (``"[0, 1e6]"``, or a tuple of
+    ranges whose union is valid), where it has one."""
     schedule: ClassVar[str] = "rounds"
     """How the driver runs it: ``"rounds"`` (synchronous) or ``"events"``."""
 
@@ -189,6 +196,7 @@ class BouquetStrategy(Strategy):
         seed: int = 0,
         node_wait_timeout: float = NODE_WAIT_TIMEOUT,
         personal: Sequence[str] = (),
+        max_num_examples: int = MAX_NUM_EXAMPLES,
         **hyperparameters: Any,
     ) -> None:
         self.fraction_train = float(fraction_train)
@@ -202,6 +210,9 @@ class BouquetStrategy(Strategy):
         self.seed = int(seed)
         self.node_wait_timeout = float(node_wait_timeout)
         self.personal = tuple(personal)
+        self.max_num_examples = int(max_num_examples)
+        if self.max_num_examples < 1:
+            raise ValueError(f"max_num_examples must be >= 1; got {max_num_examples}.")
         if self.fraction_evaluate == 0.0:
             self.min_evaluate_nodes = 0  # as Flower's FedAvg
         if self.fraction_train == 0.0:
@@ -454,7 +465,9 @@ class BouquetStrategy(Strategy):
     def contract(self, ctx: RoundContext) -> Contract:
         """What an acceptable reply of ``ctx``'s phase carries."""
         if ctx.phase != "train":
-            return Contract(weight_key=self.weighted_by_key)
+            return Contract(
+                weight_key=self.weighted_by_key, max_weight=self.max_num_examples
+            )
         spec = {
             k: v for k, v in array_spec(ctx.arrays).items() if k not in ctx.personal
         }
@@ -464,6 +477,11 @@ class BouquetStrategy(Strategy):
             metrics=self.reply_metrics,
             routine=None if self.routine == wire.PLAIN_ROUTINE else self.routine,
             weight_key=self.weighted_by_key,
+            max_weight=self.max_num_examples,
+            metric_ranges={
+                k: tuple(Range.parse(r) for r in ((v,) if isinstance(v, str) else v))
+                for k, v in self.reply_metric_ranges.items()
+            },
         )
 
     def accept(
@@ -479,11 +497,10 @@ class BouquetStrategy(Strategy):
 
         """
         replies = list(replies)
-        recipients = {
-            m.metadata.message_id: m.metadata.dst_node_id for m in ctx.messages
-        }
         contract = self.contract(ctx)
-        good, reasons, errors = accept_all(replies, contract, recipients)
+        good, reasons, errors = accept_all(
+            replies, contract, Sent.of(ctx.messages), ctx.answered
+        )
         log(
             INFO,
             "aggregate_%s: Received %s results and %s failures",
@@ -535,10 +552,40 @@ class BouquetStrategy(Strategy):
             ctx.outcome.update_skipped = True
             self.skipped(ctx)
             return None, None
-        arrays = self.aggregate(good, ctx)
+        arrays = self.aggregate_safely(good, ctx)
+        if arrays is None:
+            self.skipped(ctx)
+            return None, None
         metrics = weighted_metrics(good)
         metrics.update(self.train_metrics(good, ctx))
         return to_record(arrays), metrics
+
+    def aggregate_safely(
+        self, replies: Sequence[ClientReply], ctx: RoundContext
+    ) -> NDArrays | None:
+        """:meth:`aggregate`, refused when it would leave the model or state unusable.
+
+        Accepted replies are bounded one by one, but legal values can still
+        add up: a global array beyond the replies' bound would make every
+        honest reply of the next round look out of range, and non-finite
+        state never recovers. Such a round is refused and logged; the
+        arrays and the strategy state stay as they were before it.
+        """
+        saved = snapshot(self.state)
+        arrays = self.aggregate(replies, ctx)
+        if problem := state_problem(arrays, self.state, saved):
+            self.state = saved.value
+            log(
+                ERROR,
+                "Round %s: the update was refused, %s; the global arrays and the "
+                "strategy state are left as they were.",
+                ctx.server_round,
+                problem,
+            )
+            ctx.outcome.update_skipped = True
+            ctx.outcome.refused = problem
+            return None
+        return arrays
 
     def aggregate_evaluate(
         self, server_round: int, replies: Iterable[Message]

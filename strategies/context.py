@@ -27,7 +27,11 @@ class Outcome:
     errors: int = 0
     """Of the dropped replies, those that were Flower error replies."""
     update_skipped: bool = False
-    """Too few replies were accepted: the global arrays were left as they were."""
+    """Too few replies were accepted, or the update was refused: the global
+    arrays were left as they were."""
+    refused: str = ""
+    """Why the update was refused (it would have left the model or the state
+    non-finite or out of bounds); empty otherwise."""
 
 
 @dataclass
@@ -65,7 +69,9 @@ class RoundContext:
     outcome : Outcome
         Filled when the replies come back.
     messages : list of Message
-        The messages sent (their ids name the recipient of an error reply).
+        The messages sent: replies must answer one of them, from its recipient.
+    answered : set of str
+        Ids of the messages answered so far (a second answer is refused).
 
     """
 
@@ -82,6 +88,7 @@ class RoundContext:
     per_node: dict[int, dict[str, Any]] = field(default_factory=dict)
     outcome: Outcome = field(default_factory=Outcome)
     messages: list[Any] = field(default_factory=list, repr=False)
+    answered: set[str] = field(default_factory=set, repr=False)
 
     @property
     def population(self) -> int:

@@ -44,6 +44,7 @@ from flwr.supercore import log
 from strategies.aggregation import to_record
 from strategies.context import RoundContext
 from strategies.state import ServerState, load_state, save_state
+from strategies.validation import MAX_CLIENT_TIME
 from tasks import wire
 
 POLL_INTERVAL = 0.05
@@ -117,16 +118,23 @@ def payload_bytes(messages: Iterable[Message]) -> int:
 
 
 def longest_client_time(replies: Iterable[Message]) -> float | None:
-    """The largest ``client-time`` a reply reports (None if none does)."""
-    times = [
-        float(value)
-        for r in replies
-        if r.has_content()
-        and wire.METRICS in r.content.metric_records
-        and isinstance(
-            value := r.content[wire.METRICS].get(wire.CLIENT_TIME), (int, float)
-        )
-    ]
+    """The largest valid ``client-time`` a reply reports (None if none does).
+
+    Read from raw replies (before acceptance), so only a finite number in
+    ``[0, MAX_CLIENT_TIME]`` counts; anything else is ignored.
+    """
+    times = []
+    for reply in replies:
+        if reply.has_error() or not reply.has_content():
+            continue
+        record = reply.content.metric_records.get(wire.METRICS)
+        value = record.get(wire.CLIENT_TIME) if record is not None else None
+        if (
+            isinstance(value, (int, float))
+            and not isinstance(value, bool)
+            and 0 <= value <= MAX_CLIENT_TIME
+        ):
+            times.append(float(value))
     return max(times, default=None)
 
 

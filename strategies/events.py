@@ -25,8 +25,13 @@ from strategies.asynchrony import (
 from strategies.clocks import TIMER, Clock, Task, WallClock
 from strategies.context import RoundContext
 from strategies.driver import RoundReport, Run, plain_metrics
-from strategies.profiles import ProfileError, client_indices, query_profiles
-from strategies.validation import RoutineMissingError, accept_all, weighted_metrics
+from strategies.profiles import client_indices, query_profiles
+from strategies.validation import (
+    RoutineMissingError,
+    Sent,
+    accept_all,
+    weighted_metrics,
+)
 from tasks import wire
 
 POLL_INTERVAL = 0.01
@@ -102,20 +107,16 @@ class Events:
 
     def _learn_nodes(self) -> None:
         book = self.book
-        try:
-            book.profiles = query_profiles(
-                self.run.grid, book.nodes, self.run.timeout, "async-profile"
-            )
-            indices = client_indices(book.profiles)
-        except ProfileError as err:
+        book.profiles = query_profiles(
+            self.run.grid, book.nodes, self.run.timeout, "async-profile"
+        )
+        if not book.profiles:
             log(
                 WARNING,
-                "%s Simulated speeds follow the sorted node ids and importance "
-                "is uniform.",
-                err,
+                "No node described its data: simulated speeds follow the sorted "
+                "node ids and importance is uniform.",
             )
-            book.profiles = {}
-            indices = {n: i for i, n in enumerate(book.nodes)}
+        indices = client_indices(book.profiles, book.nodes)
         book.index = indices
         # Node ids differ between engines; client indices do not. Ordering by
         # them makes task serials (and so seeds and noise) engine-independent.
@@ -194,7 +195,11 @@ class Events:
         run, book, strategy = self.run, self.book, self.strategy
         updates = sorted(updates, key=lambda u: (u.arrival, strategy.order_key(u.node)))
         ctx = self._context()
-        arrays = strategy.aggregate(updates, ctx)
+        arrays = strategy.aggregate_safely(updates, ctx)
+        if arrays is None:  # refused (logged): the updates are spent, no version
+            self.run.exchange.report.update_skipped = True
+            self.run.exchange.report.drop_reasons.append(ctx.outcome.refused)
+            return
         staleness = [book.version - u.version for u in updates]
         book.version += 1
         run.arrays = to_record(arrays)
@@ -274,7 +279,15 @@ class Events:
         waiting = [mid for mid in book.in_flight if mid not in arrived]
         replies = exchange.pull(waiting) if waiting else []
         for reply in replies:
-            arrived[reply.metadata.reply_to_message_id] = reply
+            reply_to = reply.metadata.reply_to_message_id
+            if reply_to in book.in_flight and reply_to not in arrived:
+                arrived[reply_to] = reply
+            else:  # unsolicited, or a second answer: never an event
+                self.run.exchange.report.train_dropped += 1
+                self.run.exchange.report.drop_reasons.append(
+                    f"node {reply.metadata.src_node_id}: reply to no task in flight"
+                )
+                log(WARNING, "Dropped a reply to no task in flight.")
         if replies:
             return
         for mid in exchange.expire(self.run.timeout, waiting):
@@ -286,9 +299,8 @@ class Events:
 
     def _handle(self, task: Task, reply: Message) -> None:
         book, report = self.book, self.run.exchange.report
-        good, reasons, _ = accept_all(
-            [reply], self._contract, {task.message_id: task.node}
-        )
+        sent = {task.message_id: Sent(task.node, MessageType.TRAIN)}
+        good, reasons, _ = accept_all([reply], self._contract, sent)
         if not good:
             report.train_dropped += 1
             report.drop_reasons.extend(reasons)

@@ -57,6 +57,9 @@ from strategies.asynchrony import AsyncStrategy, Task, Update, async_params
 from strategies.params import Param
 from strategies.registry import register
 
+MIN_STEP_TIME = 1e-9
+"""Smallest time per local step a speed estimate takes (seconds)."""
+
 
 @register
 class FedCompass(AsyncStrategy):
@@ -109,7 +112,8 @@ class FedCompass(AsyncStrategy):
 
     def _measure(self, node: int, start: float, steps: int) -> None:
         speed = self.state["speed"]
-        sample = (self.now() - start) / steps
+        # A zero duration (a clock that did not move) would divide by zero.
+        sample = max((self.now() - start) / steps, MIN_STEP_TIME)
         if node in speed:
             m = self.speed_momentum
             speed[node] = (1 - m) * speed[node] + m * sample
@@ -182,9 +186,14 @@ class FedCompass(AsyncStrategy):
 
     def _assign_and_send(self, nodes: Sequence[int]) -> None:
         nodes = [n for n in nodes if n not in self.retired]
+        speed, steps = self.state["speed"], self.state["assigned-steps"]
         for node in nodes:  # in order: each assignment sees the groups before it
-            self._assign(node)
-        steps = self.state["assigned-steps"]
+            if node in speed:
+                self._assign(node)
+            else:
+                # No speed yet (its first task failed): a first task again,
+                # Q_max steps in no group, as at the start.
+                self.state["assigned-steps"][node] = self.q_max
         self.dispatch(nodes, {n: steps[n] for n in nodes})
 
     def _assign(self, node: int) -> None:

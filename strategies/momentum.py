@@ -110,6 +110,9 @@ class MomentumFamily(BouquetStrategy):
     paper = PAPER
     params: ClassVar[tuple[Param, ...]] = (BETA_PARAM, ETA_G)
     reply_metrics = (ETA_K,)
+    # eta K_i divides the update: 0 (no step) or a real step size, never a
+    # denormal that would make g infinite.
+    reply_metric_ranges: ClassVar[dict] = {ETA_K: ("[0, 0]", "[1e-8, 1e6]")}
     beta: float = 1.0
     """Weight of the fresh gradient; SCAFFOLD does not declare it (no momentum)."""
     control_variates: ClassVar[bool] = False

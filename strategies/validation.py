@@ -8,20 +8,38 @@ dropped with its reason, never raised, and the round goes on with the rest.
 
 What a reply must carry is a :class:`Contract`, derived by the strategy from
 what it sent and what its algorithm declares (reply records, metrics, the
-client routine).
+client routine). Clients are not trusted (``docs/deploy.md``, "Threat
+model"); acceptance is the one place that decides what of a reply reaches
+the server's arithmetic:
+
+- **matched**: a reply answers a message this driver sent and that is not
+  answered yet, comes from the node it was sent to and is of the type sent;
+- **arrays**: each entry's bytes are decoded once (NumPy ``.npy``, nothing
+  else) and the decoded dtype, shape and byte count must be what was sent;
+  the declared size is checked before anything is read, values must be
+  finite and at most :data:`MAX_ABS_VALUE` in magnitude;
+- **metrics**: the weight (``num-examples``) is a positive integer of at
+  most ``max_weight``; ``partition-id`` a non-negative integer of at most
+  :data:`MAX_PARTITION_ID`; declared metrics finite and in their declared
+  range. Any other key is only reported, so a bad value there (a string, a
+  NaN, a list) is ignored, never fatal.
 """
 
 from __future__ import annotations
 
+import io
 import math
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
-from flwr.app import ArrayRecord, Message, MetricRecord
+from flwr.app import Array, ArrayRecord, Message, MetricRecord
+from flwr.common.constant import SType
+from numpy.lib import format as npy_format
 
-from strategies.aggregation import NDArrays, array_view
+from strategies.aggregation import NDArrays
+from strategies.params import Range
 from tasks import wire
 
 ArraySpec = Mapping[str, tuple[tuple[int, ...], str]]
@@ -35,6 +53,31 @@ a value above it is garbage or an attack, and left in it would overflow the
 float32 sums and squared distances of aggregation (Krum squares differences:
 ``(1e10)^2 * 1e7`` parameters is still ~1e27, far from float32's 3e38).
 """
+
+
+MAX_NUM_EXAMPLES = 10**9
+"""Default cap on a reply's ``num-examples`` (run-config ``max-num-examples``).
+
+Weights are what a client claims: without a cap, two claims of 1e308 make the
+weight sum infinite and the global model zero. A claim under the cap still
+buys its share of the mean (see the threat model in ``docs/deploy.md``).
+"""
+
+MAX_PARTITION_ID = 10**6
+"""Largest ``partition-id`` a reply or data profile may report.
+
+Partition ids index per-client tables; the cap keeps a forged id from
+allocating gigabytes.
+"""
+
+METRIC_LIMIT = 1e30
+"""Largest magnitude of a reported metric: weighted sums of metrics stay finite."""
+
+MAX_METRIC_LIST = 100_000
+"""Longest list a metric may hold (e.g. label counts)."""
+
+MAX_CLIENT_TIME = 1e7
+"""Longest ``client-time`` (seconds) a reply may report; others are ignored."""
 
 
 def array_spec(arrays: ArrayRecord | Mapping[str, np.ndarray]) -> dict:
@@ -58,7 +101,14 @@ class Contract:
         The client routine the reply must name in its ``client-info``
         record; None accepts any client.
     weight_key : str
-        Metric that weights the reply; a positive number.
+        Metric that weights the reply; a positive number (an integer for
+        ``num-examples``).
+    max_weight : float
+        Largest weight a reply may claim.
+    metric_ranges : mapping
+        Valid ranges of declared metrics (a value in any of them is valid); a
+        declared metric without one must be a finite number of magnitude at
+        most :data:`METRIC_LIMIT`.
 
     """
 
@@ -67,6 +117,26 @@ class Contract:
     metrics: tuple[str, ...] = ()
     routine: str | None = None
     weight_key: str = wire.NUM_EXAMPLES
+    max_weight: float = MAX_NUM_EXAMPLES
+    metric_ranges: Mapping[str, tuple[Range, ...]] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class Sent:
+    """What a reply must answer: the node a message went to and its type."""
+
+    node: int
+    message_type: str
+
+    @classmethod
+    def of(cls, messages: Iterable[Message]) -> dict[str, Sent]:
+        """``message id -> Sent`` for ``messages`` (as pushed)."""
+        return {
+            m.metadata.message_id: cls(
+                int(m.metadata.dst_node_id), str(m.metadata.message_type)
+            )
+            for m in messages
+        }
 
 
 @dataclass
@@ -80,6 +150,7 @@ class ClientReply:
     partition: int | None
     num_examples: float
     metrics: dict[str, Any]
+    """The reply's metrics that passed the checks (ignored keys left out)."""
     arrays: NDArrays = field(default_factory=dict)
     records: dict[str, NDArrays] = field(default_factory=dict)
     message: Message | None = field(default=None, repr=False, compare=False)
@@ -87,6 +158,59 @@ class ClientReply:
 
 class RoutineMissingError(ValueError):
     """A reply came from a client that did not run the algorithm's routine."""
+
+
+def decode_array(array: Array, shape: tuple[int, ...], dtype: str) -> np.ndarray | str:
+    """The values of ``array`` as a read-only view of its bytes, or why not.
+
+    Only NumPy's ``.npy`` format (versions 1-3, no pickled objects) is read,
+    and only when its header states ``dtype`` and ``shape`` and the payload
+    holds exactly that many bytes: the header is checked before any value
+    is read, so a forged size allocates nothing.
+    """
+    if array.stype != SType.NUMPY or not isinstance(array.data, bytes):
+        return f"is serialised as {array.stype!r}, not numpy"
+    data = array.data
+    buffer = io.BytesIO(data)  # shares the bytes
+    try:
+        major, _ = npy_format.read_magic(buffer)
+        read_header = {
+            1: npy_format.read_array_header_1_0,
+            2: npy_format.read_array_header_2_0,
+        }.get(major)
+        if read_header is None:
+            return f"has an unsupported .npy version {major}"
+        held_shape, fortran, held_dtype = read_header(buffer)
+    except Exception as err:  # any garbage: ValueError, EOFError, SyntaxError
+        return f"cannot be decoded ({type(err).__name__})"
+    if tuple(held_shape) != shape or str(held_dtype) != dtype:
+        return f"holds {held_dtype}{list(held_shape)}, declared {dtype}{list(shape)}"
+    if held_dtype.hasobject:
+        return "holds Python objects"
+    offset = buffer.tell()
+    if len(data) - offset != math.prod(shape) * held_dtype.itemsize:
+        return (
+            f"holds {len(data) - offset} bytes of values, "
+            f"{math.prod(shape) * held_dtype.itemsize} expected"
+        )
+    flat = np.frombuffer(data, dtype=held_dtype, count=math.prod(shape), offset=offset)
+    return flat.reshape(shape, order="F" if fortran else "C")
+
+
+def value_problem(values: np.ndarray, limit: float = MAX_ABS_VALUE) -> str | None:
+    """Why ``values`` cannot be used (non-finite, too large), or None."""
+    if not values.size or values.dtype.kind not in "fciu":
+        return None
+    if values.dtype.kind == "c":
+        largest = float(np.abs(values).max())
+    else:
+        # max and min propagate NaN and inf: no temporary arrays
+        largest = max(abs(float(values.max())), abs(float(values.min())))
+    if not math.isfinite(largest):
+        return "has non-finite values"
+    if largest > limit:
+        return f"has a value of magnitude {largest:.3g} (limit {limit:.3g})"
+    return None
 
 
 def _decode(record: ArrayRecord, spec: ArraySpec, name: str) -> NDArrays | str:
@@ -98,30 +222,16 @@ def _decode(record: ArrayRecord, spec: ArraySpec, name: str) -> NDArrays | str:
     for key, array in record.items():
         shape, dtype = spec[key]
         where = f"array '{name}/{key}'"
+        # The declared dtype and shape travel apart from the bytes: both are
+        # checked, the declared ones first (cheap), then the bytes'.
         if tuple(array.shape) != shape or str(array.dtype) != dtype:
             found = f"{array.dtype}{list(array.shape)}"
             return f"{where} is {found}, expected {dtype}{list(shape)}"
-        try:
-            values = array_view(array)
-        except Exception as err:
-            return f"{where} cannot be decoded ({type(err).__name__})"
-        # The declared dtype and shape travel apart from the bytes: check both.
-        if values.shape != shape or str(values.dtype) != dtype:
-            held = f"{values.dtype}{list(values.shape)}"
-            return f"{where} holds {held}, declared {dtype}{list(shape)}"
-        if values.dtype.kind in "fc" and values.size:
-            if values.dtype.kind == "f":
-                # max and min propagate NaN and inf: no temporary arrays
-                largest = max(abs(float(values.max())), abs(float(values.min())))
-            else:
-                largest = float(np.abs(values).max())
-            if not math.isfinite(largest):
-                return f"{where} has non-finite values"
-            if largest > MAX_ABS_VALUE:
-                return (
-                    f"{where} has a value of magnitude {largest:.3g} "
-                    f"(limit {MAX_ABS_VALUE:.3g})"
-                )
+        values = decode_array(array, shape, dtype)
+        if isinstance(values, str):
+            return f"{where} {values}"
+        if problem := value_problem(values):
+            return f"{where} {problem}"
         out[key] = values
     return out
 
@@ -130,19 +240,80 @@ def _is_number(value: object) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
-def _check_metrics(record: MetricRecord, contract: Contract) -> str | None:
-    for key, value in record.items():
-        values = value if isinstance(value, list) else [value]
-        if not all(_is_number(v) and math.isfinite(v) for v in values):
-            return f"metric '{key}' is not a finite number"
+def _finite(value: object, limit: float = METRIC_LIMIT) -> bool:
+    return _is_number(value) and math.isfinite(value) and abs(value) <= limit
+
+
+def count(value: object, low: int, high: float) -> int | None:
+    """``value`` as an integer in ``[low, high]`` (integral floats too), or None."""
+    if not _finite(value, math.inf) or value != int(value):
+        return None
+    number = int(value)
+    return number if low <= number <= high else None
+
+
+def _usable_metric(value: object) -> bool:
+    if isinstance(value, list):
+        return len(value) <= MAX_METRIC_LIST and all(_finite(v) for v in value)
+    return _finite(value)
+
+
+def check_metrics(
+    record: MetricRecord, contract: Contract
+) -> tuple[dict[str, Any], list[str]] | str:
+    """The usable metrics of ``record`` and the keys ignored, or why it is refused.
+
+    The weight, ``partition-id`` and the declared metrics are read by the
+    server: a bad value refuses the reply. Every other key is only reported;
+    a bad value there is left out.
+    """
     weight = record.get(contract.weight_key)
     if weight is None:
         return f"metric '{contract.weight_key}' is missing"
-    if isinstance(weight, list) or weight <= 0:
-        return f"metric '{contract.weight_key}' must be a positive number"
-    if missing := [k for k in contract.metrics if k not in record]:
-        return f"metrics {missing} are missing"
-    return None
+    if contract.weight_key == wire.NUM_EXAMPLES:
+        ok = count(weight, 1, contract.max_weight) is not None
+        kind = "a positive integer"
+    else:
+        ok = _finite(weight, contract.max_weight) and weight > 0
+        kind = "a positive number"
+    if not ok:
+        return (
+            f"metric '{contract.weight_key}' must be {kind} of at most "
+            f"{contract.max_weight:g}; got {_short(weight)}"
+        )
+    pid = record.get(wire.PARTITION_ID)
+    if pid is not None and count(pid, 0, MAX_PARTITION_ID) is None:
+        return (
+            f"metric '{wire.PARTITION_ID}' must be an integer in "
+            f"[0, {MAX_PARTITION_ID}]; got {_short(pid)}"
+        )
+    for key in contract.metrics:
+        value = record.get(key)
+        if value is None:
+            return f"metric '{key}' is missing"
+        valid = contract.metric_ranges.get(key)
+        if not _finite(value) or (valid and not any(value in r for r in valid)):
+            where = "finite"
+            if valid:
+                where = "in " + " or ".join(str(r) for r in valid)
+            return f"metric '{key}' must be a number {where}; got {_short(value)}"
+    usable: dict[str, Any] = {}
+    ignored: list[str] = []
+    for key, value in record.items():
+        if key == wire.CLIENT_TIME:
+            good = _finite(value, MAX_CLIENT_TIME) and value >= 0
+        else:
+            good = _usable_metric(value)
+        if good:
+            usable[key] = value
+        else:
+            ignored.append(key)
+    return usable, ignored
+
+
+def _short(value: object) -> str:
+    text = repr(value)
+    return text if len(text) <= 40 else text[:37] + "..."
 
 
 def routine_reason(expected: str, found: object) -> str:
@@ -154,8 +325,39 @@ def routine_reason(expected: str, found: object) -> str:
     )
 
 
-def accept(msg: Message, contract: Contract) -> ClientReply | str:
-    """The :class:`ClientReply` in ``msg``, or the reason it cannot be used."""
+def accept(
+    msg: Message,
+    contract: Contract,
+    sent: Mapping[str, Sent] | None = None,
+    answered: set[str] | None = None,
+) -> ClientReply | str:
+    """The :class:`ClientReply` in ``msg``, or the reason it cannot be used.
+
+    With ``sent`` (``message id -> Sent``), the reply must answer one of those
+    messages, from its recipient, with its type; with ``answered`` (ids
+    already answered, updated here) it must be the first answer.
+    """
+    if sent is not None:
+        reply_to = msg.metadata.reply_to_message_id
+        expected = sent.get(reply_to)
+        if expected is None:
+            return "reply to a message that was not sent in this phase"
+        if answered is not None:
+            if reply_to in answered:
+                return "a second reply to the same message"
+            answered.add(reply_to)
+        if msg.metadata.message_type != expected.message_type:
+            return (
+                f"a '{msg.metadata.message_type}' reply to a "
+                f"'{expected.message_type}' message"
+            )
+        # The SuperLink answers for a lost node in its own name: only a
+        # content reply must come from the recipient.
+        if not msg.has_error() and int(msg.metadata.src_node_id) != expected.node:
+            return (
+                f"sent by node {msg.metadata.src_node_id}, but the message went "
+                f"to node {expected.node}"
+            )
     if msg.has_error():
         return f"error reply ({msg.error.code}): {msg.error.reason}"
     if not msg.has_content():
@@ -166,23 +368,24 @@ def accept(msg: Message, contract: Contract) -> ClientReply | str:
         ran = info.get(wire.ROUTINE)
         if ran != contract.routine:
             return routine_reason(contract.routine, ran)
-    expected = dict(contract.records)
+    expected_records = dict(contract.records)
     if contract.arrays is not None:
-        expected[wire.ARRAYS] = contract.arrays
-    if set(content.array_records) != set(expected):
+        expected_records[wire.ARRAYS] = contract.arrays
+    if set(content.array_records) != set(expected_records):
         return (
             f"array records {sorted(content.array_records)} != "
-            f"expected {sorted(expected)}"
+            f"expected {sorted(expected_records)}"
         )
     if list(content.metric_records) != [wire.METRICS]:
         return f"expected one metric record '{wire.METRICS}'"
-    metrics = content.metric_records[wire.METRICS]
-    if reason := _check_metrics(metrics, contract):
-        return reason
     if unexpected := set(content.config_records) - {wire.CLIENT_INFO}:
         return f"unexpected config records {sorted(unexpected)}"
+    checked = check_metrics(content.metric_records[wire.METRICS], contract)
+    if isinstance(checked, str):
+        return checked
+    metrics, _ = checked
     decoded: dict[str, NDArrays] = {}
-    for name, spec in expected.items():
+    for name, spec in expected_records.items():
         arrays = _decode(content.array_records[name], spec, name)
         if isinstance(arrays, str):
             return arrays
@@ -190,9 +393,9 @@ def accept(msg: Message, contract: Contract) -> ClientReply | str:
     pid = metrics.get(wire.PARTITION_ID)
     return ClientReply(
         node=int(msg.metadata.src_node_id),
-        partition=int(pid) if _is_number(pid) else None,
+        partition=None if pid is None else int(pid),
         num_examples=float(metrics[contract.weight_key]),
-        metrics=dict(metrics),
+        metrics=metrics,
         arrays=decoded.pop(wire.ARRAYS, {}),
         records=decoded,
         message=msg,
@@ -202,30 +405,42 @@ def accept(msg: Message, contract: Contract) -> ClientReply | str:
 def accept_all(
     replies: Iterable[Message],
     contract: Contract,
-    recipients: Mapping[str, int] | None = None,
+    sent: Mapping[str, Sent] | None = None,
+    answered: set[str] | None = None,
 ) -> tuple[list[ClientReply], list[str], int]:
     """Accepted replies in a deterministic order, drop reasons, error count.
 
     Accepted replies are ordered by the ``partition-id`` they report (the same
     in every engine), then node id, so float sums do not depend on arrival
-    order. ``recipients`` maps message ids to the node each was sent to: the
-    SuperLink answers for a node it found offline with its own id as sender.
+    order. ``sent`` (see :func:`accept`) also names the node a reason is
+    about: the SuperLink answers for a node it found offline in its own name.
+    A reply is never raised on: whatever it holds, it is accepted or dropped.
     """
     good: list[ClientReply] = []
     reasons: list[str] = []
     errors = 0
+    answered = set() if answered is None and sent is not None else answered
     for msg in replies:
-        result = accept(msg, contract)
+        try:
+            result = accept(msg, contract, sent, answered)
+        except Exception as err:  # a reply never stops the server
+            result = f"cannot be read ({type(err).__name__}: {err})"
         if isinstance(result, ClientReply):
             good.append(result)
             continue
-        errors += msg.has_error()
-        node = (recipients or {}).get(
-            msg.metadata.reply_to_message_id, msg.metadata.src_node_id
-        )
+        errors += _has_error(msg)
+        expected = (sent or {}).get(msg.metadata.reply_to_message_id)
+        node = expected.node if expected is not None else msg.metadata.src_node_id
         reasons.append(f"node {node}: {result}")
     good.sort(key=reply_order)
     return good, reasons, errors
+
+
+def _has_error(msg: Message) -> bool:
+    try:
+        return bool(msg.has_error())
+    except Exception:
+        return False
 
 
 def reply_order(reply: ClientReply) -> tuple[float, int]:

@@ -40,6 +40,8 @@ PERSONAL = "personal-parameters"
 """Names (glob patterns, or ``"head"``) of parameters that never leave the node."""
 LOCAL_EPOCHS = "local-epochs"
 LOCAL_STEPS = "local-steps"
+MAX_LOCAL_STEPS = 10_000_000
+"""Most local steps a task may ask for (the client refuses more)."""
 BATCH_SIZE = "batch-size"
 LR = "lr"
 MOMENTUM = "momentum"

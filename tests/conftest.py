@@ -43,15 +43,40 @@ def _private_cache(tmp_path_factory, monkeypatch):
     monkeypatch.setenv("BOUQUET_CACHE_DIR", str(cache))
 
 
-def _sent(node_id: int) -> Message:
+def _sent(node_id: int, message_type: str = MessageType.TRAIN) -> Message:
     ensure_task_identity()
     msg = Message(
         RecordDict({"config": ConfigRecord({"server-round": 1})}),
         dst_node_id=node_id,
-        message_type=MessageType.TRAIN,
+        message_type=message_type,
     )
     msg.metadata.__dict__["_message_id"] = uuid.uuid4().hex
     return msg
+
+
+def answer(strategy, replies, phase: str = "train") -> list[Message]:
+    """``replies`` as answers to the messages ``strategy`` sent this round.
+
+    Acceptance takes only a reply to a message the strategy sent, from its
+    recipient. A reply from node N is re-addressed to the message sent to N
+    (given an id, as a grid does on push); where none was (a round context
+    built by hand), one is added to the context's messages, as if sent.
+    """
+    ctx = strategy.train_round if phase == "train" else strategy.evaluate_round
+    kind = MessageType.TRAIN if phase == "train" else MessageType.EVALUATE
+    for msg in ctx.messages:  # a grid gives ids on push; a test grid does not
+        if not msg.metadata.message_id:
+            msg.metadata.__dict__["_message_id"] = uuid.uuid4().hex
+    by_node = {m.metadata.dst_node_id: m for m in ctx.messages}
+    out = []
+    for reply in replies:
+        node = reply.metadata.src_node_id
+        if node not in by_node:
+            by_node[node] = _sent(node, kind)
+            ctx.messages.append(by_node[node])
+        body = reply.error if reply.has_error() else reply.content
+        out.append(Message(body, reply_to=by_node[node]))
+    return out
 
 
 def make_reply(

@@ -10,6 +10,7 @@ from simulations.inprocess import InProcessGrid, run_inprocess
 from strategies.afa import AFACD, AFACS
 from strategies.aggregation import to_numpy, to_record
 from strategies.context import RoundContext
+from tests.conftest import answer
 
 X = {"w": np.array([1.0, 2.0], np.float32), "n": np.array(3, np.int64)}
 
@@ -43,7 +44,7 @@ def test_afa_cd_golden_step(reply):
     # mean G = ((1, 0) + (3, 4)) / 2 = (2, 2); eta = 0.5 -> x - (1, 1) = (0, 1)
     strategy = _prepare(AFACD(eta=0.5), 4, {100: 1, 101: 3})  # ages 3 and 1
     out, metrics = strategy.aggregate_train(
-        4, [_reply(reply, [1, 0], 0), _reply(reply, [3, 4], 1)]
+        4, answer(strategy, [_reply(reply, [1, 0], 0), _reply(reply, [3, 4], 1)])
     )
     assert metrics["afa.staleness"] == 2.0
     out = to_numpy(out)
@@ -57,7 +58,7 @@ def test_afa_cs_golden_step_uses_stale_entries(reply):
     table["1"] = {"w": np.array([9.0, 9.0]), "n": np.array(0)}
     strategy.state["aggregator"]["combine"] = table
     replies = [_reply(reply, [4, 0], 1), _reply(reply, [0, 6], 2)]
-    out, _ = strategy.aggregate_train(5, replies)
+    out, _ = strategy.aggregate_train(5, answer(strategy, replies))
     # table: 0 -> (2, 2) stale, 1 -> (4, 0) overwritten, 2 -> (0, 6) new
     # mean (2, 8/3); x - 0.5 * mean = (0, 2/3)
     np.testing.assert_allclose(to_numpy(out)["w"], [0.0, 2.0 / 3.0], rtol=1e-6)
@@ -68,7 +69,7 @@ def test_afa_cs_golden_step_uses_stale_entries(reply):
     # first report of everyone: AFA-CS equals AFA-CD
     cd, cs = _prepare(AFACD(eta=0.5), 1), _prepare(AFACS(eta=0.5), 1)
     for s in (cd, cs):
-        s.out = to_numpy(s.aggregate_train(1, replies)[0])["w"]
+        s.out = to_numpy(s.aggregate_train(1, answer(s, replies))[0])["w"]
     np.testing.assert_array_equal(cd.out, cs.out)
 
 
@@ -80,7 +81,7 @@ def test_eta_lr_k_on_normalised_gradients_is_the_mean_local_model(reply):
     gs = [(X["w"] - y) / (lr * k) for y in ys]
     strategy = _prepare(AFACD(eta=lr * k), 1)
     out, _ = strategy.aggregate_train(
-        1, [_reply(reply, g, i) for i, g in enumerate(gs)]
+        1, answer(strategy, [_reply(reply, g, i) for i, g in enumerate(gs)])
     )
     np.testing.assert_allclose(to_numpy(out)["w"], np.mean(ys, axis=0), rtol=1e-6)
 

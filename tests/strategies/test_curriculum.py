@@ -16,6 +16,7 @@ from strategies.curriculum import (
     pacing,
 )
 from tasks import wire
+from tests.conftest import answer
 
 ORDERING = wire.algorithm_key("curriculum", "ordering")
 RESCORE_EVERY = wire.algorithm_key("curriculum", "rescore-every")
@@ -154,7 +155,7 @@ def test_scores_from_train_and_evaluate_replies_and_state_roundtrip(reply):
             routine="curriculum",
         ),
     ]
-    arrays, _ = strategy.aggregate_train(1, train)
+    arrays, _ = strategy.aggregate_train(1, answer(strategy, train))
     assert arrays is not None
     assert strategy.state["client-scores"] == {"1": 2.5}
     assert strategy.state["score-rounds"] == {"1": 1}
@@ -163,7 +164,7 @@ def test_scores_from_train_and_evaluate_replies_and_state_roundtrip(reply):
         reply(None, {"num-examples": 3, "eval-loss": 0.7}, node_id=2),
         reply(None, {"num-examples": 0, "eval-loss": 0.1}, node_id=1),  # invalid
     ]
-    strategy.aggregate_evaluate(2, evaluate)
+    strategy.aggregate_evaluate(2, answer(strategy, evaluate, "evaluate"))
     assert strategy.state["client-scores"] == {"1": 2.5, "2": 0.7}
     assert strategy.state["score-rounds"] == {"1": 1, "2": 2}
 
@@ -190,7 +191,7 @@ def test_aggregation_is_fedavg(reply):
             routine="curriculum",
         ),
     ]
-    arrays, _ = strategy.aggregate_train(1, replies)
+    arrays, _ = strategy.aggregate_train(1, answer(strategy, replies))
     np.testing.assert_allclose(arrays["w"].numpy(), [3.0, 0.0])
 
 

@@ -6,7 +6,7 @@ import time
 from flwr.app import Message, MessageType, RecordDict
 
 from simulations.inprocess import ensure_task_identity
-from strategies.driver import Exchange
+from strategies.driver import Exchange, longest_client_time
 
 
 class SlowGrid:
@@ -79,3 +79,10 @@ def test_nothing_to_send_pulls_nothing():
     assert exchange.round_trip([], timeout=1.0) == []
     assert grid.pulls == 0
     assert exchange.report.train_missing == 0
+
+
+def test_client_time_is_read_only_when_valid(reply):
+    times = [[1.0, 2.0], float("nan"), -1.0, 1e30, 3.0, 2.5]
+    replies = [reply({}, {"num-examples": 1, "client-time": t}) for t in times]
+    assert longest_client_time(replies) == 3.0
+    assert longest_client_time(replies[:4]) is None

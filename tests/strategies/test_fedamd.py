@@ -9,6 +9,7 @@ from strategies.aggregation import to_numpy, to_record
 from strategies.context import RoundContext
 from strategies.fedamd import DIRECTION, ROLE, FedAMD, draw_roles
 from strategies.state import load_state
+from tests.conftest import answer
 
 X = {"w": np.array([1.0, 2.0], np.float32), "n": np.array(3, np.int64)}
 
@@ -52,7 +53,9 @@ def test_miner_update_golden_numbers(reply):
         {"w": np.array([2.0, 0.0], np.float32), "n": np.array(3, np.int64)},
     ]
     _round(strategy, 2, dict(X))  # no roles recorded: every reply is a miner's
-    arrays, _ = strategy.aggregate_train(2, _miner_replies(reply, miners))
+    arrays, _ = strategy.aggregate_train(
+        2, answer(strategy, _miner_replies(reply, miners))
+    )
     out = to_numpy(arrays)
     np.testing.assert_allclose(out["w"], [1.0, 1.5])
     assert out["w"].dtype == np.float32 and out["n"] == 3 and out["n"].dtype == np.int64
@@ -65,7 +68,9 @@ def test_eta_g_one_is_the_plain_mean_of_miner_models(reply):
     miners = [{"w": np.array([0.0, 4.0])}, {"w": np.array([2.0, 0.0])}]
     strategy = FedAMD(eta_g=1.0)
     _round(strategy, 2, {"w": np.array([9.0, 9.0])})
-    arrays, _ = strategy.aggregate_train(2, _miner_replies(reply, miners))
+    arrays, _ = strategy.aggregate_train(
+        2, answer(strategy, _miner_replies(reply, miners))
+    )
     np.testing.assert_allclose(to_numpy(arrays)["w"], [1.0, 2.0])
 
 
@@ -102,7 +107,7 @@ def test_first_round_makes_every_node_an_anchor_then_miners_get_v_t(reply):
         )
         for i, (g, msg) in enumerate(zip(grads, messages, strict=True))
     ]
-    arrays, _ = strategy.aggregate_train(1, replies)
+    arrays, _ = strategy.aggregate_train(1, answer(strategy, replies))
     np.testing.assert_array_equal(to_numpy(arrays)["w"], X["w"])  # anchors only
     assert sorted(strategy.state["table"]) == ["0", "1", "2", "3"]
 
@@ -125,7 +130,7 @@ def test_anchor_reply_overwrites_only_its_own_entry(reply):
         7,
         routine="fedamd",
     )
-    arrays, _ = strategy.aggregate_train(3, [good])
+    arrays, _ = strategy.aggregate_train(3, answer(strategy, [good]))
     np.testing.assert_array_equal(to_numpy(arrays)["w"], [0.0, 0.0])  # anchor only
     np.testing.assert_allclose(strategy.state["table"]["0"]["w"], [0.0, 0.0])
     np.testing.assert_allclose(strategy.state["table"]["1"]["w"], [4.0, 4.0])

@@ -8,6 +8,7 @@ from simulations.inprocess import ensure_task_identity
 from strategies.aggregation import to_numpy, to_record
 from strategies.fedau import FedAU, omega
 from strategies.fedavg import FedAvg
+from tests.conftest import answer
 
 A, B, C = 11, 22, 33
 
@@ -35,7 +36,7 @@ def play(strategy, rnd, arrays, deltas, make_reply, examples=None, nodes=(A, B, 
         )
         for node, d in deltas.items()
     ]
-    new, _ = strategy.aggregate_train(rnd, replies)
+    new, _ = strategy.aggregate_train(rnd, answer(strategy, replies))
     return arrays if new is None else to_numpy(new)
 
 

@@ -9,6 +9,7 @@ from strategies.aggregation import to_numpy, to_record
 from strategies.context import RoundContext
 from strategies.fedavg import FedAvg
 from strategies.fedhyper import GLOBAL_UPDATE, FedHyper, dot, trainable_keys
+from tests.conftest import answer
 
 
 class FakeGrid:
@@ -65,11 +66,12 @@ def play(strategy, rnd, global_arrays, client_ws, reply, lr=0.01):
         reply(
             x(w, running=100.0 * (i + 1)),
             {"num-examples": 5, "partition-id": i},
+            node_id=100 + i,
             routine=strategy.routine,
         )
         for i, w in enumerate(client_ws)
     ]
-    arrays, metrics = strategy.aggregate_train(rnd, replies)
+    arrays, metrics = strategy.aggregate_train(rnd, answer(strategy, replies))
     return to_numpy(arrays), messages[0].content, metrics
 
 

@@ -6,6 +6,7 @@ import pytest
 from strategies.aggregation import to_numpy
 from strategies.context import RoundContext
 from strategies.fedld import FedLD, principal_update
+from tests.conftest import answer
 
 
 def reference_update(d, k_proportion, weights=None):
@@ -108,7 +109,7 @@ def _deltas(strategy, server_round, ref, clients, reply):
         reply(c, {"num-examples": 10, "partition-id": i}, 10 + i, routine="fedld")
         for i, c in enumerate(clients)
     ]
-    arrays, _ = strategy.aggregate_train(server_round, replies)
+    arrays, _ = strategy.aggregate_train(server_round, answer(strategy, replies))
     out = to_numpy(arrays)
     for key, value in out.items():
         assert value.dtype == ref[key].dtype  # each entry keeps its dtype

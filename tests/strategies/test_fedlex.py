@@ -14,6 +14,7 @@ from strategies.fedlex import (
     normalize,
     squared_deviation,
 )
+from tests.conftest import answer
 
 # Two explorers, squared deviations by hand: ls = mean = (0.5, 2, 2, 8).
 DEV1 = {"w": np.array([1.0, 0.0, 4.0, 0.0])}
@@ -95,7 +96,7 @@ def _explore(strategy, reply, ids=(11, 12, 13, 14)):
     ]
     sampled = {m.metadata.dst_node_id for m in messages}
     kept = [r for r in replies if r.metadata.src_node_id in sampled]
-    arrays, _ = strategy.aggregate_train(1, kept)
+    arrays, _ = strategy.aggregate_train(1, answer(strategy, kept))
     return messages, config, arrays
 
 

@@ -12,7 +12,7 @@ from strategies.context import RoundContext
 from strategies.fedspeed import FedSpeed, ProxCorrectedMean, corrected
 from strategies.pieces import Aggregator, ServerSGD, Uniform
 from strategies.validation import ClientReply
-from tests.conftest import make_reply
+from tests.conftest import answer, make_reply
 
 
 def fedspeed_update(x, clients, h, num_clients, eta_g=1.0):
@@ -83,7 +83,7 @@ def _round(strategy, reference, clients, rnd=1, num_clients=None):
         )
         for i, c in enumerate(clients)
     ]
-    arrays, metrics = strategy.aggregate_train(rnd, replies)
+    arrays, metrics = strategy.aggregate_train(rnd, answer(strategy, replies))
     return to_numpy(arrays), metrics
 
 

@@ -6,6 +6,7 @@ from flwr.serverapp.strategy.multikrum import compute_distances, select_multikru
 
 from strategies.aggregation import pairwise_sq_distances, to_numpy, to_record
 from strategies.pieces import krum_select
+from tests.conftest import answer
 
 
 def _records(m: int, seed: int = 0) -> list[ArrayRecord]:
@@ -80,7 +81,9 @@ def _same_round_as_flower(ours, theirs, records):
     reference = {k: np.zeros_like(v) for k, v in to_numpy(records[0]).items()}
     n = len(records)
     grid = InProcessGrid(lambda msg, ctx: msg, n, {"min-available-nodes": n})
-    got, _ = ours.aggregate_train(1, _train_replies(ours, records, grid, reference))
+    got, _ = ours.aggregate_train(
+        1, answer(ours, _train_replies(ours, records, grid, reference))
+    )
     want, _ = theirs.aggregate_train(
         1, _train_replies(theirs, records, grid, reference)
     )

@@ -13,7 +13,7 @@ from strategies.momentum import (
     SCAFFOLDMomentum,
     SCAFFOLDMomentumVR,
 )
-from tests.conftest import make_reply
+from tests.conftest import answer, make_reply
 
 X = {"w": np.array([1.0, 2.0], np.float32), "n": np.array(3, np.int64)}
 
@@ -63,7 +63,9 @@ def test_scaffold_golden_numbers_and_records():
     config = first[0].content["config"]
     assert config["momentum.scaffold"] and not config["momentum.vr"]
     assert config["momentum.beta"] == 1.0
-    arrays, _ = strategy.aggregate_train(1, [_reply(*r) for r in REPLIES])
+    arrays, _ = strategy.aggregate_train(
+        1, answer(strategy, [_reply(*r) for r in REPLIES])
+    )
     np.testing.assert_allclose(arrays["w"].numpy(), [1.0, 1.5])  # x + 2 * mean dy
     assert arrays["n"].numpy() == 7  # 3 + 2 * (5 - 3), integer kept
     np.testing.assert_allclose(strategy.state["c"]["w"], [0.2, -0.1])
@@ -77,7 +79,7 @@ def test_scaffold_drops_reply_without_dc():
     strategy = SCAFFOLD(fraction_train=0.5, min_train_nodes=1)
     _configure(strategy)
     good, bad = _reply(*REPLIES[0]), _reply(*REPLIES[1][:3])
-    arrays, _ = strategy.aggregate_train(1, [good, bad])
+    arrays, _ = strategy.aggregate_train(1, answer(strategy, [good, bad]))
     np.testing.assert_allclose(arrays["w"].numpy(), [0.5, 2.5])
     np.testing.assert_allclose(strategy.state["c"]["w"], np.array([0.2, -0.4]) / 4)
 
@@ -85,7 +87,9 @@ def test_scaffold_drops_reply_without_dc():
 def test_fedavg_m_tracks_g_in_gradient_units_and_sends_it():
     strategy = FedAvgMomentum(fraction_train=0.5, beta=0.3)
     assert "momentum.g" not in _configure(strategy)[0].content  # no g^0
-    arrays, _ = strategy.aggregate_train(1, [_reply(*r[:3]) for r in REPLIES])
+    arrays, _ = strategy.aggregate_train(
+        1, answer(strategy, [_reply(*r[:3]) for r in REPLIES])
+    )
     np.testing.assert_allclose(arrays["w"].numpy(), [1.0, 1.75])
     np.testing.assert_allclose(strategy.state["g"]["w"], [0.25, 0.0])
     assert strategy.state["c"] == {} and strategy.reply_records == ()
@@ -108,8 +112,12 @@ def test_server_step_equals_fedavg_at_eta_g_one(strategy):
     for s in (strategy, fedavg):
         _configure(s)
     n = 4 if strategy.control_variates else 3  # dc only where SCAFFOLD expects it
-    ours, _ = strategy.aggregate_train(1, [_reply(*r[:n]) for r in REPLIES])
-    theirs, _ = fedavg.aggregate_train(1, [_reply(*r[:3]) for r in REPLIES])
+    ours, _ = strategy.aggregate_train(
+        1, answer(strategy, [_reply(*r[:n]) for r in REPLIES])
+    )
+    theirs, _ = fedavg.aggregate_train(
+        1, answer(fedavg, [_reply(*r[:3]) for r in REPLIES])
+    )
     assert ours is not None
     for key in X:
         np.testing.assert_allclose(ours[key].numpy(), theirs[key].numpy(), rtol=1e-6)
@@ -119,7 +127,9 @@ def test_vr_sends_previous_model_and_state_roundtrips():
     strategy = SCAFFOLDMomentumVR(fraction_train=0.5, beta=0.5)
     first = _configure(strategy)[0].content
     assert "momentum.x-prev" not in first and "momentum.g" not in first
-    arrays, _ = strategy.aggregate_train(1, [_reply(*r) for r in REPLIES])
+    arrays, _ = strategy.aggregate_train(
+        1, answer(strategy, [_reply(*r) for r in REPLIES])
+    )
     x1 = {k: v.numpy() for k, v in arrays.items()}
     second = _configure(strategy, 2, arrays=x1)[0].content
     np.testing.assert_array_equal(second["momentum.x-prev"]["w"].numpy(), X["w"])

@@ -104,7 +104,7 @@ def test_state_is_a_value():
 def _rounds(ours, theirs, rounds=3, seed=0):
     """Drive ours and Flower's strategy on the same replies; yield both results."""
     from simulations.inprocess import ensure_task_identity
-    from tests.conftest import make_reply
+    from tests.conftest import answer, make_reply
 
     ensure_task_identity()
     rng = np.random.default_rng(seed)
@@ -126,7 +126,7 @@ def _rounds(ours, theirs, rounds=3, seed=0):
             }
             metrics = {"num-examples": int(rng.integers(5, 50))}
             replies.append(make_reply(local, metrics, node_id=node))
-        mine, _ = ours.aggregate_train(rnd, replies)
+        mine, _ = ours.aggregate_train(rnd, answer(ours, replies))
         flower, _ = theirs.aggregate_train(rnd, replies)
         # Flower's FedAdam returns float64 arrays (and int entries as float):
         # keep the dtypes sent, as a Flower app that casts them back would.

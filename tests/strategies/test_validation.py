@@ -10,6 +10,7 @@ from strategies.validation import (
     ClientReply,
     Contract,
     RoutineMissingError,
+    Sent,
     accept,
     accept_all,
     array_spec,
@@ -44,11 +45,13 @@ def test_array_spec_of_numpy_equals_of_record():
 def test_each_array_is_decoded_once(reply, monkeypatch):
     calls = []
 
-    def counting_view(array):
-        calls.append(array)
-        return array_view(array)
+    decode = validation.decode_array
 
-    monkeypatch.setattr(validation, "array_view", counting_view)
+    def counting_decode(array, shape, dtype):
+        calls.append(array)
+        return decode(array, shape, dtype)
+
+    monkeypatch.setattr(validation, "decode_array", counting_decode)
     extra = {"h": ArrayRecord({k: Array(v) for k, v in GOOD.items()})}
     contract = Contract(arrays=SPEC, records={"h": SPEC})
     got = accept(reply(GOOD, extra=extra), contract)
@@ -68,7 +71,9 @@ def test_each_array_is_decoded_once(reply, monkeypatch):
         ({**GOOD, "x": np.ones(1, np.float32)}, None, "extra ['x']"),
         (GOOD, {"train-loss": 1.0}, "'num-examples' is missing"),
         (GOOD, {"num-examples": 0}, "positive"),
-        (GOOD, {"num-examples": 5, "train-loss": float("inf")}, "finite"),
+        (GOOD, {"num-examples": 2.5}, "positive integer"),
+        (GOOD, {"num-examples": 10**10}, "at most 1e+09"),
+        (GOOD, {"num-examples": 5, "partition-id": -1}, "'partition-id'"),
         (None, None, "array records"),
     ],
 )
@@ -128,9 +133,36 @@ def test_required_metrics_and_weight_key(reply):
     contract = Contract(arrays=SPEC, metrics=("train-loss",), weight_key="steps")
     assert "metric 'steps' is missing" in accept(reply(GOOD), contract)
     got = accept(reply(GOOD, {"steps": 4, "num-examples": 10}), contract)
-    assert isinstance(got, str) and "['train-loss']" in got
+    assert isinstance(got, str) and "metric 'train-loss' is missing" in got
     good = accept(reply(GOOD, {"steps": 4, "train-loss": 0.5}), contract)
     assert isinstance(good, ClientReply) and good.num_examples == 4.0
+
+
+def test_metrics_the_server_does_not_read_are_ignored_when_bad(reply):
+    metrics = {
+        "num-examples": 5,
+        "train-loss": float("inf"),
+        "per-class": [1.0, float("nan")],
+        "client-time": -3.0,
+        "eval-accuracy": 0.5,
+    }
+    got = accept(reply(GOOD, metrics), CONTRACT)
+    assert isinstance(got, ClientReply)
+    assert got.metrics == {"num-examples": 5, "eval-accuracy": 0.5}
+
+
+def test_replies_must_answer_what_was_sent(reply):
+    msg = reply(GOOD, node_id=4)
+    mid = msg.metadata.reply_to_message_id
+    assert "not sent" in accept(msg, CONTRACT, {})
+    assert "went to node 5" in accept(msg, CONTRACT, {mid: Sent(5, "train")})
+    assert "'train' reply to a 'evaluate'" in accept(
+        msg, CONTRACT, {mid: Sent(4, "evaluate")}
+    )
+    answered: set[str] = set()
+    sent = {mid: Sent(4, "train")}
+    assert isinstance(accept(msg, CONTRACT, sent, answered), ClientReply)
+    assert "second reply" in accept(msg, CONTRACT, sent, answered)
 
 
 def test_routine_is_checked(reply):
@@ -167,7 +199,8 @@ def test_accept_all_orders_by_partition_then_node(reply, error_reply):
 
 def test_accept_all_names_the_recipient(reply):
     msg = reply({"w": GOOD["w"]}, node_id=4)
-    _, reasons, _ = accept_all([msg], CONTRACT, {msg.metadata.reply_to_message_id: 42})
+    sent = {msg.metadata.reply_to_message_id: Sent(42, "train")}
+    _, reasons, _ = accept_all([msg], CONTRACT, sent)
     assert reasons[0].startswith("node 42: ")
 
 

@@ -1,0 +1,64 @@
+"""A round that would leave the model or state unusable is refused, state restored."""
+
+import numpy as np
+import pytest
+
+from strategies.context import RoundContext
+from strategies.fedavg import FedAvg
+from strategies.safety import COPY_BYTES, snapshot, state_problem
+
+X = {"w": np.zeros(3, np.float32)}
+
+
+class Blowing(FedAvg):
+    """FedAvg whose aggregation writes ``value`` into its state and arrays."""
+
+    name = ""
+    value = 0.0
+
+    def aggregate(self, replies, ctx):
+        self.state["mine"] = {"x": np.full(3, self.value), "rate": self.value}
+        return {"w": np.full(3, self.value, np.float32)}
+
+
+def _ctx():
+    return RoundContext(1, None, "train", (), (), dict(X), {})
+
+
+@pytest.mark.parametrize(
+    ("value", "refused"), [(1.0, False), (2e10, True), (np.inf, True), (np.nan, True)]
+)
+def test_out_of_bounds_round_is_refused_and_state_restored(value, refused):
+    strategy = Blowing()
+    strategy.state["mine"] = {"x": np.ones(3), "rate": 0.5}
+    strategy.value = value
+    ctx = _ctx()
+    arrays = strategy.aggregate_safely([], ctx)
+    assert (arrays is None) == refused
+    assert ctx.outcome.update_skipped == refused
+    if refused:
+        assert strategy.state["mine"]["rate"] == 0.5
+        np.testing.assert_array_equal(strategy.state["mine"]["x"], np.ones(3))
+        assert "global array 'w'" in ctx.outcome.refused
+
+
+def test_state_beyond_its_limit_is_refused():
+    assert state_problem(X, {"v": np.full(2, 1e21)}) is not None
+    assert state_problem(X, {"v": [1.0, float("inf")]}) is not None
+    assert state_problem(X, {"v": np.full(2, 1e19), "n": 10**30}) is None
+
+
+def test_snapshot_copies_small_arrays_and_freezes_large_ones():
+    small = np.zeros(4)
+    large = np.zeros(COPY_BYTES // 8 + 1)
+    saved = snapshot({"a": [small], "b": large})
+    small[0] = 1.0
+    assert saved.value["a"][0][0] == 0.0
+    assert saved.value["b"] is large and id(large) in saved.shared
+    with pytest.raises(ValueError):
+        large[0] = 1.0  # state arrays are replaced, never written into
+    # a shared array was checked when it entered: it is not read again
+    large_bad = np.full(COPY_BYTES // 8 + 1, np.inf)
+    again = snapshot({"b": large_bad})
+    assert state_problem(X, {"b": large_bad}, again) is None
+    assert state_problem(X, {"b": large_bad}) is not None
