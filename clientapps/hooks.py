@@ -19,7 +19,9 @@ of hooks that :func:`clientapps.loop.train_local` calls at fixed points:
 ======================  ==========================================================
 
 Hooks read their hyperparameters from the message config (``run.config``), never
-from the run config, so the server can schedule them per round. A hook that
+from the run config, so the server can schedule them per round; recipes read
+them through bounds (:mod:`clientapps.bounds`), and a hook names the records it
+reads in ``reads`` so that the loop checks them before training. A hook that
 sets ``needs_features = True`` finds the classifier's input of the batch in
 ``run.features`` (models expose features as well as logits). A hook ends
 local training early by setting ``run.stop``; it replaces the reply's model by
@@ -78,6 +80,9 @@ class Hook:
 
     needs_features: bool = False
     """Set to True to find the classifier's input in ``run.features``."""
+    reads: tuple[str, ...] = ()
+    """Records of the message this hook reads from ``run.incoming``: each one
+    present is checked against the model before any hook runs."""
 
     def setup(self, run: LocalRun) -> None:
         """Prepare before the first step."""

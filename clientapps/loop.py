@@ -23,11 +23,12 @@ from typing import Any
 import torch
 from torch import nn
 
+from clientapps import bounds
 from clientapps.hooks import Hook
-from clientapps.losses import Loss, make_loss
+from clientapps.losses import LOSSES, Loss, make_loss
 from tasks import wire
 
-OPTIMIZERS = ("sgd", "adam", "adamw")
+OPTIMIZERS = bounds.OPTIMIZER.choices
 
 
 @dataclass(frozen=True)
@@ -35,52 +36,40 @@ class TrainSettings:
     """Local optimisation settings, read from the message config.
 
     ``local-steps`` > 0 caps the number of optimizer steps (the loop stops
-    after that many, whatever ``local-epochs`` says). ``momentum`` applies to
-    SGD only.
+    after that many, whatever ``local-epochs`` says); 0 is no cap.
+    ``momentum`` applies to SGD only. The legal values are
+    :mod:`clientapps.bounds`'.
     """
 
-    epochs: int = 1
-    batch_size: int = 32
-    lr: float = 0.05
-    momentum: float = 0.0
-    weight_decay: float = 0.0
-    max_steps: int = 0
-    optimizer: str = "sgd"
+    epochs: int = bounds.LOCAL_EPOCHS.default
+    batch_size: int = bounds.BATCH_SIZE.default
+    lr: float = bounds.LR.default
+    momentum: float = bounds.MOMENTUM.default
+    weight_decay: float = bounds.WEIGHT_DECAY.default
+    max_steps: int = bounds.LOCAL_STEPS.default
+    optimizer: str = bounds.OPTIMIZER.default
     loss: str = "cross-entropy"
 
     @classmethod
     def from_config(
         cls, config: Mapping[str, Any], fallback: Mapping[str, Any] | None = None
     ) -> TrainSettings:
-        """Build from a ConfigRecord.
+        """Build from a ConfigRecord, each value checked (:class:`ConfigError`).
 
         A key the record lacks is read from ``fallback`` (e.g. the run
         config), else keeps the documented default.
         """
-        default = cls()
-
-        def get(key: str, value: Any) -> Any:
-            if key in config:
-                return config[key]
-            return (fallback or {}).get(key, value)
-
-        settings = cls(
-            epochs=int(get(wire.LOCAL_EPOCHS, default.epochs)),
-            batch_size=int(get(wire.BATCH_SIZE, default.batch_size)),
-            lr=float(get(wire.LR, default.lr)),
-            momentum=float(get(wire.MOMENTUM, default.momentum)),
-            weight_decay=float(get(wire.WEIGHT_DECAY, default.weight_decay)),
-            max_steps=int(get(wire.LOCAL_STEPS, default.max_steps)),
-            optimizer=str(get(wire.OPTIMIZER, default.optimizer)),
-            loss=str(get(wire.LOSS, default.loss)),
+        loss = bounds.Bound(wire.LOSS, cls.loss, choices=tuple(LOSSES))
+        return cls(
+            epochs=bounds.LOCAL_EPOCHS.read(config, fallback),
+            batch_size=bounds.BATCH_SIZE.read(config, fallback),
+            lr=bounds.LR.read(config, fallback),
+            momentum=bounds.MOMENTUM.read(config, fallback),
+            weight_decay=bounds.WEIGHT_DECAY.read(config, fallback),
+            max_steps=bounds.LOCAL_STEPS.read(config, fallback),
+            optimizer=bounds.OPTIMIZER.read(config, fallback),
+            loss=loss.read(config, fallback),
         )
-        if settings.batch_size < 1 or settings.epochs < 0 or settings.lr < 0:
-            raise ValueError(f"Invalid local training settings: {settings}")
-        if settings.optimizer not in OPTIMIZERS:
-            raise ValueError(
-                f"optimizer must be one of {OPTIMIZERS}; got {settings.optimizer!r}."
-            )
-        return settings
 
 
 def make_optimizer(
@@ -227,7 +216,9 @@ def train_local(
 
     ``start_values``: a callable giving the model's values before training,
     by state-dict name (the arrays received); without it the start values
-    are copied from the model.
+    are copied from the model. The records of ``incoming`` that the hooks
+    read (``Hook.reads``) are checked against the model first
+    (:func:`clientapps.bounds.check_record`).
 
     Returns the number of examples trained on, the step count, the loss of
     the first step and the mean loss over all steps.
@@ -257,6 +248,11 @@ def train_local(
     if start_values is None:
         run.__dict__["global_parameters"] = [p.detach().clone() for p in params]
     stepper = _stepper(hooks)
+    # Validate first: a refused record stops the call before any hook runs
+    # (and so before any hook writes the node's state).
+    for name in dict.fromkeys(name for hook in hooks for name in hook.reads):
+        if name in run.incoming:
+            bounds.check_record(name, run.incoming[name], model, run.personal)
     model.train()
     for hook in hooks:
         hook.setup(run)

@@ -22,6 +22,11 @@ arrays (e.g. a gradient). Nothing here imports the server side.
 Personal parameters (``config["personal-parameters"]``) never leave the
 node: they are kept in ``Context.state``, put back into the model before
 training and evaluation, and left out of the reply.
+
+The server's config may be wrong or hostile: every value a routine reads is
+checked against :mod:`clientapps.bounds` first, and a refused one raises
+:class:`~clientapps.bounds.ConfigError`, which Flower turns into the call's
+error reply (its reason names the key, the value and the allowed range).
 """
 
 from __future__ import annotations
@@ -40,6 +45,7 @@ from flwr.app import (
 )
 from torch import nn
 
+from clientapps import bounds
 from clientapps.hooks import Hook
 from clientapps.loop import TrainSettings, train_local
 from clientapps.recipes import get_recipe
@@ -57,8 +63,8 @@ def client_seed(msg: Message, context: Context) -> int:
     """This node's seed for this round: derived from (seed, round, partition-id)."""
     config = msg.content[wire.CONFIG]
     partition = int(context.node_config.get(wire.PARTITION_ID, 0))
-    seed = int(config.get(wire.SEED, 0))
-    return wire.derive_seed(seed, int(config.get(wire.SERVER_ROUND, 0)), partition)
+    seed, server_round = bounds.SEED.read(config), bounds.SERVER_ROUND.read(config)
+    return wire.derive_seed(seed, server_round, partition)
 
 
 def routine_of(msg: Message, routine: str | None = None) -> str:
@@ -66,15 +72,13 @@ def routine_of(msg: Message, routine: str | None = None) -> str:
     if routine:
         return routine
     config = msg.content.config_records.get(wire.CONFIG, {})
-    return str(config.get(wire.ROUTINE, wire.PLAIN_ROUTINE))
+    return bounds.ROUTINE.read(config)
 
 
 def personal_names(msg: Message, model: nn.Module) -> list[str]:
     """The model's entries the message's config makes personal."""
     config = msg.content.config_records.get(wire.CONFIG, {})
-    patterns = config.get(wire.PERSONAL, [])
-    patterns = [patterns] if isinstance(patterns, str) else list(patterns)
-    return wire.resolve_personal(patterns, list(model.state_dict()))
+    return wire.resolve_personal(bounds.patterns(config), list(model.state_dict()))
 
 
 def load_model(
@@ -139,12 +143,22 @@ def train_client(
     Local-training settings come from the message config, else the run
     config, else :class:`~clientapps.loop.TrainSettings`' defaults.
 
+    Raises
+    ------
+    ConfigError
+        A config value or a record the server sent is out of bounds
+        (:mod:`clientapps.bounds`); raised before anything is trained or
+        stored in ``context.state``.
+
     """
+    # Validate first: every config value, then (in train_local) the records.
     config = dict(msg.content[wire.CONFIG])
     name = routine_of(msg, routine)
     if hooks is None:
         hooks = get_recipe(name)(config)
     hooks = [*hooks, *extra_hooks]
+    settings = TrainSettings.from_config(config, context.run_config)
+    seed = client_seed(msg, context)
     personal = personal_names(msg, model)
     load_model(model, msg.content[wire.ARRAYS], personal, context.state)
 
@@ -153,7 +167,6 @@ def train_client(
         values.update(load_arrays(context.state, *PERSONAL_STATE) or {})
         return values
 
-    seed = client_seed(msg, context)
     generator = torch.Generator().manual_seed(seed)
     with torch.random.fork_rng(devices=[]):
         # Dropout and other global-RNG users draw from the same derived seed.
@@ -161,7 +174,7 @@ def train_client(
         result = train_local(
             model,
             data,
-            TrainSettings.from_config(config, context.run_config),
+            settings,
             hooks,
             generator=generator,
             config=config,
@@ -212,9 +225,7 @@ def describe_client(
     config = msg.content.config_records.get(wire.CONFIG, {})
     query = config.get(wire.QUERY, "")
     if query != wire.DATA_PROFILE:
-        raise ValueError(
-            f"Unknown query {query!r}; this app answers '{wire.DATA_PROFILE}'."
-        )
+        raise bounds.ConfigError(wire.QUERY, query, f"'{wire.DATA_PROFILE}'")
     counts = torch.bincount(labels.long(), minlength=num_classes).tolist()
     metrics: dict = _base_metrics(context, len(labels))
     metrics[wire.LABEL_COUNTS] = [int(c) for c in counts]

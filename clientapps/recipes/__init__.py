@@ -1,9 +1,12 @@
 """Client recipes: one module per client routine, found by name.
 
 A recipe module defines ``make_hooks(config) -> list[Hook]``; ``config`` is the
-message's config record. The server's strategy names the routine its
-algorithm needs (``config["client-routine"]``); algorithms whose clients just
-train use ``plain``. Only the named module is imported: one broken recipe
+message's config record. It declares the config keys it reads as ``BOUNDS``
+(a tuple of :class:`clientapps.bounds.Bound`) and reads them through those
+bounds, so that a value out of bounds is refused before training. The
+server's strategy names the routine its algorithm needs
+(``config["client-routine"]``); algorithms whose clients just train use
+``plain``. Only the named module is imported: one broken recipe
 never breaks the others, and the client never imports the server side.
 """
 
@@ -15,7 +18,9 @@ import re
 from collections.abc import Callable, Mapping
 from typing import Any
 
+from clientapps.bounds import ConfigError
 from clientapps.hooks import Hook
+from tasks.wire import ROUTINE
 
 Recipe = Callable[[Mapping[str, Any]], list[Hook]]
 
@@ -33,8 +38,10 @@ def get_recipe(name: str) -> Recipe:
     """The ``make_hooks`` of recipe module ``name``."""
     if not _NAME.match(name) or name not in list_recipes():
         known = ", ".join(list_recipes())
-        raise ValueError(
-            f"This client has no routine {name!r} (it has {known}): "
-            "install the Bouquet version the server runs."
+        raise ConfigError(
+            ROUTINE,
+            name,
+            f"one of this client's routines ({known}), "
+            "or install the Bouquet version the server runs",
         )
     return importlib.import_module(f"{__name__}.{name}").make_hooks

@@ -16,6 +16,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from clientapps.bounds import STEPS_MAX, Bound, ConfigError
 from clientapps.hooks import (
     FreezeBatchNorm,
     Hook,
@@ -25,6 +26,11 @@ from clientapps.hooks import (
 from clientapps.loop import LocalRun
 from tasks import wire
 from tasks.wire import derive_seed
+
+K = Bound("afa.k", 1, 1, STEPS_MAX)
+K_MIN = Bound("afa.k-min", 1, 1, STEPS_MAX)
+NORMALIZE = Bound("afa.normalize", True)
+BOUNDS = (K, K_MIN, NORMALIZE)
 
 
 def draw_local_steps(seed: int, k_min: int, k: int) -> int:
@@ -71,11 +77,10 @@ class AnarchicSteps(Hook):
 
 def make_hooks(config: Mapping[str, Any]) -> list[Hook]:
     """Frozen BatchNorm and the anarchic worker, from the ``afa.*`` config keys."""
+    k, k_min = K.read(config), K_MIN.read(config)
+    if k_min > k:
+        raise ConfigError(K_MIN.key, k_min, f"an integer in [1, {K.key} = {k}]")
     return [
         FreezeBatchNorm(),
-        AnarchicSteps(
-            k=int(config.get("afa.k", 1)),
-            k_min=int(config.get("afa.k-min", 1)),
-            normalize=bool(config.get("afa.normalize", True)),
-        ),
+        AnarchicSteps(k=k, k_min=k_min, normalize=NORMALIZE.read(config)),
     ]

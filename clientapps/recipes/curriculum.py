@@ -21,6 +21,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from clientapps.bounds import INT63_MAX, SERVER_ROUND, Bound
 from clientapps.hooks import Hook
 from clientapps.loop import LocalRun
 from clientapps.state import load_arrays, load_values, save_arrays, save_values
@@ -28,6 +29,13 @@ from tasks import wire
 
 NAMESPACE = "curriculum"
 SCORING_BATCH = 1024
+ORDERING = Bound(
+    f"{NAMESPACE}.ordering", "curriculum", choices=("curriculum", "anti", "random")
+)
+FRACTION = Bound(f"{NAMESPACE}.fraction", 1.0, 0.0, 1.0)
+RESCORE_EVERY = Bound(f"{NAMESPACE}.rescore-every", 1, 1, INT63_MAX)
+"""Rounds, like ``server-round``."""
+BOUNDS = (ORDERING, FRACTION, RESCORE_EVERY)
 
 
 def example_losses(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
@@ -102,7 +110,7 @@ class OrderedData(Hook):
         self.rank: torch.Tensor | None = None
 
     def _scores(self, run: LocalRun) -> tuple[torch.Tensor, float]:
-        server_round = int(run.config.get(wire.SERVER_ROUND, 0))
+        server_round = SERVER_ROUND.read(run.config)
         cached = load_values(run.state, NAMESPACE, "scored")
         arrays = load_arrays(run.state, NAMESPACE, "scores")
         fresh = (
@@ -147,8 +155,8 @@ def make_hooks(config: Mapping[str, Any]) -> list[Hook]:
     """One hook: the paced ordering, configured by the round's message config."""
     return [
         OrderedData(
-            ordering=str(config.get("curriculum.ordering", "curriculum")),
-            fraction=float(config.get("curriculum.fraction", 1.0)),
-            rescore_every=int(config.get("curriculum.rescore-every", 1)),
+            ordering=ORDERING.read(config),
+            fraction=FRACTION.read(config),
+            rescore_every=RESCORE_EVERY.read(config),
         )
     ]

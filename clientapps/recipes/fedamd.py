@@ -13,6 +13,7 @@ from typing import Any
 
 import torch
 
+from clientapps.bounds import Bound, ConfigError
 from clientapps.hooks import (
     FreezeBatchNorm,
     Hook,
@@ -24,6 +25,8 @@ from tasks import wire
 
 ROLE = wire.algorithm_key("fedamd", "role")
 DIRECTION = wire.algorithm_key("fedamd", "direction")
+ROLE_BOUND = Bound(ROLE, "miner", choices=("anchor", "miner"))
+BOUNDS = (ROLE_BOUND,)
 
 
 class AnchorGradient(Hook):
@@ -72,7 +75,11 @@ class MinerRecursion(Hook):
     with ``lr`` the shared ``lr`` key (no momentum, no weight decay).
     """
 
+    reads = (DIRECTION,)
+
     def setup(self, run: LocalRun) -> None:
+        if DIRECTION not in run.incoming:
+            raise ConfigError(DIRECTION, None, "present for a miner", "record")
         record = run.incoming[DIRECTION]
         names = parameter_names(run)
         device = run.parameters[0].device
@@ -112,8 +119,6 @@ def _grad(p: torch.Tensor) -> torch.Tensor:
 
 def make_hooks(config: Mapping[str, Any]) -> list[Hook]:
     """Frozen BatchNorm plus the anchor or the miner hook, as ``fedamd.role`` says."""
-    role = str(config.get(ROLE, "miner"))
-    if role not in ("anchor", "miner"):
-        raise ValueError(f"fedamd.role must be 'anchor' or 'miner'; got {role!r}.")
+    role = ROLE_BOUND.read(config)
     worker = AnchorGradient() if role == "anchor" else MinerRecursion()
     return [FreezeBatchNorm(), worker]

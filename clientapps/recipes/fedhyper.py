@@ -28,11 +28,29 @@ from typing import Any
 
 import torch
 
+from clientapps.bounds import RATE_MAX, Bound, ConfigError
 from clientapps.hooks import Hook
 from clientapps.loop import LocalRun
 
 NAME = "fedhyper"
 GLOBAL_UPDATE = f"{NAME}.global-update"
+CLIENT_SCHEDULER = Bound(f"{NAME}.client-scheduler", False)
+NUM_SAMPLED = Bound(f"{NAME}.num-sampled", 1.0, 0.0, 1e9)
+"""Nodes sampled this round (values below 1 count as 1)."""
+HYPERGRAD_LR = Bound(f"{NAME}.hypergrad-lr", 1.0, 0.0, RATE_MAX)
+GLOBAL_WEIGHT = Bound(f"{NAME}.global-weight", 0.1, -RATE_MAX, RATE_MAX)
+GAMMA_MAX = Bound(f"{NAME}.gamma-max", 1.1, 0.0, RATE_MAX, low_open=True)
+BETA_MIN = Bound(f"{NAME}.beta-min", 0.1, 0.0, RATE_MAX, low_open=True)
+BETA_MAX = Bound(f"{NAME}.beta-max", 10.0, 0.0, RATE_MAX, low_open=True)
+BOUNDS = (
+    CLIENT_SCHEDULER,
+    NUM_SAMPLED,
+    HYPERGRAD_LR,
+    GLOBAL_WEIGHT,
+    GAMMA_MAX,
+    BETA_MIN,
+    BETA_MAX,
+)
 
 
 def _flat(tensors: list[torch.Tensor]) -> torch.Tensor:
@@ -71,20 +89,19 @@ class LocalLrScheduler(Hook):
 
     """
 
-    def __init__(self, config: Mapping[str, Any]) -> None:
-        def get(key: str, default: float) -> float:
-            return float(config.get(f"{NAME}.{key}", default))
+    reads = (GLOBAL_UPDATE,)
 
-        self.num_sampled = max(1.0, get("num-sampled", 1.0))
-        self.hypergrad_lr = get("hypergrad-lr", 1.0)
-        self.global_weight = get("global-weight", 0.1)
-        self.gamma_max = get("gamma-max", 1.1)
-        self.beta_bounds = (get("beta-min", 0.1), get("beta-max", 10.0))
+    def __init__(self, config: Mapping[str, Any]) -> None:
+        self.num_sampled = max(1.0, NUM_SAMPLED.read(config))
+        self.hypergrad_lr = HYPERGRAD_LR.read(config)
+        self.global_weight = GLOBAL_WEIGHT.read(config)
+        self.gamma_max = GAMMA_MAX.read(config)
+        self.beta_bounds = (BETA_MIN.read(config), BETA_MAX.read(config))
 
     def setup(self, run: LocalRun) -> None:
         record = run.incoming.get(GLOBAL_UPDATE)
         if record is None:
-            raise ValueError(f"FedHyper-CL needs the record '{GLOBAL_UPDATE}'.")
+            raise ConfigError(GLOBAL_UPDATE, None, "present for FedHyper-CL", "record")
         names = [n for n, p in run.model.named_parameters() if p.requires_grad]
         missing = [n for n in names if n not in record]
         if missing:
@@ -125,6 +142,6 @@ class LocalLrScheduler(Hook):
 
 def make_hooks(config: Mapping[str, Any]) -> list[Hook]:
     """The local scheduler when the server enables it (``cl``/``full``)."""
-    if not bool(config.get(f"{NAME}.client-scheduler", False)):
-        return []
-    return [LocalLrScheduler(config)]
+    enabled = CLIENT_SCHEDULER.read(config)
+    hook = LocalLrScheduler(config)  # its constants are checked either way
+    return [hook] if enabled else []

@@ -14,8 +14,12 @@ from typing import Any
 
 import torch
 
+from clientapps.bounds import RATE_MAX, Bound
 from clientapps.hooks import Hook
 from clientapps.loop import LocalRun
+
+LAMBDA = Bound("fedld.lambda", 0.0, 0.0, RATE_MAX)
+BOUNDS = (LAMBDA,)
 
 
 def margin_control(logits: torch.Tensor, lambda_: float) -> torch.Tensor:
@@ -45,4 +49,4 @@ class MarginControl(Hook):
 
 def make_hooks(config: Mapping[str, Any]) -> list[Hook]:
     """One hook: the margin-control term with ``fedld.lambda`` from the config."""
-    return [MarginControl(float(config.get("fedld.lambda", 0.0)))]
+    return [MarginControl(LAMBDA.read(config))]

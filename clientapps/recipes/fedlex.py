@@ -22,6 +22,7 @@ from typing import Any
 import torch
 from flwr.app import ArrayRecord
 
+from clientapps.bounds import EPOCHS_MAX, NORM_MAX, Bound
 from clientapps.hooks import Hook
 from clientapps.loop import LocalRun
 
@@ -31,6 +32,10 @@ MAX_GRAD_NORM = "fedlex.max-grad-norm"
 BASE = "fedlex.base"
 GUIDANCE = "fedlex.guidance"
 EXPLORE_EPOCHS = "fedlex.explore-epochs"
+PHASE_BOUND = Bound(PHASE_KEY, "train", choices=("explore", "train"))
+PATIENCE_BOUND = Bound(PATIENCE, 1, 1, EPOCHS_MAX)
+MAX_GRAD_NORM_BOUND = Bound(MAX_GRAD_NORM, 0.0, 0.0, NORM_MAX)
+BOUNDS = (PHASE_BOUND, PATIENCE_BOUND, MAX_GRAD_NORM_BOUND)
 
 
 class Scout(Hook):
@@ -92,6 +97,8 @@ class GuidedGradient(Hook):
 
     """
 
+    reads = (GUIDANCE,)
+
     def __init__(self, max_grad_norm: float = 0.0) -> None:
         self.max_grad_norm = float(max_grad_norm)
 
@@ -117,6 +124,8 @@ class GuidedGradient(Hook):
 
 def make_hooks(config: Mapping[str, Any]) -> list[Hook]:
     """``Scout`` in the exploration round, ``GuidedGradient`` otherwise."""
-    if config.get(PHASE_KEY, "train") == "explore":
-        return [Scout(int(config.get(PATIENCE, 1)))]
-    return [GuidedGradient(float(config.get(MAX_GRAD_NORM, 0.0)))]
+    phase, patience = PHASE_BOUND.read(config), PATIENCE_BOUND.read(config)
+    max_grad_norm = MAX_GRAD_NORM_BOUND.read(config)
+    if phase == "explore":
+        return [Scout(patience)]
+    return [GuidedGradient(max_grad_norm)]

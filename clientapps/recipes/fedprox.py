@@ -10,9 +10,13 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
+from clientapps.bounds import RATE_MAX, Bound
 from clientapps.hooks import Hook, ProximalTerm
+
+MU = Bound("proximal-mu", 0.0, 0.0, RATE_MAX)
+BOUNDS = (MU,)
 
 
 def make_hooks(config: Mapping[str, Any]) -> list[Hook]:
     """One hook: the proximal term."""
-    return [ProximalTerm(mu=float(config.get("proximal-mu", 0.0)))]
+    return [ProximalTerm(mu=MU.read(config))]

@@ -24,12 +24,23 @@ from typing import Any
 
 import torch
 
+from clientapps.bounds import NORM_MAX, RATE_MAX, Bound
 from clientapps.hooks import ClipGradNorm, Hook, SharpnessAwareStep
 from clientapps.loop import LocalRun
 from clientapps.state import load_arrays, save_arrays
 from tasks.wire import algorithm_key
 
 NAMESPACE = "fedspeed"
+RHO = Bound(algorithm_key(NAMESPACE, "rho"), 0.0, 0.0, RATE_MAX)
+ALPHA = Bound(algorithm_key(NAMESPACE, "alpha"), 1.0, 0.0, 1.0)
+LAMBDA = Bound(algorithm_key(NAMESPACE, "lambda"), 0.0, 0.0, RATE_MAX)
+MAX_GRAD_NORM = Bound(algorithm_key(NAMESPACE, "max-grad-norm"), 0.0, 0.0, NORM_MAX)
+SERVER_RULE = Bound(
+    algorithm_key(NAMESPACE, "server-rule"),
+    "all-clients",
+    choices=("all-clients", "sampled"),
+)
+BOUNDS = (RHO, ALPHA, LAMBDA, MAX_GRAD_NORM, SERVER_RULE)
 
 
 def _names(run: LocalRun) -> list[str]:
@@ -101,15 +112,11 @@ class ProxCorrection(Hook):
 
 def make_hooks(config: Mapping[str, Any]) -> list[Hook]:
     """SAM step, prox-correction, then the gradient clip (order matters)."""
-
-    def value(key: str, default: Any) -> Any:
-        return config.get(algorithm_key(NAMESPACE, key), default)
-
     return [
-        SharpnessAwareStep(float(value("rho", 0.0)), float(value("alpha", 1.0))),
+        SharpnessAwareStep(RHO.read(config), ALPHA.read(config)),
         ProxCorrection(
-            float(value("lambda", 0.0)),
-            send_corrected=value("server-rule", "all-clients") == "sampled",
+            LAMBDA.read(config),
+            send_corrected=SERVER_RULE.read(config) == "sampled",
         ),
-        ClipGradNorm(float(value("max-grad-norm", 0.0))),
+        ClipGradNorm(MAX_GRAD_NORM.read(config)),
     ]

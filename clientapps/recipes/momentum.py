@@ -25,6 +25,7 @@ from typing import Any
 
 import torch
 
+from clientapps.bounds import Bound
 from clientapps.hooks import Hook, model_shaped_record, parameter_names
 from clientapps.loop import LocalRun
 from clientapps.state import load_arrays, save_arrays
@@ -38,6 +39,10 @@ G_RECORD = f"{NAMESPACE}.g"
 X_PREV_RECORD = f"{NAMESPACE}.x-prev"
 DC_RECORD = f"{NAMESPACE}.dc"
 ETA_K = f"{NAMESPACE}.eta-k"
+BETA_BOUND = Bound(BETA, 1.0, 0.0, 1.0, low_open=True)
+SCAFFOLD_BOUND = Bound(USE_SCAFFOLD, False)
+VR_BOUND = Bound(USE_VR, False)
+BOUNDS = (BETA_BOUND, SCAFFOLD_BOUND, VR_BOUND)
 
 
 def _tensors(run: LocalRun, name: str) -> list[torch.Tensor] | None:
@@ -65,6 +70,8 @@ class EtaK(Hook):
 
 class ControlVariate(Hook):
     """SCAFFOLD's drift correction with the client control variate c_i."""
+
+    reads = (C_RECORD,)
 
     def setup(self, run: LocalRun) -> None:
         names = parameter_names(run)
@@ -114,6 +121,8 @@ class ControlVariate(Hook):
 class GlobalMomentum(Hook):
     """FedAvg-M / SCAFFOLD-M: ``grad <- beta * grad + (1 - beta) * g``."""
 
+    reads = (G_RECORD,)
+
     def __init__(self, beta: float) -> None:
         self.beta = float(beta)
 
@@ -138,6 +147,8 @@ class StormMomentum(Hook):
     model's buffers (BatchNorm statistics) are restored afterwards, so the
     extra forward pass leaves no trace.
     """
+
+    reads = (G_RECORD, X_PREV_RECORD)
 
     def __init__(self, beta: float) -> None:
         self.beta = float(beta)
@@ -187,11 +198,12 @@ class StormMomentum(Hook):
 
 def make_hooks(config: Mapping[str, Any]) -> list[Hook]:
     """Hooks for the config keys ``momentum.scaffold``, ``.vr`` and ``.beta``."""
-    beta = float(config.get(BETA, 1.0))
+    beta = BETA_BOUND.read(config)
+    scaffold, vr = SCAFFOLD_BOUND.read(config), VR_BOUND.read(config)
     hooks: list[Hook] = []
-    if bool(config.get(USE_SCAFFOLD, False)):
+    if scaffold:
         hooks.append(ControlVariate())
-    if bool(config.get(USE_VR, False)):
+    if vr:
         hooks.append(StormMomentum(beta))
     elif beta < 1.0:
         hooks.append(GlobalMomentum(beta))

@@ -137,7 +137,7 @@ def test_local_steps_cap_and_seeded_order():
 
 
 def test_bad_settings_fail_clearly():
-    with pytest.raises(ValueError, match="Invalid local training settings"):
+    with pytest.raises(ValueError, match="batch-size must be"):
         TrainSettings.from_config({"batch-size": 0})
 
 
