@@ -32,10 +32,9 @@ def run_config_of(msg: Message, context: Context) -> Mapping[str, Any]:
     return {**context.run_config, **restored} if restored else context.run_config
 
 
-def _spec_and_data(msg: Message, context: Context):  # noqa: ANN202 (lazy torch types)
+def _spec_and_data(run_config: Mapping[str, Any], node_config: Mapping[str, Any]):  # noqa: ANN202
     from tasks import DataSpec, load_client_data
 
-    run_config, node_config = run_config_of(msg, context), context.node_config
     spec = DataSpec.from_run_config(
         {**run_config, **{k: v for k, v in node_config.items() if k == "data-path"}},
         num_partitions=int(node_config.get("num-partitions", 1)),
@@ -51,11 +50,10 @@ def _timed(reply: Message, start: float) -> Message:
     return reply
 
 
-def _model_and_data(msg: Message, context: Context):  # noqa: ANN202 (lazy torch)
+def _model_and_data(run_config: Mapping[str, Any], node_config: Mapping[str, Any]):  # noqa: ANN202
     from tasks import build_model, dataset_info, resolve_device
 
-    run_config = run_config_of(msg, context)
-    spec, data = _spec_and_data(msg, context)
+    spec, data = _spec_and_data(run_config, node_config)
     info = dataset_info(spec)
     model = build_model(
         str(run_config.get("model", "mlp")),
@@ -79,9 +77,10 @@ def train(msg: Message, context: Context) -> Message:
     from clientapps.attacks import attack_for_node
     from clientapps.routine import client_seed, train_client
 
-    model, data, num_classes = _model_and_data(msg, context)
+    run_config = run_config_of(msg, context)
+    model, data, num_classes = _model_and_data(run_config, context.node_config)
     attack = attack_for_node(
-        run_config_of(msg, context), context.node_config, context.node_id, num_classes
+        run_config, context.node_config, context.node_id, num_classes
     )
     reply = train_client(
         msg,
@@ -101,7 +100,7 @@ def evaluate(msg: Message, context: Context) -> Message:
     from clientapps.routine import evaluate_client
 
     start = time.perf_counter()
-    model, data, _ = _model_and_data(msg, context)
+    model, data, _ = _model_and_data(run_config_of(msg, context), context.node_config)
     reply = evaluate_client(msg, context, model, (data.test_x, data.test_y))
     return _timed(reply, start)
 
@@ -116,5 +115,5 @@ def query(msg: Message, context: Context) -> Message:
     from clientapps.routine import describe_client
     from tasks import dataset_info
 
-    spec, data = _spec_and_data(msg, context)
+    spec, data = _spec_and_data(run_config_of(msg, context), context.node_config)
     return describe_client(msg, context, data.train_y, dataset_info(spec).num_classes)
