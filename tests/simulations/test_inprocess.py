@@ -128,7 +128,7 @@ def test_resume_matches_uninterrupted_run(tmp_path, algorithm, model):
         np.testing.assert_array_equal(value, _arrays(resumed)[key])
 
 
-class _Killed(Exception):
+class _KilledError(Exception):
     pass
 
 
@@ -152,12 +152,12 @@ def test_resume_restores_the_saved_config_and_refuses_changes(tmp_path, monkeypa
 
     def die_after_round_2(row, num_rounds):
         if row["round"] == 2:
-            raise _Killed  # as if the ServerApp died after round 2's checkpoint
+            raise _KilledError  # as if the ServerApp died after round 2's checkpoint
         return line(row, num_rounds)
 
     monkeypatch.setattr(serverapps.run, "progress_line", die_after_round_2)
     out = str(tmp_path / "cut")
-    with pytest.raises(_Killed):
+    with pytest.raises(_KilledError):
         run_inprocess({**config, "output-dir": out}, num_nodes=3)
     monkeypatch.undo()
     (path,) = (tmp_path / "cut").iterdir()
