@@ -1,7 +1,9 @@
 """Start, drive and stop real Flower processes on loopback.
 
 Used by the deployment tests and usable from scripts and benchmarks. Everything
-binds to 127.0.0.1 and runs in a private environment: its own ``FLWR_HOME``
+binds to 127.0.0.1 (a deployment SuperLink can bind another ``host``, behind
+the admin guard as ``start-superlink.sh`` runs it, see
+``simulations/admin_guard.py``) and runs in a private environment: its own ``FLWR_HOME``
 per process, a neutral working directory (the SuperLink's cwd ends up first in
 the Ray workers' ``sys.path``), runtime dependency installation off, telemetry
 and the update check off, Hugging Face offline and a private Ray.
