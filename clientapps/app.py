@@ -3,7 +3,9 @@
 The message names the client routine the server's algorithm needs
 (``config["client-routine"]``, see :mod:`clientapps.routine`); the model and
 the node's data come from ``tasks/`` as the run config and the node config
-(``partition-id`` / ``num-partitions``, or a ``data-path``) say. Heavy imports
+(``partition-id`` / ``num-partitions``, or a ``data-path``) say; a resumed run's
+message carries the saved values of keys that differ from ``context.run_config``
+(``wire.RUN_CONFIG``), and those win (:func:`run_config_of`). Heavy imports
 happen inside the handlers so that starting a ClientApp process stays cheap,
 and nothing here imports the server side.
 
@@ -13,6 +15,8 @@ ClientApp's share and the transport's (``simulations/bench_deployment.py``).
 """
 
 import time
+from collections.abc import Mapping
+from typing import Any
 
 from flwr.app import Context, Message
 from flwr.clientapp import ClientApp
@@ -20,10 +24,17 @@ from flwr.clientapp import ClientApp
 app = ClientApp()
 
 
-def _spec_and_data(context: Context):  # noqa: ANN202 (lazy torch types)
+def run_config_of(msg: Message, context: Context) -> Mapping[str, Any]:
+    """The run config: Flower's, with the values a resumed run restored."""
+    from tasks import wire
+
+    restored = msg.content.config_records.get(wire.RUN_CONFIG)
+    return {**context.run_config, **restored} if restored else context.run_config
+
+
+def _spec_and_data(run_config: Mapping[str, Any], node_config: Mapping[str, Any]):  # noqa: ANN202
     from tasks import DataSpec, load_client_data
 
-    run_config, node_config = context.run_config, context.node_config
     spec = DataSpec.from_run_config(
         {**run_config, **{k: v for k, v in node_config.items() if k == "data-path"}},
         num_partitions=int(node_config.get("num-partitions", 1)),
@@ -39,11 +50,10 @@ def _timed(reply: Message, start: float) -> Message:
     return reply
 
 
-def _model_and_data(context: Context):  # noqa: ANN202 (lazy torch types)
+def _model_and_data(run_config: Mapping[str, Any], node_config: Mapping[str, Any]):  # noqa: ANN202
     from tasks import build_model, dataset_info, resolve_device
 
-    run_config = context.run_config
-    spec, data = _spec_and_data(context)
+    spec, data = _spec_and_data(run_config, node_config)
     info = dataset_info(spec)
     model = build_model(
         str(run_config.get("model", "mlp")),
@@ -67,9 +77,10 @@ def train(msg: Message, context: Context) -> Message:
     from clientapps.attacks import attack_for_node
     from clientapps.routine import client_seed, train_client
 
-    model, data, num_classes = _model_and_data(context)
+    run_config = run_config_of(msg, context)
+    model, data, num_classes = _model_and_data(run_config, context.node_config)
     attack = attack_for_node(
-        context.run_config, context.node_config, context.node_id, num_classes
+        run_config, context.node_config, context.node_id, num_classes
     )
     reply = train_client(
         msg,
@@ -89,7 +100,7 @@ def evaluate(msg: Message, context: Context) -> Message:
     from clientapps.routine import evaluate_client
 
     start = time.perf_counter()
-    model, data, _ = _model_and_data(context)
+    model, data, _ = _model_and_data(run_config_of(msg, context), context.node_config)
     reply = evaluate_client(msg, context, model, (data.test_x, data.test_y))
     return _timed(reply, start)
 
@@ -104,5 +115,5 @@ def query(msg: Message, context: Context) -> Message:
     from clientapps.routine import describe_client
     from tasks import dataset_info
 
-    spec, data = _spec_and_data(context)
+    spec, data = _spec_and_data(run_config_of(msg, context), context.node_config)
     return describe_client(msg, context, data.train_y, dataset_info(spec).num_classes)

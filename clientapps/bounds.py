@@ -54,7 +54,7 @@ RATE_MAX = 1e3
 NORM_MAX = 1e6
 """Largest gradient-clip norm a client accepts (0 = no clip)."""
 EPOCHS_MAX = 10_000
-STEPS_MAX = 10_000_000
+STEPS_MAX = wire.MAX_LOCAL_STEPS
 BATCH_MAX = 1_000_000
 INT63_MAX = 2**63 - 1
 

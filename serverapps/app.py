@@ -11,4 +11,7 @@ def main(grid: Grid, context: Context) -> None:
     """Run the algorithm that ``run_config["algorithm"]`` names."""
     from serverapps.run import run_server
 
-    run_server(grid, context.run_config)
+    # What the user set with --run-config (the rest are pyproject defaults):
+    # a resumed run checks these against its saved config (serverapps.resume).
+    overrides = dict(grid.run.override_config)
+    run_server(grid, context.run_config, overrides=overrides)

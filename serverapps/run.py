@@ -3,7 +3,9 @@
 ``run_server(grid, run_config)`` builds the strategy named by the run config,
 the initial model and the central test set from ``tasks/``, then drives the
 rounds with a checkpoint, a results row and a progress line after each. With
-``resume`` set it continues a run directory from its last checkpoint.
+``resume`` set it continues a run directory from its last checkpoint, with the
+run config saved there (``serverapps.resume``: overrides that would change the
+run are refused).
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ from flwr.supercore import log
 
 from serverapps.participation import participation_grid
 from serverapps.results import RunDirectory, progress_line, summary
+from serverapps.resume import RunConfigGrid, restored_values, resumed_config
 from serverapps.settings import (
     DEFAULTS,
     TRAIN_CONFIG_KEYS,
@@ -186,10 +189,33 @@ def build_strategy(run_config: Mapping[str, Any]) -> BouquetStrategy:
 
 
 def run_server(
-    grid: Grid, run_config: Mapping[str, Any], *, settle: float = 1.0
+    grid: Grid,
+    run_config: Mapping[str, Any],
+    *,
+    settle: float = 1.0,
+    overrides: Mapping[str, Any] | None = None,
 ) -> tuple[Result, Path]:
-    """Run a whole federation from the server side; return its result and directory."""
+    """Run a whole federation from the server side; return its result and directory.
+
+    ``overrides`` are the keys the user set explicitly (Flower's
+    ``override_config``); None: every key of ``run_config``. On resume they are
+    checked against the saved run config (``serverapps.resume``).
+    """
+    given = dict(run_config if overrides is None else overrides)
     run_config = {**DEFAULTS, **run_config}
+    path = run_directory(run_config)
+    restored: dict[str, Any] = {}
+    if setting(run_config, "resume"):
+        fused = run_config
+        run_config = resumed_config(path, fused, given)
+        restored = restored_values(fused, run_config)
+        log(
+            INFO,
+            "Resuming %s with its saved run config%s",
+            path,
+            "".join(f"\n\t{k} = {v!r}" for k, v in restored.items())
+            or " (as submitted)",
+        )
     from tasks import DataSpec
 
     # Fail first, before waiting for nodes: unknown names, values of the wrong
@@ -209,6 +235,8 @@ def run_server(
         timeout=setting(run_config, "node-wait-timeout"),
     )
     prepare_client_data(grid, run_config, num_nodes)
+    if restored:  # Flower gives the ClientApps the submitted config
+        grid = RunConfigGrid(grid, restored)  # type: ignore[assignment]
     # Availability is the environment's: unavailable nodes never get train messages.
     grid = participation_grid(grid, run_config)
     num_rounds = setting(run_config, "num-server-rounds")
@@ -217,7 +245,7 @@ def run_server(
     model, evaluate = _central_evaluator(
         run_config, setting(run_config, "num-partitions") or num_nodes
     )
-    directory = RunDirectory(run_directory(run_config))
+    directory = RunDirectory(path)
     directory.write_config(dict(run_config))
 
     def on_round_end(report: RoundReport, current: ArrayRecord) -> None:

@@ -39,7 +39,7 @@ t3 = time.perf_counter()
 run_config = json.loads(sys.argv[1])
 context = Context(run_id=1, node_id=1, node_config={"partition-id": 0,
     "num-partitions": 10}, state=RecordDict(), run_config=run_config)
-model, _, _ = bouquet._model_and_data(context)
+model, _, _ = bouquet._model_and_data(context.run_config, context.node_config)
 t4 = time.perf_counter()
 torch.optim.SGD(model.parameters(), lr=0.1)  # first use imports torch._dynamo
 t5 = time.perf_counter()

@@ -170,5 +170,7 @@ def run_inprocess(
 
     run_config = {**app_defaults(), **(overrides or {})}
     grid = InProcessGrid(client_app or bouquet_client_app, num_nodes, run_config)
-    result, path = run_server(grid, run_config, settle=0.0)
+    result, path = run_server(
+        grid, run_config, settle=0.0, overrides=dict(overrides or {})
+    )
     return result, path, grid

@@ -1,7 +1,9 @@
 """Start, drive and stop real Flower processes on loopback.
 
 Used by the deployment tests and usable from scripts and benchmarks. Everything
-binds to 127.0.0.1 and runs in a private environment: its own ``FLWR_HOME``
+binds to 127.0.0.1 (a deployment SuperLink can bind another ``host``, behind
+the admin guard as ``start-superlink.sh`` runs it, see
+``simulations/admin_guard.py``) and runs in a private environment: its own ``FLWR_HOME``
 per process, a neutral working directory (the SuperLink's cwd ends up first in
 the Ray workers' ``sys.path``), runtime dependency installation off, telemetry
 and the update check off, Hugging Face offline and a private Ray.
@@ -29,6 +31,7 @@ import json
 import shutil
 import signal
 import subprocess
+import sys
 import tempfile
 import time
 import uuid
@@ -39,9 +42,11 @@ from types import TracebackType
 from typing import Any
 
 from simulations.proctools import (
+    ADMIN_GUARD,
     APP_DIR,
     HOST,
     RUN_ID_PATTERN,
+    STATUS_COMPLETED,
     TAG_VARIABLE,
     TlsFiles,
     descendants,
@@ -100,6 +105,8 @@ class SuperLink:
     flwr_home: Path
     tls: TlsFiles | None = None
     node_auth: bool = False
+    host: str = HOST
+    """The address it binds (it is always reachable on loopback too)."""
 
     @property
     def address(self) -> str:
@@ -115,6 +122,20 @@ class SubmittedRun:
     connection: str
     output: str = ""
     submit_seconds: float = 0.0
+    status: str = ""
+    """The final status of a streamed run (empty when not streamed)."""
+
+
+class RunFailedError(RuntimeError):
+    """A streamed run did not end ``finished:completed``."""
+
+    def __init__(self, run: SubmittedRun) -> None:
+        super().__init__(
+            f"Run {run.run_id} ended {run.status} (flwr run --stream exits 0 "
+            f"whatever the run's status). The end of its output:\n"
+            f"{run.output[-4000:]}"
+        )
+        self.run = run
 
 
 @dataclass
@@ -286,6 +307,8 @@ class FlowerProcesses:
         timeout: float = 90.0,
         tls: TlsFiles | None = None,
         node_keys: Sequence[Path] | None = None,
+        host: str = HOST,
+        admin_guard: bool = True,
     ) -> Deployment:
         """Start a deployment SuperLink and ``num_supernodes`` SuperNodes.
 
@@ -296,8 +319,12 @@ class FlowerProcesses:
         (private keys, the ``.pub`` next to each) the SuperLink requires
         SuperNode authentication, every public key is registered with
         ``flwr supernode register`` and SuperNode ``i`` signs in with key ``i``.
-        Returns once the SuperLink is healthy; the SuperNodes connect on
-        their own (the ServerApp waits for ``min-available-nodes``).
+        The SuperLink binds ``host`` and, with ``admin_guard`` (as
+        ``start-superlink.sh`` runs it), answers Control and Runtime requests
+        from loopback only (``simulations/admin_guard.py``); everything here
+        reaches it on loopback. Returns once the SuperLink is healthy; the
+        SuperNodes connect on their own (the ServerApp waits for
+        ``min-available-nodes``).
         """
         if node_keys is not None and len(node_keys) < num_supernodes:
             raise ValueError(f"Need {num_supernodes} node keys, got {len(node_keys)}.")
@@ -308,6 +335,8 @@ class FlowerProcesses:
             simulation=False,
             tls=tls,
             node_auth=node_keys is not None,
+            host=host,
+            admin_guard=admin_guard,
         )
         deployment = Deployment(link)
         for key in node_keys or ():
@@ -340,9 +369,13 @@ class FlowerProcesses:
         private_key: Path | None = None,
         max_retries: int | None = None,
         port: int | None = None,
+        address: str | None = None,
     ) -> ManagedProcess:
-        """Start one ``flower-supernode`` connected to ``link`` (a free port)."""
-        argv = ["flower-supernode", "--superlink", link.address]
+        """Start one ``flower-supernode`` connected to ``link`` (a free port).
+
+        ``address``: how it reaches the SuperLink (default ``link.address``).
+        """
+        argv = ["flower-supernode", "--superlink", address or link.address]
         if link.tls is None:
             argv.append("--insecure")
         else:
@@ -364,11 +397,15 @@ class FlowerProcesses:
         simulation: bool,
         tls: TlsFiles | None = None,
         node_auth: bool = False,
+        host: str = HOST,
+        admin_guard: bool = False,
     ) -> SuperLink:
         port = port or free_port()
         name = f"superlink-{connection}"
         home = self.workdir / "homes" / name
         argv = ["flower-superlink"]
+        if admin_guard:
+            argv = [sys.executable, "-P", str(ADMIN_GUARD)]
         if tls is None:
             argv.append("--insecure")
         else:
@@ -380,7 +417,7 @@ class FlowerProcesses:
             argv += ["--simulation", "--isolation", "subprocess"]
         argv += [
             "--host",
-            HOST,
+            host,
             "--port",
             str(port),
             "--database",
@@ -394,7 +431,7 @@ class FlowerProcesses:
         except (TimeoutError, RuntimeError) as err:
             raise RuntimeError(f"{err}\n{self.logs()}") from err
         self.add_connection(connection, f"{HOST}:{port}", ca_file)
-        return SuperLink(process, port, connection, home, tls, node_auth)
+        return SuperLink(process, port, connection, home, tls, node_auth, host)
 
     # -- the flwr CLI -------------------------------------------------------
 
@@ -445,18 +482,22 @@ class FlowerProcesses:
         federation_config: Mapping[str, Any] | None = None,
         stream: bool = True,
         timeout: float = 600.0,
+        check: bool = True,
     ) -> SubmittedRun:
         """``flwr run <app_dir> <connection>``; return the run id and output.
 
-        With ``stream`` (the default) this returns when the run has ended and
-        ``output`` holds its log; ``flwr run --stream`` exits 0 even when the
-        ServerApp fails, so check :meth:`run_status` /
-        :meth:`wait_for_run`.
+        With ``stream`` (the default) this returns when the run has ended,
+        ``output`` holds its log and ``status`` its final status. ``flwr run
+        --stream`` exits 0 even when the ServerApp fails: with ``check`` (the
+        default) a streamed run that did not complete raises
+        :class:`RunFailedError` with the end of its output.
 
         Raises
         ------
         RuntimeError
             The submission failed (no run id in the output).
+        RunFailedError
+            ``stream`` and ``check``, and the run did not complete.
 
         """
         args = ["run", str(Path(app_dir).resolve()), connection]
@@ -479,9 +520,15 @@ class FlowerProcesses:
             raise RuntimeError(
                 f"flwr run failed (exit {result.returncode}):\n{result.stdout}"
             )
-        return SubmittedRun(
+        run = SubmittedRun(
             int(match.group(1)), connection, result.stdout, time.monotonic() - start
         )
+        if stream:
+            # The status can lag the end of the log stream by a moment.
+            run.status = self.wait_for_run(run.run_id, connection, timeout=120)
+            if check and run.status != STATUS_COMPLETED:
+                raise RunFailedError(run)
+        return run
 
     def run_info(self, run_id: int, connection: str) -> dict[str, Any]:
         """Return the run's row of ``flwr ls --run-id ID <conn> --format json``."""
@@ -497,6 +544,11 @@ class FlowerProcesses:
         if not payload.get("success") or not runs:
             raise RuntimeError(f"`flwr ls` found no run {run_id}:\n{text}")
         return runs[0]
+
+    def supernodes(self, connection: str) -> list[dict[str, Any]]:
+        """The SuperNodes ``flwr supernode ls <connection> --format json`` lists."""
+        text = self.flwr("supernode", "ls", connection, "--format", "json").stdout
+        return list(json.loads(text[text.index("{") :])["nodes"])
 
     def run_status(self, run_id: int, connection: str) -> str:
         """Return the run's status, e.g. ``running`` or ``finished:completed``."""

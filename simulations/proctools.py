@@ -32,6 +32,9 @@ APP_DIR = Path(__file__).resolve().parent.parent
 DEPLOY_SCRIPTS = Path(__file__).resolve().parent / "deploy"
 """The deployment scripts (certificates, node keys, start/stop)."""
 
+ADMIN_GUARD = Path(__file__).resolve().parent / "admin_guard.py"
+"""``flower-superlink`` answering admin requests from loopback only."""
+
 HOST = "127.0.0.1"
 TAG_VARIABLE = "BOUQUET_PROCESS_TAG"
 """Environment variable that marks every process started by one instance."""
@@ -381,11 +384,15 @@ class TlsFiles:
     key: Path
 
     @classmethod
-    def generate(cls, directory: str | Path) -> TlsFiles:
-        """Run ``simulations/deploy/generate-certs.sh`` into ``directory``."""
+    def generate(cls, directory: str | Path, hosts: Iterable[str] = ()) -> TlsFiles:
+        """Run ``simulations/deploy/generate-certs.sh DIRECTORY HOSTS...``.
+
+        The certificate names ``hosts`` plus localhost, 127.0.0.1 and ::1.
+        """
         directory = Path(directory)
+        script = DEPLOY_SCRIPTS / "generate-certs.sh"
         subprocess.run(
-            ["bash", str(DEPLOY_SCRIPTS / "generate-certs.sh"), str(directory)],
+            ["bash", str(script), str(directory), *hosts],
             check=True,
             capture_output=True,
         )
@@ -404,6 +411,22 @@ def generate_node_keys(directory: str | Path, count: int) -> list[Path]:
         capture_output=True,
     )
     return [directory / f"node-{i}" for i in range(count)]
+
+
+def non_loopback_address() -> str | None:
+    """This machine's IPv4 address on its default route, or None if it has none.
+
+    Connecting a UDP socket sends nothing; it only picks the source address.
+    """
+    sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    try:
+        sock.connect(("10.255.255.255", 1))
+        address = sock.getsockname()[0]
+    except OSError:
+        return None
+    finally:
+        sock.close()
+    return None if address.startswith("127.") or address == "0.0.0.0" else address
 
 
 def read_run_metrics(output_dir: str | Path) -> tuple[list[dict[str, Any]], Path]:

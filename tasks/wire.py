@@ -28,6 +28,11 @@ METRICS = "metrics"
 """MetricRecord: what a client reports (training loss, accuracy, num-examples)."""
 CLIENT_INFO = "client-info"
 """ConfigRecord of a reply: which client routine produced it (:data:`ROUTINE`)."""
+RUN_CONFIG = "run-config"
+"""ConfigRecord (server -> client), only in a resumed run: the run-config keys
+whose saved values differ from the config Flower gives the ClientApps (which is
+this submission's, not the interrupted run's); they override
+``context.run_config`` (``serverapps/resume.py``)."""
 
 # Keys of the CONFIG record (server -> client).
 SERVER_ROUND = "server-round"

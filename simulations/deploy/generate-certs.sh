@@ -5,14 +5,18 @@
 #
 # DIR gets ca.crt (give it to every SuperNode and to the flwr CLI), ca.key
 # (keep it offline), server.key and server.pem (the SuperLink's). Every HOST
-# (default: localhost 127.0.0.1 ::1) goes into the certificate's
-# subjectAltName: list every name or IP address SuperNodes use to reach the
-# SuperLink. Certificates are valid for 365 days.
+# goes into the certificate's subjectAltName: list every name or IP address
+# SuperNodes use to reach the SuperLink. localhost, 127.0.0.1 and ::1 are
+# always added: the admin commands (flwr run, flwr supernode register) reach
+# the SuperLink on the server itself (start-superlink.sh answers them only
+# there). Certificates are valid for 365 days.
 set -euo pipefail
 dir=${1:?usage: generate-certs.sh DIR [HOST ...]}
 shift
-hosts=("$@")
-[ ${#hosts[@]} -gt 0 ] || hosts=(localhost 127.0.0.1 ::1)
+hosts=()
+for h in "$@" localhost 127.0.0.1 ::1; do
+  case " ${hosts[*]-} " in *" $h "*) ;; *) hosts+=("$h") ;; esac
+done
 mkdir -p "$dir"
 cd "$dir"
 san=""

@@ -128,6 +128,58 @@ def test_resume_matches_uninterrupted_run(tmp_path, algorithm, model):
         np.testing.assert_array_equal(value, _arrays(resumed)[key])
 
 
+class _KilledError(Exception):
+    pass
+
+
+def test_resume_restores_the_saved_config_and_refuses_changes(tmp_path, monkeypatch):
+    """``resume`` alone continues the interrupted run with its own config."""
+    import serverapps.run
+    from serverapps.resume import ResumeConfigError
+
+    config = {
+        "algorithm": "fedavgm",
+        "num-server-rounds": 4,
+        "fraction-evaluate": 0.0,
+        "lr": 0.05,
+        "seed": 5,
+        "local-epochs": 1,
+    }
+    full, _, _ = run_inprocess(
+        {**config, "output-dir": str(tmp_path / "full")}, num_nodes=3
+    )
+    line = serverapps.run.progress_line
+
+    def die_after_round_2(row, num_rounds):
+        if row["round"] == 2:
+            raise _KilledError  # as if the ServerApp died after round 2's checkpoint
+        return line(row, num_rounds)
+
+    monkeypatch.setattr(serverapps.run, "progress_line", die_after_round_2)
+    out = str(tmp_path / "cut")
+    with pytest.raises(_KilledError):
+        run_inprocess({**config, "output-dir": out}, num_nodes=3)
+    monkeypatch.undo()
+    (path,) = (tmp_path / "cut").iterdir()
+
+    for changed, message in [
+        ({"lr": 0.1}, "lr: 0.05 in the run, 0.1 now"),
+        ({"fraction-evaluate": 1.0}, "fraction-evaluate: 0.0 in the run, 1.0 now"),
+        ({"num-server-rounds": 3}, "num-server-rounds: 4 in the run, 3 now"),
+    ]:
+        with pytest.raises(ResumeConfigError, match=message):
+            run_inprocess({"resume": str(path), **changed}, num_nodes=3)
+
+    # Nothing but the run directory: rounds, evaluation, lr, seed come back.
+    resumed, path2, _ = run_inprocess({"resume": str(path)}, num_nodes=3)
+    assert path2 == path
+    rows = json.loads((path / "metrics.json").read_text())["rounds"]
+    assert [r["round"] for r in rows] == [0, 1, 2, 3, 4]
+    assert all(r["client-accuracy"] is None for r in rows)  # evaluation stays off
+    for key, value in _arrays(full).items():
+        np.testing.assert_array_equal(value, _arrays(resumed)[key])
+
+
 def test_unknown_algorithm_and_bad_value_fail_at_once(tmp_path):
     with pytest.raises(KeyError, match=r"Known algorithms: .*fedavg"):
         run_inprocess({"algorithm": "nope", "output-dir": str(tmp_path)}, num_nodes=2)

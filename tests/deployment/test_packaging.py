@@ -1,0 +1,80 @@
+"""What ``flwr run .`` ships: never deployment state or run outputs.
+
+Fast: the FAB is built in memory with Flower's own builder (what ``flwr run``
+calls), no process is started.
+"""
+
+import io
+import os
+import subprocess
+import zipfile
+from pathlib import Path
+
+from flwr.cli.build import build_fab_from_files
+from flwr.cli.utils import collect_files
+
+from serverapps.run import run_directory
+from simulations.proctools import APP_DIR, DEPLOY_SCRIPTS
+
+DEEP = "/".join(f"d{i}" for i in range(12))
+
+
+def _shipped(extra: dict[str, bytes]) -> list[str]:
+    files = {**collect_files(APP_DIR), **extra}
+    fab, _ = build_fab_from_files(files)
+    return zipfile.ZipFile(io.BytesIO(fab)).namelist()
+
+
+def test_state_and_outputs_inside_the_app_are_not_shipped():
+    # What the old default ./bouquet-deploy held after a few runs: every run's
+    # app copy in the SuperLink's FLWR_HOME, deeper than Flower's limit of 10.
+    state = "bouquet-deploy/superlink/home/apps/bouquet.flwr-bouquet.0.1.0.abc"
+    extra = {
+        f"{state}/serverapps/app.py": b"app = None\n",
+        f"{state}/{DEEP}/x.json": b"{}",
+        "bouquet-deploy/supernode-0/home/config.toml": b"",
+        "bouquet-runs/2026-fedavg-digits-42/metrics.json": b"{}",
+        "runs/2026-fedavg-digits-42/config.json": b"{}",
+        ".flwr-home/config.toml": b"",
+    }
+    names = _shipped(extra)
+    assert "serverapps/app.py" in names and "clientapps/app.py" in names
+    leaked = [n for n in names if n.split("/")[0] in {p.split("/")[0] for p in extra}]
+    assert leaked == []
+
+
+def _script_default_state(env: dict[str, str]) -> Path:
+    script = f'. "{DEPLOY_SCRIPTS / "common.sh"}"; default_state_dir'
+    out = subprocess.run(
+        ["bash", "-c", script], env=env, capture_output=True, text=True, check=True
+    )
+    return Path(out.stdout.strip())
+
+
+def test_the_scripts_keep_their_state_outside_the_app(tmp_path):
+    base = {"PATH": os.environ["PATH"], "HOME": str(tmp_path)}
+    assert _script_default_state(base) == tmp_path / ".local/state/bouquet-deploy"
+    xdg = {**base, "XDG_STATE_HOME": str(tmp_path / "xdg")}
+    assert _script_default_state(xdg) == tmp_path / "xdg/bouquet-deploy"
+    own = {**xdg, "BOUQUET_DEPLOY_STATE": str(tmp_path / "own")}
+    assert _script_default_state(own) == tmp_path / "own"
+    for script in DEPLOY_SCRIPTS.glob("*.sh"):
+        assert "./bouquet-deploy" not in script.read_text(), script.name
+
+
+def test_a_state_dir_inside_the_app_is_warned_about(tmp_path):
+    script = f'. "{DEPLOY_SCRIPTS / "common.sh"}"; warn_if_inside_app "$1"'
+    for directory, warned in ((APP_DIR / "tasks", True), (tmp_path, False)):
+        out = subprocess.run(
+            ["bash", "-c", script, "-", str(directory)], capture_output=True, text=True
+        )
+        assert ("is inside the Flower app" in out.stderr) == warned, directory
+
+
+def test_run_outputs_default_outside_the_app(tmp_path, monkeypatch):
+    monkeypatch.setenv("HOME", str(tmp_path))
+    monkeypatch.chdir(APP_DIR)  # relative output-dir is under home, not the cwd
+    for output_dir in ("", "runs", "~/elsewhere"):
+        path = run_directory({"output-dir": output_dir})
+        assert path.is_relative_to(tmp_path), path
+        assert not path.is_relative_to(APP_DIR), path
