@@ -112,7 +112,14 @@ class ParticipationGrid:
         if not missing:
             return
         answered = query_profiles(self._grid, missing, self.timeout, "participation")
-        # A node that did not describe its data is treated as having none
+        if not answered and not any(self.profiles.values()):
+            raise RuntimeError(
+                f"No node described its data (asked {missing}): non-uniform "
+                "participation needs the ClientApp's query handler, "
+                "@app.query() calling clientapps.routine.describe_client, as "
+                "clientapps/app.py has."
+            )
+        # One node that did not describe its data is treated as having none
         # (and is not asked again): it cannot stop the run.
         self.profiles.update({n: answered.get(n, {}) for n in missing})
         self._build()

@@ -25,6 +25,7 @@ import os
 import statistics
 import time
 import tracemalloc
+import uuid
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -79,6 +80,8 @@ class Round:
             del replies  # one round's replies in memory at a time (4.4 GB at the top)
             config = ConfigRecord({"server-round": rnd, wire.NUM_ROUNDS: 2})
             messages = list(strategy.configure_train(rnd, arrays, config, self.grid))
+            for msg in messages:  # ids, as a grid gives them on push
+                msg.metadata.__dict__["_message_id"] = uuid.uuid4().hex
             replies = self._replies(strategy, messages, rng, directions)
             del messages
             if rnd == 1:

@@ -98,5 +98,5 @@ def test_a_client_app_without_a_query_handler_fails_clearly():
     bare = ClientApp()
     grid = InProcessGrid(bare, 2, app_defaults())
     wrapped = participation_grid(grid, {**app_defaults(), **RUN})
-    with pytest.raises(RuntimeError, match="did not describe its data"):
+    with pytest.raises(RuntimeError, match="No node described its data"):
         wrapped.available(1, [1000, 1001])

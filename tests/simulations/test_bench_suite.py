@@ -126,3 +126,16 @@ def test_memory_breakdown_lists_each_role_by_its_own_peak():
         "| 1000 | 42.5 | flwr-simulation (engine + ServerApp) | 1 | 700 | 700 |",
     ]
     assert bench_suite.render_memory_roles([RESULTS["scale"][0]]) == []
+
+
+def test_aggregation_bench_measures_real_updates():
+    """Every strategy in the aggregation bench accepts its replies and updates.
+
+    Otherwise the bench times the drop path (e.g. replies that answer no
+    message sent) and its table means nothing.
+    """
+    from simulations.bench_aggregation import run
+
+    rows = run(clients=[3], params=[1000], repeats=1)
+    bad = [(r["algorithm"], r.get("error")) for r in rows if not r.get("update")]
+    assert not bad
