@@ -8,10 +8,12 @@ takes a :func:`snapshot` of the strategy state before aggregating and puts it
 back when :func:`state_problem` finds the new arrays or state unusable.
 
 The snapshot is cheap because strategy state is a value (``docs/architecture.md``,
-rule "state as a value"): pieces replace model-sized arrays, they never write
-into them. Containers and small arrays are copied; large arrays are shared
-and made read-only, so code that broke the rule would fail loudly instead of
-silently changing the snapshot.
+rule "state as a value"): pieces replace arrays, they never write into them
+(FedAU's bookkeeping copies its small arrays before it counts). Containers
+are copied; arrays are shared and made read-only, so code that broke the
+rule fails loudly instead of silently changing the snapshot. A table of N
+client models therefore costs nothing to snapshot, and nothing to re-check:
+only arrays that are new since the snapshot are read.
 """
 
 from __future__ import annotations
@@ -33,16 +35,13 @@ rounds; far below float32's maximum (3.4e38), so sums of it over clients and
 rounds cannot overflow.
 """
 
-COPY_BYTES = 1 << 20
-"""Arrays up to this size are copied by :func:`snapshot`; larger ones are shared."""
-
 
 class Snapshot:
     """A copy of a state that later changes to the original do not reach.
 
-    ``shared`` holds the ids of the large arrays the copy shares (read-only):
-    they were checked when they entered the state, so a check of the new
-    state skips them (a table of N client updates is not re-read each round).
+    ``shared`` holds the ids of the arrays the copy shares (read-only): they
+    were checked when they entered the state, so a check of the new state
+    skips them (a table of N client updates is not re-read each round).
     """
 
     def __init__(self, state: Any) -> None:
@@ -57,8 +56,6 @@ class Snapshot:
         if isinstance(value, tuple):
             return tuple(self._copy(v) for v in value)
         if isinstance(value, np.ndarray):
-            if value.nbytes <= COPY_BYTES:
-                return value.copy()
             value.flags.writeable = False
             self.shared.add(id(value))
             return value

@@ -5,7 +5,7 @@ import pytest
 
 from strategies.context import RoundContext
 from strategies.fedavg import FedAvg
-from strategies.safety import COPY_BYTES, snapshot, state_problem
+from strategies.safety import snapshot, state_problem
 
 X = {"w": np.zeros(3, np.float32)}
 
@@ -48,17 +48,18 @@ def test_state_beyond_its_limit_is_refused():
     assert state_problem(X, {"v": np.full(2, 1e19), "n": 10**30}) is None
 
 
-def test_snapshot_copies_small_arrays_and_freezes_large_ones():
-    small = np.zeros(4)
-    large = np.zeros(COPY_BYTES // 8 + 1)
-    saved = snapshot({"a": [small], "b": large})
-    small[0] = 1.0
-    assert saved.value["a"][0][0] == 0.0
-    assert saved.value["b"] is large and id(large) in saved.shared
+def test_snapshot_copies_containers_and_freezes_arrays():
+    table = {"a": [np.zeros(4)], "b": np.zeros(8)}
+    saved = snapshot(table)
+    table["a"].append(np.ones(1))
+    table["c"] = 1.0
+    assert len(saved.value["a"]) == 1 and "c" not in saved.value
+    assert saved.value["b"] is table["b"] and id(table["b"]) in saved.shared
     with pytest.raises(ValueError):
-        large[0] = 1.0  # state arrays are replaced, never written into
+        table["b"][0] = 1.0  # state arrays are replaced, never written into
     # a shared array was checked when it entered: it is not read again
-    large_bad = np.full(COPY_BYTES // 8 + 1, np.inf)
-    again = snapshot({"b": large_bad})
-    assert state_problem(X, {"b": large_bad}, again) is None
-    assert state_problem(X, {"b": large_bad}) is not None
+    bad = np.full(8, np.inf)
+    again = snapshot({"b": bad})
+    assert state_problem(X, {"b": bad}, again) is None
+    assert state_problem(X, {"b": bad}) is not None
+    assert state_problem(X, {"b": bad.copy()}, again) is not None
