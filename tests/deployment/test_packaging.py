@@ -7,6 +7,7 @@ calls), no process is started.
 import io
 import os
 import subprocess
+import sys
 import zipfile
 from pathlib import Path
 
@@ -78,3 +79,28 @@ def test_run_outputs_default_outside_the_app(tmp_path, monkeypatch):
         path = run_directory({"output-dir": output_dir})
         assert path.is_relative_to(tmp_path), path
         assert not path.is_relative_to(APP_DIR), path
+
+
+def test_the_wheel_ships_code_not_results(tmp_path):
+    # A device installs the wheel (docs/deploy.md, "Install"): the measured
+    # results (plots, tables under simulations/results) stay in the repository.
+    subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "wheel",
+            "-q",
+            "--no-build-isolation",
+            "--no-deps",
+            str(APP_DIR),
+            "-w",
+            str(tmp_path),
+        ],
+        check=True,
+        capture_output=True,
+    )
+    (wheel,) = tmp_path.glob("*.whl")
+    names = zipfile.ZipFile(wheel).namelist()
+    assert any(n.startswith("strategies/") for n in names)
+    assert not [n for n in names if "/results/" in n]
