@@ -330,8 +330,12 @@ def _hostile(
     honest = Message(copy.deepcopy(reply.content), reply_to=sent)
     if kind == "duplicate":  # the first is used, the second dropped
         return [honest, Message(copy.deepcopy(reply.content), reply_to=sent)], INVALID
-    if kind == "unknown-message":
-        other = copy.copy(sent)
+    if kind == "unknown-message":  # a fresh message: never sent to anyone
+        other = Message(
+            RecordDict(),
+            dst_node_id=sent.metadata.dst_node_id,
+            message_type=sent.metadata.message_type,
+        )
         other.metadata.__dict__["_message_id"] = uuid.uuid4().hex
         return [Message(copy.deepcopy(reply.content), reply_to=other)], INVALID
     if kind == "wrong-sender":

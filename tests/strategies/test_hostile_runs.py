@@ -15,12 +15,27 @@ import uuid
 
 import numpy as np
 import pytest
-from flwr.app import Array, ArrayRecord, Message, MetricRecord, RecordDict
+from flwr.app import (
+    Array,
+    ArrayRecord,
+    Error,
+    Message,
+    MessageType,
+    MetricRecord,
+    RecordDict,
+)
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from clientapps.app import app as bouquet_app
 from serverapps.run import run_server
-from simulations.inprocess import InProcessGrid, app_defaults
-from strategies.profiles import MAX_CLASSES, check_profile, client_indices
+from simulations.inprocess import InProcessGrid, app_defaults, ensure_task_identity
+from strategies.profiles import (
+    MAX_CLASSES,
+    check_profile,
+    client_indices,
+    query_profiles,
+)
 
 HOSTILE = 1000  # the first in-process node
 
@@ -208,3 +223,71 @@ def test_client_indices_fall_back_to_ranks():
     assert client_indices(by_pid, [10, 11, 12]) == {10: 0, 11: 1, 12: 2}
     far = {10: {"partition-id": 1}, 11: {"partition-id": 10**6}}
     assert client_indices(far) == {10: 0, 11: 1}
+
+
+# ------------------------------------------- the property, for the query --
+class ProfileGrid:
+    """Answers data-profile queries: honest nodes truthfully, others as told."""
+
+    def __init__(self, honest: dict[int, dict], hostile: dict[int, str]) -> None:
+        self.honest, self.hostile = honest, hostile
+        self.replies: dict[str, list[Message]] = {}
+
+    def get_node_ids(self):
+        return sorted({*self.honest, *self.hostile})
+
+    def push_messages(self, messages):
+        ids = []
+        for msg in messages:
+            msg.metadata.__dict__["_message_id"] = uuid.uuid4().hex
+            node = msg.metadata.dst_node_id
+            truth = MetricRecord(self.honest.get(node, {"num-examples": 7}))
+            reply = Message(RecordDict({"metrics": truth}), reply_to=msg)
+            kind = self.hostile.get(node)
+            out = [reply]
+            if kind == "nan":
+                reply.content["metrics"] = MetricRecord({"num-examples": float("nan")})
+            elif kind == "huge-id":
+                reply.content["metrics"] = MetricRecord(
+                    {"num-examples": 5, "partition-id": 10**9}
+                )
+            elif kind == "no-metrics":
+                reply.content.pop("metrics")
+            elif kind == "error":
+                out = [Message(Error(1, "no query handler"), reply_to=msg)]
+            elif kind == "other-sender":
+                reply.metadata.__dict__["_src_node_id"] = 4242
+            elif kind == "stray":  # an answer to a query never sent
+                other = Message(
+                    RecordDict(), dst_node_id=node, message_type=MessageType.QUERY
+                )
+                other.metadata.__dict__["_message_id"] = uuid.uuid4().hex
+                out = [Message(RecordDict({"metrics": truth}), reply_to=other)]
+            self.replies[msg.metadata.message_id] = out
+            ids.append(msg.metadata.message_id)
+        return ids
+
+    def pull_messages(self, message_ids):
+        return [r for i in message_ids for r in self.replies.pop(i, [])]
+
+
+@settings(max_examples=30, deadline=None, derandomize=True)
+@given(
+    hostile=st.dictionaries(
+        st.integers(1, 6),
+        st.sampled_from(
+            ["nan", "huge-id", "no-metrics", "error", "other-sender", "stray"]
+        ),
+        max_size=6,
+    )
+)
+def test_profile_query_with_hostile_answers_keeps_exactly_the_valid_ones(hostile):
+    honest = {
+        n: {"num-examples": 10 * n, "partition-id": n - 1, "label-counts": [n, 1]}
+        for n in range(1, 7)
+        if n not in hostile
+    }
+    ensure_task_identity()
+    grid = ProfileGrid(honest, hostile)
+    got = query_profiles(grid, grid.get_node_ids(), timeout=0.2)
+    assert got == honest
