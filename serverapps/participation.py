@@ -28,6 +28,7 @@ from flwr.app import Message, MessageType
 from flwr.serverapp import Grid
 from flwr.supercore import log
 
+from serverapps.gridview import GridView
 from serverapps.settings import setting
 from strategies.profiles import client_indices, query_profiles
 from strategies.sampling import (
@@ -71,7 +72,7 @@ def _round_of(msg: Message) -> int:
     return int(msg.metadata.group_id)
 
 
-class ParticipationGrid:
+class ParticipationGrid(GridView):
     """A Grid view that delivers train messages only to available nodes.
 
     Parameters
@@ -90,7 +91,7 @@ class ParticipationGrid:
     def __init__(
         self, grid: Grid, spec: ParticipationSpec, seed: int, timeout: float = 3600
     ) -> None:
-        self._grid = grid
+        super().__init__(grid)
         self.spec = spec
         self.seed = int(seed)
         self.timeout = timeout
@@ -99,12 +100,6 @@ class ParticipationGrid:
         self.availability: Availability | None = None
         self.available_counts: dict[int, int] = {}
         """Round -> number of addressed nodes that were available (diagnostics)."""
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self._grid, name)
-
-    def get_node_ids(self) -> Iterable[int]:
-        return self._grid.get_node_ids()
 
     # ----------------------------------------------------------- profiles --
     def _profile(self, node_ids: Iterable[int]) -> None:
@@ -159,7 +154,7 @@ class ParticipationGrid:
         mask = self.availability(server_round)
         return {n for n in node_ids if mask[self.index[n]]}
 
-    def _deliverable(self, messages: Iterable[Message]) -> list[Message]:
+    def outgoing(self, messages: Iterable[Message]) -> list[Message]:
         messages = list(messages)
         train = [m for m in messages if m.metadata.message_type == MessageType.TRAIN]
         if not train:
@@ -173,17 +168,3 @@ class ParticipationGrid:
             if m.metadata.message_type != MessageType.TRAIN
             or m.metadata.dst_node_id in open_
         ]
-
-    def push_messages(self, messages: Iterable[Message]) -> Iterable[str]:
-        return self._grid.push_messages(self._deliverable(messages))
-
-    def pull_messages(self, message_ids: Iterable[str]) -> Iterable[Message]:
-        return self._grid.pull_messages(message_ids)
-
-    def send_and_receive(
-        self, messages: Iterable[Message], *, timeout: float | None = None
-    ) -> Iterable[Message]:
-        deliver = self._deliverable(messages)
-        if not deliver:
-            return []
-        return self._grid.send_and_receive(deliver, timeout=timeout)

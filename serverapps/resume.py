@@ -51,6 +51,7 @@ from flwr.app import ConfigRecord, Message
 from flwr.serverapp import Grid
 from flwr.supercore import log
 
+from serverapps.gridview import GridView
 from tasks import wire
 
 RESULT_NEUTRAL_KEYS = (
@@ -188,7 +189,7 @@ def restored_values(
     return {k: v for k, v in sorted(merged.items()) if not _same(current.get(k), v)}
 
 
-class RunConfigGrid:
+class RunConfigGrid(GridView):
     """A Grid view that adds restored run-config values to every message.
 
     Parameters
@@ -201,31 +202,14 @@ class RunConfigGrid:
     """
 
     def __init__(self, grid: Grid, values: Mapping[str, Any]) -> None:
-        self._grid = grid
+        super().__init__(grid)
         self.values = dict(values)
 
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self._grid, name)
-
-    def get_node_ids(self) -> Iterable[int]:
-        return self._grid.get_node_ids()
-
-    def _stamp(self, messages: Iterable[Message]) -> list[Message]:
+    def outgoing(self, messages: Iterable[Message]) -> list[Message]:
         messages = list(messages)
         for msg in messages:
             msg.content[wire.RUN_CONFIG] = ConfigRecord(self.values)
         return messages
-
-    def push_messages(self, messages: Iterable[Message]) -> Iterable[str]:
-        return self._grid.push_messages(self._stamp(messages))
-
-    def pull_messages(self, message_ids: Iterable[str]) -> Iterable[Message]:
-        return self._grid.pull_messages(message_ids)
-
-    def send_and_receive(
-        self, messages: Iterable[Message], *, timeout: float | None = None
-    ) -> Iterable[Message]:
-        return self._grid.send_and_receive(self._stamp(messages), timeout=timeout)
 
 
 __all__ = [

@@ -25,7 +25,6 @@ import os
 import statistics
 import time
 import tracemalloc
-import uuid
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -34,7 +33,7 @@ import numpy as np
 from flwr.app import ConfigRecord, Message, MetricRecord, RecordDict
 
 from serverapps.run import build_strategy
-from simulations.inprocess import InProcessGrid, app_defaults
+from simulations.inprocess import InProcessGrid, app_defaults, give_id
 from strategies.aggregation import to_numpy, to_record
 from strategies.registry import list_algorithms
 from tasks import wire
@@ -80,8 +79,8 @@ class Round:
             del replies  # one round's replies in memory at a time (4.4 GB at the top)
             config = ConfigRecord({"server-round": rnd, wire.NUM_ROUNDS: 2})
             messages = list(strategy.configure_train(rnd, arrays, config, self.grid))
-            for msg in messages:  # ids, as a grid gives them on push
-                msg.metadata.__dict__["_message_id"] = uuid.uuid4().hex
+            for msg in messages:
+                give_id(msg)
             replies = self._replies(strategy, messages, rng, directions)
             del messages
             if rnd == 1:

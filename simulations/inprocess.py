@@ -84,6 +84,16 @@ def _torch_threads(count: int | None) -> Iterator[None]:
         torch.set_num_threads(previous)
 
 
+def give_id(msg: Message) -> str:
+    """Give ``msg`` a fresh message id, as a grid does when it pushes it.
+
+    Acceptance matches replies to the ids of the messages sent; a message
+    built but not pushed (a test, a benchmark) has none yet.
+    """
+    msg.metadata.__dict__["_message_id"] = uuid.uuid4().hex
+    return msg.metadata.message_id
+
+
 class InProcessGrid(Grid):
     """A Grid over ``num_nodes`` in-process nodes running ``client_app``."""
 
@@ -132,7 +142,7 @@ class InProcessGrid(Grid):
         ids = []
         with _torch_threads(self.client_threads):
             for msg in messages:
-                msg.metadata.__dict__["_message_id"] = uuid.uuid4().hex
+                give_id(msg)
                 node = msg.metadata.dst_node_id
                 self.calls.append((node, msg.metadata.message_type))
                 delivered = copy.deepcopy(msg)

@@ -44,7 +44,7 @@ from flwr.supercore import log
 from strategies.aggregation import to_record
 from strategies.context import RoundContext
 from strategies.state import ServerState, load_state, save_state
-from strategies.validation import MAX_CLIENT_TIME
+from strategies.validation import valid_client_time
 from tasks import wire
 
 POLL_INTERVAL = 0.05
@@ -120,8 +120,8 @@ def payload_bytes(messages: Iterable[Message]) -> int:
 def longest_client_time(replies: Iterable[Message]) -> float | None:
     """The largest valid ``client-time`` a reply reports (None if none does).
 
-    Read from raw replies (before acceptance), so only a finite number in
-    ``[0, MAX_CLIENT_TIME]`` counts; anything else is ignored.
+    Read from raw replies (before acceptance), so only a value acceptance
+    would keep counts (:func:`~strategies.validation.valid_client_time`).
     """
     times = []
     for reply in replies:
@@ -129,11 +129,7 @@ def longest_client_time(replies: Iterable[Message]) -> float | None:
             continue
         record = reply.content.metric_records.get(wire.METRICS)
         value = record.get(wire.CLIENT_TIME) if record is not None else None
-        if (
-            isinstance(value, (int, float))
-            and not isinstance(value, bool)
-            and 0 <= value <= MAX_CLIENT_TIME
-        ):
+        if valid_client_time(value):
             times.append(float(value))
     return max(times, default=None)
 

@@ -27,7 +27,6 @@ the server's arithmetic:
 
 from __future__ import annotations
 
-import io
 import math
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -36,9 +35,8 @@ from typing import Any
 import numpy as np
 from flwr.app import Array, ArrayRecord, Message, MetricRecord
 from flwr.common.constant import SType
-from numpy.lib import format as npy_format
 
-from strategies.aggregation import NDArrays
+from strategies.aggregation import NDArrays, npy_view
 from strategies.params import Range
 from tasks import wire
 
@@ -163,38 +161,22 @@ class RoutineMissingError(ValueError):
 def decode_array(array: Array, shape: tuple[int, ...], dtype: str) -> np.ndarray | str:
     """The values of ``array`` as a read-only view of its bytes, or why not.
 
-    Only NumPy's ``.npy`` format (versions 1-3, no pickled objects) is read,
-    and only when its header states ``dtype`` and ``shape`` and the payload
-    holds exactly that many bytes: the header is checked before any value
-    is read, so a forged size allocates nothing.
+    Only NumPy's ``.npy`` format is read (:func:`~strategies.aggregation.npy_view`:
+    versions 1-2, no pickled objects, the byte count checked against the
+    header before any value is read), and only when its header states
+    ``dtype`` and ``shape``.
     """
     if array.stype != SType.NUMPY or not isinstance(array.data, bytes):
         return f"is serialised as {array.stype!r}, not numpy"
-    data = array.data
-    buffer = io.BytesIO(data)  # shares the bytes
     try:
-        major, _ = npy_format.read_magic(buffer)
-        read_header = {
-            1: npy_format.read_array_header_1_0,
-            2: npy_format.read_array_header_2_0,
-        }.get(major)
-        if read_header is None:
-            return f"has an unsupported .npy version {major}"
-        held_shape, fortran, held_dtype = read_header(buffer)
-    except Exception as err:  # any garbage: ValueError, EOFError, SyntaxError
-        return f"cannot be decoded ({type(err).__name__})"
-    if tuple(held_shape) != shape or str(held_dtype) != dtype:
-        return f"holds {held_dtype}{list(held_shape)}, declared {dtype}{list(shape)}"
-    if held_dtype.hasobject:
-        return "holds Python objects"
-    offset = buffer.tell()
-    if len(data) - offset != math.prod(shape) * held_dtype.itemsize:
+        values = npy_view(array.data)
+    except ValueError as err:
+        return f"cannot be decoded ({err})"
+    if values.shape != shape or str(values.dtype) != dtype:
         return (
-            f"holds {len(data) - offset} bytes of values, "
-            f"{math.prod(shape) * held_dtype.itemsize} expected"
+            f"holds {values.dtype}{list(values.shape)}, declared {dtype}{list(shape)}"
         )
-    flat = np.frombuffer(data, dtype=held_dtype, count=math.prod(shape), offset=offset)
-    return flat.reshape(shape, order="F" if fortran else "C")
+    return values
 
 
 def value_problem(values: np.ndarray, limit: float = MAX_ABS_VALUE) -> str | None:
@@ -258,10 +240,13 @@ def _usable_metric(value: object) -> bool:
     return _finite(value)
 
 
-def check_metrics(
-    record: MetricRecord, contract: Contract
-) -> tuple[dict[str, Any], list[str]] | str:
-    """The usable metrics of ``record`` and the keys ignored, or why it is refused.
+def valid_client_time(value: object) -> bool:
+    """Whether ``value`` is a usable ``client-time`` (seconds)."""
+    return _finite(value, MAX_CLIENT_TIME) and value >= 0
+
+
+def check_metrics(record: MetricRecord, contract: Contract) -> dict[str, Any] | str:
+    """The usable metrics of ``record``, or why the reply is refused.
 
     The weight, ``partition-id`` and the declared metrics are read by the
     server: a bad value refuses the reply. Every other key is only reported;
@@ -297,18 +282,11 @@ def check_metrics(
             if valid:
                 where = "in " + " or ".join(str(r) for r in valid)
             return f"metric '{key}' must be a number {where}; got {_short(value)}"
-    usable: dict[str, Any] = {}
-    ignored: list[str] = []
-    for key, value in record.items():
-        if key == wire.CLIENT_TIME:
-            good = _finite(value, MAX_CLIENT_TIME) and value >= 0
-        else:
-            good = _usable_metric(value)
-        if good:
-            usable[key] = value
-        else:
-            ignored.append(key)
-    return usable, ignored
+    return {
+        key: value
+        for key, value in record.items()
+        if (valid_client_time if key == wire.CLIENT_TIME else _usable_metric)(value)
+    }
 
 
 def _short(value: object) -> str:
@@ -380,10 +358,9 @@ def accept(
         return f"expected one metric record '{wire.METRICS}'"
     if unexpected := set(content.config_records) - {wire.CLIENT_INFO}:
         return f"unexpected config records {sorted(unexpected)}"
-    checked = check_metrics(content.metric_records[wire.METRICS], contract)
-    if isinstance(checked, str):
-        return checked
-    metrics, _ = checked
+    metrics = check_metrics(content.metric_records[wire.METRICS], contract)
+    if isinstance(metrics, str):
+        return metrics
     decoded: dict[str, NDArrays] = {}
     for name, spec in expected_records.items():
         arrays = _decode(content.array_records[name], spec, name)

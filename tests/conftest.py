@@ -5,8 +5,10 @@ from __future__ import annotations
 import atexit
 import os
 import shutil
+import subprocess
+import sys
 import tempfile
-import uuid
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -34,7 +36,28 @@ from flwr.app import (  # noqa: E402 (environment first)
     RecordDict,
 )
 
-from simulations.inprocess import ensure_task_identity  # noqa: E402
+from simulations.inprocess import ensure_task_identity, give_id  # noqa: E402
+
+
+def build_wheel(source, out_dir) -> Path:
+    """Build Bouquet's wheel from ``source`` into ``out_dir``; its path."""
+    subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "wheel",
+            "-q",
+            "--no-deps",
+            "--no-build-isolation",
+            "-w",
+            str(out_dir),
+            str(source),
+        ],
+        check=True,
+        capture_output=True,
+    )
+    return next(Path(out_dir).glob("flwr_bouquet-*.whl"))
 
 
 @pytest.fixture(autouse=True)
@@ -50,7 +73,7 @@ def _sent(node_id: int, message_type: str = MessageType.TRAIN) -> Message:
         dst_node_id=node_id,
         message_type=message_type,
     )
-    msg.metadata.__dict__["_message_id"] = uuid.uuid4().hex
+    give_id(msg)
     return msg
 
 
@@ -66,7 +89,7 @@ def answer(strategy, replies, phase: str = "train") -> list[Message]:
     kind = MessageType.TRAIN if phase == "train" else MessageType.EVALUATE
     for msg in ctx.messages:  # a grid gives ids on push; a test grid does not
         if not msg.metadata.message_id:
-            msg.metadata.__dict__["_message_id"] = uuid.uuid4().hex
+            give_id(msg)
     by_node = {m.metadata.dst_node_id: m for m in ctx.messages}
     out = []
     for reply in replies:

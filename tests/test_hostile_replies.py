@@ -37,7 +37,6 @@ from __future__ import annotations
 import copy
 import functools
 import io
-import uuid
 from collections.abc import Callable
 
 import numpy as np
@@ -57,7 +56,12 @@ from hypothesis import strategies as st
 
 from serverapps.run import build_strategy
 from serverapps.settings import TRAIN_CONFIG_KEYS, setting
-from simulations.inprocess import InProcessGrid, app_defaults, run_inprocess
+from simulations.inprocess import (
+    InProcessGrid,
+    app_defaults,
+    give_id,
+    run_inprocess,
+)
 from strategies.aggregation import to_record
 from strategies.registry import get_algorithm, list_algorithms
 from strategies.state import load_state
@@ -105,8 +109,8 @@ class Scenario:
             strategy.fraction_evaluate, strategy.min_evaluate_nodes = 1.0, 1
             messages = strategy.configure_evaluate(2, arrays, ConfigRecord(), self.grid)
         messages = list(messages)
-        for msg in messages:  # ids, as a grid gives them on push
-            msg.metadata.__dict__["_message_id"] = uuid.uuid4().hex
+        for msg in messages:
+            give_id(msg)
         return strategy, messages
 
 
@@ -336,7 +340,7 @@ def _hostile(
             dst_node_id=sent.metadata.dst_node_id,
             message_type=sent.metadata.message_type,
         )
-        other.metadata.__dict__["_message_id"] = uuid.uuid4().hex
+        give_id(other)
         return [Message(copy.deepcopy(reply.content), reply_to=other)], INVALID
     if kind == "wrong-sender":
         honest.metadata.__dict__["_src_node_id"] = 987654

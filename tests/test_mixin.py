@@ -7,28 +7,15 @@ from pathlib import Path
 
 import pytest
 
+from tests.conftest import build_wheel
+
 ROOT = Path(__file__).resolve().parent.parent
 
 
 @pytest.mark.slow
 def test_installed_package_drives_a_user_clientapp(tmp_path):
     wheels, site = tmp_path / "wheels", tmp_path / "site"
-    subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "pip",
-            "wheel",
-            "-q",
-            "--no-deps",
-            "--no-build-isolation",
-            "-w",
-            str(wheels),
-            str(ROOT),
-        ],
-        check=True,
-    )
-    wheel = next(wheels.glob("flwr_bouquet-*.whl"))
+    wheel = build_wheel(ROOT, wheels)
     subprocess.run(
         [
             sys.executable,

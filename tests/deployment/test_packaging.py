@@ -7,7 +7,6 @@ calls), no process is started.
 import io
 import os
 import subprocess
-import sys
 import zipfile
 from pathlib import Path
 
@@ -16,6 +15,7 @@ from flwr.cli.utils import collect_files
 
 from serverapps.run import run_directory
 from simulations.proctools import APP_DIR, DEPLOY_SCRIPTS
+from tests.conftest import build_wheel
 
 DEEP = "/".join(f"d{i}" for i in range(12))
 
@@ -84,23 +84,7 @@ def test_run_outputs_default_outside_the_app(tmp_path, monkeypatch):
 def test_the_wheel_ships_code_not_results(tmp_path):
     # A device installs the wheel (docs/deploy.md, "Install"): the measured
     # results (plots, tables under simulations/results) stay in the repository.
-    subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "pip",
-            "wheel",
-            "-q",
-            "--no-build-isolation",
-            "--no-deps",
-            str(APP_DIR),
-            "-w",
-            str(tmp_path),
-        ],
-        check=True,
-        capture_output=True,
-    )
-    (wheel,) = tmp_path.glob("*.whl")
+    wheel = build_wheel(APP_DIR, tmp_path)
     names = zipfile.ZipFile(wheel).namelist()
     assert any(n.startswith("strategies/") for n in names)
     assert not [n for n in names if "/results/" in n]

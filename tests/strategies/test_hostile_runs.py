@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import copy
 import json
-import uuid
 
 import numpy as np
 import pytest
@@ -29,7 +28,12 @@ from hypothesis import strategies as st
 
 from clientapps.app import app as bouquet_app
 from serverapps.run import run_server
-from simulations.inprocess import InProcessGrid, app_defaults, ensure_task_identity
+from simulations.inprocess import (
+    InProcessGrid,
+    app_defaults,
+    ensure_task_identity,
+    give_id,
+)
 from strategies.profiles import (
     MAX_CLASSES,
     check_profile,
@@ -65,7 +69,7 @@ class HostileGrid(InProcessGrid):
                 copy.deepcopy(replies[0].content), reply_to=_sent_to(replies[0])
             )
             stray_to = _sent_to(replies[0])
-            stray_to.metadata.__dict__["_message_id"] = uuid.uuid4().hex
+            give_id(stray_to)
             stray = Message(copy.deepcopy(replies[0].content), reply_to=stray_to)
             out.extend([twin, stray])
         return out
@@ -239,7 +243,7 @@ class ProfileGrid:
     def push_messages(self, messages):
         ids = []
         for msg in messages:
-            msg.metadata.__dict__["_message_id"] = uuid.uuid4().hex
+            give_id(msg)
             node = msg.metadata.dst_node_id
             truth = MetricRecord(self.honest.get(node, {"num-examples": 7}))
             reply = Message(RecordDict({"metrics": truth}), reply_to=msg)
@@ -261,7 +265,7 @@ class ProfileGrid:
                 other = Message(
                     RecordDict(), dst_node_id=node, message_type=MessageType.QUERY
                 )
-                other.metadata.__dict__["_message_id"] = uuid.uuid4().hex
+                give_id(other)
                 out = [Message(RecordDict({"metrics": truth}), reply_to=other)]
             self.replies[msg.metadata.message_id] = out
             ids.append(msg.metadata.message_id)
