@@ -43,6 +43,10 @@ Decisions where the spec was open:
 - Time is the driver's clock: simulated time under the virtual clock, where
   the measured ``elapsed / Q_i`` is the node's simulated step time (times its
   noise); wall seconds in deployment.
+- A failed task (error, refused or lost reply) frees its node for new work.
+  A node with no speed yet (its first task failed) gets a first task again,
+  ``Q_max`` steps in no group, rather than an assignment the scheduler cannot
+  compute; a speed sample is floored at ``MIN_STEP_TIME``.
 
 Clients: recipe ``delta``, ``local-steps`` = ``Q_i`` per task.
 """
