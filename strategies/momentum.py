@@ -55,6 +55,8 @@ Decisions where the spec was open:
   averaged at eta_g = 1 (the default), integer buffers rounded.
 - ``eta * K_i`` comes from the client (metric ``momentum.eta-k``), so clients
   with different step counts (epoch-based training) give g in gradient units.
+  It divides the update, so a reply's ``eta K_i`` must be 0 (no step) or in
+  ``[1e-8, 1e6]``; a denormal would make g infinite (``reply_metric_ranges``).
 - The local optimizer should be plain SGD (run-config ``momentum = 0``,
   ``weight-decay = 0``) as in the papers; other settings are applied by
   torch's SGD on top of the corrected direction.
