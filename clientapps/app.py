@@ -21,19 +21,26 @@ from typing import Any
 from flwr.app import Context, Message
 from flwr.clientapp import ClientApp
 
+if __package__ == "clientapps":
+    # Flower imported this entry from the app's folder (``flwr run .``): every
+    # ``bouquet.*`` import below must load this same copy (bouquet.tasks.fab).
+    from tasks.fab import name_this_copy_bouquet
+
+    name_this_copy_bouquet()
+
 app = ClientApp()
 
 
 def run_config_of(msg: Message, context: Context) -> Mapping[str, Any]:
     """The run config: Flower's, with the values a resumed run restored."""
-    from tasks import wire
+    from bouquet.tasks import wire
 
     restored = msg.content.config_records.get(wire.RUN_CONFIG)
     return {**context.run_config, **restored} if restored else context.run_config
 
 
 def _spec_and_data(run_config: Mapping[str, Any], node_config: Mapping[str, Any]):  # noqa: ANN202
-    from tasks import DataSpec, load_client_data
+    from bouquet.tasks import DataSpec, load_client_data
 
     spec = DataSpec.from_run_config(
         {**run_config, **{k: v for k, v in node_config.items() if k == "data-path"}},
@@ -43,7 +50,7 @@ def _spec_and_data(run_config: Mapping[str, Any], node_config: Mapping[str, Any]
 
 
 def _timed(reply: Message, start: float) -> Message:
-    from tasks import wire
+    from bouquet.tasks import wire
 
     if reply.has_content() and wire.METRICS in reply.content.metric_records:
         reply.content[wire.METRICS][wire.CLIENT_TIME] = time.perf_counter() - start
@@ -51,7 +58,7 @@ def _timed(reply: Message, start: float) -> Message:
 
 
 def _model_and_data(run_config: Mapping[str, Any], node_config: Mapping[str, Any]):  # noqa: ANN202
-    from tasks import build_model, dataset_info, resolve_device
+    from bouquet.tasks import build_model, dataset_info, resolve_device
 
     spec, data = _spec_and_data(run_config, node_config)
     info = dataset_info(spec)
@@ -74,8 +81,8 @@ def _model_and_data(run_config: Mapping[str, Any], node_config: Mapping[str, Any
 def train(msg: Message, context: Context) -> Message:
     """Local training with the run's algorithm (and the run's attack, if any)."""
     start = time.perf_counter()
-    from clientapps.attacks import attack_for_node
-    from clientapps.routine import client_seed, train_client
+    from bouquet.clientapps.attacks import attack_for_node
+    from bouquet.clientapps.routine import client_seed, train_client
 
     run_config = run_config_of(msg, context)
     model, data, num_classes = _model_and_data(run_config, context.node_config)
@@ -97,7 +104,7 @@ def train(msg: Message, context: Context) -> Message:
 @app.evaluate()
 def evaluate(msg: Message, context: Context) -> Message:
     """Evaluate the global model on the node's held-out split."""
-    from clientapps.routine import evaluate_client
+    from bouquet.clientapps.routine import evaluate_client
 
     start = time.perf_counter()
     model, data, _ = _model_and_data(run_config_of(msg, context), context.node_config)
@@ -112,8 +119,8 @@ def query(msg: Message, context: Context) -> Message:
     Asked once per run by the participation environment
     (``serverapps/participation.py``) to link availability to data.
     """
-    from clientapps.routine import describe_client
-    from tasks import dataset_info
+    from bouquet.clientapps.routine import describe_client
+    from bouquet.tasks import dataset_info
 
     spec, data = _spec_and_data(run_config_of(msg, context), context.node_config)
     return describe_client(msg, context, data.train_y, dataset_info(spec).num_classes)

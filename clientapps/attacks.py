@@ -43,11 +43,11 @@ import numpy as np
 import torch
 from flwr.app import Message
 
-from clientapps.hooks import Hook
-from clientapps.loop import LocalRun
-from clientapps.state import array_record, load_arrays, save_arrays
-from tasks import wire
-from tasks.wire import derive_seed
+from bouquet.clientapps.hooks import Hook
+from bouquet.clientapps.loop import LocalRun
+from bouquet.clientapps.state import array_record, load_arrays, save_arrays
+from bouquet.tasks import wire
+from bouquet.tasks.wire import derive_seed
 
 ATTACKS = ("none", "sign-flip", "gaussian", "label-flip", "random", "unreliable")
 DEFAULT_SCALE = {"sign-flip": 4.0, "gaussian": 1.0, "random": 1.0, "unreliable": 1.0}

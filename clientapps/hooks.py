@@ -38,11 +38,11 @@ import numpy as np
 import torch
 from flwr.app import ArrayRecord
 
-from clientapps.state import array_record
-from tasks import wire
+from bouquet.clientapps.state import array_record
+from bouquet.tasks import wire
 
 if TYPE_CHECKING:
-    from clientapps.loop import LocalRun
+    from bouquet.clientapps.loop import LocalRun
 
 
 def parameter_names(run: LocalRun) -> list[str]:
@@ -80,6 +80,9 @@ class Hook:
 
     needs_features: bool = False
     """Set to True to find the classifier's input in ``run.features``."""
+    fixed_optimizer: bool = False
+    """Set to True where the hook's math assumes the optimizer the config names
+    (its ``lr`` and ``momentum``): a user's optimizer factory is then refused."""
     reads: tuple[str, ...] = ()
     """Records of the message this hook reads from ``run.incoming``: each one
     present is checked against the model before any hook runs."""

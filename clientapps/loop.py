@@ -23,12 +23,15 @@ from typing import Any
 import torch
 from torch import nn
 
-from clientapps import bounds
-from clientapps.hooks import Hook
-from clientapps.losses import LOSSES, Loss, make_loss
-from tasks import wire
+from bouquet.clientapps import bounds
+from bouquet.clientapps.hooks import Hook
+from bouquet.clientapps.losses import LOSSES, Loss, make_loss
+from bouquet.tasks import wire
 
 OPTIMIZERS = bounds.OPTIMIZER.choices
+
+OptimizerFactory = Callable[[list[torch.Tensor]], torch.optim.Optimizer]
+"""Builds the local optimizer over the trainable parameters."""
 
 
 @dataclass(frozen=True)
@@ -211,6 +214,8 @@ def train_local(
     incoming: Mapping[str, Any] | None = None,
     personal: Sequence[str] = (),
     start_values: Callable[[], Mapping[str, Any]] | None = None,
+    optimizer: OptimizerFactory | None = None,
+    loss: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
 ) -> TrainResult:
     """Train ``model`` in place on ``data = (x, y)`` with ``hooks``.
 
@@ -220,6 +225,12 @@ def train_local(
     read (``Hook.reads``) are checked against the model first
     (:func:`clientapps.bounds.check_record`).
 
+    ``optimizer`` (a factory over the trainable parameters) and ``loss``
+    (``(logits, y) -> scalar``) replace the ones ``settings`` name; the
+    hooks' own terms are still added to the loss. A recipe whose math
+    assumes the settings' optimizer (``Hook.fixed_optimizer``) refuses a
+    factory with a ``ValueError``.
+
     Returns the number of examples trained on, the step count, the loss of
     the first step and the mean loss over all steps.
     """
@@ -228,11 +239,19 @@ def train_local(
         raise ValueError(
             f"Need matching, non-empty x and y; got {len(x_all)}, {len(y_all)}."
         )
+    if optimizer is not None and (fixed := [h for h in hooks if h.fixed_optimizer]):
+        raise ValueError(
+            f"{type(fixed[0]).__name__} derives its update from the optimizer the "
+            "config names (optimizer, lr, momentum): pass no optimizer factory, "
+            "and set those keys in the run config or in defaults instead."
+        )
     device = next(model.parameters()).device
     params = [p for p in model.parameters() if p.requires_grad]
     run = LocalRun(
         model=model,
-        optimizer=make_optimizer(params, settings),
+        optimizer=(optimizer or functools.partial(make_optimizer, settings=settings))(
+            params
+        ),
         settings=settings,
         config=config or {},
         state=state if state is not None else {},
@@ -240,7 +259,7 @@ def train_local(
         generator=generator,
         parameters=params,
         data=(x_all, y_all),
-        loss_fn=make_loss(settings.loss),
+        loss_fn=make_loss(settings.loss) if loss is None else _user_loss(loss),
         personal=tuple(personal),
         num_examples=len(x_all),
         start_values=start_values,
@@ -317,6 +336,13 @@ def train_local(
         loss_mean=sum(losses) / len(losses) if losses else float("nan"),
         run=run,
     )
+
+
+def _user_loss(loss: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]) -> Loss:
+    def base_term(logits: torch.Tensor, y: torch.Tensor, run: LocalRun) -> torch.Tensor:
+        return loss(logits, y)
+
+    return base_term
 
 
 def _capture_features(run: LocalRun) -> torch.utils.hooks.RemovableHandle:

@@ -21,7 +21,7 @@ import torch
 from torch.nn import functional as F  # noqa: N812
 
 if TYPE_CHECKING:
-    from clientapps.loop import LocalRun
+    from bouquet.clientapps.loop import LocalRun
 
 Loss = Callable[[torch.Tensor, torch.Tensor, "LocalRun"], torch.Tensor]
 

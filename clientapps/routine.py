@@ -3,13 +3,25 @@
 These are the entry points for mixing Bouquet into your own Flower app: your
 ClientApp builds its model and data and hands them over::
 
+    from bouquet.clientapps import describe_client, evaluate_client, train_client
+
     @app.train()
     def train(msg, context):
-        return train_client(msg, context, MyNet(), (x_train, y_train))
+        return train_client(msg, context, MyNet(), trainloader)
 
     @app.evaluate()
     def evaluate(msg, context):
-        return evaluate_client(msg, context, MyNet(), (x_test, y_test))
+        return evaluate_client(msg, context, MyNet(), valloader)
+
+    @app.query()  # asynchronous strategies size each node's tasks by it
+    def query(msg, context):
+        return describe_client(msg, context, trainloader, num_classes=10)
+
+Data may be ``(x, y)`` tensors, a ``Dataset``, a ``DataLoader`` or any
+iterable of batches (:mod:`clientapps.inputs`). Local-training settings
+(``local-epochs``, ``batch-size``, ``lr``, ``momentum``, ...) come from the
+server's message, else the run config, else your ``defaults``, else
+:class:`~clientapps.loop.TrainSettings`' documented ones.
 
 The server's strategy names the routine its algorithm needs in the message
 (``config["client-routine"]``): ``train_client`` runs that recipe of hooks on
@@ -31,11 +43,13 @@ error reply (its reason names the key, the value and the allowed range).
 
 from __future__ import annotations
 
-from collections.abc import Mapping, MutableMapping, Sequence
+from collections.abc import Callable, Mapping, MutableMapping, Sequence
+from typing import Any
 
 import numpy as np
 import torch
 from flwr.app import (
+    Array,
     ArrayRecord,
     ConfigRecord,
     Context,
@@ -45,15 +59,16 @@ from flwr.app import (
 )
 from torch import nn
 
-from clientapps import bounds
-from clientapps.hooks import Hook
-from clientapps.loop import TrainSettings, train_local
-from clientapps.recipes import get_recipe
-from clientapps.state import load_arrays, save_arrays
-from tasks import wire
-from tasks.evaluation import evaluate_model
+from bouquet.clientapps import bounds
+from bouquet.clientapps.hooks import Hook
+from bouquet.clientapps.inputs import DataSource, as_tensors, labels_of
+from bouquet.clientapps.loop import OptimizerFactory, TrainSettings, train_local
+from bouquet.clientapps.recipes import get_recipe
+from bouquet.clientapps.state import load_arrays, save_arrays
+from bouquet.tasks import wire
+from bouquet.tasks.evaluation import evaluate_model
 
-Data = tuple[torch.Tensor, torch.Tensor]
+Data = DataSource
 
 PERSONAL_STATE = ("bouquet", "personal")
 """Where a node keeps its personal parameters in ``Context.state``."""
@@ -105,6 +120,20 @@ def _keep_personal(
         save_arrays(state, *PERSONAL_STATE, {k: entries[k] for k in personal})
 
 
+def _fallback(
+    run_config: Mapping[str, Any], defaults: Mapping[str, Any] | None
+) -> Mapping[str, Any]:
+    """Where a setting the message lacks is read: the run config, then ``defaults``."""
+    if not defaults:
+        return run_config
+    if unknown := sorted(set(defaults) - set(wire.TRAIN_SETTINGS)):
+        raise ValueError(
+            f"defaults: {unknown} are not local-training settings; "
+            f"they are {', '.join(wire.TRAIN_SETTINGS)}."
+        )
+    return {**defaults, **run_config}
+
+
 def _base_metrics(context: Context, num_examples: int) -> dict[str, float]:
     metrics: dict[str, float] = {wire.NUM_EXAMPLES: num_examples}
     if wire.PARTITION_ID in context.node_config:
@@ -121,6 +150,10 @@ def train_client(
     routine: str | None = None,
     hooks: Sequence[Hook] | None = None,
     extra_hooks: Sequence[Hook] = (),
+    defaults: Mapping[str, Any] | None = None,
+    optimizer: OptimizerFactory | None = None,
+    loss: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
+    batch_keys: Sequence[str] | None = None,
 ) -> Message:
     """Train ``model`` on ``data`` as the server's algorithm asks; build the reply.
 
@@ -130,8 +163,9 @@ def train_client(
         What Flower passed to the ClientApp's train handler.
     model : nn.Module
         Your model; its state dict must match the arrays the server sends.
-    data : (x, y)
-        Local training tensors.
+    data : (x, y), Dataset, DataLoader or iterable of batches
+        The node's training data (:func:`clientapps.inputs.as_tensors`: read
+        once per call; the loop draws seeded batches of ``batch-size``).
     routine : str, optional
         Run this recipe instead of the one the message names.
     hooks : sequence of Hook, optional
@@ -139,9 +173,22 @@ def train_client(
         routine, so it is your promise that they implement it).
     extra_hooks : sequence of Hook
         Hooks run after the recipe's (e.g. an attack's label flipping).
-
-    Local-training settings come from the message config, else the run
-    config, else :class:`~clientapps.loop.TrainSettings`' defaults.
+    defaults : mapping, optional
+        Your values of local-training keys (``local-epochs``, ``local-steps``,
+        ``batch-size``, ``lr``, ``momentum``, ``weight-decay``, ``optimizer``,
+        ``loss``) for where neither the message config nor the run config
+        sets them; Bouquet's documented defaults come last.
+    optimizer : callable, optional
+        ``params -> torch.optim.Optimizer``: your optimizer, in place of the
+        one the settings name. Refused (``ValueError``) by routines whose
+        math assumes the configured one (SCAFFOLD and the momentum family,
+        FedAMD, FedHyper, FedSpeed).
+    loss : callable, optional
+        ``(logits, y) -> scalar``: your loss, in place of ``loss``'s; the
+        algorithm's own terms (FedProx's proximal term, FedLD's margin, ...)
+        are added to it.
+    batch_keys : (input_key, label_key), optional
+        Which entries of a mapping batch are inputs and labels.
 
     Raises
     ------
@@ -149,6 +196,9 @@ def train_client(
         A config value or a record the server sent is out of bounds
         (:mod:`clientapps.bounds`); raised before anything is trained or
         stored in ``context.state``.
+    ValueError
+        ``defaults`` names a key that is not a local-training setting, or
+        ``data`` cannot be read as inputs and labels.
 
     """
     # Validate first: every config value, then (in train_local) the records.
@@ -157,7 +207,9 @@ def train_client(
     if hooks is None:
         hooks = get_recipe(name)(config)
     hooks = [*hooks, *extra_hooks]
-    settings = TrainSettings.from_config(config, context.run_config)
+    settings = TrainSettings.from_config(
+        config, _fallback(context.run_config, defaults)
+    )
     seed = client_seed(msg, context)
     personal = personal_names(msg, model)
     load_model(model, msg.content[wire.ARRAYS], personal, context.state)
@@ -169,11 +221,13 @@ def train_client(
 
     generator = torch.Generator().manual_seed(seed)
     with torch.random.fork_rng(devices=[]):
-        # Dropout and other global-RNG users draw from the same derived seed.
+        # Dropout and other global-RNG users (a loader's shuffle and random
+        # transforms) draw from the same derived seed.
         torch.manual_seed(seed)
+        x, y = as_tensors(data, batch_keys)
         result = train_local(
             model,
-            data,
+            (x, y),
             settings,
             hooks,
             generator=generator,
@@ -182,6 +236,8 @@ def train_client(
             incoming=msg.content,
             personal=personal,
             start_values=start_values,
+            optimizer=optimizer,
+            loss=loss,
         )
     _keep_personal(model, personal, context.state)
     metrics = _base_metrics(context, result.num_examples)
@@ -192,25 +248,73 @@ def train_client(
     entries = model.state_dict()
     for name_ in personal:
         del entries[name_]
+    records = dict(result.run.reply_records)
+    if (clip := bounds.DP_CLIPPING_NORM.read(config)) > 0:
+        # Client-side DP (strategies/privacy.py): only the update is clipped.
+        if wire.ARRAYS in records:  # the reply is an update (a delta, a gradient)
+            records[wire.ARRAYS] = _clipped_update(records[wire.ARRAYS], clip)
+        else:
+            entries = _clipped_model(entries, msg.content[wire.ARRAYS], clip)
     content = RecordDict(
         {
             wire.ARRAYS: ArrayRecord(entries),
             wire.METRICS: MetricRecord(metrics),
             wire.CLIENT_INFO: ConfigRecord({wire.ROUTINE: name}),
-            **result.run.reply_records,
+            **records,
         }
     )
     return Message(content, reply_to=msg)
 
 
+def _scale(norm: float, clip: float) -> float:
+    return min(1.0, clip / norm) if norm > 0 else 1.0
+
+
+def _clipped_update(record: ArrayRecord, clip: float) -> ArrayRecord:
+    """``record`` (an update) scaled to L2 norm at most ``clip``."""
+    values = {k: a.numpy().astype(np.float64) for k, a in record.items()}
+    factor = _scale(float(np.sqrt(sum(np.sum(v * v) for v in values.values()))), clip)
+    return ArrayRecord(
+        {
+            k: Array(np.asarray(v * factor, dtype=record[k].numpy().dtype))
+            for k, v in values.items()
+        }
+    )
+
+
+def _clipped_model(
+    entries: Mapping[str, torch.Tensor], sent: ArrayRecord, clip: float
+) -> dict[str, torch.Tensor]:
+    """``x + f (y - x)``: the model whose update from ``sent`` has norm <= ``clip``."""
+    start = {k: sent[k].numpy().astype(np.float64) for k in entries}
+    update = {k: entries[k].detach().cpu().double().numpy() - start[k] for k in entries}
+    factor = _scale(float(np.sqrt(sum(np.sum(u * u) for u in update.values()))), clip)
+    if factor == 1.0:
+        return dict(entries)
+    return {
+        k: torch.as_tensor(start[k] + factor * update[k]).to(entries[k].dtype)
+        for k in entries
+    }
+
+
 def evaluate_client(
-    msg: Message, context: Context, model: nn.Module, data: Data
+    msg: Message,
+    context: Context,
+    model: nn.Module,
+    data: Data,
+    *,
+    batch_keys: Sequence[str] | None = None,
 ) -> Message:
-    """Evaluate the node's model (global arrays, personal entries) on ``data``."""
+    """Evaluate the node's model (global arrays, personal entries) on ``data``.
+
+    ``data`` as :func:`train_client`'s; the reply's metrics are
+    ``eval-loss`` (cross-entropy), ``eval-accuracy`` and ``num-examples``.
+    """
     personal = personal_names(msg, model)
     load_model(model, msg.content[wire.ARRAYS], personal, context.state)
-    loss, accuracy = evaluate_model(model, *data)
-    metrics = _base_metrics(context, len(data[0]))
+    x, y = as_tensors(data, batch_keys)
+    loss, accuracy = evaluate_model(model, x, y)
+    metrics = _base_metrics(context, len(x))
     metrics.update({wire.EVAL_LOSS: loss, wire.EVAL_ACCURACY: accuracy})
     if not np.isfinite(loss):
         # A diverged model is a result, not an invalid reply: report it bounded.
@@ -219,13 +323,25 @@ def evaluate_client(
 
 
 def describe_client(
-    msg: Message, context: Context, labels: torch.Tensor, num_classes: int
+    msg: Message,
+    context: Context,
+    labels: torch.Tensor | Data,
+    num_classes: int,
+    *,
+    batch_keys: Sequence[str] | None = None,
 ) -> Message:
-    """Answer a ``data-profile`` query: size and label histogram of the node's data."""
+    """Answer a ``data-profile`` query: size and label histogram of the node's data.
+
+    ``labels``: the training labels, or the training data as
+    :func:`train_client` takes them. Asynchronous strategies size each
+    node's tasks by the size it reports; the participation environment
+    links availability to the histogram.
+    """
     config = msg.content.config_records.get(wire.CONFIG, {})
     query = config.get(wire.QUERY, "")
     if query != wire.DATA_PROFILE:
         raise bounds.ConfigError(wire.QUERY, query, f"'{wire.DATA_PROFILE}'")
+    labels = labels_of(labels, batch_keys)
     counts = torch.bincount(labels.long(), minlength=num_classes).tolist()
     metrics: dict = _base_metrics(context, len(labels))
     metrics[wire.LABEL_COUNTS] = [int(c) for c in counts]

@@ -28,15 +28,15 @@ from flwr.app import Message, MessageType
 from flwr.serverapp import Grid
 from flwr.supercore import log
 
-from serverapps.gridview import GridView
-from serverapps.settings import setting
-from strategies.profiles import client_indices, query_profiles
-from strategies.sampling import (
+from bouquet.serverapps.gridview import GridView
+from bouquet.serverapps.settings import setting
+from bouquet.strategies.profiles import client_indices, query_profiles
+from bouquet.strategies.sampling import (
     Availability,
     ParticipationSpec,
     participation_probabilities,
 )
-from tasks import wire
+from bouquet.tasks import wire
 
 
 def participation_spec(run_config: Mapping[str, Any]) -> ParticipationSpec:

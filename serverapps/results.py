@@ -17,9 +17,9 @@ import os
 from pathlib import Path
 from typing import Any
 
-from strategies.driver import RoundReport
-from strategies.validation import NODE_ACCURACY_MEAN, NODE_ACCURACY_WORST
-from tasks import wire
+from bouquet.strategies.driver import RoundReport
+from bouquet.strategies.validation import NODE_ACCURACY_MEAN, NODE_ACCURACY_WORST
+from bouquet.tasks import wire
 
 ROW_FIELDS = (
     "round",
@@ -160,7 +160,7 @@ class RunDirectory:
 
     def plot(self, title: str = "") -> Path:
         """Draw accuracy and loss per round to ``metrics.png``."""
-        from simulations.plotting import plot_rounds
+        from bouquet.simulations.plotting import plot_rounds
 
         target = self.path / "metrics.png"
         plot_rounds({title or self.path.name: self.rows}, target)

@@ -51,8 +51,8 @@ from flwr.app import ConfigRecord, Message
 from flwr.serverapp import Grid
 from flwr.supercore import log
 
-from serverapps.gridview import GridView
-from tasks import wire
+from bouquet.serverapps.gridview import GridView
+from bouquet.tasks import wire
 
 RESULT_NEUTRAL_KEYS = (
     "resume",

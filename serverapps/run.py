@@ -27,21 +27,22 @@ from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Result
 from flwr.supercore import log
 
-from serverapps.participation import participation_grid
-from serverapps.results import RunDirectory, progress_line, summary
-from serverapps.resume import RunConfigGrid, restored_values, resumed_config
-from serverapps.settings import (
+from bouquet.serverapps.participation import participation_grid
+from bouquet.serverapps.results import RunDirectory, progress_line, summary
+from bouquet.serverapps.resume import RunConfigGrid, restored_values, resumed_config
+from bouquet.serverapps.settings import (
     DEFAULTS,
     TRAIN_CONFIG_KEYS,
+    RunConfigError,
     check_settings,
     setting,
     strategy_common,
 )
-from strategies.base import BouquetStrategy
-from strategies.clocks import DeviceSpeeds, VirtualClock, WallClock
-from strategies.driver import Driver, RoundReport
-from strategies.registry import get_algorithm
-from strategies.sampling import wait_for_node_list
+from bouquet.strategies.base import BouquetStrategy
+from bouquet.strategies.clocks import DeviceSpeeds, VirtualClock, WallClock
+from bouquet.strategies.driver import Driver, RoundReport
+from bouquet.strategies.registry import get_algorithm
+from bouquet.strategies.sampling import wait_for_node_list
 
 DEFAULT_OUTPUT_DIR = "~/bouquet-runs"
 
@@ -116,8 +117,9 @@ def prepare_client_data(
     simulation = sys.modules.get("flwr.superlink.grid.inmemory_grid")
     if simulation is None or not isinstance(grid, simulation.InMemoryGrid):
         return False
-    from tasks import DataSpec
-    from tasks.data import missing_caches
+    from bouquet.tasks import DataSpec
+    from bouquet.tasks.data import missing_caches
+    from bouquet.tasks.fab import module_command
 
     spec = DataSpec.from_run_config(run_config, num_partitions=num_nodes)
     if not any(missing_caches(spec)):
@@ -126,7 +128,7 @@ def prepare_client_data(
     start = time.perf_counter()
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in sys.path if p)}
     done = subprocess.run(
-        [sys.executable, "-m", "tasks.data", json.dumps(dataclasses.asdict(spec))],
+        module_command("tasks.data", json.dumps(dataclasses.asdict(spec))),
         env=env,
         check=False,
     )
@@ -140,14 +142,14 @@ def prepare_client_data(
 
 
 def _central_evaluator(run_config: Mapping[str, Any], num_partitions: int):  # noqa: ANN202
-    from tasks import (
+    from bouquet.tasks import (
         DataSpec,
         build_model,
         dataset_info,
         load_central_test,
         resolve_device,
     )
-    from tasks.evaluation import evaluate_model
+    from bouquet.tasks.evaluation import evaluate_model
 
     spec = DataSpec.from_run_config(run_config, num_partitions=num_partitions)
     info = dataset_info(spec)
@@ -188,6 +190,34 @@ def build_strategy(run_config: Mapping[str, Any]) -> BouquetStrategy:
     return cls.from_run_config(strategy_common(run_config), run_config)
 
 
+def checked_strategy(run_config: Mapping[str, Any]) -> BouquetStrategy:
+    """Check every setting of ``run_config``; the strategy it names.
+
+    Raises
+    ------
+    RunConfigError
+        The first unknown name, wrong type or out-of-range value, with the
+        key and what it accepts.
+
+    """
+    from bouquet.clientapps.attacks import check_attack
+    from bouquet.clientapps.losses import check_loss
+    from bouquet.tasks import DataSpec
+
+    try:
+        check_settings(run_config)
+        strategy = build_strategy(run_config)
+        DataSpec.from_run_config(run_config, num_partitions=1)
+        check_attack(
+            setting(run_config, "attack"), setting(run_config, "attack-fraction")
+        )
+        check_loss(setting(run_config, "loss"))
+    except (ValueError, TypeError, KeyError) as err:
+        message = err.args[0] if err.args else str(err)
+        raise RunConfigError(str(message)) from None
+    return strategy
+
+
 def run_server(
     grid: Grid,
     run_config: Mapping[str, Any],
@@ -216,18 +246,9 @@ def run_server(
             "".join(f"\n\t{k} = {v!r}" for k, v in restored.items())
             or " (as submitted)",
         )
-    from tasks import DataSpec
-
     # Fail first, before waiting for nodes: unknown names, values of the wrong
     # type or out of range.
-    check_settings(run_config)
-    strategy = build_strategy(run_config)
-    DataSpec.from_run_config(run_config, num_partitions=1)
-    from clientapps.attacks import check_attack
-    from clientapps.losses import check_loss
-
-    check_attack(setting(run_config, "attack"), setting(run_config, "attack-fraction"))
-    check_loss(setting(run_config, "loss"))
+    strategy = checked_strategy(run_config)
     num_nodes = wait_for_nodes(
         grid,
         setting(run_config, "min-available-nodes"),

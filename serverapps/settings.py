@@ -13,10 +13,10 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
-from strategies.clocks import SPEED_MODELS
-from strategies.params import Param, defaults
-from strategies.sampling import LINKS, MODELS
-from tasks import wire
+from bouquet.strategies.clocks import SPEED_MODELS
+from bouquet.strategies.params import Param, defaults
+from bouquet.strategies.sampling import LINKS, MODELS
+from bouquet.tasks import wire
 
 SETTINGS: tuple[Param, ...] = (
     Param("algorithm", "fedavg", help="a registered algorithm name"),
@@ -84,16 +84,7 @@ SETTINGS: tuple[Param, ...] = (
 _BY_KEY = {p.key: p for p in SETTINGS}
 DEFAULTS: dict[str, Any] = defaults(SETTINGS)
 
-TRAIN_CONFIG_KEYS = (
-    wire.LOCAL_EPOCHS,
-    wire.LOCAL_STEPS,
-    wire.BATCH_SIZE,
-    wire.LR,
-    wire.MOMENTUM,
-    wire.WEIGHT_DECAY,
-    wire.OPTIMIZER,
-    wire.LOSS,
-)
+TRAIN_CONFIG_KEYS = wire.TRAIN_SETTINGS
 """Shared keys sent to clients in every train message's config."""
 
 
@@ -101,6 +92,14 @@ def setting(run_config: Mapping[str, Any], key: str) -> Any:
     """A shared setting, typed and checked, falling back to its default."""
     param = _BY_KEY[key]
     return param.parse(run_config.get(key, param.default), key)
+
+
+class RunConfigError(ValueError):
+    """A run-config value is unknown, of the wrong type or out of range.
+
+    The ServerApp logs it as one line (``Invalid run config: ...``) before the
+    run fails, so it is not lost at the end of a traceback.
+    """
 
 
 def check_settings(run_config: Mapping[str, Any]) -> None:

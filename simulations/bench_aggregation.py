@@ -8,8 +8,9 @@ memory is what ``tracemalloc`` sees allocated during the call (numpy reports
 its buffers), on top of the replies. Medians of repeats; ratios against FedAvg
 measured in the same process, same replies. A ratio above 3 is flagged.
 
-    python -m simulations.bench_aggregation --clients 10 100 --params 1e5 1e6 1.1e7 \
-        --repeats 3 --out simulations/results/benchmarks/aggregation
+    python -m bouquet.simulations.bench_aggregation --clients 10 100 \
+        --params 1e5 1e6 1.1e7 --repeats 3 \
+        --out simulations/results/benchmarks/aggregation
 
 Replies are ``x + a_i p_1 + b_i p_2 + c_i p_3`` for three shared random
 directions ``p``: the rules do the same work whatever the rank, and building
@@ -32,11 +33,11 @@ from typing import Any
 import numpy as np
 from flwr.app import ConfigRecord, Message, MetricRecord, RecordDict
 
-from serverapps.run import build_strategy
-from simulations.inprocess import InProcessGrid, app_defaults, give_id
-from strategies.aggregation import to_numpy, to_record
-from strategies.registry import list_algorithms
-from tasks import wire
+from bouquet.serverapps.run import build_strategy
+from bouquet.simulations.inprocess import InProcessGrid, app_defaults, give_id
+from bouquet.strategies.aggregation import to_numpy, to_record
+from bouquet.strategies.registry import list_algorithms
+from bouquet.tasks import wire
 
 FLAG_RATIO = 3.0
 

@@ -10,7 +10,8 @@ the first ``torch.optim`` optimizer (which imports ``torch._dynamo``: any
 PyTorch client pays it) and the client routine the train handler loads (one
 recipe module; the client never imports the server's strategies).
 
-    python -m simulations.bench_cold_start --repeats 5 [--dataset digits --model cnn]
+    python -m bouquet.simulations.bench_cold_start --repeats 5 \
+        [--dataset digits --model cnn]
 
 Prints one JSON object: median, min and max of each phase in milliseconds.
 """
@@ -34,7 +35,7 @@ t1 = time.perf_counter()
 import flwr.app  # noqa: F401
 from flwr.app import Context, RecordDict
 t2 = time.perf_counter()
-import clientapps.app as bouquet
+import bouquet.clientapps.app as bouquet
 t3 = time.perf_counter()
 run_config = json.loads(sys.argv[1])
 context = Context(run_id=1, node_id=1, node_config={"partition-id": 0,
@@ -43,7 +44,7 @@ model, _, _ = bouquet._model_and_data(context.run_config, context.node_config)
 t4 = time.perf_counter()
 torch.optim.SGD(model.parameters(), lr=0.1)  # first use imports torch._dynamo
 t5 = time.perf_counter()
-from clientapps.recipes import get_recipe
+from bouquet.clientapps.recipes import get_recipe
 get_recipe("fedprox")  # the one recipe module a train message names
 t6 = time.perf_counter()
 print(json.dumps({"import torch": t1 - t0, "import flwr": t2 - t1,
@@ -82,7 +83,7 @@ def main() -> None:
     parser.add_argument("--dataset", default="digits")
     parser.add_argument("--model", default="mlp")
     args = parser.parse_args()
-    from simulations.inprocess import app_defaults
+    from bouquet.simulations.inprocess import app_defaults
 
     run_config = {**app_defaults(), "dataset": args.dataset, "model": args.model}
     with tempfile.TemporaryDirectory() as cache:

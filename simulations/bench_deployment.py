@@ -20,7 +20,7 @@ and ``flwr`` imports, serialisation and transport). The split is exact for the
 node on the critical path; with two nodes of equal partitions (``iid``) the
 other finishes about as late.
 
-    python -m simulations.bench_deployment --rounds 6 --model cnn
+    python -m bouquet.simulations.bench_deployment --rounds 6 --model cnn
 """
 
 from __future__ import annotations
@@ -33,8 +33,8 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from simulations.processes import FlowerProcesses
-from simulations.proctools import APP_DIR, STATUS_COMPLETED, read_run_metrics
+from bouquet.simulations.processes import FlowerProcesses
+from bouquet.simulations.proctools import APP_DIR, STATUS_COMPLETED, read_run_metrics
 
 NODES = 2
 
@@ -110,7 +110,7 @@ def measure(
 
 def main() -> None:
     """Command-line entry point: one JSON object."""
-    from simulations.inprocess import app_defaults
+    from bouquet.simulations.inprocess import app_defaults
 
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--rounds", type=int, default=6)

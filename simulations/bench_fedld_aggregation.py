@@ -4,7 +4,7 @@ Times the server rule alone (``FedLD.aggregate_deltas`` in its principal-gradien
 rounds vs the weighted mean FedAvg takes), on the shapes of torchvision's
 ResNet-18 (11.2M parameters, 62 entries) for m clients. Medians of repeats.
 
-    python -m simulations.bench_fedld_aggregation --clients 10 100 --repeats 3
+    python -m bouquet.simulations.bench_fedld_aggregation --clients 10 100 --repeats 3
 """
 
 from __future__ import annotations
@@ -17,8 +17,8 @@ import time
 
 import numpy as np
 
-from strategies.aggregation import weighted_mean
-from strategies.fedld import FedLD
+from bouquet.strategies.aggregation import weighted_mean
+from bouquet.strategies.fedld import FedLD
 
 
 def resnet18_shapes() -> dict[str, tuple[int, ...]]:

@@ -18,7 +18,7 @@ from ``(seed, round, partition-id)``, so the three runs reach the same
 accuracy up to float summation order. The Ray path (``flwr run``) is measured
 by :mod:`simulations.bench_suite`, which reports engine start separately.
 
-    python -m simulations.bench_overhead --repeats 3 --rounds 5 --nodes 10 \
+    python -m bouquet.simulations.bench_overhead --repeats 3 --rounds 5 --nodes 10 \
         [--device auto]
 
 ``--device`` (run-config ``device``) puts all three on the same device: the
@@ -47,9 +47,9 @@ from flwr.app import (
 from flwr.serverapp.strategy import FedAvg
 from torch import nn
 
-from serverapps.settings import setting
-from simulations.inprocess import InProcessGrid, app_defaults, run_inprocess
-from tasks import (
+from bouquet.serverapps.settings import setting
+from bouquet.simulations.inprocess import InProcessGrid, app_defaults, run_inprocess
+from bouquet.tasks import (
     DataSpec,
     build_model,
     dataset_info,
@@ -58,8 +58,8 @@ from tasks import (
     resolve_device,
     wire,
 )
-from tasks.evaluation import evaluate_model
-from tasks.wire import derive_seed
+from bouquet.tasks.evaluation import evaluate_model
+from bouquet.tasks.wire import derive_seed
 
 WORKLOAD = {
     "dataset": "digits",

@@ -10,7 +10,7 @@ wall time per round (from the run's ``metrics.json``), the time before round
 1 (engine start, app load, central test), and the peak summed RSS (an upper
 bound: shared pages count once per process) and PSS (shared pages split).
 
-    python -m simulations.bench_scale --nodes 1000 --rounds 20 --fraction 0.1
+    python -m bouquet.simulations.bench_scale --nodes 1000 --rounds 20 --fraction 0.1
 """
 
 from __future__ import annotations
@@ -25,8 +25,8 @@ import time
 from pathlib import Path
 from typing import Any
 
-from simulations.processes import FlowerProcesses
-from simulations.proctools import (
+from bouquet.simulations.processes import FlowerProcesses
+from bouquet.simulations.proctools import (
     APP_DIR,
     Poll,
     read_run_metrics,
@@ -62,7 +62,7 @@ def process_memory_kb(pid: int) -> tuple[int, int]:
 
 
 ROLES = (
-    ("tasks.data", "data build (child of the ServerApp)"),
+    ("bouquet.tasks.data", "data build (child of the ServerApp)"),
     ("flower-superlink", "superlink"),
     ("flwr-simulation", "flwr-simulation (engine + ServerApp)"),
     ("ClientAppActor", "ray actors"),

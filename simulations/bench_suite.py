@@ -1,6 +1,7 @@
 """All benchmarks in one command; writes ``docs/benchmarks.md`` and its plots.
 
-    python -m simulations.bench_suite [--quick] [--device auto] [--skip scale ...]
+    python -m bouquet.simulations.bench_suite [--quick] [--device auto] \
+        [--skip scale ...]
 
 Runs, in order (each a module of its own, usable alone):
 
@@ -33,15 +34,15 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from simulations import (
+from bouquet.simulations import (
     bench_aggregation,
     bench_cold_start,
     bench_deployment,
     bench_overhead,
 )
-from simulations.bench_scale import measure as scale_measure
-from simulations.bench_scale import ray_run
-from simulations.inprocess import app_defaults
+from bouquet.simulations.bench_scale import measure as scale_measure
+from bouquet.simulations.bench_scale import ray_run
+from bouquet.simulations.inprocess import app_defaults
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "simulations" / "results" / "benchmarks"
@@ -439,7 +440,7 @@ def render(results: dict[str, Any], notes: str = "") -> str:
         "# Benchmarks",
         "",
         f"Machine: {results.get('machine', machine())}. Regenerate with "
-        "`python -m simulations.bench_suite` (add `--device auto` on a GPU "
+        "`python -m bouquet.simulations.bench_suite` (add `--device auto` on a GPU "
         "machine); raw numbers in `simulations/results/benchmarks/`.",
         "",
     ]

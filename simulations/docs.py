@@ -1,6 +1,6 @@
 """Generated documentation: the README's algorithm table, from the declarations.
 
-``python -m simulations.docs`` rewrites the block between the
+``python -m bouquet.simulations.docs`` rewrites the block between the
 ``algorithm-table`` markers of README.md; a test fails when it is stale.
 """
 
@@ -9,7 +9,7 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
-from strategies.registry import get_algorithm, list_algorithms
+from bouquet.strategies.registry import get_algorithm, list_algorithms
 
 README = Path(__file__).resolve().parent.parent / "README.md"
 _BLOCK = re.compile(
@@ -20,15 +20,16 @@ _BLOCK = re.compile(
 def algorithm_table() -> str:
     """Markdown table of every registered algorithm."""
     lines = [
-        "| name | family | what it does | client recipe | hyperparameters (defaults) "
-        "| paper |",
-        "|---|---|---|---|---|---|",
+        "| name | class | family | what it does | client recipe "
+        "| hyperparameters (defaults) | paper |",
+        "|---|---|---|---|---|---|---|",
     ]
     for name in list_algorithms():
         cls = get_algorithm(name)
         params = ", ".join(f"`{p.key}={p.describe()}`" for p in cls.params)
         lines.append(
-            f"| `{name}` | {cls.family} | {cls.tagline} | `{cls.routine}` | "
+            f"| `{name}` | `{cls.__name__}` | {cls.family} | {cls.tagline} | "
+            f"`{cls.routine}` | "
             f"{params or '-'} | {cls.paper} |"
         )
     return "\n".join(lines) + "\n"

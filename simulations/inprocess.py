@@ -175,8 +175,8 @@ def run_inprocess(
     client_app: ClientApp | None = None,
 ) -> tuple[Result, Path, InProcessGrid]:
     """Run the Bouquet ServerApp logic against ``num_nodes`` in-process nodes."""
-    from clientapps.app import app as bouquet_client_app
-    from serverapps.run import run_server
+    from bouquet.clientapps.app import app as bouquet_client_app
+    from bouquet.serverapps.run import run_server
 
     run_config = {**app_defaults(), **(overrides or {})}
     grid = InProcessGrid(client_app or bouquet_client_app, num_nodes, run_config)

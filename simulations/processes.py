@@ -41,7 +41,7 @@ from pathlib import Path
 from types import TracebackType
 from typing import Any
 
-from simulations.proctools import (
+from bouquet.simulations.proctools import (
     ADMIN_GUARD,
     APP_DIR,
     HOST,

@@ -10,7 +10,8 @@ Outputs in ``--out``: ``results.csv`` (one row per run), ``results.md``
 (mean +- std per label), ``comparison.png`` (mean central accuracy per round),
 and every run's own directory under ``runs/``.
 
-    python -m simulations.sweep simulations/configs/fedld/*.toml --out /tmp/sweep
+    python -m bouquet.simulations.sweep simulations/configs/fedld/*.toml \
+        --out /tmp/sweep
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from simulations.inprocess import flatten_config
+from bouquet.simulations.inprocess import flatten_config
 
 
 def load_override_file(path: str | Path) -> tuple[dict[str, Any], dict[str, Any]]:
@@ -70,9 +71,9 @@ def run_sweep(
     extra: Mapping[str, Any] | None = None,
 ) -> list[dict[str, Any]]:
     """Run every file x seed; write the table, the markdown and the plot."""
-    from serverapps.results import summary
-    from simulations.inprocess import run_inprocess
-    from simulations.plotting import plot_rounds
+    from bouquet.serverapps.results import summary
+    from bouquet.simulations.inprocess import run_inprocess
+    from bouquet.simulations.plotting import plot_rounds
 
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
@@ -202,7 +203,7 @@ def _write_table(records: list[dict[str, Any]], out: Path) -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-    """Command line: ``python -m simulations.sweep FILES... --out DIR``."""
+    """Command line: ``python -m bouquet.simulations.sweep FILES... --out DIR``."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("files", nargs="+", help="run-config override TOML files")
     parser.add_argument("--out", required=True, help="output directory")

@@ -63,16 +63,16 @@ from typing import Any, ClassVar
 import numpy as np
 from flwr.app import ConfigRecord
 
-from strategies import pieces
-from strategies.aggregation import mean64, to_record
-from strategies.base import BouquetStrategy, Record
-from strategies.context import RoundContext
-from strategies.fedamd import client_key
-from strategies.params import Param
-from strategies.pieces import Replies, State, Updated
-from strategies.registry import register
-from strategies.validation import ClientReply
-from tasks import wire
+from bouquet.strategies import pieces
+from bouquet.strategies.aggregation import mean64, to_record
+from bouquet.strategies.base import BouquetStrategy, Record
+from bouquet.strategies.context import RoundContext
+from bouquet.strategies.fedamd import client_key
+from bouquet.strategies.params import Param
+from bouquet.strategies.pieces import Replies, State, Updated
+from bouquet.strategies.registry import register
+from bouquet.strategies.validation import ClientReply
+from bouquet.tasks import wire
 
 ARRIVALS = ("uniform", "biased")
 SLOW_WEIGHT = 0.25  # relative arrival rate of a slow node under "biased"

@@ -66,8 +66,9 @@ Decisions where the specs were open:
 - ``Delta`` covers every state-dict entry (BatchNorm buffers follow the rule
   of the parameters, integer counters are rounded back); the papers' models
   have no BatchNorm.
-- Client-side (federated) evaluation is not run: nodes are busy training.
-  Every version is evaluated centrally.
+- Client-side (federated) evaluation runs once, on the final version, after
+  the last commit: during the run nodes are busy training. Every version is
+  evaluated centrally (``evaluate_fn``).
 - ``fraction-train`` is not used: every connected node is a client.
 """
 
@@ -78,17 +79,17 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field, fields
 from typing import TYPE_CHECKING, Any, ClassVar
 
-from strategies.aggregation import NDArrays
-from strategies.base import BouquetStrategy
-from strategies.clocks import Clock, DurationEstimates, Task, VirtualClock
-from strategies.context import RoundContext
-from strategies.params import Param
-from strategies.pieces import Aggregator, RuleWeights, ServerSGD, WeightedMean
-from strategies.validation import ClientReply
-from tasks import wire
+from bouquet.strategies.aggregation import NDArrays
+from bouquet.strategies.base import BouquetStrategy
+from bouquet.strategies.clocks import Clock, DurationEstimates, Task, VirtualClock
+from bouquet.strategies.context import RoundContext
+from bouquet.strategies.params import Param
+from bouquet.strategies.pieces import Aggregator, RuleWeights, ServerSGD, WeightedMean
+from bouquet.strategies.validation import ClientReply
+from bouquet.tasks import wire
 
 if TYPE_CHECKING:
-    from strategies.events import Events
+    from bouquet.strategies.events import Events
 
 MODEL_VERSION = "model-version"
 """Config key: the version of the model a task starts from (information)."""
@@ -100,13 +101,18 @@ STALENESS_FUNCTIONS = ("constant", "polynomial", "hinge")
 IMPORTANCE = ("uniform", "examples")
 
 
-def async_params(staleness: str | None = "constant") -> tuple[Param, ...]:
+def async_params(
+    staleness: str | None = "constant", eta_g: float = 1.0, eta_g_note: str = ""
+) -> tuple[Param, ...]:
     """The parameters every asynchronous rule declares.
 
-    ``eta-g`` and ``importance``, and with ``staleness`` (its default kind) the
-    staleness function ``S`` and its constants.
+    ``eta-g`` (default ``eta_g``) and ``importance``, and with ``staleness``
+    (its default kind) the staleness function ``S`` and its constants.
     """
-    shared = (Param("eta-g", 1.0, "> 0", "server learning rate on the update"),)
+    help_ = "server learning rate on the update" + (
+        f"; {eta_g_note}" if eta_g_note else ""
+    )
+    shared = (Param("eta-g", eta_g, "> 0", help_),)
     if staleness is not None:
         shared += (
             Param("staleness", staleness, choices=STALENESS_FUNCTIONS, help="S(tau)"),

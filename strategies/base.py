@@ -62,13 +62,13 @@ from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Result, Strategy
 from flwr.supercore import log
 
-from strategies.aggregation import to_numpy, to_record
-from strategies.context import NDArrays, RoundContext
-from strategies.params import Param, Range
-from strategies.pieces import Aggregator, ByExamples, ServerSGD, WeightedMean
-from strategies.safety import snapshot, state_problem
-from strategies.sampling import sample_nodes, wait_for_node_list
-from strategies.validation import (
+from bouquet.strategies.aggregation import to_numpy, to_record
+from bouquet.strategies.context import NDArrays, RoundContext
+from bouquet.strategies.params import Param, Range
+from bouquet.strategies.pieces import Aggregator, ByExamples, ServerSGD, WeightedMean
+from bouquet.strategies.safety import snapshot, state_problem
+from bouquet.strategies.sampling import sample_nodes, wait_for_node_list
+from bouquet.strategies.validation import (
     MAX_NUM_EXAMPLES,
     ClientReply,
     Contract,
@@ -79,7 +79,7 @@ from strategies.validation import (
     node_accuracy,
     weighted_metrics,
 )
-from tasks import wire
+from bouquet.tasks import wire
 
 Record = ArrayRecord | ConfigRecord | MetricRecord
 """A record that can travel in a message besides ``arrays`` and ``config``."""
@@ -222,6 +222,9 @@ class BouquetStrategy(Strategy):
         self.aggregator = self.make_aggregator()
         self.state: dict[str, Any] = {"aggregator": self.aggregator.init()}
         self.state.update(self.init_state())
+        self.extra_config: dict[str, Any] = {}
+        """Config values added to every train message by a wrapper (e.g. the
+        client-side DP clipping norm, ``strategies/privacy.py``)."""
         self.train_round: RoundContext | None = None
         """What the last ``configure_train`` sampled and sent."""
         self.evaluate_round: RoundContext | None = None
@@ -400,7 +403,24 @@ class BouquetStrategy(Strategy):
         ctx.config = values
         if ctx.phase == "train":
             values.update(self.round_config(ctx))
+            values.update(self.extra_config)
         return values
+
+    def dp_problem(self) -> str:
+        """Why DP wrappers cannot protect this strategy; "" when they can.
+
+        ``strategies/privacy.py`` clips and noises the combine piece's weighted
+        mean of updates, so the piece must be a weighted mean and nothing else
+        on the server may read the raw replies' arrays. Subclasses whose
+        server does add their reason.
+        """
+        combine = self.aggregator.combine
+        if not isinstance(combine, WeightedMean):
+            return (
+                f"its aggregation ({type(combine).__name__}) is not a weighted mean "
+                "of client updates, so clipping does not bound its change"
+            )
+        return ""
 
     def configure_train(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
@@ -641,7 +661,7 @@ class BouquetStrategy(Strategy):
         asynchronous algorithms, their event schedule. Checkpoints, resume
         and per-round callbacks are set on a :class:`strategies.driver.Driver`.
         """
-        from strategies.driver import Driver
+        from bouquet.strategies.driver import Driver
 
         return Driver().run(
             self,

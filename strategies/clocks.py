@@ -21,7 +21,7 @@ from dataclasses import dataclass
 import numpy as np
 from flwr.app import Message
 
-from tasks import wire
+from bouquet.tasks import wire
 
 SPEED_MODELS = ("equal", "linear", "random")
 

@@ -58,12 +58,12 @@ import random
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
-from strategies.base import BouquetStrategy, Record, Reduction
-from strategies.context import NDArrays, RoundContext
-from strategies.params import Param
-from strategies.registry import register
-from strategies.validation import ClientReply
-from tasks import wire
+from bouquet.strategies.base import BouquetStrategy, Record, Reduction
+from bouquet.strategies.context import NDArrays, RoundContext
+from bouquet.strategies.params import Param
+from bouquet.strategies.registry import register
+from bouquet.strategies.validation import ClientReply
+from bouquet.tasks import wire
 
 NAME = "curriculum"
 ORDERINGS = ("curriculum", "anti", "random")

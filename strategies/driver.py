@@ -41,11 +41,11 @@ from flwr.serverapp.strategy import Result, Strategy
 from flwr.serverapp.strategy.strategy_utils import log_strategy_start_info
 from flwr.supercore import log
 
-from strategies.aggregation import to_record
-from strategies.context import RoundContext
-from strategies.state import ServerState, load_state, save_state
-from strategies.validation import valid_client_time
-from tasks import wire
+from bouquet.strategies.aggregation import to_record
+from bouquet.strategies.context import RoundContext
+from bouquet.strategies.state import ServerState, load_state, save_state
+from bouquet.strategies.validation import valid_client_time
+from bouquet.tasks import wire
 
 POLL_INTERVAL = 0.05
 """Seconds between pulls while waiting for replies."""
@@ -136,7 +136,7 @@ def longest_client_time(replies: Iterable[Message]) -> float | None:
 
 def bouquet_core(strategy: Strategy) -> Any:
     """The Bouquet strategy inside ``strategy`` (through Flower's wrappers), or None."""
-    from strategies.base import BouquetStrategy
+    from bouquet.strategies.base import BouquetStrategy
 
     seen = 0
     while not isinstance(strategy, BouquetStrategy) and seen < 8:
@@ -318,19 +318,25 @@ class Rounds:
                 log(INFO, "\t└──> Aggregated MetricRecord: %s", metrics)
                 run.result.train_metrics_clientapp[rnd] = metrics
                 report.train_metrics = plain_metrics(metrics)
-            messages = strategy.configure_evaluate(
-                rnd, run.arrays, run.evaluate_config, run.grid
-            )
-            replies = exchange.round_trip(messages, run.timeout)
-            metrics = strategy.aggregate_evaluate(rnd, replies)
-            if run.core is not None:
-                report.absorb(run.core.evaluate_round)
-            if metrics is not None:
-                log(INFO, "\t└──> Aggregated MetricRecord: %s", metrics)
-                run.result.evaluate_metrics_clientapp[rnd] = metrics
-                report.evaluate_metrics = plain_metrics(metrics)
+            federated_evaluation(run, rnd, report)
             report.wall_time = time.perf_counter() - t0
             run.commit(rnd, run.arrays, report)
+
+
+def federated_evaluation(run: Run, rnd: int, report: RoundReport) -> None:
+    """Evaluate ``run.arrays`` on the nodes (``fraction_evaluate`` of them)."""
+    strategy = run.strategy
+    messages = strategy.configure_evaluate(
+        rnd, run.arrays, run.evaluate_config, run.grid
+    )
+    replies = run.exchange.round_trip(messages, run.timeout)
+    metrics = strategy.aggregate_evaluate(rnd, replies)
+    if run.core is not None:
+        report.absorb(run.core.evaluate_round)
+    if metrics is not None:
+        log(INFO, "\t└──> Aggregated MetricRecord: %s", metrics)
+        run.result.evaluate_metrics_clientapp[rnd] = metrics
+        report.evaluate_metrics = plain_metrics(metrics)
 
 
 @dataclass
@@ -376,7 +382,7 @@ class Driver:
         """Run ``strategy`` for ``num_rounds`` rounds (or model versions)."""
         core = bouquet_core(strategy)
         events = core is not None and core.schedule == "events"
-        if events and core is not strategy:
+        if events and core is not strategy and not getattr(strategy, "in_core", False):
             raise ValueError(
                 f"{type(strategy).__name__} wraps the asynchronous {core.name!r}, "
                 "whose schedule is not rounds: the wrapper would see synchronous "
@@ -448,7 +454,7 @@ class Driver:
                 start.sim_time = 0.0  # an event schedule's time line starts here
             commit(0, arrays, start)
         if events:
-            from strategies.events import Events
+            from bouquet.strategies.events import Events
 
             schedule: Any = Events(run, clock=self.clock, time_budget=self.time_budget)
         else:
@@ -456,6 +462,13 @@ class Driver:
         schedule_ref.append(schedule)
         schedule.execute()
         result.arrays = run.arrays
+        if events:
+            # Nodes train without pause during an asynchronous run, so only the
+            # final version is evaluated on them (every version centrally).
+            final = schedule.book.version
+            log(INFO, "")
+            log(INFO, "Federated evaluation of version %d", final)
+            federated_evaluation(run, final, RoundReport(final))
         log(INFO, "")
         log(INFO, "Strategy execution finished in %.2fs", time.time() - t_start)
         log(INFO, "")

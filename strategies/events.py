@@ -15,24 +15,24 @@ from typing import Any
 from flwr.app import ConfigRecord, Message, MessageType, RecordDict
 from flwr.supercore import log
 
-from strategies.aggregation import to_numpy, to_record
-from strategies.asynchrony import (
+from bouquet.strategies.aggregation import to_numpy, to_record
+from bouquet.strategies.asynchrony import (
     MAX_CONSECUTIVE_FAILURES,
     MODEL_VERSION,
     AsyncStrategy,
     Update,
 )
-from strategies.clocks import TIMER, Clock, Task, WallClock
-from strategies.context import RoundContext
-from strategies.driver import RoundReport, Run, plain_metrics
-from strategies.profiles import client_indices, query_profiles
-from strategies.validation import (
+from bouquet.strategies.clocks import TIMER, Clock, Task, WallClock
+from bouquet.strategies.context import RoundContext
+from bouquet.strategies.driver import RoundReport, Run, plain_metrics
+from bouquet.strategies.profiles import client_indices, query_profiles
+from bouquet.strategies.validation import (
     RoutineMissingError,
     Sent,
     accept_all,
     weighted_metrics,
 )
-from tasks import wire
+from bouquet.tasks import wire
 
 POLL_INTERVAL = 0.01
 """Seconds between two pulls while waiting for replies."""
@@ -113,8 +113,11 @@ class Events:
         if not book.profiles:
             log(
                 WARNING,
-                "No node described its data: simulated speeds follow the sorted "
-                "node ids and importance is uniform.",
+                "No node described its data (a ClientApp answers the data-profile "
+                "query with @app.query() calling bouquet.clientapps.describe_client): "
+                "simulated speeds follow the sorted node ids, each node's first "
+                "task runs its configured local epochs and later ones are sized "
+                "by the num-examples of its replies.",
             )
         indices = client_indices(book.profiles, book.nodes)
         book.index = indices
@@ -157,17 +160,24 @@ class Events:
             )
             if q < 1:
                 raise ValueError(f"A task needs at least one local step; got {q}.")
+            # A node that did not describe its data (no query handler) runs its
+            # configured epochs until its first reply tells its size.
+            sized = bool(steps and node in steps) or node in book.profiles
             tasks.append(Task(node, "", book.version, q, now, book.serial))
-            messages.append(self._message(node, q, book.serial, book.version))
+            messages.append(self._message(node, q, book.serial, book.version, sized))
         self._push(messages, tasks)
 
-    def _message(self, node: int, steps: int, serial: int, version: int) -> Message:
+    def _message(
+        self, node: int, steps: int, serial: int, version: int, sized: bool = True
+    ) -> Message:
         strategy = self.strategy
         ctx = RoundContext(serial, self.run.num_rounds, "train", (), (), {}, {})
         values = strategy.config_for(ctx, ConfigRecord(self.train_config))
-        values.update(
-            {wire.LOCAL_STEPS: steps, wire.LOCAL_EPOCHS: steps, MODEL_VERSION: version}
-        )
+        if sized:
+            values.update({wire.LOCAL_STEPS: steps, wire.LOCAL_EPOCHS: steps})
+        else:
+            values[wire.LOCAL_STEPS] = 0
+        values[MODEL_VERSION] = version
         return Message(
             RecordDict(
                 {wire.ARRAYS: self.run.arrays, wire.CONFIG: ConfigRecord(values)}
@@ -323,6 +333,9 @@ class Events:
             return
         book.accepted_any = True
         book.failures[task.node] = 0
+        if task.node not in book.profiles:
+            # Learned from the reply where the node never answered the query.
+            book.profiles[task.node] = {wire.NUM_EXAMPLES: int(good[0].num_examples)}
         update = Update.of(
             good[0], task.version, task.steps, task.start, book.clock.now()
         )

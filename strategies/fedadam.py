@@ -18,10 +18,10 @@ Wire protocol: FedAvg's. Server state: ``m`` and ``v`` (checkpointed).
 
 from __future__ import annotations
 
-from strategies.base import BouquetStrategy
-from strategies.params import Param
-from strategies.pieces import Aggregator, ByExamples, ServerAdam, WeightedMean
-from strategies.registry import register
+from bouquet.strategies.base import BouquetStrategy
+from bouquet.strategies.params import Param
+from bouquet.strategies.pieces import Aggregator, ByExamples, ServerAdam, WeightedMean
+from bouquet.strategies.registry import register
 
 
 @register

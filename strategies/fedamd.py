@@ -56,14 +56,14 @@ from typing import Any
 import numpy as np
 from flwr.app import ConfigRecord
 
-from strategies.aggregation import to_record, weighted_mean
-from strategies.base import BouquetStrategy, Record
-from strategies.context import NDArrays, RoundContext
-from strategies.params import Param
-from strategies.pieces import Aggregator, ServerSGD, Uniform, WeightedMean
-from strategies.registry import register
-from strategies.validation import ClientReply
-from tasks import wire
+from bouquet.strategies.aggregation import to_record, weighted_mean
+from bouquet.strategies.base import BouquetStrategy, Record
+from bouquet.strategies.context import NDArrays, RoundContext
+from bouquet.strategies.params import Param
+from bouquet.strategies.pieces import Aggregator, ServerSGD, Uniform, WeightedMean
+from bouquet.strategies.registry import register
+from bouquet.strategies.validation import ClientReply
+from bouquet.tasks import wire
 
 ROLE = "fedamd.role"
 DIRECTION = "fedamd.direction"
@@ -145,6 +145,10 @@ class FedAMD(BouquetStrategy):
                 records[DIRECTION] = direction
             plan[node] = records
         return plan
+
+    def dp_problem(self) -> str:
+        """The anchors' table holds raw gradients, sent back to every miner."""
+        return "its table of anchor gradients holds the raw replies"
 
     def aggregate(self, replies: Sequence[ClientReply], ctx: RoundContext) -> NDArrays:
         """Anchors refresh the table; ``x - eta_g mean_i (x - y_i)`` over the miners."""

@@ -21,9 +21,14 @@ versions committed since ``i`` was sent its model.
 - ``staleness``: ``constant`` (Fraboni's Async), ``polynomial``
   ``(tau+1)^-a`` or ``hinge`` (Xie et al.).
 
-Defaults (spec): ``eta-g`` 1, identical weights, constant staleness, uniform
-``p_i``. Clients: recipe ``delta`` (plain local SGD, ``local-steps`` steps,
-reply ``Delta_i``). The driver, clocks and wire protocol are in
+Defaults: identical weights, constant staleness, uniform ``p_i`` (the
+spec's), and ``eta-g`` 0.1 where the spec says 1. A version applies one
+client's update; at ``eta-g`` 1 the global model is, on non-IID data, the
+last client's own: on the quickstart's digits (Dirichlet 0.3, 10 clients) it
+stayed at 0.11-0.17 central accuracy after 10 and after 50 versions, where
+0.1 reached 0.87-0.93 after 100 versions (the client work of 10 FedAvg
+rounds; ``docs/defaults.md``). Clients: recipe ``delta`` (plain local SGD,
+``local-steps`` steps, reply ``Delta_i``). The driver, clocks and wire protocol are in
 ``strategies/asynchrony.py``.
 """
 
@@ -31,9 +36,9 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from strategies.asynchrony import AsyncStrategy, Update, async_params
-from strategies.params import Param
-from strategies.registry import register
+from bouquet.strategies.asynchrony import AsyncStrategy, Update, async_params
+from bouquet.strategies.params import Param
+from bouquet.strategies.registry import register
 
 WEIGHTS = ("identical", "weight")
 
@@ -54,7 +59,14 @@ class FedAsync(AsyncStrategy):
         Param(
             "weights", "identical", choices=WEIGHTS, help="d_i: 1, or from durations"
         ),
-        *async_params(),
+        *async_params(
+            eta_g=0.1,
+            eta_g_note=(
+                "0.1, not the spec's 1: a version is one client's update, and at "
+                "1 the model follows the last client on non-IID data "
+                "(docs/defaults.md)"
+            ),
+        ),
     )
 
     def on_arrival(self, update: Update) -> None:

@@ -62,11 +62,11 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from strategies import pieces
-from strategies.base import BouquetStrategy, Reduction
-from strategies.context import RoundContext
-from strategies.params import Param
-from strategies.registry import register
+from bouquet.strategies import pieces
+from bouquet.strategies.base import BouquetStrategy, Reduction
+from bouquet.strategies.context import RoundContext
+from bouquet.strategies.params import Param
+from bouquet.strategies.registry import register
 
 WEIGHTINGS = ("adaptive", "average-participating", "average-all")
 

@@ -19,10 +19,16 @@ as the baseline: Flower's accumulates in float32, this in float64.
 
 from __future__ import annotations
 
-from strategies.base import BouquetStrategy
-from strategies.params import Param
-from strategies.pieces import Aggregator, ByExamples, ServerSGD, Uniform, WeightedMean
-from strategies.registry import register
+from bouquet.strategies.base import BouquetStrategy
+from bouquet.strategies.params import Param
+from bouquet.strategies.pieces import (
+    Aggregator,
+    ByExamples,
+    ServerSGD,
+    Uniform,
+    WeightedMean,
+)
+from bouquet.strategies.registry import register
 
 
 @register

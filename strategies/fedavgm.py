@@ -16,10 +16,10 @@ Not the client-side momentum of ``fedavg-m`` (``strategies/momentum.py``).
 
 from __future__ import annotations
 
-from strategies.base import BouquetStrategy, Reduction
-from strategies.params import Param
-from strategies.pieces import Aggregator, ByExamples, ServerSGD, WeightedMean
-from strategies.registry import register
+from bouquet.strategies.base import BouquetStrategy, Reduction
+from bouquet.strategies.params import Param
+from bouquet.strategies.pieces import Aggregator, ByExamples, ServerSGD, WeightedMean
+from bouquet.strategies.registry import register
 
 
 @register

@@ -33,9 +33,9 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
-from strategies.asynchrony import AsyncStrategy, Task, Update, async_params
-from strategies.params import Param
-from strategies.registry import register
+from bouquet.strategies.asynchrony import AsyncStrategy, Task, Update, async_params
+from bouquet.strategies.params import Param
+from bouquet.strategies.registry import register
 
 WEIGHTS = ("identical", "examples", "weight")
 

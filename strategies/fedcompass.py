@@ -57,9 +57,9 @@ import math
 from collections.abc import Sequence
 from typing import Any
 
-from strategies.asynchrony import AsyncStrategy, Task, Update, async_params
-from strategies.params import Param
-from strategies.registry import register
+from bouquet.strategies.asynchrony import AsyncStrategy, Task, Update, async_params
+from bouquet.strategies.params import Param
+from bouquet.strategies.registry import register
 
 MIN_STEP_TIME = 1e-9
 """Smallest time per local step a speed estimate takes (seconds)."""

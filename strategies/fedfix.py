@@ -35,9 +35,9 @@ import math
 from collections.abc import Sequence
 from typing import Any
 
-from strategies.asynchrony import AsyncStrategy, Update, async_params
-from strategies.params import Param
-from strategies.registry import register
+from bouquet.strategies.asynchrony import AsyncStrategy, Update, async_params
+from bouquet.strategies.params import Param
+from bouquet.strategies.registry import register
 
 
 @register

@@ -68,13 +68,13 @@ from typing import Any
 import numpy as np
 from flwr.app import ConfigRecord
 
-from strategies import pieces
-from strategies.aggregation import cast_like, to_record
-from strategies.base import BouquetStrategy, Record, Reduction
-from strategies.context import NDArrays, RoundContext
-from strategies.params import Param, python_name
-from strategies.registry import register
-from tasks import wire
+from bouquet.strategies import pieces
+from bouquet.strategies.aggregation import cast_like, to_record
+from bouquet.strategies.base import BouquetStrategy, Record, Reduction
+from bouquet.strategies.context import NDArrays, RoundContext
+from bouquet.strategies.params import Param, python_name
+from bouquet.strategies.registry import register
+from bouquet.tasks import wire
 
 NAME = "fedhyper"
 SCHEDULERS = ("g", "gm", "sl", "cl", "full")

@@ -63,12 +63,12 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from strategies import pieces
-from strategies.base import BouquetStrategy, Reduction
-from strategies.context import NDArrays, RoundContext
-from strategies.params import Param
-from strategies.pieces import Replies, State, Updated
-from strategies.registry import register
+from bouquet.strategies import pieces
+from bouquet.strategies.base import BouquetStrategy, Reduction
+from bouquet.strategies.context import NDArrays, RoundContext
+from bouquet.strategies.params import Param
+from bouquet.strategies.pieces import Replies, State, Updated
+from bouquet.strategies.registry import register
 
 EPS = 1e-12
 MODES = ("full", "loss-only", "aggregation-only")

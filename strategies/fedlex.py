@@ -65,13 +65,13 @@ import numpy as np
 from flwr.app import ConfigRecord
 from flwr.supercore import log
 
-from strategies.aggregation import to_record
-from strategies.base import BouquetStrategy, Record, Reduction
-from strategies.context import NDArrays, RoundContext
-from strategies.params import Param
-from strategies.registry import register
-from strategies.validation import ClientReply
-from tasks import wire
+from bouquet.strategies.aggregation import to_record
+from bouquet.strategies.base import BouquetStrategy, Record, Reduction
+from bouquet.strategies.context import NDArrays, RoundContext
+from bouquet.strategies.params import Param
+from bouquet.strategies.registry import register
+from bouquet.strategies.validation import ClientReply
+from bouquet.tasks import wire
 
 PHASE = "fedlex.phase"
 BASE = "fedlex.base"
@@ -193,6 +193,10 @@ class FedLEx(BouquetStrategy):
                 log(WARNING, "fedlex: no sampled node explored; G uses every explorer.")
                 chosen = list(deviations.values())
         return guidance_matrix(chosen, self.guidance_normalization, self.guidance_floor)
+
+    def dp_problem(self) -> str:
+        """The exploration round builds the guidance from raw replies."""
+        return "its exploration round builds the guidance G from the raw replies"
 
     def aggregate(self, replies: Sequence[ClientReply], ctx: RoundContext) -> NDArrays:
         """Exploration stores deviations and keeps ``theta_0``; later: FedAvg."""

@@ -14,9 +14,14 @@ Wire protocol: FedAvg's.
 
 from __future__ import annotations
 
-from strategies.base import BouquetStrategy
-from strategies.pieces import Aggregator, ByExamples, CoordinateMedian, ServerSGD
-from strategies.registry import register
+from bouquet.strategies.base import BouquetStrategy
+from bouquet.strategies.pieces import (
+    Aggregator,
+    ByExamples,
+    CoordinateMedian,
+    ServerSGD,
+)
+from bouquet.strategies.registry import register
 
 
 @register

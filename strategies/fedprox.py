@@ -13,9 +13,9 @@ FedProx sends, so either side can be Flower's).
 
 from __future__ import annotations
 
-from strategies.base import BouquetStrategy, Reduction
-from strategies.params import Param
-from strategies.registry import register
+from bouquet.strategies.base import BouquetStrategy, Reduction
+from bouquet.strategies.params import Param
+from bouquet.strategies.registry import register
 
 
 @register

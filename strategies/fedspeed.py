@@ -54,14 +54,14 @@ from typing import Any
 
 import numpy as np
 
-from strategies import pieces
-from strategies.aggregation import weighted_sum
-from strategies.base import BouquetStrategy, Reduction
-from strategies.context import RoundContext
-from strategies.params import Param
-from strategies.pieces import Replies, State, Updated
-from strategies.registry import register
-from tasks import wire
+from bouquet.strategies import pieces
+from bouquet.strategies.aggregation import weighted_sum
+from bouquet.strategies.base import BouquetStrategy, Reduction
+from bouquet.strategies.context import RoundContext
+from bouquet.strategies.params import Param
+from bouquet.strategies.pieces import Replies, State, Updated
+from bouquet.strategies.registry import register
+from bouquet.tasks import wire
 
 SERVER_RULES = ("all-clients", "sampled")
 STATISTICS = ("running_mean", "running_var")

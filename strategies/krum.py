@@ -16,10 +16,10 @@ Wire protocol: FedAvg's.
 
 from __future__ import annotations
 
-from strategies.base import BouquetStrategy
-from strategies.params import Param
-from strategies.pieces import Aggregator, ByExamples, KrumMean, ServerSGD
-from strategies.registry import register
+from bouquet.strategies.base import BouquetStrategy
+from bouquet.strategies.params import Param
+from bouquet.strategies.pieces import Aggregator, ByExamples, KrumMean, ServerSGD
+from bouquet.strategies.registry import register
 
 
 @register

@@ -57,9 +57,13 @@ Decisions where the spec was open:
   with different step counts (epoch-based training) give g in gradient units.
   It divides the update, so a reply's ``eta K_i`` must be 0 (no step) or in
   ``[1e-8, 1e6]``; a denormal would make g infinite (``reply_metric_ranges``).
-- The local optimizer should be plain SGD (run-config ``momentum = 0``,
-  ``weight-decay = 0``) as in the papers; other settings are applied by
-  torch's SGD on top of the corrected direction.
+- The local optimizer is plain SGD without heavy-ball momentum, as in both
+  papers: the family sends ``optimizer = 'sgd'`` and ``momentum = 0``
+  whatever the run config says (the family's momentum is its own ``beta``).
+  Option II divides ``x^r - y_K`` by ``K eta``, which holds for plain SGD
+  only: with the run config's default momentum 0.9 the control variates came
+  out about ten times too large and SCAFFOLD fell to chance within three
+  rounds. ``weight-decay`` is still the run config's (0 by default).
 """
 
 from __future__ import annotations
@@ -69,13 +73,14 @@ from typing import Any, ClassVar
 
 import numpy as np
 
-from strategies.aggregation import cast_like, mean64, to_record, weighted_sum
-from strategies.base import BouquetStrategy, Record, Reduction
-from strategies.context import NDArrays, RoundContext
-from strategies.params import Param
-from strategies.pieces import Aggregator, ServerSGD, Uniform, WeightedMean
-from strategies.registry import register
-from strategies.validation import ClientReply
+from bouquet.strategies.aggregation import cast_like, mean64, to_record, weighted_sum
+from bouquet.strategies.base import BouquetStrategy, Record, Reduction
+from bouquet.strategies.context import NDArrays, RoundContext
+from bouquet.strategies.params import Param
+from bouquet.strategies.pieces import Aggregator, ServerSGD, Uniform, WeightedMean
+from bouquet.strategies.registry import register
+from bouquet.strategies.validation import ClientReply
+from bouquet.tasks import wire
 
 NAMESPACE = "momentum"
 BETA = f"{NAMESPACE}.beta"
@@ -89,6 +94,14 @@ ETA_K = f"{NAMESPACE}.eta-k"
 
 ETA_G = Param("eta-g", 1.0, "> 0", "global learning rate eta_g")
 BETA_PARAM = Param("beta", 0.1, "(0, 1]", "weight of the fresh gradient (1: none)")
+VR_BETA_PARAM = Param(
+    "beta",
+    0.5,
+    "(0, 1]",
+    "weight of the fresh gradient (1: none); 0.5, the top of the spec's "
+    "typical 0.1-0.5: at 0.1 the -VR variants fell back towards chance on the "
+    "quickstart's settings (docs/defaults.md)",
+)
 PAPER = "Cheng et al., ICLR 2024, https://arxiv.org/abs/2306.16504"
 NO_MOMENTUM_IS_FEDAVG = (Reduction({"beta": 1.0}, "fedavg", {"weighting": "uniform"}),)
 NO_MOMENTUM_IS_SCAFFOLD = (Reduction({"beta": 1.0}, "scaffold"),)
@@ -129,6 +142,15 @@ class MomentumFamily(BouquetStrategy):
         """Whether clients mix g into their steps (so the server must track g)."""
         return self.beta < 1.0 or self.variance_reduced
 
+    def dp_problem(self) -> str:
+        """SCAFFOLD is protected (its dc records are not); g reads raw replies."""
+        if self.uses_momentum:
+            return (
+                "the direction g it sends every client is computed from the raw "
+                "replies (FedAvg-M, SCAFFOLD-M and the -VR variants)"
+            )
+        return super().dp_problem()
+
     def make_aggregator(self) -> Aggregator:
         """Uniform mean of ``y_i - x`` (both papers), a step of ``eta_g``."""
         return Aggregator(Uniform(), WeightedMean(), ServerSGD(self.eta_g))
@@ -138,6 +160,9 @@ class MomentumFamily(BouquetStrategy):
 
     def round_config(self, ctx: RoundContext) -> dict[str, Any]:
         return {
+            # Plain local SGD (see the module doc): option II assumes it.
+            wire.OPTIMIZER: "sgd",
+            wire.MOMENTUM: 0.0,
             BETA: self.beta,
             USE_SCAFFOLD: self.control_variates,
             USE_VR: self.variance_reduced,
@@ -220,6 +245,7 @@ class FedAvgMomentumVR(MomentumFamily):
 
     name = "fedavg-m-vr"
     tagline = "FedAvg-M with STORM variance reduction (2 gradients/step)"
+    params = (VR_BETA_PARAM, ETA_G)
     variance_reduced = True
     reductions = NO_MOMENTUM_IS_FEDAVG
 
@@ -231,5 +257,6 @@ class SCAFFOLDMomentumVR(MomentumFamily):
     name = "scaffold-m-vr"
     tagline = "SCAFFOLD-M with STORM variance reduction (2 gradients/step)"
     control_variates = True
+    params = (VR_BETA_PARAM, ETA_G)
     variance_reduced = True
     reductions = NO_MOMENTUM_IS_SCAFFOLD

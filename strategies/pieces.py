@@ -30,15 +30,15 @@ from typing import Any
 
 import numpy as np
 
-from strategies.aggregation import (
+from bouquet.strategies.aggregation import (
     NDArrays,
     cast_like,
     coordinate_median,
     pairwise_sq_distances,
     weighted_sum,
 )
-from strategies.context import RoundContext
-from strategies.validation import ClientReply
+from bouquet.strategies.context import RoundContext
+from bouquet.strategies.validation import ClientReply
 
 State = Any
 """A piece's state: plain data (see the module docstring); None when stateless."""

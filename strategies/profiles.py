@@ -26,16 +26,16 @@ from flwr.app import ConfigRecord, Message, MessageType, RecordDict
 from flwr.serverapp import Grid
 from flwr.supercore import log
 
-from strategies.driver import Exchange
-from strategies.validation import (
+from bouquet.strategies.driver import Exchange
+from bouquet.strategies.validation import (
     MAX_NUM_EXAMPLES,
     MAX_PARTITION_ID,
     Sent,
     count,
 )
-from tasks import wire
-from tasks.wire import DATA_PROFILE
-from tasks.wire import QUERY as QUERY_KEY
+from bouquet.tasks import wire
+from bouquet.tasks.wire import DATA_PROFILE
+from bouquet.tasks.wire import QUERY as QUERY_KEY
 
 MAX_CLASSES = 10_000
 """Longest ``label-counts`` list a data profile may hold."""

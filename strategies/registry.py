@@ -28,7 +28,7 @@ from typing import TYPE_CHECKING, TypeVar
 from flwr.supercore import log
 
 if TYPE_CHECKING:
-    from strategies.base import BouquetStrategy
+    from bouquet.strategies.base import BouquetStrategy
 
 _NAME = re.compile(r"^[a-z][a-z0-9-]*$")
 
@@ -111,6 +111,12 @@ def get_algorithm(name: str) -> type[BouquetStrategy]:
         f"Unknown algorithm '{name}'.{hint} Known algorithms: "
         f"{', '.join(known)}.{broken}"
     )
+
+
+def strategy_classes() -> dict[str, type[BouquetStrategy]]:
+    """Every registered class by its class name (``bouquet.strategies``' table)."""
+    _discover()
+    return {cls.__name__: cls for cls in _REGISTRY.values()}
 
 
 def broken_modules() -> dict[str, str]:

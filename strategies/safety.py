@@ -24,7 +24,7 @@ from typing import Any
 
 import numpy as np
 
-from strategies.validation import MAX_ABS_VALUE, value_problem
+from bouquet.strategies.validation import MAX_ABS_VALUE, value_problem
 
 STATE_LIMIT = 1e20
 """Largest magnitude any float in the strategy state may reach.

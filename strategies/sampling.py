@@ -60,7 +60,7 @@ import numpy as np
 from flwr.serverapp import Grid
 from flwr.supercore import log
 
-from tasks.wire import derive_seed
+from bouquet.tasks.wire import derive_seed
 
 NODE_POLL_INTERVAL = 0.5
 """Seconds between node-list queries while waiting for nodes."""

@@ -36,9 +36,9 @@ import numpy as np
 from flwr.app import Array, ArrayRecord, Message, MetricRecord
 from flwr.common.constant import SType
 
-from strategies.aggregation import NDArrays, npy_view
-from strategies.params import Range
-from tasks import wire
+from bouquet.strategies.aggregation import NDArrays, npy_view
+from bouquet.strategies.params import Range
+from bouquet.tasks import wire
 
 ArraySpec = Mapping[str, tuple[tuple[int, ...], str]]
 """Array name -> (shape, dtype string), in state-dict order."""
@@ -298,8 +298,10 @@ def routine_reason(expected: str, found: object) -> str:
     """Why a reply without the algorithm's client routine is refused."""
     return (
         f"the client did not run the routine '{expected}' (it names {found!r}): "
-        "call clientapps.routine.train_client in the ClientApp's train handler, "
-        f"which runs the routine the message's config names ('{wire.ROUTINE}')"
+        "return bouquet.clientapps.train_client(msg, context, model, data) from "
+        "the ClientApp's train handler; it runs the routine the message's config "
+        f"names ('{wire.ROUTINE}'; see the README, 'Using a Bouquet strategy in "
+        "your own Flower app')"
     )
 
 

@@ -17,24 +17,24 @@ import importlib
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from tasks.catalog import dataset_info, list_datasets
-    from tasks.data import load_central_test, load_client_data
-    from tasks.models import build_model, list_models, resolve_device
-    from tasks.partitioners import list_partitioners
-    from tasks.spec import ClientData, DatasetInfo, DataSpec
+    from bouquet.tasks.catalog import dataset_info, list_datasets
+    from bouquet.tasks.data import load_central_test, load_client_data
+    from bouquet.tasks.models import build_model, list_models, resolve_device
+    from bouquet.tasks.partitioners import list_partitioners
+    from bouquet.tasks.spec import ClientData, DatasetInfo, DataSpec
 
 _EXPORTS = {
-    "DataSpec": "tasks.spec",
-    "ClientData": "tasks.spec",
-    "DatasetInfo": "tasks.spec",
-    "dataset_info": "tasks.catalog",
-    "list_datasets": "tasks.catalog",
-    "list_partitioners": "tasks.partitioners",
-    "load_client_data": "tasks.data",
-    "load_central_test": "tasks.data",
-    "build_model": "tasks.models",
-    "list_models": "tasks.models",
-    "resolve_device": "tasks.models",
+    "DataSpec": "bouquet.tasks.spec",
+    "ClientData": "bouquet.tasks.spec",
+    "DatasetInfo": "bouquet.tasks.spec",
+    "dataset_info": "bouquet.tasks.catalog",
+    "list_datasets": "bouquet.tasks.catalog",
+    "list_partitioners": "bouquet.tasks.partitioners",
+    "load_client_data": "bouquet.tasks.data",
+    "load_central_test": "bouquet.tasks.data",
+    "build_model": "bouquet.tasks.models",
+    "list_models": "bouquet.tasks.models",
+    "resolve_device": "bouquet.tasks.models",
 }
 
 __all__ = [

@@ -15,7 +15,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from tasks.spec import DatasetInfo, DataSpec
+from bouquet.tasks.spec import DatasetInfo, DataSpec
 
 
 @dataclass(frozen=True)
@@ -117,7 +117,7 @@ def dataset_info(spec: DataSpec) -> DatasetInfo:
     every node reading the same files agrees on the model's shape.
     """
     if spec.data_path:
-        from tasks.sources import local_dataset_info
+        from bouquet.tasks.sources import local_dataset_info
 
         return local_dataset_info(spec)
     if spec.dataset in EMBEDDED:

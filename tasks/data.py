@@ -15,13 +15,19 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from tasks import prepare
-from tasks.cache import cache_dir, cache_key, load_cached, path_fingerprint, save_atomic
-from tasks.spec import ClientData, DataSpec
+from bouquet.tasks import prepare
+from bouquet.tasks.cache import (
+    cache_dir,
+    cache_key,
+    load_cached,
+    path_fingerprint,
+    save_atomic,
+)
+from bouquet.tasks.spec import ClientData, DataSpec
 
 if TYPE_CHECKING:
-    from tasks.prepare import Tensors
-    from tasks.sources import Source
+    from bouquet.tasks.prepare import Tensors
+    from bouquet.tasks.sources import Source
 
 
 def _data_identity(spec: DataSpec) -> dict[str, Any]:
@@ -144,7 +150,7 @@ def prepare_caches(spec: DataSpec) -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
-    """``python -m tasks.data '<DataSpec as JSON>'``: :func:`prepare_caches`.
+    """``python -m bouquet.tasks.data '<DataSpec as JSON>'``: :func:`prepare_caches`.
 
     The ServerApp runs this in a process of its own before round 1 of a
     simulation (``serverapps.run.prepare_client_data``).
@@ -154,7 +160,7 @@ def main(argv: list[str] | None = None) -> None:
 
     args = sys.argv[1:] if argv is None else argv
     if len(args) != 1:
-        raise SystemExit("usage: python -m tasks.data '<DataSpec as JSON>'")
+        raise SystemExit("usage: python -m bouquet.tasks.data '<DataSpec as JSON>'")
     prepare_caches(DataSpec(**json.loads(args[0])))
 
 

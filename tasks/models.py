@@ -22,7 +22,7 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
-from tasks.spec import DatasetInfo, unknown_name_error
+from bouquet.tasks.spec import DatasetInfo, unknown_name_error
 
 MODELS = ("logreg", "mlp", "cnn", "resnet18")
 NORMS = ("batch", "group", "none")

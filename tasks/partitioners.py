@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING
 if TYPE_CHECKING:
     from flwr_datasets.partitioner import Partitioner
 
-    from tasks.spec import DataSpec
+    from bouquet.tasks.spec import DataSpec
 
 PARTITIONERS = (
     "iid",

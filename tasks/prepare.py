@@ -20,9 +20,9 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from tasks.partitioners import make_partitioner
-from tasks.sources import Source, in_memory_dataset, open_source
-from tasks.spec import DataSpec
+from bouquet.tasks.partitioners import make_partitioner
+from bouquet.tasks.sources import Source, in_memory_dataset, open_source
+from bouquet.tasks.spec import DataSpec
 
 if TYPE_CHECKING:
     import torch

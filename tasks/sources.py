@@ -14,9 +14,15 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from tasks.cache import cache_dir, cache_key, load_cached, path_fingerprint, save_atomic
-from tasks.catalog import HUB_DATASETS
-from tasks.spec import DatasetInfo, DataSpec
+from bouquet.tasks.cache import (
+    cache_dir,
+    cache_key,
+    load_cached,
+    path_fingerprint,
+    save_atomic,
+)
+from bouquet.tasks.catalog import HUB_DATASETS
+from bouquet.tasks.spec import DatasetInfo, DataSpec
 
 if TYPE_CHECKING:
     from datasets import Dataset
@@ -132,7 +138,7 @@ def _mnist1d() -> Source:
 
 
 def _synthetic(spec: DataSpec) -> Source:
-    from tasks.synthetic import make_synthetic
+    from bouquet.tasks.synthetic import make_synthetic
 
     x, y, client = make_synthetic(
         spec.num_partitions, spec.synthetic_alpha, spec.synthetic_beta, spec.seed

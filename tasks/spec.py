@@ -93,8 +93,8 @@ class DataSpec:
 
     def __post_init__(self) -> None:
         # Deferred imports: both modules import this one.
-        from tasks.catalog import list_datasets
-        from tasks.partitioners import list_partitioners
+        from bouquet.tasks.catalog import list_datasets
+        from bouquet.tasks.partitioners import list_partitioners
 
         if not self.data_path and self.dataset not in list_datasets():
             raise unknown_name_error("dataset", self.dataset, list_datasets())

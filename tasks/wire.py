@@ -55,6 +55,19 @@ OPTIMIZER = "optimizer"
 LOSS = "loss"
 
 # Keys of the METRICS record (client -> server).
+TRAIN_SETTINGS = (
+    LOCAL_EPOCHS,
+    LOCAL_STEPS,
+    BATCH_SIZE,
+    LR,
+    MOMENTUM,
+    WEIGHT_DECAY,
+    OPTIMIZER,
+    LOSS,
+)
+"""The local-training settings: sent in every train message's config, read by
+the client from it, else the run config, else the user's defaults."""
+
 NUM_EXAMPLES = "num-examples"
 TRAIN_LOSS = "train-loss"
 TRAIN_LOSS_FIRST = "train-loss-first"
@@ -73,6 +86,10 @@ BOOKKEEPING_METRICS = frozenset({NUM_EXAMPLES, PARTITION_ID, CLIENT_TIME})
 
 PLAIN_ROUTINE = "plain"
 """The routine of server-only algorithms: local training, the model back."""
+
+DP_CLIPPING_NORM = "dp.clipping-norm"
+"""Config key: clip the update a reply carries to this L2 norm (client-side DP,
+``strategies/privacy.py``); absent or 0: no clipping."""
 
 QUERY = "query"
 """Config key of a query message: what the server asks (:data:`DATA_PROFILE`)."""

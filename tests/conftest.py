@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from simulations.proctools import PRIVATE_ENV
+from bouquet.simulations.proctools import PRIVATE_ENV
 
 for _key, _value in PRIVATE_ENV.items():
     os.environ.setdefault(_key, _value)
@@ -36,11 +36,22 @@ from flwr.app import (  # noqa: E402 (environment first)
     RecordDict,
 )
 
-from simulations.inprocess import ensure_task_identity, give_id  # noqa: E402
+from bouquet.simulations.inprocess import ensure_task_identity, give_id  # noqa: E402
 
 
 def build_wheel(source, out_dir) -> Path:
-    """Build Bouquet's wheel from ``source`` into ``out_dir``; its path."""
+    """Build Bouquet's wheel from a copy of ``source`` into ``out_dir``; its path.
+
+    The copy keeps setuptools' ``build/`` and ``*.egg-info`` out of the checkout.
+    """
+    copy = Path(out_dir) / "source"
+    shutil.copytree(
+        source,
+        copy,
+        ignore=shutil.ignore_patterns(
+            ".venv", ".git", "build", "*.egg-info", "__pycache__", ".*cache"
+        ),
+    )
     subprocess.run(
         [
             sys.executable,
@@ -52,7 +63,7 @@ def build_wheel(source, out_dir) -> Path:
             "--no-build-isolation",
             "-w",
             str(out_dir),
-            str(source),
+            str(copy),
         ],
         check=True,
         capture_output=True,

@@ -17,13 +17,13 @@ import numpy as np
 import pytest
 from flwr.app import Message, RecordDict
 
-from serverapps.run import build_strategy
-from serverapps.settings import DEFAULTS
-from simulations.inprocess import app_defaults, run_inprocess
-from strategies.registry import get_algorithm, list_algorithms
-from strategies.state import load_state
-from strategies.validation import RoutineMissingError
-from tasks import wire
+from bouquet.serverapps.run import build_strategy
+from bouquet.serverapps.settings import DEFAULTS
+from bouquet.simulations.inprocess import app_defaults, run_inprocess
+from bouquet.strategies.registry import get_algorithm, list_algorithms
+from bouquet.strategies.state import load_state
+from bouquet.strategies.validation import RoutineMissingError
+from bouquet.tasks import wire
 
 ALGORITHMS = list_algorithms()
 REDUCTIONS = [
@@ -50,7 +50,7 @@ def _equal(a, b) -> bool:
 
 
 def _initial_arrays(config):
-    from tasks import DataSpec, build_model, dataset_info
+    from bouquet.tasks import DataSpec, build_model, dataset_info
 
     run_config = {**app_defaults(), **config}
     spec = DataSpec.from_run_config(run_config, num_partitions=4)
@@ -78,14 +78,14 @@ def test_declaration_is_complete_and_pyproject_declares_it(name):
         if k.startswith(f"{name}.")
     }
     assert declared == {p.key: p.default for p in cls.params}
-    assert cls.__module__.startswith("strategies.")
+    assert cls.__module__.startswith("bouquet.strategies.")
     module_doc = __import__(cls.__module__, fromlist=["_"]).__doc__
     assert "http" in module_doc or "ICML" in module_doc or "NeurIPS" in module_doc
 
 
 def _recording_app(seen: list[Message], strip: tuple[str, ...] = ()):
     """Bouquet's ClientApp; train replies are recorded, ``strip`` removed."""
-    from clientapps.app import app
+    from bouquet.clientapps.app import app
 
     def client(msg: Message, context) -> Message:
         reply = app(msg, context)

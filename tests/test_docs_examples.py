@@ -6,8 +6,8 @@ from pathlib import Path
 import numpy as np
 from flwr.app import ArrayRecord, ConfigRecord
 
-from clientapps.app import app
-from simulations.inprocess import InProcessGrid, app_defaults
+from bouquet.clientapps.app import app
+from bouquet.simulations.inprocess import InProcessGrid, app_defaults
 
 DOC = Path(__file__).resolve().parent.parent / "docs" / "adding-an-algorithm.md"
 
@@ -25,7 +25,7 @@ def test_the_server_only_example_is_a_working_algorithm():
     exec(compile(test, str(DOC), "exec"), namespace)
     namespace["test_trimmed_mean_drops_the_extremes"]()
 
-    from tasks import DataSpec, build_model, dataset_info
+    from bouquet.tasks import DataSpec, build_model, dataset_info
 
     strategy = namespace["FedTrimmedAvg"](beta=0.25, min_available_nodes=4)
     model = build_model("mlp", dataset_info(DataSpec(dataset="digits")), seed=0)

@@ -54,17 +54,17 @@ from flwr.app import (
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from serverapps.run import build_strategy
-from serverapps.settings import TRAIN_CONFIG_KEYS, setting
-from simulations.inprocess import (
+from bouquet.serverapps.run import build_strategy
+from bouquet.serverapps.settings import TRAIN_CONFIG_KEYS, setting
+from bouquet.simulations.inprocess import (
     InProcessGrid,
     app_defaults,
     give_id,
     run_inprocess,
 )
-from strategies.aggregation import to_record
-from strategies.registry import get_algorithm, list_algorithms
-from strategies.state import load_state
+from bouquet.strategies.aggregation import to_record
+from bouquet.strategies.registry import get_algorithm, list_algorithms
+from bouquet.strategies.state import load_state
 
 NODES = 3
 CONFIG = {
@@ -82,7 +82,7 @@ class Scenario:
     """Round 2 of a real run: the strategy state after round 1 and real replies."""
 
     def __init__(self, name: str, output_dir: str) -> None:
-        from clientapps.app import app
+        from bouquet.clientapps.app import app
 
         self.run_config = {**app_defaults(), **CONFIG, "algorithm": name}
         self.run_config["output-dir"] = output_dir

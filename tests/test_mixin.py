@@ -33,9 +33,15 @@ def test_installed_package_drives_a_user_clientapp(tmp_path):
     script = tmp_path / "elsewhere" / "my_app.py"
     script.parent.mkdir()
     script.write_text((ROOT / "tests" / "examples" / "mixin_script.py").read_text())
+    # The user's own modules named like Bouquet's folders (architecture rule 10).
+    (script.parent / "tasks.py").write_text("raise ImportError('the user tasks.py')\n")
+    (script.parent / "strategies").mkdir()
+    (script.parent / "strategies" / "__init__.py").write_text(
+        "raise ImportError('the user strategies')\n"
+    )
     env = {**os.environ, "PYTHONPATH": str(site)}
     out = subprocess.run(
-        [sys.executable, "-c", "import strategies; print(strategies.__file__)"],
+        [sys.executable, "-c", "import bouquet.strategies as s; print(s.__file__)"],
         cwd=script.parent,
         env=env,
         capture_output=True,

@@ -18,9 +18,9 @@ import re
 from collections.abc import Callable, Mapping
 from typing import Any
 
-from clientapps.bounds import ConfigError
-from clientapps.hooks import Hook
-from tasks.wire import ROUTINE
+from bouquet.clientapps.bounds import ConfigError
+from bouquet.clientapps.hooks import Hook
+from bouquet.tasks.wire import ROUTINE
 
 Recipe = Callable[[Mapping[str, Any]], list[Hook]]
 

@@ -16,16 +16,16 @@ from typing import Any
 import numpy as np
 import torch
 
-from clientapps.bounds import STEPS_MAX, Bound, ConfigError
-from clientapps.hooks import (
+from bouquet.clientapps.bounds import STEPS_MAX, Bound, ConfigError
+from bouquet.clientapps.hooks import (
     FreezeBatchNorm,
     Hook,
     model_shaped_record,
     parameter_names,
 )
-from clientapps.loop import LocalRun
-from tasks import wire
-from tasks.wire import derive_seed
+from bouquet.clientapps.loop import LocalRun
+from bouquet.tasks import wire
+from bouquet.tasks.wire import derive_seed
 
 K = Bound("afa.k", 1, 1, STEPS_MAX)
 K_MIN = Bound("afa.k-min", 1, 1, STEPS_MAX)

@@ -21,11 +21,11 @@ import numpy as np
 import torch
 from torch import nn
 
-from clientapps.bounds import INT63_MAX, SERVER_ROUND, Bound
-from clientapps.hooks import Hook
-from clientapps.loop import LocalRun
-from clientapps.state import load_arrays, load_values, save_arrays, save_values
-from tasks import wire
+from bouquet.clientapps.bounds import INT63_MAX, SERVER_ROUND, Bound
+from bouquet.clientapps.hooks import Hook
+from bouquet.clientapps.loop import LocalRun
+from bouquet.clientapps.state import load_arrays, load_values, save_arrays, save_values
+from bouquet.tasks import wire
 
 NAMESPACE = "curriculum"
 SCORING_BATCH = 1024

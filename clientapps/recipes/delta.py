@@ -11,7 +11,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
-from clientapps.hooks import Hook, ReturnDelta
+from bouquet.clientapps.hooks import Hook, ReturnDelta
 
 
 def make_hooks(config: Mapping[str, Any]) -> list[Hook]:

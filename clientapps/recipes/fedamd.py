@@ -13,15 +13,15 @@ from typing import Any
 
 import torch
 
-from clientapps.bounds import Bound, ConfigError
-from clientapps.hooks import (
+from bouquet.clientapps.bounds import Bound, ConfigError
+from bouquet.clientapps.hooks import (
     FreezeBatchNorm,
     Hook,
     model_shaped_record,
     parameter_names,
 )
-from clientapps.loop import LocalRun
-from tasks import wire
+from bouquet.clientapps.loop import LocalRun
+from bouquet.tasks import wire
 
 ROLE = wire.algorithm_key("fedamd", "role")
 DIRECTION = wire.algorithm_key("fedamd", "direction")
@@ -74,6 +74,8 @@ class MinerRecursion(Hook):
     Both gradients of a step use the same batch; ``y_{k+1} = y_k - lr * d_k``
     with ``lr`` the shared ``lr`` key (no momentum, no weight decay).
     """
+
+    fixed_optimizer = True
 
     reads = (DIRECTION,)
 

@@ -28,9 +28,9 @@ from typing import Any
 
 import torch
 
-from clientapps.bounds import RATE_MAX, Bound, ConfigError
-from clientapps.hooks import Hook
-from clientapps.loop import LocalRun
+from bouquet.clientapps.bounds import RATE_MAX, Bound, ConfigError
+from bouquet.clientapps.hooks import Hook
+from bouquet.clientapps.loop import LocalRun
 
 NAME = "fedhyper"
 GLOBAL_UPDATE = f"{NAME}.global-update"
@@ -88,6 +88,8 @@ class LocalLrScheduler(Hook):
         ``fedhyper.beta-min``, ``fedhyper.beta-max``.
 
     """
+
+    fixed_optimizer = True
 
     reads = (GLOBAL_UPDATE,)
 

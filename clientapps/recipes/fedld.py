@@ -14,9 +14,9 @@ from typing import Any
 
 import torch
 
-from clientapps.bounds import RATE_MAX, Bound
-from clientapps.hooks import Hook
-from clientapps.loop import LocalRun
+from bouquet.clientapps.bounds import RATE_MAX, Bound
+from bouquet.clientapps.hooks import Hook
+from bouquet.clientapps.loop import LocalRun
 
 LAMBDA = Bound("fedld.lambda", 0.0, 0.0, RATE_MAX)
 BOUNDS = (LAMBDA,)

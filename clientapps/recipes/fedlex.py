@@ -22,9 +22,9 @@ from typing import Any
 import torch
 from flwr.app import ArrayRecord
 
-from clientapps.bounds import EPOCHS_MAX, NORM_MAX, Bound
-from clientapps.hooks import Hook
-from clientapps.loop import LocalRun
+from bouquet.clientapps.bounds import EPOCHS_MAX, NORM_MAX, Bound
+from bouquet.clientapps.hooks import Hook
+from bouquet.clientapps.loop import LocalRun
 
 PHASE_KEY = "fedlex.phase"
 PATIENCE = "fedlex.patience"

@@ -10,8 +10,8 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
-from clientapps.bounds import RATE_MAX, Bound
-from clientapps.hooks import Hook, ProximalTerm
+from bouquet.clientapps.bounds import RATE_MAX, Bound
+from bouquet.clientapps.hooks import Hook, ProximalTerm
 
 MU = Bound("proximal-mu", 0.0, 0.0, RATE_MAX)
 BOUNDS = (MU,)

@@ -24,11 +24,11 @@ from typing import Any
 
 import torch
 
-from clientapps.bounds import NORM_MAX, RATE_MAX, Bound
-from clientapps.hooks import ClipGradNorm, Hook, SharpnessAwareStep
-from clientapps.loop import LocalRun
-from clientapps.state import load_arrays, save_arrays
-from tasks.wire import algorithm_key
+from bouquet.clientapps.bounds import NORM_MAX, RATE_MAX, Bound
+from bouquet.clientapps.hooks import ClipGradNorm, Hook, SharpnessAwareStep
+from bouquet.clientapps.loop import LocalRun
+from bouquet.clientapps.state import load_arrays, save_arrays
+from bouquet.tasks.wire import algorithm_key
 
 NAMESPACE = "fedspeed"
 RHO = Bound(algorithm_key(NAMESPACE, "rho"), 0.0, 0.0, RATE_MAX)
@@ -61,6 +61,8 @@ class ProxCorrection(Hook):
         ``server-rule = "sampled"``).
 
     """
+
+    fixed_optimizer = True
 
     def __init__(self, lambda_: float, send_corrected: bool = False) -> None:
         self.lambda_ = float(lambda_)

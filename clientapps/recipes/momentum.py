@@ -25,10 +25,10 @@ from typing import Any
 
 import torch
 
-from clientapps.bounds import Bound
-from clientapps.hooks import Hook, model_shaped_record, parameter_names
-from clientapps.loop import LocalRun
-from clientapps.state import load_arrays, save_arrays
+from bouquet.clientapps.bounds import Bound
+from bouquet.clientapps.hooks import Hook, model_shaped_record, parameter_names
+from bouquet.clientapps.loop import LocalRun
+from bouquet.clientapps.state import load_arrays, save_arrays
 
 NAMESPACE = "momentum"
 BETA = f"{NAMESPACE}.beta"
@@ -64,12 +64,16 @@ def _report_eta_k(run: LocalRun) -> None:
 class EtaK(Hook):
     """Only reports ``momentum.eta-k`` (plain FedAvg client: beta = 1)."""
 
+    fixed_optimizer = True
+
     def finish(self, run: LocalRun) -> None:
         _report_eta_k(run)
 
 
 class ControlVariate(Hook):
     """SCAFFOLD's drift correction with the client control variate c_i."""
+
+    fixed_optimizer = True
 
     reads = (C_RECORD,)
 
@@ -121,6 +125,8 @@ class ControlVariate(Hook):
 class GlobalMomentum(Hook):
     """FedAvg-M / SCAFFOLD-M: ``grad <- beta * grad + (1 - beta) * g``."""
 
+    fixed_optimizer = True
+
     reads = (G_RECORD,)
 
     def __init__(self, beta: float) -> None:
@@ -147,6 +153,8 @@ class StormMomentum(Hook):
     model's buffers (BatchNorm statistics) are restored afterwards, so the
     extra forward pass leaves no trace.
     """
+
+    fixed_optimizer = True
 
     reads = (G_RECORD, X_PREV_RECORD)
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
-from clientapps.hooks import Hook
+from bouquet.clientapps.hooks import Hook
 
 
 def make_hooks(config: Mapping[str, Any]) -> list[Hook]:

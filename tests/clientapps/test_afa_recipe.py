@@ -4,8 +4,8 @@ import numpy as np
 import pytest
 import torch
 
-from clientapps.loop import TrainSettings, train_local
-from clientapps.recipes.afa import AnarchicSteps, draw_local_steps, make_hooks
+from bouquet.clientapps.loop import TrainSettings, train_local
+from bouquet.clientapps.recipes.afa import AnarchicSteps, draw_local_steps, make_hooks
 
 GEN = torch.Generator().manual_seed(0)
 X = torch.randn(40, 3, generator=GEN)

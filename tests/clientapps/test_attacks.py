@@ -3,16 +3,20 @@ import pytest
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, RecordDict
 
-from clientapps.attacks import (
+from bouquet.clientapps.attacks import (
     Attack,
     LabelFlip,
     attack_for_node,
     attacker_partitions,
 )
-from serverapps.run import build_strategy
-from serverapps.settings import TRAIN_CONFIG_KEYS, setting
-from simulations.inprocess import InProcessGrid, app_defaults, ensure_task_identity
-from strategies.aggregation import to_numpy, to_record
+from bouquet.serverapps.run import build_strategy
+from bouquet.serverapps.settings import TRAIN_CONFIG_KEYS, setting
+from bouquet.simulations.inprocess import (
+    InProcessGrid,
+    app_defaults,
+    ensure_task_identity,
+)
+from bouquet.strategies.aggregation import to_numpy, to_record
 
 GLOBAL = {"w": np.array([1.0, 1.0], np.float32), "n": np.array(7, np.int64)}
 LOCAL = {"w": np.array([2.0, 0.0], np.float32), "n": np.array(9, np.int64)}
@@ -104,7 +108,7 @@ def test_label_flip_hook():
 
 
 def _round_replies(run_config):
-    from clientapps.app import app
+    from bouquet.clientapps.app import app
 
     grid = InProcessGrid(app, 4, run_config)
     strategy = build_strategy(run_config)
@@ -117,7 +121,7 @@ def _round_replies(run_config):
 
 
 def _initial_arrays(run_config):
-    from tasks import DataSpec, build_model, dataset_info
+    from bouquet.tasks import DataSpec, build_model, dataset_info
 
     spec = DataSpec.from_run_config(run_config, num_partitions=4)
     model = build_model("mlp", dataset_info(spec), seed=int(run_config["seed"]))

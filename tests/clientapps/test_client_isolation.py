@@ -15,8 +15,8 @@ flower_own = {m for m in sys.modules if m.startswith("flwr.serverapp")}
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MessageType, RecordDict
 from flwr.supercore.task_identity import TaskIdentity
 TaskIdentity.task_id, TaskIdentity.run_id, TaskIdentity.node_id = 1, 1, 0
-from clientapps.app import app
-from tasks import DataSpec, build_model, dataset_info, wire
+from bouquet.clientapps.app import app
+from bouquet.tasks import DataSpec, build_model, dataset_info, wire
 
 spec = DataSpec(dataset="digits", partitioner="iid", num_partitions=2)
 model = build_model("mlp", dataset_info(spec), seed=0)
@@ -39,7 +39,8 @@ print(json.dumps({
     "routine": reply.content[wire.CLIENT_INFO][wire.ROUTINE] if reply.has_content() else None,
     "records": sorted(reply.content.array_records) if reply.has_content() else [],
     "bouquet_server": sorted(
-        m for m in sys.modules if m == "strategies" or m.startswith(("strategies.", "serverapps"))
+        m for m in sys.modules
+        if m == "bouquet.strategies" or m.startswith(("bouquet.strategies.", "bouquet.serverapps"))
     ),
     "extra_flower_server": sorted(
         {m for m in sys.modules if m.startswith("flwr.serverapp")} - flower_own

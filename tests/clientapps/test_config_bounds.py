@@ -23,13 +23,13 @@ from flwr.app import (
 )
 from flwr.clientapp import ClientApp
 
-from clientapps.bounds import LR, Bound, ConfigError, check_record
-from clientapps.recipes import list_recipes
-from clientapps.routine import train_client
-from serverapps.settings import SETTINGS
-from simulations.inprocess import InProcessGrid, ensure_task_identity
-from strategies.registry import get_algorithm, list_algorithms
-from tasks import wire
+from bouquet.clientapps.bounds import LR, Bound, ConfigError, check_record
+from bouquet.clientapps.recipes import list_recipes
+from bouquet.clientapps.routine import train_client
+from bouquet.serverapps.settings import SETTINGS
+from bouquet.simulations.inprocess import InProcessGrid, ensure_task_identity
+from bouquet.strategies.registry import get_algorithm, list_algorithms
+from bouquet.tasks import wire
 
 GEN = torch.Generator().manual_seed(0)
 DATA = (torch.randn(8, 3, generator=GEN), torch.arange(8) % 2)
@@ -357,7 +357,7 @@ def test_every_value_a_server_sends_is_bounded_on_the_client():
     """The server's declarations (sent params, shared settings) vs the client's."""
     shared = {
         b.key: b
-        for b in vars(importlib.import_module("clientapps.bounds")).values()
+        for b in vars(importlib.import_module("bouquet.clientapps.bounds")).values()
         if isinstance(b, Bound)
     }
     for param in SETTINGS:
@@ -366,7 +366,7 @@ def test_every_value_a_server_sends_is_bounded_on_the_client():
     for name in list_algorithms():
         cls = get_algorithm(name)
         assert cls.routine in list_recipes(), name
-        module = importlib.import_module(f"clientapps.recipes.{cls.routine}")
+        module = importlib.import_module(f"bouquet.clientapps.recipes.{cls.routine}")
         bounds = {b.key: b for b in getattr(module, "BOUNDS", ())}
         for param in cls.params:
             key = param.wire_key(name)

@@ -6,16 +6,16 @@ import numpy as np
 import pytest
 import torch
 
-from clientapps.hooks import Hook
-from clientapps.loop import TrainSettings, train_local
-from clientapps.recipes.curriculum import (
+from bouquet.clientapps.hooks import Hook
+from bouquet.clientapps.loop import TrainSettings, train_local
+from bouquet.clientapps.recipes.curriculum import (
     OrderedData,
     example_losses,
     make_hooks,
     paced_order,
     ranking,
 )
-from simulations.inprocess import run_inprocess
+from bouquet.simulations.inprocess import run_inprocess
 
 
 def _data(n=30, seed=0):

@@ -5,9 +5,9 @@ import pytest
 import torch
 from flwr.app import RecordDict
 
-from clientapps.loop import TrainSettings, train_local
-from clientapps.recipes.fedamd import AnchorGradient, MinerRecursion, make_hooks
-from strategies.aggregation import to_record
+from bouquet.clientapps.loop import TrainSettings, train_local
+from bouquet.clientapps.recipes.fedamd import AnchorGradient, MinerRecursion, make_hooks
+from bouquet.strategies.aggregation import to_record
 
 GEN = torch.Generator().manual_seed(0)
 X = torch.randn(6, 3, generator=GEN)

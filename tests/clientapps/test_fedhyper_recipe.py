@@ -5,15 +5,15 @@ import pytest
 import torch
 from flwr.app import Array, ArrayRecord, RecordDict
 
-from clientapps.hooks import Hook
-from clientapps.loop import TrainSettings, train_local
-from clientapps.recipes.fedhyper import (
+from bouquet.clientapps.hooks import Hook
+from bouquet.clientapps.loop import TrainSettings, train_local
+from bouquet.clientapps.recipes.fedhyper import (
     GLOBAL_UPDATE,
     LocalLrScheduler,
     make_hooks,
     multiplier,
 )
-from simulations.inprocess import run_inprocess
+from bouquet.simulations.inprocess import run_inprocess
 
 T = torch.tensor
 
@@ -134,7 +134,7 @@ def test_recipe_is_off_unless_enabled_and_needs_the_record():
 
 
 def test_inprocess_clients_receive_the_previous_global_update(tmp_path):
-    from clientapps.app import app
+    from bouquet.clientapps.app import app
 
     seen = []
 

@@ -3,8 +3,8 @@ import math
 import pytest
 import torch
 
-from clientapps.loop import TrainSettings, train_local
-from clientapps.recipes.fedld import MarginControl, make_hooks, margin_control
+from bouquet.clientapps.loop import TrainSettings, train_local
+from bouquet.clientapps.recipes.fedld import MarginControl, make_hooks, margin_control
 
 
 def test_margin_term_golden_value():

@@ -3,9 +3,9 @@ import pytest
 import torch
 from flwr.app import Array, ArrayRecord
 
-from clientapps.loop import TrainSettings, train_local
-from clientapps.recipes.fedlex import GuidedGradient, Scout, make_hooks
-from strategies.fedlex import BASE, GUIDANCE
+from bouquet.clientapps.loop import TrainSettings, train_local
+from bouquet.clientapps.recipes.fedlex import GuidedGradient, Scout, make_hooks
+from bouquet.strategies.fedlex import BASE, GUIDANCE
 
 
 def _linear(weight, bias):

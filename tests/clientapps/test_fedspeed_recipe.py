@@ -6,10 +6,10 @@ import numpy as np
 import pytest
 import torch
 
-from clientapps.hooks import ClipGradNorm, ProximalTerm, SharpnessAwareStep
-from clientapps.loop import TrainSettings, train_local
-from clientapps.recipes.fedspeed import ProxCorrection, make_hooks
-from clientapps.state import load_arrays, save_arrays
+from bouquet.clientapps.hooks import ClipGradNorm, ProximalTerm, SharpnessAwareStep
+from bouquet.clientapps.loop import TrainSettings, train_local
+from bouquet.clientapps.recipes.fedspeed import ProxCorrection, make_hooks
+from bouquet.clientapps.state import load_arrays, save_arrays
 
 # One example x = (1, 0), label 0, W = 0: logits (0, 0), p = (.5, .5), so
 # g1 = (p - e_0) x^T = [[-.5, 0], [.5, 0]] and ||g1|| = 1/sqrt(2). The radius

@@ -2,8 +2,8 @@ import pytest
 import torch
 from torch import nn
 
-from clientapps.hooks import Hook, ProximalTerm
-from clientapps.loop import TrainSettings, train_local
+from bouquet.clientapps.hooks import Hook, ProximalTerm
+from bouquet.clientapps.loop import TrainSettings, train_local
 
 
 def _linear(weight):
@@ -157,7 +157,7 @@ def test_a_hook_can_stop_training_early():
 
 
 def test_freeze_batchnorm_keeps_running_statistics():
-    from clientapps.hooks import FreezeBatchNorm
+    from bouquet.clientapps.hooks import FreezeBatchNorm
 
     model = nn.Sequential(nn.Linear(2, 2), nn.BatchNorm1d(2))
     before = model[1].running_mean.clone()

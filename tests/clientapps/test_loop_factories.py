@@ -5,9 +5,9 @@ import torch
 from torch import nn
 from torch.nn import functional as F  # noqa: N812
 
-from clientapps.hooks import Hook
-from clientapps.loop import TrainSettings, head_module, train_local
-from clientapps.losses import distillation, info_nce, make_loss
+from bouquet.clientapps.hooks import Hook
+from bouquet.clientapps.loop import TrainSettings, head_module, train_local
+from bouquet.clientapps.losses import distillation, info_nce, make_loss
 
 
 def _data(n=12, seed=0):

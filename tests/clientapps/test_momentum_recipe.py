@@ -7,19 +7,19 @@ import pytest
 import torch
 from flwr.app import Array, ArrayRecord, RecordDict
 
-from clientapps.app import app as client_app
-from clientapps.loop import TrainSettings, train_local
-from clientapps.recipes.momentum import (
+from bouquet.clientapps.app import app as client_app
+from bouquet.clientapps.loop import TrainSettings, train_local
+from bouquet.clientapps.recipes.momentum import (
     ControlVariate,
     EtaK,
     GlobalMomentum,
     StormMomentum,
     make_hooks,
 )
-from clientapps.state import load_arrays, save_arrays
-from serverapps.run import run_server
-from simulations.inprocess import InProcessGrid, app_defaults, run_inprocess
-from strategies.state import load_state
+from bouquet.clientapps.state import load_arrays, save_arrays
+from bouquet.serverapps.run import run_server
+from bouquet.simulations.inprocess import InProcessGrid, app_defaults, run_inprocess
+from bouquet.strategies.state import load_state
 
 GEN = torch.Generator().manual_seed(0)
 DATA = (torch.randn(12, 3, generator=GEN, dtype=torch.float64), torch.arange(12) % 2)

@@ -6,9 +6,9 @@ import numpy as np
 import pytest
 from flwr.app import Message
 
-from simulations.inprocess import run_inprocess
-from tasks import wire
-from tasks.wire import resolve_personal
+from bouquet.simulations.inprocess import run_inprocess
+from bouquet.tasks import wire
+from bouquet.tasks.wire import resolve_personal
 
 
 def test_resolve_personal_names_the_head_and_globs():
@@ -28,7 +28,7 @@ def test_resolve_personal_names_the_head_and_globs():
 
 @pytest.fixture(scope="module")
 def personal_run(tmp_path_factory):
-    from clientapps.app import app
+    from bouquet.clientapps.app import app
 
     seen: list[Message] = []
 
@@ -54,7 +54,7 @@ def personal_run(tmp_path_factory):
 
 
 def test_personal_entries_stay_on_the_nodes(personal_run):
-    from tasks import DataSpec, build_model, dataset_info
+    from bouquet.tasks import DataSpec, build_model, dataset_info
 
     result, _, grid, seen = personal_run
     head = resolve_personal(["head"], list(result.arrays.keys()))

@@ -4,8 +4,8 @@ import pytest
 import torch
 from flwr.app import ConfigRecord, Context, Message, MessageType, RecordDict
 
-from clientapps.routine import describe_client
-from simulations.inprocess import ensure_task_identity
+from bouquet.clientapps.routine import describe_client
+from bouquet.simulations.inprocess import ensure_task_identity
 
 
 def _query(kind):

@@ -5,8 +5,8 @@ import math
 import numpy as np
 import torch
 
-from clientapps.hooks import ClipGradNorm, SharpnessAwareStep
-from clientapps.loop import TrainSettings, train_local
+from bouquet.clientapps.hooks import ClipGradNorm, SharpnessAwareStep
+from bouquet.clientapps.loop import TrainSettings, train_local
 
 
 def _step(hooks, lr=0.1):

@@ -13,8 +13,8 @@ from pathlib import Path
 
 import pytest
 
-from simulations.processes import FlowerProcesses
-from simulations.proctools import APP_DIR
+from bouquet.simulations.processes import FlowerProcesses
+from bouquet.simulations.proctools import APP_DIR
 
 
 @pytest.fixture(scope="module")

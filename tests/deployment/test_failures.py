@@ -21,15 +21,15 @@ import time
 import numpy as np
 import pytest
 
-from simulations.inprocess import run_inprocess
-from simulations.proctools import (
+from bouquet.simulations.inprocess import run_inprocess
+from bouquet.simulations.proctools import (
     STATUS_COMPLETED,
     STATUS_FAILED,
     descendants,
     read_run_metrics,
     signal_pid,
 )
-from strategies.state import load_state
+from bouquet.strategies.state import load_state
 
 pytestmark = pytest.mark.slow
 

@@ -6,6 +6,7 @@ calls), no process is started.
 
 import io
 import os
+import re
 import subprocess
 import zipfile
 from pathlib import Path
@@ -13,8 +14,8 @@ from pathlib import Path
 from flwr.cli.build import build_fab_from_files
 from flwr.cli.utils import collect_files
 
-from serverapps.run import run_directory
-from simulations.proctools import APP_DIR, DEPLOY_SCRIPTS
+from bouquet.serverapps.run import run_directory
+from bouquet.simulations.proctools import APP_DIR, DEPLOY_SCRIPTS
 from tests.conftest import build_wheel
 
 DEEP = "/".join(f"d{i}" for i in range(12))
@@ -84,7 +85,31 @@ def test_run_outputs_default_outside_the_app(tmp_path, monkeypatch):
 def test_the_wheel_ships_code_not_results(tmp_path):
     # A device installs the wheel (docs/deploy.md, "Install"): the measured
     # results (plots, tables under simulations/results) stay in the repository.
+    # Every package is installed under one name, ``bouquet``, so none collides
+    # with a user's own modules (architecture rule 9).
     wheel = build_wheel(APP_DIR, tmp_path)
-    names = zipfile.ZipFile(wheel).namelist()
-    assert any(n.startswith("strategies/") for n in names)
-    assert not [n for n in names if "/results/" in n]
+    names = {n for n in zipfile.ZipFile(wheel).namelist() if ".dist-info/" not in n}
+    code = {
+        f"bouquet/{p.relative_to(APP_DIR).as_posix()}"
+        for package in ("strategies", "clientapps", "serverapps", "simulations", "tasks")
+        for p in (APP_DIR / package).rglob("*.py")
+        if "results" not in p.parts
+    }
+    assert names == code
+
+
+def test_code_imports_its_packages_only_under_the_bouquet_name():
+    # Architecture rule 10: a bare `import tasks` would load a user's tasks.py.
+    bare = re.compile(
+        r"^\s*(?:from|import) (?:strategies|clientapps|serverapps|simulations|tasks)\b"
+        r"(?!\.fab import name_this_copy_bouquet)",
+        re.M,
+    )
+    user_app = APP_DIR / "tests" / "examples" / "quickstart_app"
+    offenders = [
+        f"{path.relative_to(APP_DIR)}: {match.group(0).strip()}"
+        for path in [*APP_DIR.rglob("*.py"), *APP_DIR.rglob("*.md")]
+        if ".venv" not in path.parts and not path.is_relative_to(user_app)
+        for match in bare.finditer(path.read_text())
+    ]
+    assert not offenders, offenders

@@ -6,8 +6,8 @@ import tomllib
 
 import pytest
 
-from simulations.processes import FlowerProcesses
-from simulations.proctools import (
+from bouquet.simulations.processes import FlowerProcesses
+from bouquet.simulations.proctools import (
     free_ports,
     read_run_metrics,
     tagged_pids,

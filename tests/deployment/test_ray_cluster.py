@@ -24,8 +24,8 @@ from pathlib import Path
 
 import pytest
 
-from simulations.processes import FlowerProcesses
-from simulations.proctools import (
+from bouquet.simulations.processes import FlowerProcesses
+from bouquet.simulations.proctools import (
     APP_DIR,
     STATUS_COMPLETED,
     Poll,
@@ -167,7 +167,7 @@ def test_workers_without_the_code_fail_visibly(cluster, tmp_path):
     status, rows, _, output = _attached_run(
         tmp_path / "procs",
         cluster,
-        "simulations.ray_cluster.strip_bouquet_paths",
+        "bouquet.simulations.ray_cluster.strip_bouquet_paths",
         tmp_path / "out",
     )
     assert status == STATUS_COMPLETED  # Flower's status hides the failures ...
@@ -183,7 +183,7 @@ def test_shipped_code_runs_on_both_nodes_without_errors(cluster, tmp_path):
     status, rows, nodes, output = _attached_run(
         tmp_path / "procs",
         cluster,
-        "simulations.ray_cluster.ship_bouquet",
+        "bouquet.simulations.ray_cluster.ship_bouquet",
         tmp_path / "out",
     )
     assert status == STATUS_COMPLETED, output

@@ -9,11 +9,17 @@ submitted first, without waiting, so that it fails while the FedAvg run goes on
 """
 
 import math
+import shutil
+from pathlib import Path
 
 import pytest
 
-from simulations.inprocess import run_inprocess
-from simulations.proctools import STATUS_COMPLETED, STATUS_FAILED, read_run_metrics
+from bouquet.simulations.inprocess import run_inprocess
+from bouquet.simulations.proctools import (
+    STATUS_COMPLETED,
+    STATUS_FAILED,
+    read_run_metrics,
+)
 
 pytestmark = pytest.mark.slow
 
@@ -92,6 +98,8 @@ def test_unknown_algorithm_fails_the_run(flower, superlink, failing_run):
     status = flower.wait_for_run(failing_run.run_id, superlink.connection, timeout=180)
     log = flower.run_log(failing_run.run_id, superlink.connection)
     assert status == STATUS_FAILED, log
+    # One line says what is wrong, before any traceback.
+    assert "Invalid run config: Unknown algorithm 'nope'" in log, log
     assert "Known algorithms" in log, log
 
 
@@ -152,3 +160,92 @@ def test_async_run_in_ray_replays_the_inprocess_run(
         assert ray_row["train-replies"] == local_row["train-replies"]
         assert ray_row.get("staleness-max") == local_row.get("staleness-max")
         assert abs(ray_row["central-accuracy"] - local_row["central-accuracy"]) <= 1e-6
+
+
+QUICKSTART = Path(__file__).resolve().parents[1] / "examples" / "quickstart_app"
+
+
+def _quickstart_copy(tmp_path: Path, clientapp: str) -> Path:
+    app = tmp_path / "quickstart_app"
+    shutil.copytree(QUICKSTART, app, ignore=shutil.ignore_patterns("__pycache__"))
+    pyproject = app / "pyproject.toml"
+    pyproject.write_text(
+        pyproject.read_text().replace(
+            'clientapp = "quickstart.bouquet_client_app:app"',
+            f'clientapp = "{clientapp}"',
+        )
+    )
+    return app
+
+
+def test_a_user_app_runs_an_async_bouquet_strategy_under_flwr_run(
+    flower, superlink, tmp_path
+):
+    # The quickstart-shaped app (its own tasks.py and strategies/), the
+    # documented client change, FedBuff: asynchronous under Ray, with the
+    # data-profile query answered by the user's query handler.
+    app = _quickstart_copy(tmp_path, "quickstart.bouquet_client_app:app")
+    run = flower.submit_run(
+        superlink.connection,
+        app,
+        run_config={"algorithm": "fedbuff", "num-server-rounds": 2},
+        federation_config={"num-supernodes": 3, "client-resources-num-cpus": 1},
+        timeout=300,
+    )
+    status = flower.wait_for_run(run.run_id, superlink.connection, timeout=60)
+    assert status == STATUS_COMPLETED, run.output
+    log = flower.run_log(run.run_id, superlink.connection)
+    assert "[VERSION 2/2]" in log and "Federated evaluation of version 2" in log, log
+
+
+def test_a_user_app_without_the_client_change_fails_the_run(
+    flower, superlink, tmp_path
+):
+    app = _quickstart_copy(tmp_path, "quickstart.client_app:app")
+    run = flower.submit_run(
+        superlink.connection,
+        app,
+        run_config={"algorithm": "scaffold", "num-server-rounds": 2},
+        federation_config={"num-supernodes": 2, "client-resources-num-cpus": 1},
+        stream=False,
+        timeout=120,
+    )
+    status = flower.wait_for_run(run.run_id, superlink.connection, timeout=240)
+    log = flower.run_log(run.run_id, superlink.connection)
+    assert status == STATUS_FAILED, log
+    assert "RoutineMissingError" in log and "train_client" in log, log
+
+
+def test_flwr_run_runs_the_shipped_copy_even_where_bouquet_is_installed(
+    flower, superlink, app_dir, tmp_path
+):
+    # Bouquet is installed (editable) in this environment under the name
+    # `bouquet`; a changed copy of the app must run its own code.
+    app = tmp_path / "changed_app"
+    shutil.copytree(
+        app_dir,
+        app,
+        ignore=shutil.ignore_patterns(".venv", ".git", "__pycache__", "results"),
+    )
+    module = app / "strategies" / "fedavg.py"
+    module.write_text(
+        module.read_text()
+        + "\nfrom logging import WARNING as _W\n"
+        + "from flwr.supercore import log as _log\n"
+        + '_log(_W, "shipped copy: %s", __file__)\n'
+    )
+    run = flower.submit_run(
+        superlink.connection,
+        app,
+        run_config={
+            "algorithm": "fedavg",
+            "num-server-rounds": 1,
+            "output-dir": str(tmp_path),
+        },
+        federation_config={"num-supernodes": 2, "client-resources-num-cpus": 1},
+        timeout=300,
+    )
+    status = flower.wait_for_run(run.run_id, superlink.connection, timeout=60)
+    log = flower.run_log(run.run_id, superlink.connection)
+    assert status == STATUS_COMPLETED, log
+    assert "shipped copy: " in log, log

@@ -17,7 +17,7 @@ import time
 
 import pytest
 
-from simulations.proctools import (
+from bouquet.simulations.proctools import (
     APP_DIR,
     DEPLOY_SCRIPTS,
     descendants,

@@ -23,7 +23,7 @@ import time
 
 import pytest
 
-from simulations.proctools import (
+from bouquet.simulations.proctools import (
     HOST,
     STATUS_COMPLETED,
     TlsFiles,

@@ -8,7 +8,7 @@ import math
 
 import pytest
 
-from simulations.proctools import STATUS_COMPLETED, read_run_metrics
+from bouquet.simulations.proctools import STATUS_COMPLETED, read_run_metrics
 
 pytestmark = pytest.mark.slow
 

@@ -2,9 +2,9 @@ import torch
 from flwr.app import ArrayRecord, Context, Message
 from flwr.clientapp import ClientApp
 
-from clientapps.routine import evaluate_client, train_client
-from simulations.inprocess import InProcessGrid
-from strategies.fedld import FedLD
+from bouquet.clientapps import evaluate_client, train_client
+from bouquet.simulations.inprocess import InProcessGrid
+from bouquet.strategies import FedLD
 
 
 def net() -> torch.nn.Module:

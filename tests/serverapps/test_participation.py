@@ -3,15 +3,15 @@
 import numpy as np
 import pytest
 
-from clientapps.app import app as client_app
-from serverapps.participation import (
+from bouquet.clientapps.app import app as client_app
+from bouquet.serverapps.participation import (
     ParticipationGrid,
     participation_grid,
     participation_spec,
 )
-from serverapps.settings import DEFAULTS
-from simulations.inprocess import InProcessGrid, app_defaults, run_inprocess
-from strategies.sampling import Availability, participation_probabilities
+from bouquet.serverapps.settings import DEFAULTS
+from bouquet.simulations.inprocess import InProcessGrid, app_defaults, run_inprocess
+from bouquet.strategies.sampling import Availability, participation_probabilities
 
 RUN = {
     "num-server-rounds": 4,
@@ -44,7 +44,7 @@ def test_only_available_nodes_train_and_reply(tmp_path):
     assert sum(k == "query" for _, k in grid.calls) == 8
 
     # The same availability, computed independently from the nodes' labels.
-    from tasks import DataSpec, load_client_data
+    from bouquet.tasks import DataSpec, load_client_data
 
     spec = DataSpec.from_run_config(config, num_partitions=8)
     counts = np.stack(

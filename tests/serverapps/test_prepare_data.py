@@ -2,10 +2,10 @@
 
 from flwr.superlink.grid.inmemory_grid import InMemoryGrid
 
-from serverapps.run import prepare_client_data
-from simulations.inprocess import InProcessGrid
-from tasks import DataSpec
-from tasks.data import partitions_dir
+from bouquet.serverapps.run import prepare_client_data
+from bouquet.simulations.inprocess import InProcessGrid
+from bouquet.tasks import DataSpec
+from bouquet.tasks.data import partitions_dir
 
 
 def test_simulation_grid_gets_every_partition_built(tmp_path, monkeypatch):
@@ -40,7 +40,7 @@ def test_a_failed_build_stops_the_run_with_a_clear_error(tmp_path, monkeypatch):
 def test_build_entry_point_names_its_usage():
     import pytest
 
-    from tasks.data import main
+    from bouquet.tasks.data import main
 
-    with pytest.raises(SystemExit, match=r"usage: python -m tasks\.data"):
+    with pytest.raises(SystemExit, match=r"usage: python -m bouquet\.tasks\.data"):
         main([])

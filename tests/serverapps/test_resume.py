@@ -5,7 +5,7 @@ import json
 import pytest
 from flwr.app import Message
 
-from serverapps.resume import (
+from bouquet.serverapps.resume import (
     RESULT_NEUTRAL_KEYS,
     ResumeConfigError,
     RunConfigGrid,
@@ -13,7 +13,7 @@ from serverapps.resume import (
     restored_values,
     resumed_config,
 )
-from tasks import wire
+from bouquet.tasks import wire
 
 SAVED = {
     "algorithm": "fedavgm",
@@ -116,8 +116,8 @@ class _Grid:
 def test_clients_get_the_restored_values_and_let_them_win():
     from flwr.app import Context, RecordDict
 
-    from clientapps.app import run_config_of
-    from simulations.inprocess import ensure_task_identity
+    from bouquet.clientapps.app import run_config_of
+    from bouquet.simulations.inprocess import ensure_task_identity
 
     ensure_task_identity()
     grid = _Grid()

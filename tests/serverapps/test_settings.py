@@ -1,6 +1,6 @@
 import pytest
 
-from serverapps.settings import (
+from bouquet.serverapps.settings import (
     DEFAULTS,
     SETTINGS,
     check_settings,
@@ -8,9 +8,9 @@ from serverapps.settings import (
     setting,
     strategy_common,
 )
-from simulations.inprocess import app_defaults
-from strategies.params import Param
-from strategies.registry import get_algorithm
+from bouquet.simulations.inprocess import app_defaults
+from bouquet.strategies.params import Param
+from bouquet.strategies.registry import get_algorithm
 
 
 def test_pyproject_and_settings_declare_the_same_shared_keys():
@@ -95,3 +95,18 @@ def test_strategy_common_is_typed():
         "head",
         "fc.*",
     )
+
+
+def test_every_config_mistake_is_one_run_config_error_before_any_node():
+    from bouquet.serverapps.run import checked_strategy
+    from bouquet.serverapps.settings import DEFAULTS, RunConfigError
+
+    for bad, says in (
+        ({"algorithm": "fedlx"}, "Did you mean 'fedlex', 'fedld'"),
+        ({"algorithm": "fedld", "fedld.lambda": -1.0}, "'fedld.lambda' must be >= 0"),
+        ({"num-server-rounds": 0}, "'num-server-rounds' must be >= 1"),
+        ({"loss": "hinge"}, "loss must be one of"),
+        ({"dataset": "nope"}, "nope"),
+    ):
+        with pytest.raises(RunConfigError, match=says):
+            checked_strategy({**DEFAULTS, **bad})

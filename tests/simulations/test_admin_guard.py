@@ -4,7 +4,13 @@ import asyncio
 
 import pytest
 
-from simulations.admin_guard import AdminGuard, install, is_public, networks, split_args
+from bouquet.simulations.admin_guard import (
+    AdminGuard,
+    install,
+    is_public,
+    networks,
+    split_args,
+)
 
 
 def _call(admin, path, client):

@@ -2,8 +2,8 @@
 
 import pytest
 
-from simulations import bench_suite
-from simulations.bench_deployment import split
+from bouquet.simulations import bench_suite
+from bouquet.simulations.bench_deployment import split
 
 
 def test_deployment_round_is_split_into_flower_and_ours():
@@ -134,7 +134,7 @@ def test_aggregation_bench_measures_real_updates():
     Otherwise the bench times the drop path (e.g. replies that answer no
     message sent) and its table means nothing.
     """
-    from simulations.bench_aggregation import run
+    from bouquet.simulations.bench_aggregation import run
 
     rows = run(clients=[3], params=[1000], repeats=1)
     bad = [(r["algorithm"], r.get("error")) for r in rows if not r.get("update")]

@@ -4,10 +4,10 @@ from pathlib import Path
 
 import pytest
 
-from serverapps.run import build_strategy
-from serverapps.settings import check_settings
-from simulations.inprocess import app_defaults
-from simulations.sweep import load_override_file
+from bouquet.serverapps.run import build_strategy
+from bouquet.serverapps.settings import check_settings
+from bouquet.simulations.inprocess import app_defaults
+from bouquet.simulations.sweep import load_override_file
 
 CONFIGS = sorted(
     (Path(__file__).resolve().parents[2] / "simulations" / "configs").rglob("*.toml")

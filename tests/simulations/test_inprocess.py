@@ -6,8 +6,9 @@ import numpy as np
 import pytest
 from flwr.app import Message
 
-from clientapps.app import app as client_app
-from simulations.inprocess import run_inprocess
+from bouquet.clientapps.app import app as client_app
+from bouquet.serverapps.settings import RunConfigError
+from bouquet.simulations.inprocess import run_inprocess
 
 FAST = {"num-server-rounds": 2, "local-epochs": 1, "fraction-evaluate": 0.5}
 
@@ -89,7 +90,7 @@ def test_bad_replies_are_dropped_and_the_round_goes_on(tmp_path, caplog):
 
 
 def test_lost_nodes_are_logged_and_counted(tmp_path, caplog, monkeypatch):
-    from simulations.inprocess import InProcessGrid
+    from bouquet.simulations.inprocess import InProcessGrid
 
     pull = InProcessGrid.pull_messages
 
@@ -134,8 +135,8 @@ class _KilledError(Exception):
 
 def test_resume_restores_the_saved_config_and_refuses_changes(tmp_path, monkeypatch):
     """``resume`` alone continues the interrupted run with its own config."""
-    import serverapps.run
-    from serverapps.resume import ResumeConfigError
+    import bouquet.serverapps.run
+    from bouquet.serverapps.resume import ResumeConfigError
 
     config = {
         "algorithm": "fedavgm",
@@ -148,14 +149,14 @@ def test_resume_restores_the_saved_config_and_refuses_changes(tmp_path, monkeypa
     full, _, _ = run_inprocess(
         {**config, "output-dir": str(tmp_path / "full")}, num_nodes=3
     )
-    line = serverapps.run.progress_line
+    line = bouquet.serverapps.run.progress_line
 
     def die_after_round_2(row, num_rounds):
         if row["round"] == 2:
             raise _KilledError  # as if the ServerApp died after round 2's checkpoint
         return line(row, num_rounds)
 
-    monkeypatch.setattr(serverapps.run, "progress_line", die_after_round_2)
+    monkeypatch.setattr(bouquet.serverapps.run, "progress_line", die_after_round_2)
     out = str(tmp_path / "cut")
     with pytest.raises(_KilledError):
         run_inprocess({**config, "output-dir": out}, num_nodes=3)
@@ -181,7 +182,7 @@ def test_resume_restores_the_saved_config_and_refuses_changes(tmp_path, monkeypa
 
 
 def test_unknown_algorithm_and_bad_value_fail_at_once(tmp_path):
-    with pytest.raises(KeyError, match=r"Known algorithms: .*fedavg"):
+    with pytest.raises(RunConfigError, match=r"Known algorithms: .*fedavg"):
         run_inprocess({"algorithm": "nope", "output-dir": str(tmp_path)}, num_nodes=2)
     with pytest.raises(ValueError, match=r"'fedprox\.proximal-mu' must be float"):
         run_inprocess(

@@ -5,8 +5,8 @@ import subprocess
 import sys
 import time
 
-from simulations.bench_scale import MemoryWatch, process_role
-from simulations.proctools import TAG_VARIABLE
+from bouquet.simulations.bench_scale import MemoryWatch, process_role
+from bouquet.simulations.proctools import TAG_VARIABLE
 
 
 def test_watch_attributes_a_tagged_process_to_its_role():
@@ -17,7 +17,7 @@ def test_watch_attributes_a_tagged_process_to_its_role():
         "block[::4096] = b'x' * len(block[::4096]); time.sleep(30)"
     )
     child = subprocess.Popen(
-        [sys.executable, "-c", holder, "tasks.data"],
+        [sys.executable, "-c", holder, "bouquet.tasks.data"],
         env={**os.environ, TAG_VARIABLE: tag},
     )
     try:

@@ -6,10 +6,10 @@ import numpy as np
 import pytest
 from flwr.app import ConfigRecord
 
-from simulations.inprocess import InProcessGrid, run_inprocess
-from strategies.afa import AFACD, AFACS
-from strategies.aggregation import to_numpy, to_record
-from strategies.context import RoundContext
+from bouquet.simulations.inprocess import InProcessGrid, run_inprocess
+from bouquet.strategies.afa import AFACD, AFACS
+from bouquet.strategies.aggregation import to_numpy, to_record
+from bouquet.strategies.context import RoundContext
 from tests.conftest import answer
 
 X = {"w": np.array([1.0, 2.0], np.float32), "n": np.array(3, np.int64)}

@@ -2,12 +2,17 @@ import numpy as np
 import pytest
 from flwr.app import RecordDict
 
-from strategies.aggregation import (
+from bouquet.strategies.aggregation import (
     mean64,
     weighted_mean,
     weighted_sum,
 )
-from strategies.validation import ClientReply, Contract, accept, weighted_metrics
+from bouquet.strategies.validation import (
+    ClientReply,
+    Contract,
+    accept,
+    weighted_metrics,
+)
 
 
 def test_weighted_mean_golden():
@@ -54,7 +59,7 @@ def test_weighted_metrics_skips_bookkeeping(reply):
 
 
 def test_to_record_keeps_zero_dim_arrays():
-    from strategies.aggregation import to_numpy, to_record
+    from bouquet.strategies.aggregation import to_numpy, to_record
 
     arrays = {"n": np.array(5, np.int64), "w": np.ones((2, 1), np.float32)}
     back = to_numpy(to_record(arrays))

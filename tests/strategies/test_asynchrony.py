@@ -7,12 +7,12 @@ import numpy as np
 import pytest
 from flwr.app import Message
 
-from serverapps.run import build_strategy
-from simulations.inprocess import app_defaults, run_inprocess
-from strategies.asynchrony import Update, staleness_weight
-from strategies.clocks import TIMER, DeviceSpeeds, Task, VirtualClock, WallClock
-from strategies.context import RoundContext
-from strategies.state import load_state
+from bouquet.serverapps.run import build_strategy
+from bouquet.simulations.inprocess import app_defaults, run_inprocess
+from bouquet.strategies.asynchrony import Update, staleness_weight
+from bouquet.strategies.clocks import TIMER, DeviceSpeeds, Task, VirtualClock, WallClock
+from bouquet.strategies.context import RoundContext
+from bouquet.strategies.state import load_state
 
 
 def _strategy(name, **hp):

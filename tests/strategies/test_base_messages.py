@@ -3,9 +3,9 @@
 import numpy as np
 from flwr.app import ArrayRecord, ConfigRecord, MessageType
 
-from simulations.inprocess import ensure_task_identity
-from strategies.aggregation import to_record
-from strategies.base import BouquetStrategy
+from bouquet.simulations.inprocess import ensure_task_identity
+from bouquet.strategies.aggregation import to_record
+from bouquet.strategies.base import BouquetStrategy
 
 
 class Nodes:

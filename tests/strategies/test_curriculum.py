@@ -6,16 +6,16 @@ import numpy as np
 import pytest
 from flwr.app import ConfigRecord
 
-from simulations.inprocess import ensure_task_identity
-from strategies.aggregation import to_record
-from strategies.curriculum import (
+from bouquet.simulations.inprocess import ensure_task_identity
+from bouquet.strategies.aggregation import to_record
+from bouquet.strategies.curriculum import (
     FRACTION,
     MEAN_SCORE,
     Curriculum,
     eligible_nodes,
     pacing,
 )
-from tasks import wire
+from bouquet.tasks import wire
 from tests.conftest import answer
 
 ORDERING = wire.algorithm_key("curriculum", "ordering")
@@ -224,8 +224,8 @@ def test_start_sets_total_rounds():
 
 
 def test_inprocess_client_pacing_scores_every_node(tmp_path):
-    from simulations.inprocess import run_inprocess
-    from strategies.state import load_state
+    from bouquet.simulations.inprocess import run_inprocess
+    from bouquet.strategies.state import load_state
 
     config = {
         "algorithm": "curriculum",

@@ -5,8 +5,8 @@ import time
 
 from flwr.app import Message, MessageType, RecordDict
 
-from simulations.inprocess import ensure_task_identity
-from strategies.driver import Exchange, longest_client_time
+from bouquet.simulations.inprocess import ensure_task_identity
+from bouquet.strategies.driver import Exchange, longest_client_time
 
 
 class SlowGrid:

@@ -4,11 +4,11 @@ import numpy as np
 import pytest
 from flwr.app import ConfigRecord
 
-from simulations.inprocess import InProcessGrid, run_inprocess
-from strategies.aggregation import to_numpy, to_record
-from strategies.context import RoundContext
-from strategies.fedamd import DIRECTION, ROLE, FedAMD, draw_roles
-from strategies.state import load_state
+from bouquet.simulations.inprocess import InProcessGrid, run_inprocess
+from bouquet.strategies.aggregation import to_numpy, to_record
+from bouquet.strategies.context import RoundContext
+from bouquet.strategies.fedamd import DIRECTION, ROLE, FedAMD, draw_roles
+from bouquet.strategies.state import load_state
 from tests.conftest import answer
 
 X = {"w": np.array([1.0, 2.0], np.float32), "n": np.array(3, np.int64)}

@@ -4,10 +4,10 @@ import numpy as np
 import pytest
 from flwr.app import ArrayRecord, ConfigRecord
 
-from simulations.inprocess import ensure_task_identity
-from strategies.aggregation import to_numpy, to_record
-from strategies.fedau import FedAU, omega
-from strategies.fedavg import FedAvg
+from bouquet.simulations.inprocess import ensure_task_identity
+from bouquet.strategies.aggregation import to_numpy, to_record
+from bouquet.strategies.fedau import FedAU, omega
+from bouquet.strategies.fedavg import FedAvg
 from tests.conftest import answer
 
 A, B, C = 11, 22, 33
@@ -183,8 +183,8 @@ def test_new_nodes_join_with_fresh_counters(reply):
 
 
 def test_inprocess_bernoulli_run_counts_participation_and_resumes(tmp_path):
-    from simulations.inprocess import run_inprocess
-    from strategies.state import load_state
+    from bouquet.simulations.inprocess import run_inprocess
+    from bouquet.strategies.state import load_state
 
     run = {
         "algorithm": "fedau",

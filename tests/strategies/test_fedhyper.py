@@ -4,11 +4,11 @@ import numpy as np
 import pytest
 from flwr.app import ConfigRecord
 
-from simulations.inprocess import ensure_task_identity
-from strategies.aggregation import to_numpy, to_record
-from strategies.context import RoundContext
-from strategies.fedavg import FedAvg
-from strategies.fedhyper import GLOBAL_UPDATE, FedHyper, dot, trainable_keys
+from bouquet.simulations.inprocess import ensure_task_identity
+from bouquet.strategies.aggregation import to_numpy, to_record
+from bouquet.strategies.context import RoundContext
+from bouquet.strategies.fedavg import FedAvg
+from bouquet.strategies.fedhyper import GLOBAL_UPDATE, FedHyper, dot, trainable_keys
 from tests.conftest import answer
 
 

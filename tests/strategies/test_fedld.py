@@ -3,9 +3,9 @@
 import numpy as np
 import pytest
 
-from strategies.aggregation import to_numpy
-from strategies.context import RoundContext
-from strategies.fedld import FedLD, principal_update
+from bouquet.strategies.aggregation import to_numpy
+from bouquet.strategies.context import RoundContext
+from bouquet.strategies.fedld import FedLD, principal_update
 from tests.conftest import answer
 
 

@@ -5,8 +5,8 @@ import pytest
 import torch
 from flwr.app import Array, ArrayRecord, ConfigRecord
 
-from simulations.inprocess import ensure_task_identity, run_inprocess
-from strategies.fedlex import (
+from bouquet.simulations.inprocess import ensure_task_identity, run_inprocess
+from bouquet.strategies.fedlex import (
     BASE,
     GUIDANCE,
     FedLEx,

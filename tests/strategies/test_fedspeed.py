@@ -6,12 +6,12 @@ import numpy as np
 import pytest
 from flwr.app import ConfigRecord
 
-from simulations.inprocess import InProcessGrid, ensure_task_identity
-from strategies.aggregation import to_numpy, to_record, weighted_mean
-from strategies.context import RoundContext
-from strategies.fedspeed import FedSpeed, ProxCorrectedMean, corrected
-from strategies.pieces import Aggregator, ServerSGD, Uniform
-from strategies.validation import ClientReply
+from bouquet.simulations.inprocess import InProcessGrid, ensure_task_identity
+from bouquet.strategies.aggregation import to_numpy, to_record, weighted_mean
+from bouquet.strategies.context import RoundContext
+from bouquet.strategies.fedspeed import FedSpeed, ProxCorrectedMean, corrected
+from bouquet.strategies.pieces import Aggregator, ServerSGD, Uniform
+from bouquet.strategies.validation import ClientReply
 from tests.conftest import answer, make_reply
 
 
@@ -206,21 +206,21 @@ def _config(tmp_path, rounds, **extra):
 
 
 def _run(grid, config):
-    from serverapps.run import run_server
-    from simulations.inprocess import app_defaults
+    from bouquet.serverapps.run import run_server
+    from bouquet.simulations.inprocess import app_defaults
 
     return run_server(grid, {**app_defaults(), **config}, settle=0.0)
 
 
 def _grid(config, num_nodes=4):
-    from clientapps.app import app
-    from simulations.inprocess import app_defaults
+    from bouquet.clientapps.app import app
+    from bouquet.simulations.inprocess import app_defaults
 
     return InProcessGrid(app, num_nodes, {**app_defaults(), **config})
 
 
 def test_client_h_lives_in_context_state_and_sums_to_server_h(tmp_path):
-    from strategies.state import load_state
+    from bouquet.strategies.state import load_state
 
     config = _config(tmp_path, 2, **{"fraction-train": 0.34})
     grid = _grid(config, num_nodes=6)

@@ -16,11 +16,11 @@ from flwr.serverapp.strategy import (
     Strategy,
 )
 
-from clientapps.routine import evaluate_client, train_client
-from simulations.inprocess import InProcessGrid
-from strategies.driver import Driver
-from strategies.fedavg import FedAvg
-from strategies.fedbuff import FedBuff
+from bouquet.clientapps.routine import evaluate_client, train_client
+from bouquet.simulations.inprocess import InProcessGrid
+from bouquet.strategies.driver import Driver
+from bouquet.strategies.fedavg import FedAvg
+from bouquet.strategies.fedbuff import FedBuff
 
 NODES = 4
 gen = torch.Generator().manual_seed(0)

@@ -26,15 +26,15 @@ from flwr.app import (
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from clientapps.app import app as bouquet_app
-from serverapps.run import run_server
-from simulations.inprocess import (
+from bouquet.clientapps.app import app as bouquet_app
+from bouquet.serverapps.run import run_server
+from bouquet.simulations.inprocess import (
     InProcessGrid,
     app_defaults,
     ensure_task_identity,
     give_id,
 )
-from strategies.profiles import (
+from bouquet.strategies.profiles import (
     MAX_CLASSES,
     check_profile,
     client_indices,

@@ -4,8 +4,8 @@ import numpy as np
 from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
 from flwr.serverapp.strategy.multikrum import compute_distances, select_multikrum
 
-from strategies.aggregation import pairwise_sq_distances, to_numpy, to_record
-from strategies.pieces import krum_select
+from bouquet.strategies.aggregation import pairwise_sq_distances, to_numpy, to_record
+from bouquet.strategies.pieces import krum_select
 from tests.conftest import answer
 
 
@@ -76,7 +76,7 @@ def _train_replies(strategy, records, grid, reference):
 
 
 def _same_round_as_flower(ours, theirs, records):
-    from simulations.inprocess import InProcessGrid
+    from bouquet.simulations.inprocess import InProcessGrid
 
     reference = {k: np.zeros_like(v) for k, v in to_numpy(records[0]).items()}
     n = len(records)
@@ -98,8 +98,8 @@ def _same_round_as_flower(ours, theirs, records):
 def test_coordinate_median_equals_numpy_and_flower():
     from flwr.serverapp.strategy import FedMedian as FlowerMedian
 
-    from strategies.aggregation import coordinate_median
-    from strategies.fedmedian import FedMedian
+    from bouquet.strategies.aggregation import coordinate_median
+    from bouquet.strategies.fedmedian import FedMedian
 
     rng = np.random.default_rng(1)
     for m in (1, 4, 7):
@@ -120,7 +120,7 @@ def test_coordinate_median_equals_numpy_and_flower():
 def test_krum_strategy_equals_flower():
     from flwr.serverapp.strategy import Krum as FlowerKrum
 
-    from strategies.krum import Krum
+    from bouquet.strategies.krum import Krum
 
     for f in (0, 2):
         _same_round_as_flower(

@@ -4,10 +4,10 @@ import numpy as np
 import pytest
 from flwr.app import Array, ArrayRecord, ConfigRecord
 
-from simulations.inprocess import InProcessGrid
-from strategies.aggregation import to_record
-from strategies.fedavg import FedAvg
-from strategies.momentum import (
+from bouquet.simulations.inprocess import InProcessGrid
+from bouquet.strategies.aggregation import to_record
+from bouquet.strategies.fedavg import FedAvg
+from bouquet.strategies.momentum import (
     SCAFFOLD,
     FedAvgMomentum,
     SCAFFOLDMomentum,

@@ -12,10 +12,10 @@ import numpy as np
 import pytest
 from flwr.app import ConfigRecord
 
-from serverapps.run import wait_for_nodes
-from simulations.inprocess import ensure_task_identity
-from strategies.aggregation import to_record
-from strategies.fedavg import FedAvg
+from bouquet.serverapps.run import wait_for_nodes
+from bouquet.simulations.inprocess import ensure_task_identity
+from bouquet.strategies.aggregation import to_record
+from bouquet.strategies.fedavg import FedAvg
 
 
 class ScriptedGrid:
@@ -126,8 +126,8 @@ def test_superlink_error_reply_for_an_offline_node_is_not_also_missing(caplog):
     from flwr.app import Error, Message, RecordDict
     from flwr.common.constant import SUPERLINK_NODE_ID
 
-    from strategies.context import RoundContext
-    from strategies.driver import Exchange
+    from bouquet.strategies.context import RoundContext
+    from bouquet.strategies.driver import Exchange
 
     ensure_task_identity()
     sent = []

@@ -4,9 +4,9 @@ import numpy as np
 import pytest
 from flwr.app import ArrayRecord, ConfigRecord, MetricRecord
 
-from simulations.inprocess import InProcessGrid
-from strategies.aggregation import to_record
-from strategies.fedavg import FedAvg
+from bouquet.simulations.inprocess import InProcessGrid
+from bouquet.strategies.aggregation import to_record
+from bouquet.strategies.fedavg import FedAvg
 
 
 def _configure(strategy, server_round=1):

@@ -3,8 +3,8 @@ import math
 
 import pytest
 
-from strategies.base import BouquetStrategy
-from strategies.params import Param, Range, defaults, parse_all, python_name
+from bouquet.strategies.base import BouquetStrategy
+from bouquet.strategies.params import Param, Range, defaults, parse_all, python_name
 
 
 @pytest.mark.parametrize(
@@ -192,7 +192,7 @@ def test_strategy_unknown_keyword_is_named(kwargs):
 
 
 def test_registered_strategy_checks_its_keywords():
-    from strategies.krum import Krum
+    from bouquet.strategies.krum import Krum
 
     assert Krum(num_malicious_nodes=2).num_malicious_nodes == 2
     with pytest.raises(ValueError, match=r"'krum\.num-malicious-nodes' must be >= 0"):

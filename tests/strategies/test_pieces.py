@@ -10,12 +10,12 @@ import pytest
 from flwr.app import ArrayRecord, ConfigRecord
 from flwr.serverapp import strategy as flwr_strategy
 
-from strategies.aggregation import to_record
-from strategies.context import RoundContext
-from strategies.fedadam import FedAdam
-from strategies.fedavg import FedAvg
-from strategies.fedavgm import FedAvgM
-from strategies.pieces import (
+from bouquet.strategies.aggregation import to_record
+from bouquet.strategies.context import RoundContext
+from bouquet.strategies.fedadam import FedAdam
+from bouquet.strategies.fedavg import FedAvg
+from bouquet.strategies.fedavgm import FedAvgM
+from bouquet.strategies.pieces import (
     Aggregator,
     ByExamples,
     CoordinateMedian,
@@ -26,7 +26,7 @@ from strategies.pieces import (
     Uniform,
     WeightedMean,
 )
-from strategies.validation import ClientReply
+from bouquet.strategies.validation import ClientReply
 
 NODES = (11, 12, 13)
 
@@ -103,7 +103,7 @@ def test_state_is_a_value():
 
 def _rounds(ours, theirs, rounds=3, seed=0):
     """Drive ours and Flower's strategy on the same replies; yield both results."""
-    from simulations.inprocess import ensure_task_identity
+    from bouquet.simulations.inprocess import ensure_task_identity
     from tests.conftest import answer, make_reply
 
     ensure_task_identity()

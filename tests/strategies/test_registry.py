@@ -2,11 +2,11 @@ import tomllib
 
 import pytest
 
-import strategies.registry as registry
-from simulations.inprocess import app_defaults
-from strategies.base import BouquetStrategy
-from strategies.params import Param
-from strategies.registry import (
+import bouquet.strategies.registry as registry
+from bouquet.simulations.inprocess import app_defaults
+from bouquet.strategies.base import BouquetStrategy
+from bouquet.strategies.params import Param
+from bouquet.strategies.registry import (
     UnknownAlgorithmError,
     broken_modules,
     get_algorithm,
@@ -26,8 +26,8 @@ def test_baselines_registered_and_wildcards():
 
 
 def test_get_algorithm_returns_the_class():
-    from strategies.fedavg import FedAvg
-    from strategies.krum import Krum
+    from bouquet.strategies.fedavg import FedAvg
+    from bouquet.strategies.krum import Krum
 
     assert get_algorithm("fedavg") is FedAvg
     assert get_algorithm("krum") is Krum

@@ -3,9 +3,9 @@
 import numpy as np
 import pytest
 
-from strategies.context import RoundContext
-from strategies.fedavg import FedAvg
-from strategies.safety import snapshot, state_problem
+from bouquet.strategies.context import RoundContext
+from bouquet.strategies.fedavg import FedAvg
+from bouquet.strategies.safety import snapshot, state_problem
 
 X = {"w": np.zeros(3, np.float32)}
 

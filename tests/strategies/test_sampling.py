@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from strategies.sampling import (
+from bouquet.strategies.sampling import (
     Availability,
     ParticipationSpec,
     participation_probabilities,

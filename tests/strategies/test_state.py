@@ -1,7 +1,7 @@
 import numpy as np
 import pytest
 
-from strategies.state import ServerState, load_state, save_state
+from bouquet.strategies.state import ServerState, load_state, save_state
 
 
 def test_state_roundtrip(tmp_path):

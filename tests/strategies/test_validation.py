@@ -4,9 +4,9 @@ import numpy as np
 import pytest
 from flwr.app import Array, ArrayRecord, ConfigRecord
 
-import strategies.validation as validation
-from strategies.aggregation import array_view
-from strategies.validation import (
+import bouquet.strategies.validation as validation
+from bouquet.strategies.aggregation import array_view
+from bouquet.strategies.validation import (
     ClientReply,
     Contract,
     RoutineMissingError,

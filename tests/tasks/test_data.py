@@ -10,8 +10,8 @@ import pytest
 import torch
 from sklearn.datasets import load_digits
 
-import tasks.prepare
-from tasks import (
+import bouquet.tasks.prepare
+from bouquet.tasks import (
     DataSpec,
     dataset_info,
     list_datasets,
@@ -19,7 +19,7 @@ from tasks import (
     load_central_test,
     load_client_data,
 )
-from tasks.synthetic import make_synthetic
+from bouquet.tasks.synthetic import make_synthetic
 
 EMBEDDED = ["digits", "mnist1d", "synthetic"]
 
@@ -209,8 +209,8 @@ def test_second_load_reads_the_cache(fresh_cache, monkeypatch):
     def no_rebuild(*args):
         raise AssertionError("rebuilt instead of reading the cache")
 
-    monkeypatch.setattr(tasks.prepare, "build_partitions", no_rebuild)
-    monkeypatch.setattr(tasks.prepare, "build_central_test", no_rebuild)
+    monkeypatch.setattr(bouquet.tasks.prepare, "build_partitions", no_rebuild)
+    monkeypatch.setattr(bouquet.tasks.prepare, "build_central_test", no_rebuild)
     again = load_client_data(spec, 0), load_client_data(spec, 2)
     assert torch.equal(again[1].train_x, first.train_x)
     assert torch.equal(load_central_test(spec)[1], central[1])
@@ -260,7 +260,7 @@ def test_stratified_holdout_draws_what_a_per_group_scan_draws(groups):
     rng = np.random.default_rng(1)
     groups = np.array(groups)[rng.permutation(len(groups))]
     for fraction, seed in [(0.2, 0), (0.5, 7), (0.34, 3)]:
-        got = tasks.prepare.stratified_holdout(groups, fraction, seed)
+        got = bouquet.tasks.prepare.stratified_holdout(groups, fraction, seed)
         want = _holdout_by_scanning(groups, fraction, seed)
         for a, b in zip(got, want, strict=True):
             np.testing.assert_array_equal(a, b)
@@ -279,7 +279,7 @@ def test_natural_id_partitions_equal_flwr_datasets(ids):
     want = [
         partitioner.load_partition(i)["row"] for i in range(partitioner.num_partitions)
     ]
-    got = tasks.prepare.natural_id_partitions(rows, ids[order])
+    got = bouquet.tasks.prepare.natural_id_partitions(rows, ids[order])
     assert [list(g) for g in got] == want
 
 
@@ -296,13 +296,13 @@ def test_partitions_cut_from_the_whole_pool_equal_per_partition_ones(
     import dataclasses
 
     spec = DataSpec(**config)
-    source = tasks.prepare.open_source_quietly(spec)
+    source = bouquet.tasks.prepare.open_source_quietly(spec)
     assert source.arrays is not None  # embedded data: the pool's own arrays
-    from_arrays = dict(tasks.prepare.build_partitions(spec, source))
+    from_arrays = dict(bouquet.tasks.prepare.build_partitions(spec, source))
     formatted = dataclasses.replace(source, arrays=None)
-    whole = dict(tasks.prepare.build_partitions(spec, formatted))
-    monkeypatch.setattr(tasks.prepare, "POOL_IN_MEMORY_BYTES", 0)
-    apart = dict(tasks.prepare.build_partitions(spec, formatted))
+    whole = dict(bouquet.tasks.prepare.build_partitions(spec, formatted))
+    monkeypatch.setattr(bouquet.tasks.prepare, "POOL_IN_MEMORY_BYTES", 0)
+    apart = dict(bouquet.tasks.prepare.build_partitions(spec, formatted))
     assert sorted(whole) == sorted(apart) == list(range(spec.num_partitions))
     assert sorted(from_arrays) == sorted(whole)
     for pid, tensors in whole.items():
@@ -312,7 +312,7 @@ def test_partitions_cut_from_the_whole_pool_equal_per_partition_ones(
 
 
 def test_all_but_is_setdiff_of_the_range():
-    from tasks.prepare import all_but
+    from bouquet.tasks.prepare import all_but
 
     rng = np.random.default_rng(1)
     excluded = rng.choice(1000, 137, replace=False)

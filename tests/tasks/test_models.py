@@ -4,7 +4,7 @@ import pytest
 import torch
 from torch import nn
 
-from tasks import DatasetInfo, build_model, list_models
+from bouquet.tasks import DatasetInfo, build_model, list_models
 
 DIGITS = DatasetInfo("digits", (1, 8, 8), 10)
 MNIST1D = DatasetInfo("mnist1d", (1, 40), 10)
@@ -96,7 +96,7 @@ def test_conv_models_reject_flat_inputs():
 
 
 def test_device_names_resolve_or_fail_clearly(monkeypatch):
-    from tasks import resolve_device
+    from bouquet.tasks import resolve_device
 
     assert resolve_device("cpu") == torch.device("cpu")
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
@@ -138,13 +138,13 @@ def test_uninitialised_model_loads_a_state_dict_into_the_same_model(name, info, 
 
 
 def test_uninitialised_model_with_an_unsaved_buffer_is_initialised(monkeypatch):
-    import tasks.models
+    import bouquet.tasks.models
 
     def with_unsaved_buffer(info):
         model = nn.Sequential(nn.Flatten(), nn.Linear(60, 10))
         model.register_buffer("scale", torch.ones(1), persistent=False)
         return model
 
-    monkeypatch.setattr(tasks.models, "_mlp", with_unsaved_buffer)
+    monkeypatch.setattr(bouquet.tasks.models, "_mlp", with_unsaved_buffer)
     model = build_model("mlp", SYNTHETIC, initialize=False)
     assert torch.equal(model.scale, torch.ones(1))  # not left arbitrary

@@ -8,8 +8,8 @@ import torch
 from datasets import ClassLabel, Dataset, DatasetDict, Features, Image, Sequence, Value
 from PIL import Image as PILImage
 
-from tasks import DataSpec, dataset_info, load_central_test, load_client_data
-from tasks.catalog import HUB_DATASETS
+from bouquet.tasks import DataSpec, dataset_info, load_central_test, load_client_data
+from bouquet.tasks.catalog import HUB_DATASETS
 
 
 def feature_rows(num_rows, offset=0):
@@ -182,7 +182,7 @@ def test_hub_dataset_offline_says_what_to_do():
 
 
 def test_in_memory_dataset_reads_back_like_from_dict():
-    from tasks.sources import in_memory_dataset
+    from bouquet.tasks.sources import in_memory_dataset
 
     rng = np.random.default_rng(0)
     columns = {
@@ -210,7 +210,7 @@ def test_in_memory_dataset_reads_back_like_from_dict():
 
 def test_synthetic_generator_matches_the_one_pass_reference():
     """Two passes over the clients' streams give the rows of one pass."""
-    from tasks.synthetic import DIMENSION, NUM_CLASSES, make_synthetic
+    from bouquet.tasks.synthetic import DIMENSION, NUM_CLASSES, make_synthetic
 
     scale = np.sqrt(np.arange(1, DIMENSION + 1, dtype=np.float64) ** -1.2)
     xs, ys = [], []
@@ -234,7 +234,7 @@ def test_synthetic_generator_matches_the_one_pass_reference():
 
 
 def test_prepare_caches_fills_partitions_and_central_test(tmp_path, monkeypatch):
-    from tasks import data
+    from bouquet.tasks import data
 
     monkeypatch.setenv("BOUQUET_CACHE_DIR", str(tmp_path))
     spec = DataSpec(dataset="synthetic", partitioner="natural-id", num_partitions=5)
