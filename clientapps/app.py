@@ -14,8 +14,9 @@ model, the work, the reply), so a round's latency can be split into the
 ClientApp's share and the transport's (``simulations/bench_deployment.py``).
 """
 
+import contextlib
 import time
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from typing import Any
 
 from flwr.app import Context, Message
@@ -57,24 +58,29 @@ def _timed(reply: Message, start: float) -> Message:
     return reply
 
 
-def _model_and_data(run_config: Mapping[str, Any], node_config: Mapping[str, Any]):  # noqa: ANN202
+@contextlib.contextmanager
+def _model_and_data(
+    run_config: Mapping[str, Any], context: Context
+) -> Iterator[tuple[Any, Any, int]]:
+    """The node's data and a model lent for this call (``tasks.memo``)."""
     from bouquet.tasks import build_model, dataset_info, resolve_device
+    from bouquet.tasks.memo import MODELS
 
-    spec, data = _spec_and_data(run_config, node_config)
+    spec, data = _spec_and_data(run_config, context.node_config)
     info = dataset_info(spec)
-    model = build_model(
-        str(run_config.get("model", "mlp")),
-        info,
-        norm=str(run_config.get("model-norm", "batch")),
-        seed=int(run_config.get("seed", 0)),
+    name = str(run_config.get("model", "mlp"))
+    norm = str(run_config.get("model-norm", "batch"))
+    seed = int(run_config.get("seed", 0))
+    device = resolve_device(str(run_config.get("device", "cpu")))
+
+    def build() -> Any:
         # Both handlers load the global arrays into every parameter and buffer.
-        initialize=False,
-    )
-    return (
-        model.to(resolve_device(str(run_config.get("device", "cpu")))),
-        data,
-        (info.num_classes),
-    )
+        model = build_model(name, info, norm=norm, seed=seed, initialize=False)
+        return model.to(device)
+
+    key = (context.run_id, name, norm, seed, str(device), repr(info))
+    with MODELS.borrow(key, build) as model:
+        yield model, data, info.num_classes
 
 
 @app.train()
@@ -85,17 +91,17 @@ def train(msg: Message, context: Context) -> Message:
     from bouquet.clientapps.routine import client_seed, train_client
 
     run_config = run_config_of(msg, context)
-    model, data, num_classes = _model_and_data(run_config, context.node_config)
-    attack = attack_for_node(
-        run_config, context.node_config, context.node_id, num_classes
-    )
-    reply = train_client(
-        msg,
-        context,
-        model,
-        (data.train_x, data.train_y),
-        extra_hooks=attack.hooks() if attack else (),
-    )
+    with _model_and_data(run_config, context) as (model, data, num_classes):
+        attack = attack_for_node(
+            run_config, context.node_config, context.node_id, num_classes
+        )
+        reply = train_client(
+            msg,
+            context,
+            model,
+            (data.train_x, data.train_y),
+            extra_hooks=attack.hooks() if attack else (),
+        )
     if attack is not None:
         attack.poison(reply, msg, context.state, client_seed(msg, context))
     return _timed(reply, start)
@@ -107,8 +113,8 @@ def evaluate(msg: Message, context: Context) -> Message:
     from bouquet.clientapps.routine import evaluate_client
 
     start = time.perf_counter()
-    model, data, _ = _model_and_data(run_config_of(msg, context), context.node_config)
-    reply = evaluate_client(msg, context, model, (data.test_x, data.test_y))
+    with _model_and_data(run_config_of(msg, context), context) as (model, data, _):
+        reply = evaluate_client(msg, context, model, (data.test_x, data.test_y))
     return _timed(reply, start)
 
 

@@ -43,6 +43,7 @@ error reply (its reason names the key, the value and the allowed range).
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable, Mapping, MutableMapping, Sequence
 from typing import Any
 
@@ -66,7 +67,9 @@ from bouquet.clientapps.loop import OptimizerFactory, TrainSettings, train_local
 from bouquet.clientapps.recipes import get_recipe
 from bouquet.clientapps.state import load_arrays, save_arrays
 from bouquet.tasks import wire
+from bouquet.tasks.arrays import array_view
 from bouquet.tasks.evaluation import evaluate_model
+from bouquet.tasks.models import seeded_rng
 
 Data = DataSource
 
@@ -102,8 +105,16 @@ def load_model(
     personal: Sequence[str] = (),
     state: Mapping | None = None,
 ) -> None:
-    """Load the global ``arrays`` into ``model``, then the node's personal entries."""
-    model.load_state_dict(arrays.to_torch_state_dict(), strict=True)
+    """Load the global ``arrays`` into ``model``, then the node's personal entries.
+
+    The values are read as views of the message's bytes (no copy before the
+    one ``load_state_dict`` makes into the model's own tensors).
+    """
+    with warnings.catch_warnings():
+        # The views are read-only; load_state_dict only copies from them.
+        warnings.filterwarnings("ignore", "The given NumPy array is not writable")
+        values = {k: torch.from_numpy(array_view(a)) for k, a in arrays.items()}
+    model.load_state_dict(values, strict=True)
     if not personal or state is None:
         return
     saved = load_arrays(state, *PERSONAL_STATE)
@@ -215,15 +226,15 @@ def train_client(
     load_model(model, msg.content[wire.ARRAYS], personal, context.state)
 
     def start_values() -> dict:
-        values = {k: a.numpy() for k, a in msg.content[wire.ARRAYS].items()}
+        values = {k: array_view(a) for k, a in msg.content[wire.ARRAYS].items()}
         values.update(load_arrays(context.state, *PERSONAL_STATE) or {})
         return values
 
     generator = torch.Generator().manual_seed(seed)
-    with torch.random.fork_rng(devices=[]):
+    device = next(model.parameters()).device
+    with seeded_rng(seed, device):
         # Dropout and other global-RNG users (a loader's shuffle and random
         # transforms) draw from the same derived seed.
-        torch.manual_seed(seed)
         x, y = as_tensors(data, batch_keys)
         result = train_local(
             model,

@@ -40,10 +40,10 @@ t3 = time.perf_counter()
 run_config = json.loads(sys.argv[1])
 context = Context(run_id=1, node_id=1, node_config={"partition-id": 0,
     "num-partitions": 10}, state=RecordDict(), run_config=run_config)
-model, _, _ = bouquet._model_and_data(context.run_config, context.node_config)
-t4 = time.perf_counter()
-torch.optim.SGD(model.parameters(), lr=0.1)  # first use imports torch._dynamo
-t5 = time.perf_counter()
+with bouquet._model_and_data(context.run_config, context) as (model, _, _):
+    t4 = time.perf_counter()
+    torch.optim.SGD(model.parameters(), lr=0.1)  # first use imports torch._dynamo
+    t5 = time.perf_counter()
 from bouquet.clientapps.recipes import get_recipe
 get_recipe("fedprox")  # the one recipe module a train message names
 t6 = time.perf_counter()

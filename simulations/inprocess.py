@@ -3,7 +3,8 @@
 For tests and fast debugging. Every node has one persistent ``Context`` (its
 ``state`` survives rounds, as in Flower's engines), ``node_config`` holds
 ``partition-id`` / ``num-partitions`` as in simulation, and messages are
-deep-copied both ways so neither side can alias the other's arrays. A
+copied both ways so neither side can alias the other's records or arrays
+(:func:`separate`: new objects, the arrays' immutable bytes shared). A
 ClientApp that raises produces an error reply, as in Flower. Node ids are
 fixed (``1000 + partition-id``) so sampling replays across runs. ClientApp calls run
 on one torch thread by default, like a Ray actor with one CPU.
@@ -23,7 +24,7 @@ from collections.abc import Callable, Iterable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
-from flwr.app import Context, Error, Message, RecordDict
+from flwr.app import Array, ArrayRecord, Context, Error, Message, RecordDict
 from flwr.clientapp import ClientApp
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Result
@@ -94,6 +95,27 @@ def give_id(msg: Message) -> str:
     return msg.metadata.message_id
 
 
+def separate(content: RecordDict) -> RecordDict:
+    """A copy of ``content`` that shares nothing mutable with it.
+
+    Arrays' bytes are immutable and shared; every record and ``Array`` object
+    is new, so neither side can change what the other holds (as with Flower's
+    engines, which serialise). A deep copy would copy every byte too.
+    """
+    out = RecordDict()
+    for name, record in content.items():
+        if isinstance(record, ArrayRecord):
+            out[name] = ArrayRecord(
+                {
+                    k: Array(a.dtype, tuple(a.shape), a.stype, a.data)
+                    for k, a in record.items()
+                }
+            )
+        else:
+            out[name] = copy.deepcopy(record)
+    return out
+
+
 class InProcessGrid(Grid):
     """A Grid over ``num_nodes`` in-process nodes running ``client_app``."""
 
@@ -145,10 +167,13 @@ class InProcessGrid(Grid):
                 give_id(msg)
                 node = msg.metadata.dst_node_id
                 self.calls.append((node, msg.metadata.message_type))
-                delivered = copy.deepcopy(msg)
+                delivered = Message(
+                    content=separate(msg.content),
+                    metadata=copy.deepcopy(msg.metadata),
+                )
                 try:
                     reply = self._client_app(delivered, self.contexts[node])
-                    reply = Message(copy.deepcopy(reply.content), reply_to=msg)
+                    reply = Message(separate(reply.content), reply_to=msg)
                 except Exception as err:  # Flower turns these into error replies
                     reply = Message(
                         Error(CLIENT_APP_EXCEPTION, f"{type(err).__name__}: {err}"),

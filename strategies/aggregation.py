@@ -8,70 +8,16 @@ arrays (e.g. BatchNorm's ``num_batches_tracked``) are rounded back.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Mapping, Sequence
-from io import BytesIO
 
 import numpy as np
 from flwr.app import Array, ArrayRecord
-from flwr.common.constant import SType
-from numpy.lib import format as npy_format
+
+from bouquet.tasks.arrays import array_view, npy_view
+
+__all__ = ["array_view", "npy_view"]  # re-exported: the server's readers
 
 NDArrays = dict[str, np.ndarray]
-
-
-def npy_view(data: bytes) -> np.ndarray:
-    """The values of ``.npy`` bytes as a read-only view of them (no copy).
-
-    NumPy format versions 1 and 2 only, no pickled objects, and exactly as
-    many bytes as the header's shape and dtype need: the header is read
-    before any value, so a forged size allocates nothing.
-
-    Raises
-    ------
-    ValueError
-        If ``data`` is not such an array.
-
-    """
-    buffer = BytesIO(data)  # shares the bytes
-    try:
-        major, _ = npy_format.read_magic(buffer)
-        header = {
-            1: npy_format.read_array_header_1_0,
-            2: npy_format.read_array_header_2_0,
-        }.get(major)
-        if header is None:
-            raise ValueError(f"unsupported .npy version {major}")
-        shape, fortran, dtype = header(buffer)
-    except ValueError:
-        raise
-    except Exception as err:  # garbage: EOFError, SyntaxError, ...
-        raise ValueError(f"not .npy ({type(err).__name__})") from err
-    if dtype.hasobject:
-        raise ValueError("holds Python objects")
-    size = math.prod(shape)
-    if len(data) - buffer.tell() != size * dtype.itemsize:
-        raise ValueError(
-            f"{len(data) - buffer.tell()} bytes of values for "
-            f"{dtype}{list(shape)} ({size * dtype.itemsize} expected)"
-        )
-    flat = np.frombuffer(data, dtype=dtype, count=size, offset=buffer.tell())
-    return flat.reshape(shape, order="F" if fortran else "C")
-
-
-def array_view(array: Array) -> np.ndarray:
-    """An Array's values as a read-only view of its serialized bytes.
-
-    ``Array.numpy()`` copies the values out of the bytes: for 100 replies of a
-    ResNet-18 that is 4.4 GB more, just to read them. The view shares the
-    bytes (:func:`npy_view`); anything else falls back to ``numpy()``.
-    """
-    if array.stype == SType.NUMPY and isinstance(array.data, bytes):
-        try:
-            return npy_view(array.data)
-        except ValueError:
-            pass
-    return array.numpy()
 
 
 def to_numpy(record: ArrayRecord) -> NDArrays:

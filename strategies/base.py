@@ -144,7 +144,8 @@ class BouquetStrategy(Strategy):
 
     # ------------------------------------------------- the declaration --
     name: ClassVar[str] = ""
-    """Registry name (the module name, the ``pyproject.toml`` table)."""
+    """Registry name and ``pyproject.toml`` table (a module may hold a family:
+    import the class as ``bouquet.strategies.<ClassName>``)."""
     routine: ClassVar[str] = wire.PLAIN_ROUTINE
     """The client recipe this algorithm needs (``clientapps/recipes``)."""
     params: ClassVar[tuple[Param, ...]] = ()

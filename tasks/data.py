@@ -23,6 +23,7 @@ from bouquet.tasks.cache import (
     path_fingerprint,
     save_atomic,
 )
+from bouquet.tasks.memo import PARTITIONS
 from bouquet.tasks.spec import ClientData, DataSpec
 
 if TYPE_CHECKING:
@@ -88,10 +89,20 @@ def load_client_data(spec: DataSpec, partition_id: int) -> ClientData:
         raise ValueError(
             f"partition-id {partition_id} is outside [0, {spec.num_partitions})"
         )
-    tensors = load_cached(_partition_path(spec, partition_id))
+    tensors = _remembered(_partition_path(spec, partition_id))
     if tensors is None:
         tensors = _build_partitions(spec, keep=partition_id)
     return ClientData(**tensors)
+
+
+def _remembered(path: Path) -> dict[str, torch.Tensor] | None:
+    """The cached file's tensors, kept in this process's memory once read."""
+    try:
+        stat = path.stat()
+    except FileNotFoundError:
+        return None
+    key = (str(path), stat.st_size, stat.st_mtime_ns)
+    return PARTITIONS.get(key, lambda: load_cached(path))
 
 
 def load_central_test(spec: DataSpec) -> tuple[torch.Tensor, torch.Tensor]:

@@ -16,8 +16,9 @@ statistics across non-IID clients) or ``none``.
 
 from __future__ import annotations
 
+import contextlib
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 
 import torch
 from torch import nn
@@ -130,6 +131,23 @@ def resolve_device(name: str) -> torch.device:
     raise ValueError(f"device must be 'cpu', 'cuda', 'cuda:N' or 'auto'; got {name!r}.")
 
 
+@contextlib.contextmanager
+def seeded_rng(seed: int, device: torch.device | str | None = None) -> Iterator[None]:
+    """Torch's global generators seeded with ``seed``, restored afterwards.
+
+    Only the CPU generator, plus the CUDA one of ``device`` when it is a GPU:
+    ``torch.manual_seed`` also queues a lazy seeding of every CUDA device and
+    records a stack trace for it on each call (0.15 ms per message).
+    """
+    device = torch.device(device) if device is not None else torch.device("cpu")
+    cuda = [device] if device.type == "cuda" else []
+    with torch.random.fork_rng(devices=cuda):
+        torch.default_generator.manual_seed(seed)
+        if cuda:
+            torch.cuda.manual_seed(seed)
+        yield
+
+
 def build_model(
     name: str,
     info: DatasetInfo,
@@ -160,8 +178,7 @@ def build_model(
         raise unknown_name_error("model", name, MODELS)
     if norm not in NORMS:
         raise unknown_name_error("norm", norm, NORMS)
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
+    with seeded_rng(seed):
         if name == "logreg":
             return nn.Sequential(
                 nn.Flatten(),

@@ -86,7 +86,7 @@ def test_the_wheel_ships_code_not_results(tmp_path):
     # A device installs the wheel (docs/deploy.md, "Install"): the measured
     # results (plots, tables under simulations/results) stay in the repository.
     # Every package is installed under one name, ``bouquet``, so none collides
-    # with a user's own modules (architecture rule 9).
+    # with a user's own modules (architecture rule 10).
     wheel = build_wheel(APP_DIR, tmp_path)
     names = {n for n in zipfile.ZipFile(wheel).namelist() if ".dist-info/" not in n}
     code = {
