@@ -30,7 +30,7 @@ SETTINGS: tuple[Param, ...] = (
     Param(wire.LOCAL_STEPS, 0, ">= 0", "> 0 caps local optimizer steps per round"),
     Param(wire.BATCH_SIZE, 16, ">= 1"),
     Param(wire.LR, 0.1, ">= 0"),
-    Param(wire.MOMENTUM, 0.9, ">= 0"),
+    Param(wire.MOMENTUM, 0.9, "[0, 1)", "SGD momentum (the clients refuse 1 or more)"),
     Param(wire.WEIGHT_DECAY, 0.0, ">= 0"),
     Param(wire.OPTIMIZER, "sgd", choices=("sgd", "adam", "adamw")),
     Param(wire.LOSS, "cross-entropy", help="the clients' loss (clientapps/losses.py)"),

@@ -99,7 +99,8 @@ class ControlVariate(Hook):
         _report_eta_k(run)
         names = parameter_names(run)
         new_c_i = list(self.c_i)
-        if run.steps:
+        # Option II divides by K lr: with no step, or lr 0, c_i stays.
+        if run.steps and run.settings.lr > 0:
             scale = 1.0 / (run.steps * run.settings.lr)
             new_c_i = [
                 ci - c + scale * (x - p.detach())

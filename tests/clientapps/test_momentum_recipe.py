@@ -107,6 +107,26 @@ def test_control_variate_matches_reference_and_persists_c_i():
     assert result.run.metrics["momentum.eta-k"] == pytest.approx(K * LR)
 
 
+def test_lr_zero_leaves_the_control_variate_as_it_was():
+    # Option II divides by K lr: with lr 0 nothing moved, so c_i stays.
+    state = {}
+    save_arrays(state, "momentum", "c-i", {k: v.numpy() for k, v in C_I.items()})
+    model = _model()
+    result = train_local(
+        model,
+        DATA,
+        TrainSettings(epochs=K, batch_size=12, lr=0.0),
+        [ControlVariate()],
+        generator=torch.Generator().manual_seed(2),
+        state=state,
+        incoming={"momentum.c": _record(C)},
+    )
+    kept = load_arrays(state, "momentum", "c-i")
+    for name in C:
+        np.testing.assert_array_equal(kept[name], C_I[name].numpy())
+        assert not result.run.reply_records["momentum.dc"][name].numpy().any()
+
+
 def test_zero_control_variates_equal_the_plain_client_exactly():
     plain, _, _ = _train([])
     zero = {k: torch.zeros_like(v) for k, v in C.items()}

@@ -105,6 +105,7 @@ def test_every_config_mistake_is_one_run_config_error_before_any_node():
         ({"algorithm": "fedlx"}, "Did you mean 'fedlex', 'fedld'"),
         ({"algorithm": "fedld", "fedld.lambda": -1.0}, "'fedld.lambda' must be >= 0"),
         ({"num-server-rounds": 0}, "'num-server-rounds' must be >= 1"),
+        ({"momentum": 1.0}, "'momentum' must be"),  # the clients refuse it
         ({"loss": "hinge"}, "loss must be one of"),
         ({"dataset": "nope"}, "nope"),
     ):
