@@ -47,6 +47,11 @@ Decisions where the spec was open:
 - beta weights the fresh gradient (the spec's convention); beta = 1 is FedAvg
   (SCAFFOLD for the SCAFFOLD variants). The lead's issue wrote the reduction
   as "beta = 0", the other convention: it is tested here as beta = 1.
+- Default beta: 0.1 (FedCM's alpha) for FedAvg-M and SCAFFOLD-M, 0.5 for the
+  -VR variants, the top of the spec's typical 0.1-0.5: at 0.1 FedAvg-M-VR
+  ended at 0.23 (0.11-0.33) on the quickstart's settings, at 0.5 at 0.80
+  (0.77-0.83), 3 seeds (``docs/defaults.md``). The reproduction configs set
+  beta explicitly.
 - g^0: there is none. In round 1 no ``momentum.g`` is sent and clients step on
   the fresh (corrected) gradient, so g^1 is the first round's average
   direction (the spec's second option). -VR likewise runs plain in round 1.
