@@ -6,7 +6,10 @@ The client routines are the public entry points for a user's own ClientApp::
 
 Importing this package is cheap: the routines (and torch) load on first use
 (PEP 562), and the ClientApp (``clientapps.app``) imports the data only when a
-message arrives.
+message arrives. The ClientApp and the routines, imported inside Flower's
+simulation engine (which loads the ClientApp before it starts), replace the
+engine's per-node polling with one pass over all nodes
+(``bouquet.tasks.flower_engine``, version-checked).
 """
 
 from __future__ import annotations

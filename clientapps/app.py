@@ -29,6 +29,10 @@ if __package__ == "clientapps":
 
     name_this_copy_bouquet()
 
+from bouquet.tasks import flower_engine  # (after the naming above)
+
+flower_engine.install()  # only acts inside Flower's simulation engine
+
 app = ClientApp()
 
 

@@ -269,7 +269,7 @@ class ReturnDelta(Hook):
         self._start = {k: v.detach().clone() for k, v in run.model.state_dict().items()}
 
     def finish(self, run: LocalRun) -> None:
-        run.reply_records[wire.ARRAYS] = ArrayRecord(
+        run.reply_records[wire.ARRAYS] = array_record(
             {
                 k: v.detach() - self._start[k]
                 for k, v in run.model.state_dict().items()

@@ -66,10 +66,14 @@ from bouquet.clientapps.inputs import DataSource, as_tensors, labels_of
 from bouquet.clientapps.loop import OptimizerFactory, TrainSettings, train_local
 from bouquet.clientapps.recipes import get_recipe
 from bouquet.clientapps.state import load_arrays, save_arrays
-from bouquet.tasks import wire
-from bouquet.tasks.arrays import array_view
+from bouquet.tasks import flower_engine, wire
+from bouquet.tasks.arrays import array_record, array_view
 from bouquet.tasks.evaluation import evaluate_model
 from bouquet.tasks.models import seeded_rng
+
+# A user's ClientApp imports the routines when Flower loads it, before the
+# simulation engine starts: the engine's one-pass poll for mixed-in apps too.
+flower_engine.install()
 
 Data = DataSource
 
@@ -96,7 +100,10 @@ def routine_of(msg: Message, routine: str | None = None) -> str:
 def personal_names(msg: Message, model: nn.Module) -> list[str]:
     """The model's entries the message's config makes personal."""
     config = msg.content.config_records.get(wire.CONFIG, {})
-    return wire.resolve_personal(bounds.patterns(config), list(model.state_dict()))
+    patterns = bounds.patterns(config)
+    if not patterns:  # (the state dict costs more than the rest of this call)
+        return []
+    return wire.resolve_personal(patterns, list(model.state_dict()))
 
 
 def load_model(
@@ -268,7 +275,7 @@ def train_client(
             entries = _clipped_model(entries, msg.content[wire.ARRAYS], clip)
     content = RecordDict(
         {
-            wire.ARRAYS: ArrayRecord(entries),
+            wire.ARRAYS: array_record(entries),
             wire.METRICS: MetricRecord(metrics),
             wire.CLIENT_INFO: ConfigRecord({wire.ROUTINE: name}),
             **records,

@@ -13,7 +13,9 @@ from collections.abc import Mapping, MutableMapping
 from typing import Any
 
 import numpy as np
-from flwr.app import Array, ArrayRecord, ConfigRecord, MetricRecord
+from flwr.app import ArrayRecord, ConfigRecord, MetricRecord
+
+from bouquet.tasks.arrays import array_record as arrays_to_record
 
 
 def _key(namespace: str, name: str) -> str:
@@ -26,9 +28,7 @@ def _numpy(value: Any) -> np.ndarray:
 
 def array_record(arrays: Mapping[str, Any]) -> ArrayRecord:
     """An ArrayRecord of numpy arrays (or tensors), in C order."""
-    return ArrayRecord(
-        {k: Array(np.array(_numpy(v), order="C")) for k, v in arrays.items()}
-    )
+    return arrays_to_record(arrays)
 
 
 def load_arrays(

@@ -71,6 +71,8 @@ def report_to_row(report: RoundReport) -> dict[str, Any]:
     }
     if report.client_time is not None:
         row["client-time"] = round(report.client_time, 4)
+    if report.client_time_total is not None:
+        row["client-time-total"] = round(report.client_time_total, 4)
     if report.sim_time is not None:
         row["sim-time"] = round(report.sim_time, 6)
     if report.staleness:

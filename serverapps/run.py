@@ -131,11 +131,15 @@ def prepare_client_data(
         module_command("tasks.data", json.dumps(dataclasses.asdict(spec))),
         env=env,
         check=False,
+        stderr=subprocess.PIPE,
+        text=True,
     )
     if done.returncode != 0:
+        # The child's stderr is not the run's log: the last line is the error.
+        lines = [line for line in (done.stderr or "").splitlines() if line.strip()]
         raise RuntimeError(
-            f"Preparing the nodes' data failed (exit code {done.returncode}); "
-            "its error is printed above."
+            f"Preparing the nodes' data failed (exit code {done.returncode}): "
+            + (lines[-1] if lines else "no error message")
         )
     log(INFO, "Partitions ready in %.1f s", time.perf_counter() - start)
     return True

@@ -168,10 +168,12 @@ def ray_run(
     cpus: int = 1,
     gpus: float = 0.0,
     timeout: float = 3600.0,
+    keep_rows: bool = False,
 ) -> dict[str, Any]:
     """``flwr run`` of ``run_config`` on ``nodes`` virtual nodes: times and memory.
 
-    ``gpus`` is each virtual node's GPU share (``client-resources-num-gpus``).
+    ``gpus`` is each virtual node's GPU share (``client-resources-num-gpus``);
+    ``keep_rows`` adds the run's per-round metrics rows (``"rows"``).
     """
     run_config = {**run_config, "min-available-nodes": nodes}
     rounds = int(run_config["num-server-rounds"])
@@ -237,7 +239,7 @@ def ray_run(
             for name, mb in sorted(watch.role_peaks_mb.items(), key=lambda i: -i[1])
         },
         "final-central-accuracy": rows[-1].get("central-accuracy"),
-    }
+    } | ({"rows": rows} if keep_rows else {})
 
 
 def main() -> None:

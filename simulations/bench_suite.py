@@ -14,7 +14,10 @@ Runs, in order (each a module of its own, usable alone):
 4. ``scale-stretch``: 10,000 virtual nodes, a few rounds;
 5. ``cold-start``: a fresh ClientApp process (:mod:`simulations.bench_cold_start`);
 6. ``deployment``: round latency with 2 SuperNodes, Flower's share vs ours
-   (:mod:`simulations.bench_deployment`).
+   (:mod:`simulations.bench_deployment`);
+7. ``small-clients``: 50 small clients in-process against fluke (whose
+   interpreter ``BOUQUET_FLUKE_PYTHON`` names), and 200 small Ray nodes
+   against their summed compute (:mod:`simulations.bench_small_clients`).
 
 Raw results go to ``simulations/results/benchmarks/*.json`` (a skipped step's
 last results are reused in the document). ``--quick`` shrinks every size (a
@@ -39,6 +42,7 @@ from bouquet.simulations import (
     bench_cold_start,
     bench_deployment,
     bench_overhead,
+    bench_small_clients,
 )
 from bouquet.simulations.bench_scale import measure as scale_measure
 from bouquet.simulations.bench_scale import ray_run
@@ -119,6 +123,11 @@ def deployment(quick: bool, device: str) -> dict[str, Any]:
     return bench_deployment.measure(config, 2 if quick else 8)
 
 
+def small_clients(quick: bool, device: str) -> dict[str, Any]:
+    """Item 7 (issue 18): many small clients, against fluke and on Ray."""
+    return bench_small_clients.measure(quick)
+
+
 STEPS = {
     "overhead": overhead,
     "aggregation": aggregation,
@@ -126,6 +135,7 @@ STEPS = {
     "scale-stretch": scale_stretch,
     "cold-start": cold_start,
     "deployment": deployment,
+    "small-clients": small_clients,
 }
 
 
@@ -483,6 +493,8 @@ def render(results: dict[str, Any], notes: str = "") -> str:
         lines.append("")
     if dep := results.get("deployment"):
         lines += render_deployment(dep)
+    if small := results.get("small-clients"):
+        lines += bench_small_clients.render(small)
     if notes:
         lines += [notes.strip(), ""]
     return "\n".join(lines)

@@ -24,7 +24,16 @@ from collections.abc import Callable, Iterable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
-from flwr.app import Array, ArrayRecord, Context, Error, Message, RecordDict
+from flwr.app import (
+    Array,
+    ArrayRecord,
+    ConfigRecord,
+    Context,
+    Error,
+    Message,
+    MetricRecord,
+    RecordDict,
+)
 from flwr.clientapp import ClientApp
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Result
@@ -105,11 +114,13 @@ def separate(content: RecordDict) -> RecordDict:
     out = RecordDict()
     for name, record in content.items():
         if isinstance(record, ArrayRecord):
-            out[name] = ArrayRecord(
-                {
-                    k: Array(a.dtype, tuple(a.shape), a.stype, a.data)
-                    for k, a in record.items()
-                }
+            arrays = out[name] = ArrayRecord()  # (given a dict, it copies twice)
+            for k, a in record.items():
+                arrays[k] = Array(a.dtype, tuple(a.shape), a.stype, a.data)
+        elif isinstance(record, (ConfigRecord, MetricRecord)):
+            # Values are scalars, strings, bytes or lists of them.
+            out[name] = type(record)(
+                {k: list(v) if isinstance(v, list) else v for k, v in record.items()}
             )
         else:
             out[name] = copy.deepcopy(record)

@@ -11,9 +11,9 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 
 import numpy as np
-from flwr.app import Array, ArrayRecord
+from flwr.app import ArrayRecord
 
-from bouquet.tasks.arrays import array_view, npy_view
+from bouquet.tasks.arrays import array_record, array_view, npy_view
 
 __all__ = ["array_view", "npy_view"]  # re-exported: the server's readers
 
@@ -27,7 +27,7 @@ def to_numpy(record: ArrayRecord) -> NDArrays:
 
 def to_record(arrays: Mapping[str, np.ndarray]) -> ArrayRecord:
     """Ordered dict of numpy arrays -> ArrayRecord."""
-    return ArrayRecord({k: Array(np.array(v, order="C")) for k, v in arrays.items()})
+    return array_record(arrays)
 
 
 def cast_like(value: np.ndarray, like: np.ndarray) -> np.ndarray:

@@ -77,6 +77,8 @@ class RoundReport:
     client_time: float | None = None
     """Longest ``client-time`` a train reply reported (Bouquet's ClientApp
     measures its handler: data, model, training, packing)."""
+    client_time_total: float | None = None
+    """Sum of the train replies' ``client-time``: the clients' own compute."""
     sim_time: float | None = None
     """Simulated time at the end of the round (asynchronous runs)."""
     staleness: list[int] = field(default_factory=list)
@@ -117,8 +119,8 @@ def payload_bytes(messages: Iterable[Message]) -> int:
     return total
 
 
-def longest_client_time(replies: Iterable[Message]) -> float | None:
-    """The largest valid ``client-time`` a reply reports (None if none does).
+def client_times(replies: Iterable[Message]) -> list[float]:
+    """The valid ``client-time`` of each reply that reports one.
 
     Read from raw replies (before acceptance), so only a value acceptance
     would keep counts (:func:`~strategies.validation.valid_client_time`).
@@ -131,7 +133,7 @@ def longest_client_time(replies: Iterable[Message]) -> float | None:
         value = record.get(wire.CLIENT_TIME) if record is not None else None
         if valid_client_time(value):
             times.append(float(value))
-    return max(times, default=None)
+    return times
 
 
 def bouquet_core(strategy: Strategy) -> Any:
@@ -306,7 +308,10 @@ class Rounds:
                 rnd, run.arrays, run.train_config, run.grid
             )
             replies = exchange.round_trip(messages, run.timeout)
-            report.client_time = longest_client_time(replies)
+            times = client_times(replies)
+            if times:
+                report.client_time = max(times)
+                report.client_time_total = sum(times)
             arrays, metrics = strategy.aggregate_train(rnd, replies)
             if run.core is not None:
                 report.absorb(run.core.train_round)

@@ -81,6 +81,8 @@ def test_ray_run_completes_with_every_node_every_round(fedavg_run):
         assert not row.get("drop-reasons") and not row["update-skipped"], row
     for row in rows:
         assert math.isfinite(row["central-accuracy"]), row
+    # The engine's one-pass poll (tasks/flower_engine.py) ran, in the engine only.
+    assert run.output.count("all nodes polled in one pass") == 1, run.output
 
 
 def test_ray_and_inprocess_reach_the_same_accuracy(fedavg_run, tmp_path):

@@ -139,3 +139,59 @@ def test_aggregation_bench_measures_real_updates():
     rows = run(clients=[3], params=[1000], repeats=1)
     bad = [(r["algorithm"], r.get("error")) for r in rows if not r.get("update")]
     assert not bad
+
+
+SMALL = {
+    "table": {
+        "nodes": 50,
+        "rounds": 10,
+        "repeats": 3,
+        "data": {"smallest": 6, "largest": 58},
+        "fluke": "",
+        "summary": {
+            "fluke": {
+                "framework": "fluke 0.8.1",
+                "round-median-s": 0.2,
+                "round-medians-s": [0.19, 0.2, 0.25],
+                "peak-rss-mb": 900,
+                "final-accuracy": 0.43,
+            },
+            "bouquet-inprocess": {
+                "framework": "bouquet-inprocess",
+                "round-median-s": 0.18,
+                "round-medians-s": [0.17, 0.18, 0.2],
+                "peak-rss-mb": 700,
+                "final-accuracy": 0.47,
+            },
+            "bouquet-ray": {
+                "framework": "bouquet-ray",
+                "round-median-s": 0.5,
+                "round-medians-s": [0.5],
+                "peak-rss-mb": 2500,
+                "final-accuracy": 0.45,
+            },
+            "time-ratio": 0.9,
+            "rss-ratio": 0.78,
+        },
+    },
+    "ray-small": {
+        "nodes": 200,
+        "rounds": 10,
+        "cores": 2,
+        "replies-per-round": 100,
+        "round-median-s": 0.5,
+        "client-time-total-median-s": 0.25,
+        "multiple-median": 4.0,
+        "peak-rss-mb": 2400,
+        "peak-pss-mb": 1800,
+    },
+}
+
+
+def test_small_clients_section_states_both_targets():
+    doc = bench_suite.render({**RESULTS, "small-clients": SMALL})
+    assert "## 6. Many small clients" in doc
+    assert "| fluke 0.8.1 | Bouquet in-process | Bouquet on Ray |" in doc
+    assert "| later rounds, median (s) | 0.200 (0.190-0.250) | 0.180" in doc
+    assert "0.9x per round (target <= 1.0x: met)" in doc
+    assert "= 4.0x (target <= 3x: missed)" in doc

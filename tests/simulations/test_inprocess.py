@@ -27,6 +27,7 @@ def test_fedavg_run_writes_results(tmp_path):
     assert rows[-1]["central-accuracy"] > rows[0]["central-accuracy"]
     for row in rows[1:]:  # the latency split of bench_deployment
         assert 0 < row["client-time"] <= row["wait-time"] < row["wall-time"], row
+        assert row["client-time"] <= row["client-time-total"], row
     for name in (
         "metrics.csv",
         "metrics.png",

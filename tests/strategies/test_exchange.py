@@ -6,7 +6,7 @@ import time
 from flwr.app import Message, MessageType, RecordDict
 
 from bouquet.simulations.inprocess import ensure_task_identity
-from bouquet.strategies.driver import Exchange, longest_client_time
+from bouquet.strategies.driver import Exchange, client_times
 
 
 class SlowGrid:
@@ -84,5 +84,5 @@ def test_nothing_to_send_pulls_nothing():
 def test_client_time_is_read_only_when_valid(reply):
     times = [[1.0, 2.0], float("nan"), -1.0, 1e30, 3.0, 2.5]
     replies = [reply({}, {"num-examples": 1, "client-time": t}) for t in times]
-    assert longest_client_time(replies) == 3.0
-    assert longest_client_time(replies[:4]) is None
+    assert client_times(replies) == [3.0, 2.5]
+    assert client_times(replies[:4]) == []
