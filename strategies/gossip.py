@@ -28,7 +28,8 @@ Metrics, not the algorithm: the strategy returns the **average model** of the
 nodes that replied as the run's arrays (the driver evaluates it centrally:
 ``central-accuracy``), and reports per round ``consensus-distance`` (mean
 squared distance of those models to their average, over float entries),
-``spectral-gap`` of the round's ``W``, ``gossip-edges`` and
+``spectral-gap`` of the round's graph (its vertices that mix, failed ones
+left out), ``gossip-edges`` and
 ``gossip-bytes-per-node`` (model bytes a node receives from its neighbours,
 equal to what it sends them, as if peer to peer). Node evaluation evaluates
 every node's own model (``node-accuracy-mean``, ``node-accuracy-worst10``).
@@ -163,8 +164,10 @@ class GossipStrategy(BouquetStrategy):
             }
         own = self.state[STATE]
         alive, mixable, adjacency, mixing = self.round_graph(ctx)
+        # The gap of the round's graph: its vertices mix from round 2 on.
+        used = [v for v in alive if v not in set(own["silent"])]
         full = self.graph(ctx.server_round, len(own["nodes"]))
-        gap = spectral_gap(mixing_matrix(full[np.ix_(alive, alive)], self.mixing))
+        gap = spectral_gap(mixing_matrix(full[np.ix_(used, used)], self.mixing))
         position = {v: i for i, v in enumerate(mixable)}
         plan: dict[int, dict[str, Record]] = {}
         for v in alive:
