@@ -109,18 +109,18 @@ def load_model(
 
     The values are read as views of the message's bytes (no copy before the
     one ``load_state_dict`` makes into the model's own tensors). ``arrays``
-    may leave out personal entries the node already holds in ``state`` (a
-    decentralized node keeps its whole model, ``strategies/gossip.py``);
-    every other entry must be there.
+    may leave out personal entries, which the node holds in ``state`` (a
+    decentralized node keeps its whole model, ``strategies/gossip.py``); a
+    node that lost its state keeps the model's own values for them, and its
+    recipe decides what to do. Every other entry must be there.
     """
     with warnings.catch_warnings():
         # The views are read-only; load_state_dict only copies from them.
         warnings.filterwarnings("ignore", "The given NumPy array is not writable")
         values = {k: torch.from_numpy(array_view(a)) for k, a in arrays.items()}
     saved = load_arrays(state, *PERSONAL_STATE) if personal and state else None
-    held = {k for k in personal if saved and k in saved}
     missing = [k for k in model.state_dict() if k not in values]
-    if missing and set(missing) <= held:
+    if missing and set(missing) <= set(personal):
         loaded = model.load_state_dict(values, strict=False)
         if loaded.unexpected_keys:
             raise bounds.ConfigError(

@@ -11,7 +11,8 @@ connected node ``i`` of the graph (:mod:`strategies.topology`):
    neighbours ``j1, j2, ...`` replied last round, one ArrayRecord each
    (``gossip.neighbor-0``, ``gossip.neighbor-1``, ...): exactly what the
    neighbours would have sent it peer to peer. ``arrays`` is empty when the
-   node holds a model already, else the initial model (round 1).
+   node replied last round (it holds its model), else the initial model
+   (round 1, or after a failure: a node that kept its model ignores it).
 2. **On the node**: ``x_i <- W_ii x_i + sum_j W_ij x_j`` (float entries, in
    float64), then the algorithm's local steps on the one training loop, then
    ``x_i`` is kept in ``Context.state``.
@@ -38,7 +39,10 @@ Node failures: a vertex whose node is no longer connected, or whose last
 train reply did not arrive or was refused, is left out of the round's graph
 (its neighbours neither receive its model nor give it weight; ``W`` is
 rebuilt on the remaining vertices, still doubly stochastic); the run goes
-on, and a node that comes back rejoins with the model it holds.
+on, and a node that comes back rejoins with the model it holds. A node
+that lost its state (a restarted SuperNode) and has neighbours starts from
+their models, ``sum_j W_ij x_j / sum_j W_ij``; without neighbours, from the
+initial model.
 
 Decisions where the spec was open
 ---------------------------------
@@ -165,10 +169,11 @@ class GossipStrategy(BouquetStrategy):
         own = self.state[STATE]
         alive, mixable, adjacency, mixing = self.round_graph(ctx)
         # The gap of the round's graph: its vertices mix from round 2 on.
-        used = [v for v in alive if v not in set(own["silent"])]
+        used = [v for v in alive if v not in own["silent"]]
         full = self.graph(ctx.server_round, len(own["nodes"]))
         gap = spectral_gap(mixing_matrix(full[np.ix_(used, used)], self.mixing))
         position = {v: i for i, v in enumerate(mixable)}
+        silent = set(own["silent"])
         plan: dict[int, dict[str, Record]] = {}
         for v in alive:
             node = own["nodes"][v]
@@ -181,7 +186,9 @@ class GossipStrategy(BouquetStrategy):
                     extra[wire.gossip_neighbor(k)] = to_record(
                         own["models"][str(mixable[j])]
                     )
-            held = str(v) in own["models"]
+            # A node that replied last round holds its model; any other gets
+            # the initial one, which a node that holds its model ignores.
+            held = str(v) in own["models"] and v not in silent
             extra[wire.ARRAYS] = ArrayRecord() if held else to_record(own["initial"])
             extra[wire.CONFIG] = ConfigRecord(
                 {**ctx.config, wire.GOSSIP_WEIGHTS: weights}

@@ -7,7 +7,9 @@ so Bouquet's client keeps it in ``Context.state`` between rounds.
 :class:`GossipMix` replaces it by ``W_ii x_i + sum_j W_ij x_j`` before the
 first step, with ``W_i`` from ``gossip.weights`` and ``x_j`` from the
 ``gossip.neighbor-<k>`` records, and replies with the trained model as
-``gossip.model``. Other decentralized recipes (DFedSAM) compose the same hook.
+``gossip.model``. A node that lost its state (its model) but was sent
+neighbours starts from ``sum_j W_ij x_j / sum_j W_ij``. Other decentralized
+recipes (DFedSAM) compose the same hook.
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ import torch
 from bouquet.clientapps.bounds import ConfigError
 from bouquet.clientapps.hooks import Hook
 from bouquet.clientapps.loop import LocalRun
+from bouquet.clientapps.routine import PERSONAL_STATE
 from bouquet.clientapps.state import array_record
 from bouquet.tasks import wire
 
@@ -66,8 +69,20 @@ class GossipMix(Hook):
         self.reads = tuple(wire.gossip_neighbor(k) for k in range(len(weights) - 1))
 
     def setup(self, run: LocalRun) -> None:
+        # load_model put the node's own model in; a node that lost its state
+        # (a restarted SuperNode) has none and rejoins from its neighbours.
+        held = run.state.get(".".join(PERSONAL_STATE)) is not None
+        sent = len(run.incoming.get(wire.ARRAYS, {})) > 0
         if not self.reads:
+            if not held and not sent:
+                raise ConfigError(wire.ARRAYS, "empty", "a model", "record")
             return
+        weights = self.weights
+        if not held and not sent:
+            rest = math.fsum(weights[1:])
+            if rest <= 0:
+                raise ConfigError(wire.GOSSIP_WEIGHTS, weights, "neighbour weight")
+            weights = [0.0, *(w / rest for w in weights[1:])]
         entries = run.model.state_dict()
         floats = [k for k, v in entries.items() if v.is_floating_point()]
         neighbors = []
@@ -81,8 +96,8 @@ class GossipMix(Hook):
             neighbors.append(arrays)
         mixed = {}
         for key in floats:
-            total = entries[key].detach().cpu().double() * self.weights[0]
-            for weight, arrays in zip(self.weights[1:], neighbors, strict=True):
+            total = entries[key].detach().cpu().double() * weights[0]
+            for weight, arrays in zip(weights[1:], neighbors, strict=True):
                 total += weight * torch.from_numpy(arrays[key].astype(np.float64))
             mixed[key] = total.to(entries[key].dtype)
         run.model.load_state_dict(mixed, strict=False)

@@ -19,6 +19,7 @@ from bouquet.strategies.validation import ClientReply
 from bouquet.tasks import wire
 
 NODES = (10, 11, 12, 13, 14)
+HELD = {"bouquet.personal": "the node's model"}
 X = np.arange(15, dtype=np.float32).reshape(5, 1, 3) ** 1.5  # one model per vertex
 
 
@@ -54,7 +55,9 @@ def _mix_on_nodes(strategy, ctx):
         model = torch.nn.Linear(3, 1, bias=False)
         with torch.no_grad():
             model.weight.copy_(torch.from_numpy(X[vertex]))  # the node's own model
-        run = SimpleNamespace(model=model, incoming=content, reply_records={})
+        run = SimpleNamespace(
+            model=model, incoming=content, reply_records={}, state=HELD
+        )
         (hook,) = make_hooks(content[wire.CONFIG])
         hook.setup(run)
         hook.finish(run)
@@ -146,9 +149,25 @@ def test_the_client_refuses_bad_weights_and_missing_neighbours():
         with pytest.raises(ConfigError, match=wire.GOSSIP_WEIGHTS):
             read_weights({wire.GOSSIP_WEIGHTS: bad})
     assert read_weights({}) == [1.0]
-    run = SimpleNamespace(model=torch.nn.Linear(3, 1), incoming={}, reply_records={})
+    run = SimpleNamespace(
+        model=torch.nn.Linear(3, 1), incoming={}, reply_records={}, state=HELD
+    )
     with pytest.raises(ConfigError, match=r"gossip\.neighbor-0"):
         GossipMix([0.5, 0.5]).setup(run)
+    run.state = {}  # a node that lost its model and has no neighbours
+    with pytest.raises(ConfigError, match="arrays"):
+        GossipMix([1.0]).setup(run)
+
+
+def test_a_node_that_lost_its_model_rejoins_from_its_neighbours():
+    strategy = _strategy(topology="ring", mixing="metropolis-hastings")
+    content = strategy.recipients(_ctx())[10]  # vertex 0: neighbours 1 and 4
+    model = torch.nn.Linear(3, 1, bias=False)
+    run = SimpleNamespace(model=model, incoming=content, reply_records={}, state={})
+    (hook,) = make_hooks(content[wire.CONFIG])
+    hook.setup(run)
+    expected = (X[1] + X[4]) / 2  # W_01 = W_04 = 1/3, renormalised
+    np.testing.assert_allclose(model.weight.detach().numpy(), expected, rtol=1e-6)
 
 
 def test_a_run_gossips_and_survives_a_node_that_fails(tmp_path):
