@@ -59,11 +59,13 @@ Decisions where the spec was open
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import replace
 from typing import Any, ClassVar
 
 import numpy as np
-from flwr.app import ArrayRecord, ConfigRecord
+from flwr.app import ArrayRecord, ConfigRecord, Message, RecordDict
+from flwr.serverapp import Grid
 
 from bouquet.strategies.aggregation import cast_like, to_record
 from bouquet.strategies.base import BouquetStrategy, Record
@@ -200,6 +202,32 @@ class GossipStrategy(BouquetStrategy):
             }
             plan[node] = extra
         return plan
+
+    def configure_evaluate(
+        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
+    ) -> Iterable[Message]:
+        """Every node evaluates its own model (not the average model).
+
+        ``arrays`` is empty for the nodes that replied last round; the others
+        get the initial model, which a node that holds its own ignores.
+        """
+        messages = list(super().configure_evaluate(server_round, arrays, config, grid))
+        own = self.state[STATE]
+        vertex = {node: v for v, node in enumerate(own["nodes"])}
+        held = {
+            node
+            for node, v in vertex.items()
+            if str(v) in own["models"] and v not in own["silent"]
+        }
+        if not own["nodes"]:
+            return messages  # round 0: the arrays are the initial model
+        initial = to_record(own["initial"])
+        for message in messages:
+            content = RecordDict(dict(message.content.items()))
+            empty = message.metadata.dst_node_id in held
+            content[wire.ARRAYS] = ArrayRecord() if empty else initial
+            message.content = content
+        return messages
 
     def contract(self, ctx: RoundContext) -> Contract:
         """The reply's ``arrays`` is empty; ``gossip.model`` is the whole model."""

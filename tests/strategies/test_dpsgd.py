@@ -174,7 +174,11 @@ def test_a_run_gossips_and_survives_a_node_that_fails(tmp_path):
     seen: list[Message] = []
     from bouquet.clientapps.app import app
 
+    evaluated: list[Message] = []
+
     def client(msg, context):
+        if msg.metadata.message_type == "evaluate":
+            evaluated.append(msg)
         if msg.metadata.message_type == "train":
             seen.append(msg)
             round_ = msg.content[wire.CONFIG][wire.SERVER_ROUND]
@@ -211,3 +215,11 @@ def test_a_run_gossips_and_survives_a_node_that_fails(tmp_path):
     }
     assert neighbours == {1000: 2, 1001: 1, 1002: 0, 1003: 1}  # the path 1-0-3
     assert all(np.isfinite(a.numpy()).all() for a in result.arrays.values())
+    # Nodes evaluate their own models: nothing global is sent, but the initial
+    # model to the node that failed in round 2 (it ignores it: it holds its own).
+    sent = {
+        (m.content[wire.CONFIG][wire.SERVER_ROUND], m.metadata.dst_node_id)
+        for m in evaluated
+        if len(m.content[wire.ARRAYS])
+    }
+    assert len(evaluated) == 3 * 4 and sent == {(2, 1002)}
