@@ -95,6 +95,9 @@ GOSSIP_WEIGHTS = "gossip.weights"
 """Config key of a decentralized train message (``strategies/gossip.py``): the
 node's row of the mixing matrix, its own weight first, then one weight per
 relayed neighbour model (:func:`gossip_neighbor`), in order."""
+GOSSIP_TRAIN = "gossip.train"
+"""Config key of a decentralized train message: False makes it a gossip step
+only (mix, no local steps: DFedSAM-MGS's extra steps); absent means True."""
 GOSSIP_MODEL = "gossip.model"
 """ArrayRecord of a decentralized train reply: the node's whole model after
 local training, which the server relays to the node's neighbours."""

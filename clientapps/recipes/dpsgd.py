@@ -50,6 +50,14 @@ def read_weights(config: Mapping[str, Any]) -> list[float]:
     return [float(w) for w in value]
 
 
+def read_train(config: Mapping[str, Any]) -> bool:
+    """``gossip.train``: False for a gossip step without local steps."""
+    value = config.get(wire.GOSSIP_TRAIN, True)
+    if not isinstance(value, bool):
+        raise ConfigError(wire.GOSSIP_TRAIN, value, "true or false")
+    return value
+
+
 class GossipMix(Hook):
     """``x_i <- w_0 x_i + sum_k w_k x_(k)`` before training; reply the model after.
 
@@ -61,14 +69,18 @@ class GossipMix(Hook):
     weights : sequence of float
         The node's row of the mixing matrix: its own weight, then one per
         relayed neighbour model ``gossip.neighbor-<k>``.
+    train : bool
+        False: mix only, take no local step (``run.stop``).
 
     """
 
-    def __init__(self, weights: Sequence[float]) -> None:
+    def __init__(self, weights: Sequence[float], train: bool = True) -> None:
+        self.train = bool(train)
         self.weights = [float(w) for w in weights]
         self.reads = tuple(wire.gossip_neighbor(k) for k in range(len(weights) - 1))
 
     def setup(self, run: LocalRun) -> None:
+        run.stop = run.stop or not self.train
         # load_model put the node's own model in; a node that lost its state
         # (a restarted SuperNode) has none and rejoins from its neighbours.
         held = run.state.get(".".join(PERSONAL_STATE)) is not None
@@ -108,4 +120,4 @@ class GossipMix(Hook):
 
 def make_hooks(config: Mapping[str, Any]) -> list[Hook]:
     """Mix with the neighbours, then plain local SGD."""
-    return [GossipMix(read_weights(config))]
+    return [GossipMix(read_weights(config), read_train(config))]
