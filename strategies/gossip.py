@@ -33,7 +33,8 @@ squared distance of those models to their average, over float entries),
 left out), ``gossip-edges`` and
 ``gossip-bytes-per-node`` (model bytes a node receives from its neighbours,
 equal to what it sends them, as if peer to peer). Node evaluation evaluates
-every node's own model (``node-accuracy-mean``, ``node-accuracy-worst10``).
+every node's own model (``node-accuracy-mean``, ``node-accuracy-worst10``,
+and ``node-accuracy-min``, the worst node).
 
 Node failures: a vertex whose node is no longer connected, or whose last
 train reply did not arrive or was refused, is left out of the round's graph
@@ -258,6 +259,11 @@ class GossipStrategy(BouquetStrategy):
         sent = [info["vertex"] for info in ctx.per_node.values()]
         self.state[STATE] = {**own, "silent": sorted(sent)}
 
+    def evaluate_metrics(self, replies: list[ClientReply], ctx: RoundContext) -> dict:
+        """``node-accuracy-min``: the worst node model (besides the base's mean)."""
+        accuracies = _accuracies(replies)
+        return {"node-accuracy-min": min(accuracies)} if accuracies else {}
+
     def train_metrics(self, replies: list[ClientReply], ctx: RoundContext) -> dict:
         """Consensus distance, spectral gap, edges and bytes per node of the round."""
         models = [r.records[wire.GOSSIP_MODEL] for r in replies]
@@ -272,6 +278,11 @@ class GossipStrategy(BouquetStrategy):
             "gossip-edges": sum(degrees) // 2,
             "gossip-bytes-per-node": float(np.mean(degrees)) * model_bytes,
         }
+
+
+def _accuracies(replies: list[ClientReply]) -> list[float]:
+    values = (r.metrics.get(wire.EVAL_ACCURACY) for r in replies)
+    return [float(v) for v in values if isinstance(v, int | float)]
 
 
 def flatten(model: NDArrays, keys: list[str]) -> np.ndarray:

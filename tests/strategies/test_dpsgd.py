@@ -56,7 +56,7 @@ def _mix_on_nodes(strategy, ctx):
         with torch.no_grad():
             model.weight.copy_(torch.from_numpy(X[vertex]))  # the node's own model
         run = SimpleNamespace(
-            model=model, incoming=content, reply_records={}, state=HELD
+            model=model, incoming=content, reply_records={}, state=HELD, stop=False
         )
         (hook,) = make_hooks(content[wire.CONFIG])
         hook.setup(run)
@@ -150,7 +150,11 @@ def test_the_client_refuses_bad_weights_and_missing_neighbours():
             read_weights({wire.GOSSIP_WEIGHTS: bad})
     assert read_weights({}) == [1.0]
     run = SimpleNamespace(
-        model=torch.nn.Linear(3, 1), incoming={}, reply_records={}, state=HELD
+        model=torch.nn.Linear(3, 1),
+        incoming={},
+        reply_records={},
+        state=HELD,
+        stop=False,
     )
     with pytest.raises(ConfigError, match=r"gossip\.neighbor-0"):
         GossipMix([0.5, 0.5]).setup(run)
@@ -163,7 +167,9 @@ def test_a_node_that_lost_its_model_rejoins_from_its_neighbours():
     strategy = _strategy(topology="ring", mixing="metropolis-hastings")
     content = strategy.recipients(_ctx())[10]  # vertex 0: neighbours 1 and 4
     model = torch.nn.Linear(3, 1, bias=False)
-    run = SimpleNamespace(model=model, incoming=content, reply_records={}, state={})
+    run = SimpleNamespace(
+        model=model, incoming=content, reply_records={}, state={}, stop=False
+    )
     (hook,) = make_hooks(content[wire.CONFIG])
     hook.setup(run)
     expected = (X[1] + X[4]) / 2  # W_01 = W_04 = 1/3, renormalised
@@ -215,6 +221,8 @@ def test_a_run_gossips_and_survives_a_node_that_fails(tmp_path):
     }
     assert neighbours == {1000: 2, 1001: 1, 1002: 0, 1003: 1}  # the path 1-0-3
     assert all(np.isfinite(a.numpy()).all() for a in result.arrays.values())
+    last = result.evaluate_metrics_clientapp[3]
+    assert 0 <= last["node-accuracy-min"] <= last["node-accuracy-mean"]
     # Nodes evaluate their own models: nothing global is sent, but the initial
     # model to the node that failed in round 2 (it ignores it: it holds its own).
     sent = {
