@@ -56,6 +56,9 @@ Decisions where the spec was open
   the decentralized papers have all nodes compute each iteration).
 - The average model, the consensus distance and the bytes count every float
   entry (BatchNorm statistics included); integer buffers are not mixed.
+- A resumed run restores the relay (the node order, every node's last model);
+  the graph is rebuilt from the seed. SuperNodes that kept their state go on
+  with their models; fresh ones rejoin from their neighbours' (see above).
 """
 
 from __future__ import annotations

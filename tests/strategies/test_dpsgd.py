@@ -231,3 +231,24 @@ def test_a_run_gossips_and_survives_a_node_that_fails(tmp_path):
         if len(m.content[wire.ARRAYS])
     }
     assert len(evaluated) == 3 * 4 and sent == {(2, 1002)}
+
+
+def test_the_time_varying_matching_is_redrawn_each_round_from_the_seed():
+    strategy = DPSGD(topology="matching", seed=4)
+    rounds = [strategy.graph(r, 8) for r in (1, 2, 3)]
+    assert all(g.sum(axis=1).tolist() == [1] * 8 for g in rounds)
+    assert not np.array_equal(rounds[0], rounds[1])
+    np.testing.assert_array_equal(
+        DPSGD(topology="matching", seed=4).graph(2, 8), rounds[1]
+    )
+    fixed = DPSGD(topology="regular", degree=3, seed=4)
+    np.testing.assert_array_equal(fixed.graph(1, 8), fixed.graph(9, 8))
+
+
+def test_a_user_edge_list_is_the_graph():
+    strategy = DPSGD(topology="edges", edges="0-1, 1-2, 2-3")
+    assert strategy.graph(1, 4).sum() == 6
+    with pytest.raises(ValueError, match=r"dpsgd\.edges"):
+        DPSGD(topology="edges")
+    with pytest.raises(ValueError, match=r"dpsgd\.edges"):
+        DPSGD(edges="0:1")
