@@ -271,7 +271,7 @@ class GossipStrategy(BouquetStrategy):
         """Consensus distance, spectral gap, edges and bytes per node of the round."""
         models = [r.records[wire.GOSSIP_MODEL] for r in replies]
         floats = [k for k, a in ctx.arrays.items() if a.dtype.kind == "f"]
-        model_bytes = sum(ctx.arrays[k].nbytes for k in floats)
+        model_bytes = sum(a.nbytes for a in ctx.arrays.values())  # as relayed
         degrees = [info["neighbors"] for info in ctx.per_node.values()]
         return {
             "consensus-distance": consensus_distance(
