@@ -252,3 +252,14 @@ def test_a_user_edge_list_is_the_graph():
         DPSGD(topology="edges")
     with pytest.raises(ValueError, match=r"dpsgd\.edges"):
         DPSGD(edges="0:1")
+
+
+def test_flowers_own_start_drives_it_as_bouquets_driver_does():
+    from bouquet.strategies.driver import Driver
+    from tests.strategies.test_flower_native import _start
+
+    flower = _start(DPSGD(), rounds=3)
+    bouquet = _start(DPSGD(), driver=Driver(), rounds=3)
+    for key, value in flower.arrays.items():
+        np.testing.assert_array_equal(value.numpy(), bouquet.arrays[key].numpy())
+    assert flower.evaluate_metrics_clientapp[3]["node-accuracy-min"] > 0.5
