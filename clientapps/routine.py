@@ -115,16 +115,26 @@ def load_model(
     """Load the global ``arrays`` into ``model``, then the node's personal entries.
 
     The values are read as views of the message's bytes (no copy before the
-    one ``load_state_dict`` makes into the model's own tensors).
+    one ``load_state_dict`` makes into the model's own tensors). ``arrays``
+    may leave out personal entries, which the node holds in ``state`` (a
+    decentralized node keeps its whole model, ``strategies/gossip.py``); a
+    node that lost its state keeps the model's own values for them, and its
+    recipe decides what to do. Every other entry must be there.
     """
     with warnings.catch_warnings():
         # The views are read-only; load_state_dict only copies from them.
         warnings.filterwarnings("ignore", "The given NumPy array is not writable")
         values = {k: torch.from_numpy(array_view(a)) for k, a in arrays.items()}
-    model.load_state_dict(values, strict=True)
-    if not personal or state is None:
-        return
-    saved = load_arrays(state, *PERSONAL_STATE)
+    saved = load_arrays(state, *PERSONAL_STATE) if personal and state else None
+    missing = [k for k in model.state_dict() if k not in values]
+    if missing and set(missing) <= set(personal):
+        loaded = model.load_state_dict(values, strict=False)
+        if loaded.unexpected_keys:
+            raise bounds.ConfigError(
+                wire.ARRAYS, sorted(loaded.unexpected_keys), "model entries", "record"
+            )
+    else:
+        model.load_state_dict(values, strict=True)
     if saved:
         own = {k: torch.as_tensor(saved[k]) for k in personal if k in saved}
         model.load_state_dict(own, strict=False)

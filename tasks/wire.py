@@ -91,6 +91,23 @@ DP_CLIPPING_NORM = "dp.clipping-norm"
 """Config key: clip the update a reply carries to this L2 norm (client-side DP,
 ``strategies/privacy.py``); absent or 0: no clipping."""
 
+GOSSIP_WEIGHTS = "gossip.weights"
+"""Config key of a decentralized train message (``strategies/gossip.py``): the
+node's row of the mixing matrix, its own weight first, then one weight per
+relayed neighbour model (:func:`gossip_neighbor`), in order."""
+GOSSIP_TRAIN = "gossip.train"
+"""Config key of a decentralized train message: False makes it a gossip step
+only (mix, no local steps: DFedSAM-MGS's extra steps); absent means True."""
+GOSSIP_MODEL = "gossip.model"
+"""ArrayRecord of a decentralized train reply: the node's whole model after
+local training, which the server relays to the node's neighbours."""
+
+
+def gossip_neighbor(index: int) -> str:
+    """ArrayRecord name of the ``index``-th neighbour model relayed to a node."""
+    return f"gossip.neighbor-{index}"
+
+
 QUERY = "query"
 """Config key of a query message: what the server asks (:data:`DATA_PROFILE`)."""
 DATA_PROFILE = "data-profile"

@@ -8,7 +8,9 @@ What can fail on what matters (docs/architecture.md, "Conformance"):
   and metrics, the state round-trips and the run replays exactly;
 - a strategy with a client half refuses a client that did not run it, and
   fails the run saying so;
-- every reduction the algorithm declares holds numerically.
+- every reduction the algorithm declares holds numerically;
+- a decentralized algorithm (no global model) returns the average of its node
+  models and reports their consensus distance every round.
 """
 
 import json
@@ -20,6 +22,7 @@ from flwr.app import Message, RecordDict
 from bouquet.serverapps.run import build_strategy
 from bouquet.serverapps.settings import DEFAULTS
 from bouquet.simulations.inprocess import app_defaults, run_inprocess
+from bouquet.strategies.gossip import GossipStrategy
 from bouquet.strategies.registry import get_algorithm, list_algorithms
 from bouquet.strategies.state import load_state
 from bouquet.strategies.validation import RoutineMissingError
@@ -133,6 +136,16 @@ def test_two_rounds_move_the_model_and_every_reply_conforms(name, tmp_path):
         assert content[wire.CLIENT_INFO][wire.ROUTINE] == cls.routine
         assert set(cls.reply_metrics) <= set(content[wire.METRICS].keys())
         assert set(cls.reply_records) <= set(content.array_records)
+
+    if issubclass(cls, GossipStrategy):
+        # No global model: the arrays are the average of the node models, and
+        # every round reports how far the nodes are from it.
+        last = [r.content[wire.GOSSIP_MODEL] for r in seen[-4:]]
+        for key, value in arrays.items():
+            if value.dtype.kind == "f":
+                mean = np.mean([m[key].numpy().astype(np.float64) for m in last], 0)
+                np.testing.assert_allclose(value, mean, rtol=1e-5, atol=1e-6)
+        assert all(r["train-consensus-distance"] >= 0 for r in rows[1:])
 
     state = load_state(path / "checkpoint")
     assert state.round == 2

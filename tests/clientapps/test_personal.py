@@ -80,3 +80,22 @@ def test_personalised_evaluation_reports_mean_and_worst_nodes(personal_run):
     assert last["node-accuracy-mean"] > last["central-accuracy"] + 0.2
     summary = json.loads((path / "summary.json").read_text())
     assert summary["final-node-accuracy-mean"] == last["node-accuracy-mean"]
+
+
+def test_arrays_may_leave_out_personal_entries_but_nothing_else():
+    import torch
+    from flwr.app import Array, ArrayRecord
+
+    from bouquet.clientapps.routine import PERSONAL_STATE, load_model
+    from bouquet.clientapps.state import save_arrays
+
+    model = torch.nn.Linear(2, 1)
+    held = {"weight": np.full((1, 2), 3.0, np.float32)}
+    state: dict = {}
+    save_arrays(state, *PERSONAL_STATE, held)
+    sent = ArrayRecord({"bias": Array(np.array([5.0], np.float32))})
+    load_model(model, sent, ["weight"], state)  # the node holds "weight"
+    np.testing.assert_array_equal(model.weight.detach().numpy(), held["weight"])
+    np.testing.assert_array_equal(model.bias.detach().numpy(), [5.0])
+    with pytest.raises(RuntimeError, match="bias"):  # not personal: must be sent
+        load_model(model, ArrayRecord(), ["weight"], state)
