@@ -44,10 +44,7 @@ def _vectors(d: int = D) -> list[np.ndarray]:
 
 def _samples(c: cz.Compressor, x: np.ndarray, draws: int) -> np.ndarray:
     return np.stack(
-        [
-            c.decode(c.encode(x, np.random.default_rng(s)), x.size)
-            for s in range(draws)
-        ]
+        [c.decode(c.encode(x, np.random.default_rng(s)), x.size) for s in range(draws)]
     )
 
 
