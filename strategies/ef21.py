@@ -61,22 +61,16 @@ Decisions where the spec was open:
 
 from __future__ import annotations
 
-import dataclasses
-import math
 from dataclasses import dataclass
-from logging import WARNING
-from typing import Any
 
 import numpy as np
-from flwr.supercore import log
 
 from bouquet.strategies import pieces
 from bouquet.strategies.base import BouquetStrategy, Reduction
-from bouquet.strategies.context import RoundContext
+from bouquet.strategies.context import NDArrays, RoundContext
 from bouquet.strategies.params import Param
 from bouquet.strategies.pieces import Replies, State, Updated
 from bouquet.strategies.registry import register
-from bouquet.strategies.validation import ClientReply, Contract
 from bouquet.tasks import compression
 
 
@@ -142,35 +136,11 @@ class EF21(BouquetStrategy):
         made = compression.make_compressor(self.compressor, self.k, self.levels)
         return compression.contractive(made)
 
-    @staticmethod
-    def _layout(ctx: RoundContext) -> tuple[list[str], int]:
+    def reply_codec(self, ctx: RoundContext) -> compression.Compressor:
+        """Train replies are always the compressed ``c_i``."""
+        return self.codec
+
+    def decoded(self, flat: np.ndarray, ctx: RoundContext) -> NDArrays:
+        """``c_i`` itself, shaped as the compressed entries (not a model)."""
         keys = compression.compressed_keys(ctx.arrays, ctx.personal)
-        return keys, sum(math.prod(ctx.arrays[k].shape) for k in keys)
-
-    def contract(self, ctx: RoundContext) -> Contract:
-        """A train reply's ``arrays`` is the compressor's payload."""
-        contract = super().contract(ctx)
-        if ctx.phase != "train":
-            return contract
-        _, d = self._layout(ctx)
-        return dataclasses.replace(contract, arrays=self.codec.spec(d))
-
-    def accept(self, replies: Any, ctx: RoundContext) -> list[ClientReply]:
-        """Accepted replies with ``arrays`` decoded to the dense ``c_i``."""
-        good = super().accept(replies, ctx)
-        if ctx.phase != "train":
-            return good
-        keys, d = self._layout(ctx)
-        compressor = self.codec
-        decoded = []
-        for reply in good:
-            if problem := compressor.problem(reply.arrays, d):
-                reason = f"node {reply.node}: compressed 'arrays' {problem}"
-                log(WARNING, "Dropped reply from %s", reason)
-                ctx.outcome.dropped.append(reason)
-                ctx.outcome.accepted -= 1
-                continue
-            flat = compressor.decode(reply.arrays, d)
-            reply.arrays = compression.unflatten(flat, ctx.arrays, keys)
-            decoded.append(reply)
-        return decoded
+        return compression.unflatten(flat, ctx.arrays, keys)
