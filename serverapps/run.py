@@ -43,6 +43,7 @@ from bouquet.strategies.clocks import DeviceSpeeds, VirtualClock, WallClock
 from bouquet.strategies.driver import Driver, RoundReport
 from bouquet.strategies.registry import get_algorithm
 from bouquet.strategies.sampling import wait_for_node_list
+from bouquet.strategies.uplink import compress_uplink
 
 DEFAULT_OUTPUT_DIR = "~/bouquet-runs"
 
@@ -187,7 +188,14 @@ def clock(run_config: Mapping[str, Any]) -> VirtualClock | WallClock:
 def build_strategy(run_config: Mapping[str, Any]) -> BouquetStrategy:
     """The strategy the run config names, with its hyperparameters."""
     cls = get_algorithm(setting(run_config, "algorithm"))
-    return cls.from_run_config(strategy_common(run_config), run_config)
+    strategy = cls.from_run_config(strategy_common(run_config), run_config)
+    return compress_uplink(
+        strategy,
+        setting(run_config, "compressor"),
+        k=setting(run_config, "compressor-k"),
+        levels=setting(run_config, "compressor-levels"),
+        error_feedback=setting(run_config, "error-feedback"),
+    )
 
 
 def checked_strategy(run_config: Mapping[str, Any]) -> BouquetStrategy:
