@@ -141,7 +141,8 @@ class TopK(Compressor):
     k: int = 1
 
     def size(self, d: int) -> int:
-        return max(1, min(int(self.k), d))
+        """Coordinates kept: ``k``, at most ``d``."""
+        return min(max(1, int(self.k)), d)
 
     def spec(self, d: int) -> PayloadSpec:
         k = self.size(d)

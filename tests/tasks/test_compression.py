@@ -30,6 +30,7 @@ COMPRESSORS = {
     "randk-scaled": cz.Scaled(cz.RandK(5)),
     "qsgd-scaled": cz.Scaled(cz.QSGD(4)),
 }
+DETERMINISTIC = ("identity", "topk", "sign", "quantize")
 
 
 def _vectors(d: int = D) -> list[np.ndarray]:
@@ -70,7 +71,7 @@ def test_declared_constants_hold_by_monte_carlo(name):
     assert (omega is not None) == c.unbiased
     assert omega is not None or alpha is not None
     for x in _vectors():
-        samples = _samples(c, x, DRAWS if c.unbiased else 200)
+        samples = _samples(c, x, 50 if name in DETERMINISTIC else DRAWS)
         errors = ((samples - x) ** 2).sum(axis=1)
         norm2 = float(x @ x)
         if c.unbiased:
@@ -80,7 +81,7 @@ def test_declared_constants_hold_by_monte_carlo(name):
             assert errors.mean() <= omega * norm2 * 1.05 + 1e-9
         if alpha is not None:
             assert errors.mean() <= (1 - alpha) * norm2 * 1.05 + 1e-9
-            if not c.unbiased and name not in ("randk-scaled", "qsgd-scaled"):
+            if name in DETERMINISTIC:
                 # Deterministic: the bound holds for every draw, not only on average.
                 assert errors.max() <= (1 - alpha) * norm2 * (1 + 1e-6) + 1e-9
 
