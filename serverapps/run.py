@@ -219,6 +219,15 @@ def checked_strategy(run_config: Mapping[str, Any]) -> BouquetStrategy:
         check_attack(
             setting(run_config, "attack"), setting(run_config, "attack-fraction")
         )
+        if setting(run_config, "compressor") != "none" and setting(
+            run_config, "attack"
+        ) not in ("none", "label-flip"):
+            # Attacks rewrite the reply's model (clientapps/attacks.py), which a
+            # compressed reply does not carry.
+            raise ValueError(
+                "compressor: a compressed uplink runs with attack 'none' or "
+                f"'label-flip' only; got attack '{setting(run_config, 'attack')}'."
+            )
         check_loss(setting(run_config, "loss"))
     except (ValueError, TypeError, KeyError) as err:
         message = err.args[0] if err.args else str(err)

@@ -22,6 +22,9 @@ Decisions where the spec was open:
   increment: their reply is the model. Recipes that reply with something
   else (a gradient, a delta, control variates) are refused with a message;
   EF21 (``strategies/ef21.py``) compresses its own uplink.
+- Simulated attacks that rewrite the reply's model (``sign-flip``,
+  ``gaussian``, ``random``, ``unreliable``) are refused with a compressed
+  uplink (``serverapps/run.py``); ``label-flip`` only changes training.
 - Integer entries (BatchNorm's ``num_batches_tracked``) are not sent and
   keep the server's value; float entries are compressed as one flat vector.
 - Without error feedback a compressor is used as declared (Rand-k and QSGD

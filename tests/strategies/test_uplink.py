@@ -151,3 +151,10 @@ def test_a_client_refuses_compression_for_a_routine_that_is_not_plain():
     with pytest.raises(ConfigError, match=r"uplink\.compressor"):
         train_client(msg, context, None, None)
     assert not context.state  # refused before anything was stored
+
+
+def test_attacks_that_rewrite_the_model_are_refused_with_a_compressed_uplink():
+    config = {**app_defaults(), "compressor": "topk", "attack-fraction": 0.2}
+    with pytest.raises(RunConfigError, match="attack 'sign-flip'"):
+        checked_strategy({**config, "attack": "sign-flip"})
+    assert checked_strategy({**config, "attack": "label-flip"}).uplink is not None
