@@ -158,3 +158,44 @@ def test_attacks_that_rewrite_the_model_are_refused_with_a_compressed_uplink():
     with pytest.raises(RunConfigError, match="attack 'sign-flip'"):
         checked_strategy({**config, "attack": "sign-flip"})
     assert checked_strategy({**config, "attack": "label-flip"}).uplink is not None
+
+
+GOOD = {"indices": np.int32([0, 2]), "values": np.float32([1.0, -1.0])}
+
+
+@pytest.mark.parametrize(
+    "bad",
+    [
+        {**GOOD, "values": np.float32([np.nan, 1.0])},
+        {**GOOD, "values": np.float32([1e20, 1.0])},
+        {**GOOD, "indices": np.int64([0, 2])},
+        {**GOOD, "indices": np.int32([2, 0])},
+        {**GOOD, "indices": np.int32([0, 3])},
+        {**GOOD, "indices": np.int32([0, 1, 2])},
+        {"indices": GOOD["indices"]},
+        {**GOOD, "extra": np.float32([0.0])},
+        {"w": np.zeros(3, np.float32)},  # the dense model, not the payload
+    ],
+)
+def test_a_round_with_invalid_compressed_replies_equals_the_round_without(bad):
+    ensure_task_identity()
+    x = {"w": np.array([1.0, 2.0, 3.0], np.float32)}
+
+    def round_of(payloads):
+        strategy = compress_uplink(FedAvg(min_train_nodes=1), "topk", k=2)
+        grid = InProcessGrid(lambda msg, ctx: msg, num_nodes=3, run_config={})
+        sent = strategy.configure_train(1, to_record(x), ConfigRecord(), grid)
+        nodes = sorted(m.metadata.dst_node_id for m in sent)
+        replies = [
+            make_reply(p, {"num-examples": 4 + i}, node_id=nodes[i])
+            for i, p in enumerate(payloads)
+            if p is not None
+        ]
+        arrays, _ = strategy.aggregate_train(1, answer(strategy, replies))
+        return to_numpy(arrays), strategy.export_state()
+
+    other = {"indices": np.int32([1, 2]), "values": np.float32([0.5, 0.5])}
+    mixed, mixed_state = round_of([GOOD, bad, other])
+    clean, clean_state = round_of([GOOD, None, other])
+    np.testing.assert_array_equal(mixed["w"], clean["w"])
+    assert str(mixed_state) == str(clean_state)
