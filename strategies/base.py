@@ -37,8 +37,9 @@ A subclass changes a round through a few hooks, never by copying the loop:
 :meth:`make_aggregator`, :meth:`round_config`, :meth:`recipients` (who is sent
 what), :meth:`outgoing_records` (extra records for every node),
 :meth:`aggregate` (the whole update, when the chain does not fit),
-:meth:`expected_records`, :meth:`train_metrics`, :meth:`evaluate_metrics`
-and :meth:`skipped`.
+:meth:`expected_records`, :meth:`train_metrics`, :meth:`evaluate_metrics`,
+:meth:`skipped`, and :meth:`reply_codec` / :meth:`decoded` (replies that
+travel compressed).
 """
 
 from __future__ import annotations
