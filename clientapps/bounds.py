@@ -45,7 +45,7 @@ from typing import Any
 import numpy as np
 from torch import nn
 
-from bouquet.tasks import wire
+from bouquet.tasks import compression, wire
 
 Value = bool | int | float | str
 
@@ -169,6 +169,13 @@ SERVER_ROUND = Bound(wire.SERVER_ROUND, 0, 0, INT63_MAX)
 ROUTINE = Bound(wire.ROUTINE, wire.PLAIN_ROUTINE)
 DP_CLIPPING_NORM = Bound(wire.DP_CLIPPING_NORM, 0.0, 0.0, RATE_MAX)
 """Client-side DP clipping of the reply's update; 0: none."""
+UPLINK_COMPRESSOR = Bound(
+    wire.UPLINK_COMPRESSOR, "none", choices=("none", *compression.NAMES)
+)
+UPLINK_K = Bound(wire.UPLINK_K, 1, 1, INT63_MAX)
+UPLINK_LEVELS = Bound(wire.UPLINK_LEVELS, 16, 1, compression.MAX_LEVELS)
+UPLINK_ERROR_FEEDBACK = Bound(wire.UPLINK_ERROR_FEEDBACK, False)
+"""The compressed uplink (``clientapps/uplink.py``); compressor ``"none"``: dense."""
 
 
 def patterns(config: Mapping[str, Any]) -> list[str]:

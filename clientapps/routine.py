@@ -60,7 +60,7 @@ from flwr.app import (
 )
 from torch import nn
 
-from bouquet.clientapps import bounds
+from bouquet.clientapps import bounds, uplink
 from bouquet.clientapps.hooks import Hook
 from bouquet.clientapps.inputs import DataSource, as_tensors, labels_of
 from bouquet.clientapps.loop import OptimizerFactory, TrainSettings, train_local
@@ -232,6 +232,12 @@ def train_client(
     # Validate first: every config value, then (in train_local) the records.
     config = dict(msg.content[wire.CONFIG])
     name = routine_of(msg, routine)
+    if uplink.codec(config) is not None and name != wire.PLAIN_ROUTINE:
+        raise bounds.ConfigError(
+            wire.UPLINK_COMPRESSOR,
+            config[wire.UPLINK_COMPRESSOR],
+            f"'none' for the routine '{name}' (its reply is not the model)",
+        )
     if hooks is None:
         hooks = get_recipe(name)(config)
     hooks = [*hooks, *extra_hooks]
@@ -283,9 +289,15 @@ def train_client(
             records[wire.ARRAYS] = _clipped_update(records[wire.ARRAYS], clip)
         else:
             entries = _clipped_model(entries, msg.content[wire.ARRAYS], clip)
+    if uplink.codec(config) is not None:  # C(y - x) instead of the model
+        reply = uplink.compress_reply(
+            entries, msg.content[wire.ARRAYS], config, context.state, seed
+        )
+    else:
+        reply = array_record(entries)
     content = RecordDict(
         {
-            wire.ARRAYS: array_record(entries),
+            wire.ARRAYS: reply,
             wire.METRICS: MetricRecord(metrics),
             wire.CLIENT_INFO: ConfigRecord({wire.ROUTINE: name}),
             **records,

@@ -43,6 +43,7 @@ from bouquet.strategies.clocks import DeviceSpeeds, VirtualClock, WallClock
 from bouquet.strategies.driver import Driver, RoundReport
 from bouquet.strategies.registry import get_algorithm
 from bouquet.strategies.sampling import wait_for_node_list
+from bouquet.strategies.uplink import compress_uplink
 
 DEFAULT_OUTPUT_DIR = "~/bouquet-runs"
 
@@ -191,7 +192,14 @@ def clock(run_config: Mapping[str, Any]) -> VirtualClock | WallClock:
 def build_strategy(run_config: Mapping[str, Any]) -> BouquetStrategy:
     """The strategy the run config names, with its hyperparameters."""
     cls = get_algorithm(setting(run_config, "algorithm"))
-    return cls.from_run_config(strategy_common(run_config), run_config)
+    strategy = cls.from_run_config(strategy_common(run_config), run_config)
+    return compress_uplink(
+        strategy,
+        setting(run_config, "compressor"),
+        k=setting(run_config, "compressor-k"),
+        levels=setting(run_config, "compressor-levels"),
+        error_feedback=setting(run_config, "error-feedback"),
+    )
 
 
 def checked_strategy(run_config: Mapping[str, Any]) -> BouquetStrategy:
@@ -215,6 +223,15 @@ def checked_strategy(run_config: Mapping[str, Any]) -> BouquetStrategy:
         check_attack(
             setting(run_config, "attack"), setting(run_config, "attack-fraction")
         )
+        if setting(run_config, "compressor") != "none" and setting(
+            run_config, "attack"
+        ) not in ("none", "label-flip"):
+            # Attacks rewrite the reply's model (clientapps/attacks.py), which a
+            # compressed reply does not carry.
+            raise ValueError(
+                "compressor: a compressed uplink runs with attack 'none' or "
+                f"'label-flip' only; got attack '{setting(run_config, 'attack')}'."
+            )
         check_loss(setting(run_config, "loss"))
     except (ValueError, TypeError, KeyError) as err:
         message = err.args[0] if err.args else str(err)

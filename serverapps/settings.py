@@ -16,6 +16,7 @@ from typing import Any
 from bouquet.strategies.clocks import SPEED_MODELS
 from bouquet.strategies.params import Param, defaults
 from bouquet.strategies.sampling import LINKS, MODELS
+from bouquet.strategies.uplink import CHOICES as UPLINK_CHOICES
 from bouquet.tasks import wire
 
 SETTINGS: tuple[Param, ...] = (
@@ -62,6 +63,10 @@ SETTINGS: tuple[Param, ...] = (
         ">= 1",
         "largest num-examples a reply may claim (larger: the reply is dropped)",
     ),
+    Param("compressor", "none", choices=UPLINK_CHOICES, help="strategies/uplink.py"),
+    Param("compressor-k", 100, ">= 1", "coordinates kept by topk / randk"),
+    Param("compressor-levels", 16, "[1, 127]", "levels of qsgd / quantize"),
+    Param("error-feedback", False, help="clients keep the compression error"),
     Param("attack", "none", help="clientapps/attacks.py"),
     Param("attack-fraction", 0.0, "[0, 1]"),
     Param("attack-scale", 0.0, ">= 0", "0 = the attack's default"),

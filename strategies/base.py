@@ -37,19 +37,22 @@ A subclass changes a round through a few hooks, never by copying the loop:
 :meth:`make_aggregator`, :meth:`round_config`, :meth:`recipients` (who is sent
 what), :meth:`outgoing_records` (extra records for every node),
 :meth:`aggregate` (the whole update, when the chain does not fit),
-:meth:`expected_records`, :meth:`train_metrics`, :meth:`evaluate_metrics`
-and :meth:`skipped`.
+:meth:`expected_records`, :meth:`train_metrics`, :meth:`evaluate_metrics`,
+:meth:`skipped`, and :meth:`reply_codec` / :meth:`decoded` (replies that
+travel compressed).
 """
 
 from __future__ import annotations
 
 import copy
 import inspect
+import math
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from logging import ERROR, INFO, WARNING
 from typing import Any, ClassVar
 
+import numpy as np
 from flwr.app import (
     ArrayRecord,
     ConfigRecord,
@@ -79,7 +82,7 @@ from bouquet.strategies.validation import (
     node_accuracy,
     weighted_metrics,
 )
-from bouquet.tasks import wire
+from bouquet.tasks import compression, wire
 
 Record = ArrayRecord | ConfigRecord | MetricRecord
 """A record that can travel in a message besides ``arrays`` and ``config``."""
@@ -226,6 +229,9 @@ class BouquetStrategy(Strategy):
         self.extra_config: dict[str, Any] = {}
         """Config values added to every train message by a wrapper (e.g. the
         client-side DP clipping norm, ``strategies/privacy.py``)."""
+        self.uplink: compression.Compressor | None = None
+        """The compressor train replies are encoded with, where the run asks
+        for one (``strategies/uplink.py``); None: replies are dense."""
         self.train_round: RoundContext | None = None
         """What the last ``configure_train`` sampled and sent."""
         self.evaluate_round: RoundContext | None = None
@@ -321,6 +327,30 @@ class BouquetStrategy(Strategy):
 
     def skipped(self, ctx: RoundContext) -> None:
         """The round's update was skipped (too few accepted replies)."""
+
+    def reply_codec(self, ctx: RoundContext) -> compression.Compressor | None:
+        """The compressor of this round's train replies (None: dense arrays).
+
+        A compressed reply's ``arrays`` record is the compressor's payload of
+        one flat vector over the shared float entries in state-dict order
+        (:func:`tasks.compression.compressed_keys`); acceptance checks it
+        against the payload's spec, then :meth:`decoded` turns it into arrays.
+        """
+        return self.uplink
+
+    def decoded(self, flat: np.ndarray, ctx: RoundContext) -> NDArrays:
+        """A compressed reply's arrays, from its decoded flat vector.
+
+        Default: the vector is the client's update ``C(y - x)``, so the reply
+        reads as the model ``x + C(y - x)`` (float64; integer entries, not
+        sent, keep the server's value) and every combine rule applies.
+        """
+        keys = compression.compressed_keys(ctx.arrays, ctx.personal)
+        update = compression.unflatten(flat, ctx.arrays, keys)
+        arrays = {k: v for k, v in ctx.arrays.items() if k not in ctx.personal}
+        for key, value in update.items():
+            arrays[key] = np.add(ctx.arrays[key], value, dtype=np.float64)
+        return arrays
 
     # ------------------------------------------------------- sampling --
     def connected_nodes(self, grid: Grid, server_round: int, needed: int) -> list[int]:
@@ -492,8 +522,9 @@ class BouquetStrategy(Strategy):
         spec = {
             k: v for k, v in array_spec(ctx.arrays).items() if k not in ctx.personal
         }
+        codec = self.reply_codec(ctx)
         return Contract(
-            arrays=spec,
+            arrays=spec if codec is None else codec.spec(_flat_size(ctx)),
             records={name: spec for name in self.expected_records(ctx)},
             metrics=self.reply_metrics,
             routine=None if self.routine == wire.PLAIN_ROUTINE else self.routine,
@@ -522,6 +553,8 @@ class BouquetStrategy(Strategy):
         good, reasons, errors = accept_all(
             replies, contract, Sent.of(ctx.messages), ctx.answered
         )
+        if ctx.phase == "train" and (codec := self.reply_codec(ctx)) is not None:
+            good = self._decode(good, codec, ctx, reasons)
         log(
             INFO,
             "aggregate_%s: Received %s results and %s failures",
@@ -542,6 +575,24 @@ class BouquetStrategy(Strategy):
                     f"routine '{contract.routine}'; {refused[0]}"
                 )
         return good
+
+    def _decode(
+        self,
+        replies: list[ClientReply],
+        codec: compression.Compressor,
+        ctx: RoundContext,
+        reasons: list[str],
+    ) -> list[ClientReply]:
+        """Compressed replies decoded once; undecodable ones join ``reasons``."""
+        d = _flat_size(ctx)
+        decoded = []
+        for reply in replies:
+            if problem := codec.problem(reply.arrays, d):
+                reasons.append(f"node {reply.node}: compressed 'arrays' {problem}")
+                continue
+            reply.arrays = self.decoded(codec.decode(reply.arrays, d), ctx)
+            decoded.append(reply)
+        return decoded
 
     def _round(self, phase: str, server_round: int) -> RoundContext | None:
         ctx = self.train_round if phase == "train" else self.evaluate_round
@@ -687,6 +738,12 @@ class BouquetStrategy(Strategy):
     def load_state(self, state: Mapping[str, Any]) -> None:
         """Restore what :meth:`export_state` returned (a copy of it is kept)."""
         self.state.update(copy.deepcopy(dict(state)))
+
+
+def _flat_size(ctx: RoundContext) -> int:
+    """Length of the flat vector a compressed reply encodes."""
+    keys = compression.compressed_keys(ctx.arrays, ctx.personal)
+    return sum(math.prod(ctx.arrays[k].shape) for k in keys)
 
 
 def _message(

@@ -107,6 +107,17 @@ def gossip_neighbor(index: int) -> str:
     """ArrayRecord name of the ``index``-th neighbour model relayed to a node."""
     return f"gossip.neighbor-{index}"
 
+UPLINK_COMPRESSOR = "uplink.compressor"
+"""Config key: the compressor of a train reply's update ``y - x``
+(:mod:`tasks.compression`; ``strategies/uplink.py``); absent or ``"none"``:
+the reply is the dense model."""
+UPLINK_K = "uplink.k"
+"""Config key: coordinates Top-k / Rand-k keep in the compressed uplink."""
+UPLINK_LEVELS = "uplink.levels"
+"""Config key: quantisation levels of QSGD / deterministic quantisation."""
+UPLINK_ERROR_FEEDBACK = "uplink.error-feedback"
+"""Config key: the client adds its last compression error to the next update
+(kept in ``Context.state``)."""
 
 QUERY = "query"
 """Config key of a query message: what the server asks (:data:`DATA_PROFILE`)."""

@@ -1,0 +1,78 @@
+"""The compressed uplink of any plain client: the reply carries ``C(y - x)``.
+
+Where the server's config names ``uplink.compressor`` (``strategies/uplink.py``),
+:func:`train_client` replaces the reply's dense model by the compressor's
+payload (:mod:`tasks.compression`) of the update ``y - x`` over the shared
+float entries, flattened in state-dict order; the server decodes it once and
+reads the reply as the model ``x + C(y - x)``. With ``uplink.error-feedback``
+the node adds its last compression error ``e`` to the update first and keeps
+the new one, ``e <- (y - x + e) - C(y - x + e)`` (Seide et al., "1-Bit
+Stochastic Gradient Descent", Interspeech 2014; Stich, Cordonnier, Jaggi,
+"Sparsified SGD with Memory", NeurIPS 2018, https://arxiv.org/abs/1809.07599),
+in ``Context.state`` under ``bouquet.uplink-error``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, MutableMapping
+from typing import Any
+
+import numpy as np
+from flwr.app import ArrayRecord
+
+from bouquet.clientapps import bounds
+from bouquet.clientapps.state import array_record, load_arrays, save_arrays
+from bouquet.tasks import compression, wire
+
+ERROR_STATE = ("bouquet", "uplink-error")
+"""Where a node keeps its compression error in ``Context.state``."""
+
+
+def codec(config: Mapping[str, Any]) -> compression.Compressor | None:
+    """The uplink compressor the config names (None: dense replies).
+
+    With error feedback an unbiased compressor is scaled to be contractive,
+    as the server does (``strategies/uplink.py``).
+    """
+    name = bounds.UPLINK_COMPRESSOR.read(config)
+    if name == "none":
+        return None
+    made = compression.make_compressor(
+        name, bounds.UPLINK_K.read(config), bounds.UPLINK_LEVELS.read(config)
+    )
+    if bounds.UPLINK_ERROR_FEEDBACK.read(config):
+        return compression.contractive(made)
+    return made
+
+
+def _numpy(value: Any) -> np.ndarray:
+    return value.detach().cpu().numpy() if hasattr(value, "detach") else value
+
+
+def compress_reply(
+    entries: Mapping[str, Any],
+    sent: ArrayRecord,
+    config: Mapping[str, Any],
+    state: MutableMapping[str, Any],
+    seed: int,
+) -> ArrayRecord:
+    """The payload of ``C(y - x)``: ``entries`` (``y``) against ``sent`` (``x``).
+
+    ``seed`` draws the randomised compressors (Rand-k, QSGD).
+    """
+    compressor = codec(config)
+    local = {k: _numpy(v) for k, v in entries.items()}
+    keys = compression.compressed_keys(local)
+    start = {k: sent[k].numpy() for k in keys}
+    update = compression.flatten(local, keys) - compression.flatten(start, keys)
+    feedback = bounds.UPLINK_ERROR_FEEDBACK.read(config)
+    if feedback:
+        error = (load_arrays(state, *ERROR_STATE) or {}).get("e")
+        if error is not None and error.shape == update.shape:
+            update = update + error
+    rng = np.random.default_rng(wire.derive_seed(seed, "uplink"))
+    payload = compressor.encode(update, rng)
+    if feedback:
+        error = update - compressor.decode(payload, update.size)
+        save_arrays(state, *ERROR_STATE, {"e": error})
+    return array_record(payload)

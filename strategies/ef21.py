@@ -1,0 +1,146 @@
+"""EF21: error feedback with a compressed uplink (Top-k by default).
+
+Richtarik, Sokolov, Fatkhullin, "EF21: A New, Simpler, Theoretically Better,
+and Practically Faster Error Feedback", NeurIPS 2021,
+https://arxiv.org/abs/2106.05203; restated and re-analysed (stepsizes from the
+arithmetic mean of the smoothness constants) in Richtarik, Gasanov,
+Burlachenko, "Error Feedback Reloaded: From Quadratic to Arithmetic Mean of
+Smoothness Constants", ICLR 2024, https://arxiv.org/abs/2402.10774.
+
+- **Client** (recipe ``ef21``): from the global ``x^t``, the loop's local
+  training gives ``y_i``; its update ``v_i = y_i - x^t`` (with one
+  full-batch SGD step, ``-lr grad f_i(x^t)`` exactly) is what EF21 tracks.
+  It sends ``c_i = C(v_i - g_i)`` compressed and keeps ``g_i <- g_i + c_i``
+  in ``Context.state``.
+- **Server**: ``g <- g + (1/N) sum_i c_i`` (so ``g`` is the mean of the
+  ``g_i``), then ``x^{t+1} = x^t + eta_g g``. The paper's stepsize is
+  ``gamma = lr * eta_g``.
+
+One Flower round is one EF21 iteration with the server's step moved after the
+clients' (the paper's ``x^{t+1} = x^t - gamma g^t`` then ``c_i = C(grad
+f_i(x^{t+1}) - g_i^t)``): starting from ``g_i = 0``, round 1 sends
+``C(grad f_i(x^0))``, the paper's second initialisation.
+
+With the identity compressor, ``g`` is the mean of the ``v_i`` and the update
+is ``x + eta_g mean_i (y_i - x)``: FedAvg with uniform weights at ``eta_g = 1``
+(the declared reduction), gradient descent with step ``lr eta_g`` when
+clients take one full-batch step.
+
+Wire protocol: the server sends ``arrays`` (``x^t``, dense) and ``config``
+with ``ef21.compressor``, ``ef21.k``, ``ef21.levels``; a reply's ``arrays``
+record is the compressor's payload (:mod:`tasks.compression`: Top-k sends
+``indices`` int32 and ``values`` float32 of length k), checked against the
+payload's declared shapes and dtypes, then decoded once (indices in range
+and increasing, codes within their levels) before aggregation. State: the
+server keeps ``g`` (model-sized, float64, the combine piece's state); each
+client keeps ``g_i`` (``ef21.g``, one flat float64 vector).
+
+Decisions where the spec was open:
+
+- Clients train with the shared loop and track their update ``y_i - x``
+  (``-lr`` times the gradient), not a separately computed gradient: one
+  full-batch local step (``local-steps = 1``, ``batch-size`` at least the
+  local set, no momentum) is the paper's EF21 with deterministic gradients,
+  a mini-batch step is EF21-SGD, several steps are a local-steps variant.
+- ``C`` acts on the concatenation of every float state-dict entry (in
+  state-dict order; BatchNorm statistics included, as FedAvg averages them);
+  integer entries are not sent and keep the server's value. Personal entries
+  never leave the node.
+- Compressors that are unbiased but not contractive (Rand-k, QSGD) are used
+  as ``C / (omega + 1)``, which is contractive with ``alpha = 1/(omega+1)``.
+- The mean is over the connected population N (the paper's ``1/n``): nodes
+  not sampled keep their ``g_i`` and their share of ``g`` (EF21-PP). A reply
+  dropped by validation leaves its node's ``g_i`` advanced but not ``g``
+  (the server cannot know); with no drops ``g = mean_i g_i`` exactly.
+- The paper's ``gamma`` is split as ``lr * eta-g`` (``eta-g`` defaults to 1,
+  FedAvg's server step), so the identity reduction holds at any ``lr``. The
+  theory stepsize needs smoothness constants that a neural network does not
+  have. ``k`` defaults to the paper's Top-1.
+- EF21-W (weights ``w_i`` proportional to ``L_i``) is not implemented yet.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from bouquet.strategies import pieces
+from bouquet.strategies.base import BouquetStrategy, Reduction
+from bouquet.strategies.context import NDArrays, RoundContext
+from bouquet.strategies.params import Param
+from bouquet.strategies.pieces import Replies, State, Updated
+from bouquet.strategies.registry import register
+from bouquet.tasks import compression
+
+
+@dataclass(frozen=True)
+class ErrorFeedbackMean(pieces.Combine):
+    """``g <- g + (1/N) sum_i c_i``; ``Delta = eta_g g``. State: ``g``.
+
+    The replies' arrays are the decoded ``c_i`` (float64, the compressed
+    entries only); the weights are not used: every node counts ``1/N``.
+    """
+
+    eta_g: float = 1.0
+
+    def update(
+        self, replies: Replies, weights: np.ndarray, state: State, ctx: RoundContext
+    ) -> Updated:
+        n = max(ctx.population, len(replies))
+        g = dict(state or {})
+        delta = {}
+        for key in compression.compressed_keys(ctx.arrays, ctx.personal):
+            total = np.zeros(ctx.arrays[key].shape)
+            for reply in replies:
+                total = total + reply.arrays[key]
+            g[key] = g.get(key, np.zeros(total.shape)) + total / n
+            delta[key] = self.eta_g * g[key]
+        return delta, g
+
+
+@register
+class EF21(BouquetStrategy):
+    """EF21's server (see the module docstring)."""
+
+    name = "ef21"
+    routine = "ef21"
+    paper = "Richtarik et al., NeurIPS 2021, https://arxiv.org/abs/2106.05203"
+    tagline = "Error feedback: clients send C(update - g_i) compressed (Top-k)"
+    family = "compression"
+    params = (
+        Param(
+            "compressor",
+            "topk",
+            choices=compression.NAMES,
+            help="contractive compressor C (unbiased ones scaled by 1/(omega+1))",
+            send=True,
+        ),
+        Param("k", 1, ">= 1", "coordinates kept by topk / randk (paper: 1)", send=True),
+        Param("levels", 16, "[1, 127]", "levels s of qsgd / quantize", send=True),
+        Param("eta-g", 1.0, "> 0", "server step on g (paper gamma = lr * eta-g)"),
+    )
+    reductions = (
+        Reduction({"compressor": "identity"}, "fedavg", {"weighting": "uniform"}),
+    )
+
+    def make_aggregator(self) -> pieces.Aggregator:
+        """Uniform weights (unused), the error-feedback mean, a unit step."""
+        return pieces.Aggregator(
+            pieces.Uniform(), ErrorFeedbackMean(self.eta_g), pieces.ServerSGD()
+        )
+
+    @property
+    def codec(self) -> compression.Compressor:
+        """The compressor clients encode with (the same call as the recipe's)."""
+        made = compression.make_compressor(self.compressor, self.k, self.levels)
+        return compression.contractive(made)
+
+    def reply_codec(self, ctx: RoundContext) -> compression.Compressor:
+        """Train replies are always the compressed ``c_i``."""
+        return self.codec
+
+    def decoded(self, flat: np.ndarray, ctx: RoundContext) -> NDArrays:
+        """``c_i`` itself, shaped as the compressed entries (not a model)."""
+        keys = compression.compressed_keys(ctx.arrays, ctx.personal)
+        return compression.unflatten(flat, ctx.arrays, keys)

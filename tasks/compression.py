@@ -1,0 +1,373 @@
+"""Compressors: a client encodes its update, the server decodes the same bytes.
+
+Shared by both halves (``docs/architecture.md``, "Shape of the repository":
+``tasks/`` is what both sides import), so a client encodes with exactly the
+code the server decodes with. A compressor maps a flat float vector ``x`` of
+length ``d`` to a *payload*: a few NumPy arrays of small dtypes (int32/int64
+indices, float32 values, int8 codes, sign bits packed eight to a byte with
+``np.packbits``) that go into an ``ArrayRecord`` as they are, so the
+serialised Flower message is smaller (issue #22: never a dequantised float32
+array that only pretends). ``decode`` turns a payload back into ``C(x)`` in
+float64; both halves call it, so a client's error-feedback state equals what
+the server added.
+
+Every compressor declares its payload's shapes and dtypes for a given ``d``
+(``spec``: the server checks replies against it before reading them), whether
+it is unbiased, and one of the two standard constants (checked by Monte Carlo
+in ``tests/tasks/test_compression.py``):
+
+- unbiased, variance ``omega``: ``E C(x) = x``, ``E||C(x) - x||^2 <= omega ||x||^2``;
+- contractive, ``alpha``: ``E||C(x) - x||^2 <= (1 - alpha) ||x||^2``.
+
+An unbiased ``C`` scaled by ``1 / (omega + 1)`` is contractive with
+``alpha = 1 / (omega + 1)`` (:class:`Scaled`, :func:`contractive`); error
+feedback (EF21) needs a contractive one.
+
+References: Top-k and Rand-k (Stich, Cordonnier, Jaggi, "Sparsified SGD with
+Memory", NeurIPS 2018, https://arxiv.org/abs/1809.07599); scaled sign
+(Karimireddy et al., "Error Feedback Fixes SignSGD", ICML 2019,
+https://arxiv.org/abs/1901.09847); QSGD (Alistarh et al., "QSGD:
+Communication-Efficient SGD via Gradient Quantization and Encoding", NeurIPS
+2017, https://arxiv.org/abs/1610.02132, Lemma 3.1 for omega); the
+contractive / unbiased classes as in Richtarik, Sokolov, Fatkhullin, "EF21",
+NeurIPS 2021, https://arxiv.org/abs/2106.05203.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Collection, Mapping
+from dataclasses import dataclass
+
+import numpy as np
+
+Payload = dict[str, np.ndarray]
+PayloadSpec = dict[str, tuple[tuple[int, ...], str]]
+"""Payload array name -> (shape, dtype string), the yardstick of a reply."""
+
+NAMES = ("identity", "topk", "randk", "sign", "qsgd", "quantize")
+MAX_LEVELS = 127
+"""Most quantisation levels: codes in ``[-s, s]`` fit int8."""
+
+
+def index_dtype(d: int) -> str:
+    """int32 while every index of a length-``d`` vector fits, else int64."""
+    return "int32" if d <= np.iinfo(np.int32).max else "int64"
+
+
+@dataclass(frozen=True)
+class Compressor:
+    """Base: ``encode(x, rng) -> payload``, ``decode(payload, d) -> C(x)``."""
+
+    unbiased = False
+
+    def spec(self, d: int) -> PayloadSpec:
+        """Shapes and dtypes of the payload of a length-``d`` vector."""
+        raise NotImplementedError
+
+    def encode(self, x: np.ndarray, rng: np.random.Generator) -> Payload:
+        """The payload of the flat vector ``x`` (``rng``: randomised ones)."""
+        raise NotImplementedError
+
+    def decode(self, payload: Mapping[str, np.ndarray], d: int) -> np.ndarray:
+        """``C(x)`` (float64, length ``d``) of a payload that passed :meth:`problem`."""
+        raise NotImplementedError
+
+    def problem(self, payload: Mapping[str, np.ndarray], d: int) -> str | None:
+        """Why a payload shaped as :meth:`spec` cannot be decoded, or None."""
+        return None
+
+    def omega(self, d: int) -> float | None:
+        """Variance parameter of an unbiased compressor (None: biased)."""
+        return None
+
+    def alpha(self, d: int) -> float | None:
+        """Contraction parameter (None: not contractive in general)."""
+        return None
+
+    def payload_bytes(self, d: int) -> int:
+        """Bytes of the payload's values (what the wire carries, headers aside)."""
+        return sum(
+            math.prod(shape) * np.dtype(dtype).itemsize
+            for shape, dtype in self.spec(d).values()
+        )
+
+    def ratio(self, d: int) -> float:
+        """Dense float32 bytes over payload bytes: the declared compression."""
+        return 4 * d / self.payload_bytes(d)
+
+
+@dataclass(frozen=True)
+class Identity(Compressor):
+    """No compression: the float32 values."""
+
+    unbiased = True
+
+    def spec(self, d: int) -> PayloadSpec:
+        return {"values": ((d,), "float32")}
+
+    def encode(self, x: np.ndarray, rng: np.random.Generator) -> Payload:
+        return {"values": np.asarray(x, dtype=np.float32).reshape(-1)}
+
+    def decode(self, payload: Mapping[str, np.ndarray], d: int) -> np.ndarray:
+        return payload["values"].astype(np.float64)
+
+    def omega(self, d: int) -> float:
+        return 0.0
+
+    def alpha(self, d: int) -> float:
+        return 1.0
+
+
+def _sparse_problem(payload: Mapping[str, np.ndarray], d: int) -> str | None:
+    idx = payload["indices"]
+    if idx.size and (int(idx.min()) < 0 or int(idx.max()) >= d):
+        return f"has an index outside [0, {d})"
+    if idx.size > 1 and np.any(np.diff(idx) <= 0):
+        return "indices are not strictly increasing"
+    return None
+
+
+def _scatter(payload: Mapping[str, np.ndarray], d: int, scale: float) -> np.ndarray:
+    out = np.zeros(d, dtype=np.float64)
+    out[payload["indices"]] = payload["values"].astype(np.float64) * scale
+    return out
+
+
+@dataclass(frozen=True)
+class TopK(Compressor):
+    """The ``k`` largest magnitudes (indices, float32 values); ``alpha = k/d``."""
+
+    k: int = 1
+
+    def size(self, d: int) -> int:
+        """Coordinates kept: ``k``, at most ``d``."""
+        return min(max(1, int(self.k)), d)
+
+    def spec(self, d: int) -> PayloadSpec:
+        k = self.size(d)
+        return {"indices": ((k,), index_dtype(d)), "values": ((k,), "float32")}
+
+    def encode(self, x: np.ndarray, rng: np.random.Generator) -> Payload:
+        x = np.asarray(x).reshape(-1)
+        k = self.size(x.size)
+        # Ties broken by position (a stable sort): deterministic on every node.
+        chosen = np.sort(np.argsort(-np.abs(x), kind="stable")[:k])
+        return {
+            "indices": chosen.astype(index_dtype(x.size)),
+            "values": x[chosen].astype(np.float32),
+        }
+
+    def decode(self, payload: Mapping[str, np.ndarray], d: int) -> np.ndarray:
+        return _scatter(payload, d, 1.0)
+
+    def problem(self, payload: Mapping[str, np.ndarray], d: int) -> str | None:
+        return _sparse_problem(payload, d)
+
+    def alpha(self, d: int) -> float:
+        return self.size(d) / d
+
+
+@dataclass(frozen=True)
+class RandK(TopK):
+    """``k`` coordinates drawn uniformly, scaled by ``d/k``.
+
+    Unbiased, ``omega = d/k - 1``.
+    """
+
+    unbiased = True
+
+    def encode(self, x: np.ndarray, rng: np.random.Generator) -> Payload:
+        x = np.asarray(x).reshape(-1)
+        chosen = np.sort(rng.choice(x.size, self.size(x.size), replace=False))
+        return {
+            "indices": chosen.astype(index_dtype(x.size)),
+            "values": x[chosen].astype(np.float32),
+        }
+
+    def decode(self, payload: Mapping[str, np.ndarray], d: int) -> np.ndarray:
+        return _scatter(payload, d, d / self.size(d))
+
+    def omega(self, d: int) -> float:
+        return d / self.size(d) - 1.0
+
+    def alpha(self, d: int) -> None:
+        return None
+
+
+@dataclass(frozen=True)
+class ScaledSign(Compressor):
+    """``(||x||_1 / d) sign(x)``: packed sign bits and one float32 scale.
+
+    ``||C(x) - x||^2 = ||x||^2 - ||x||_1^2 / d``, so ``alpha = 1/d`` in the
+    worst case (a one-hot ``x``). A zero coordinate travels as ``+``.
+    """
+
+    def spec(self, d: int) -> PayloadSpec:
+        return {"signs": ((math.ceil(d / 8),), "uint8"), "scale": ((1,), "float32")}
+
+    def encode(self, x: np.ndarray, rng: np.random.Generator) -> Payload:
+        x = np.asarray(x, dtype=np.float64).reshape(-1)
+        scale = np.abs(x).sum() / x.size
+        return {
+            "signs": np.packbits(x >= 0),
+            "scale": np.array([scale], dtype=np.float32),
+        }
+
+    def decode(self, payload: Mapping[str, np.ndarray], d: int) -> np.ndarray:
+        bits = np.unpackbits(payload["signs"], count=d).astype(np.float64)
+        return (2.0 * bits - 1.0) * float(payload["scale"][0])
+
+    def problem(self, payload: Mapping[str, np.ndarray], d: int) -> str | None:
+        return None if payload["scale"][0] >= 0 else "has a negative scale"
+
+    def alpha(self, d: int) -> float:
+        return 1.0 / d
+
+
+@dataclass(frozen=True)
+class _Levels(Compressor):
+    """Codes in ``[-s, s]`` (int8) and one float32 scale: ``C(x) = scale code / s``."""
+
+    levels: int = 16
+
+    def spec(self, d: int) -> PayloadSpec:
+        return {"codes": ((d,), "int8"), "scale": ((1,), "float32")}
+
+    def decode(self, payload: Mapping[str, np.ndarray], d: int) -> np.ndarray:
+        scale = float(payload["scale"][0])
+        return payload["codes"].astype(np.float64) * (scale / self.levels)
+
+    def problem(self, payload: Mapping[str, np.ndarray], d: int) -> str | None:
+        codes = payload["codes"]
+        if codes.size and int(np.abs(codes.astype(np.int16)).max()) > self.levels:
+            return f"has a code outside [-{self.levels}, {self.levels}]"
+        return None if payload["scale"][0] >= 0 else "has a negative scale"
+
+    def _codes(self, x: np.ndarray, scale: np.float32, draw: np.ndarray) -> Payload:
+        s = self.levels
+        ratio = np.abs(x) * (s / float(scale)) if scale > 0 else np.zeros_like(x)
+        level = np.minimum(np.floor(ratio + draw), s)
+        return {
+            "codes": (np.sign(x) * level).astype(np.int8),
+            "scale": np.array([scale], dtype=np.float32),
+        }
+
+
+@dataclass(frozen=True)
+class QSGD(_Levels):
+    """Stochastic rounding of ``s |x_i| / ||x||_2`` to ``{0..s}``, signs kept.
+
+    Unbiased, ``omega = min(d / s^2, sqrt(d) / s)`` (Alistarh et al. 2017,
+    Lemma 3.1).
+    """
+
+    unbiased = True
+
+    def encode(self, x: np.ndarray, rng: np.random.Generator) -> Payload:
+        x = np.asarray(x, dtype=np.float64).reshape(-1)
+        norm = np.float32(np.linalg.norm(x))
+        return self._codes(x, norm, rng.random(x.size))
+
+    def omega(self, d: int) -> float:
+        s = self.levels
+        return min(d / s**2, math.sqrt(d) / s)
+
+
+@dataclass(frozen=True)
+class Quantize(_Levels):
+    """Deterministic rounding of ``s x_i / ||x||_inf`` to the nearest integer.
+
+    Each error is at most ``min(|x_i|, ||x||_inf / 2s)`` and the largest
+    coordinate is exact, so ``alpha = max(1/d, 1 - (d - 1) / 4s^2)``.
+    """
+
+    def encode(self, x: np.ndarray, rng: np.random.Generator) -> Payload:
+        x = np.asarray(x, dtype=np.float64).reshape(-1)
+        top = np.float32(np.abs(x).max()) if x.size else np.float32(0)
+        return self._codes(x, top, np.full(x.size, 0.5))
+
+    def alpha(self, d: int) -> float:
+        return max(1.0 / d, 1.0 - (d - 1) / (4.0 * self.levels**2))
+
+
+@dataclass(frozen=True)
+class Scaled(Compressor):
+    """``C(x) / (omega + 1)`` of an unbiased ``C``: contractive.
+
+    ``alpha = 1 / (omega + 1)``.
+
+    The payload is the inner compressor's; only decoding scales.
+    """
+
+    inner: Compressor = Identity()
+
+    def spec(self, d: int) -> PayloadSpec:
+        return self.inner.spec(d)
+
+    def encode(self, x: np.ndarray, rng: np.random.Generator) -> Payload:
+        return self.inner.encode(x, rng)
+
+    def decode(self, payload: Mapping[str, np.ndarray], d: int) -> np.ndarray:
+        return self.inner.decode(payload, d) / (self.inner.omega(d) + 1.0)
+
+    def problem(self, payload: Mapping[str, np.ndarray], d: int) -> str | None:
+        return self.inner.problem(payload, d)
+
+    def alpha(self, d: int) -> float:
+        return 1.0 / (self.inner.omega(d) + 1.0)
+
+
+def make_compressor(name: str, k: int = 1, levels: int = 16) -> Compressor:
+    """The compressor ``name`` (one of :data:`NAMES`) with its parameter."""
+    if name not in NAMES:
+        raise ValueError(f"compressor {name!r} is not one of {', '.join(NAMES)}")
+    if not 1 <= int(levels) <= MAX_LEVELS:
+        raise ValueError(f"levels must be in [1, {MAX_LEVELS}]; got {levels}")
+    return {
+        "identity": lambda: Identity(),
+        "topk": lambda: TopK(int(k)),
+        "randk": lambda: RandK(int(k)),
+        "sign": lambda: ScaledSign(),
+        "qsgd": lambda: QSGD(int(levels)),
+        "quantize": lambda: Quantize(int(levels)),
+    }[name]()
+
+
+def contractive(compressor: Compressor) -> Compressor:
+    """``compressor`` if contractive, else scaled by ``1/(omega+1)`` (unbiased ones)."""
+    return compressor if compressor.alpha(2) is not None else Scaled(compressor)
+
+
+# ----------------------------------------------- flat views of model entries --
+def compressed_keys(
+    arrays: Mapping[str, np.ndarray], skip: Collection[str] = ()
+) -> list[str]:
+    """The entries a compressed update covers: float ones not in ``skip``, in order.
+
+    Both halves call it on the model's entries in state-dict order (the
+    order of the ``arrays`` record), so they agree on the flat layout.
+    """
+    return [
+        k for k, a in arrays.items() if k not in skip and np.dtype(a.dtype).kind == "f"
+    ]
+
+
+def flatten(arrays: Mapping[str, np.ndarray], keys: list[str]) -> np.ndarray:
+    """The entries ``keys`` of ``arrays`` as one float64 vector."""
+    if not keys:
+        return np.zeros(0)
+    return np.concatenate([np.asarray(arrays[k], np.float64).reshape(-1) for k in keys])
+
+
+def unflatten(
+    flat: np.ndarray, like: Mapping[str, np.ndarray], keys: list[str]
+) -> dict[str, np.ndarray]:
+    """Split ``flat`` back into arrays shaped as ``like[key]`` (float64)."""
+    out, start = {}, 0
+    for key in keys:
+        shape = tuple(np.shape(like[key]))
+        size = math.prod(shape)
+        out[key] = flat[start : start + size].reshape(shape)
+        start += size
+    return out
