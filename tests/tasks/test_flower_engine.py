@@ -123,7 +123,9 @@ def test_install_replaces_the_engines_loop_only_where_it_runs(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     engine = importlib.import_module(flower_engine.ENGINE_MODULE)
+    flower_engine.uninstall()  # (an earlier import in this process may have installed it)
     original = engine.add_messages_to_queue
+    assert original is not flower_engine.add_messages_to_queue
     try:
         monkeypatch.setenv(flower_engine.ENV_SWITCH, "flower")
         assert not flower_engine.install()
@@ -140,6 +142,7 @@ def test_install_replaces_the_engines_loop_only_where_it_runs(
 
 def test_a_changed_flower_keeps_flowers_loop(monkeypatch: pytest.MonkeyPatch) -> None:
     engine = importlib.import_module(flower_engine.ENGINE_MODULE)
+    flower_engine.uninstall()
     original = engine.add_messages_to_queue
     monkeypatch.setitem(flower_engine.FLOWER_SOURCES, "add_messages_to_queue", "0" * 16)
     monkeypatch.setattr(flower_engine, "_installed", {})
