@@ -40,7 +40,7 @@ def run_config_of(msg: Message, context: Context) -> Mapping[str, Any]:
     """The run config: Flower's, with the values a resumed run restored."""
     from bouquet.tasks import wire
 
-    restored = msg.content.config_records.get(wire.RUN_CONFIG)
+    restored = wire.config_of(msg.content, wire.RUN_CONFIG)
     return {**context.run_config, **restored} if restored else context.run_config
 
 
@@ -57,8 +57,8 @@ def _spec_and_data(run_config: Mapping[str, Any], node_config: Mapping[str, Any]
 def _timed(reply: Message, start: float) -> Message:
     from bouquet.tasks import wire
 
-    if reply.has_content() and wire.METRICS in reply.content.metric_records:
-        reply.content[wire.METRICS][wire.CLIENT_TIME] = time.perf_counter() - start
+    if reply.has_content() and (metrics := wire.metrics_of(reply.content)) is not None:
+        metrics[wire.CLIENT_TIME] = time.perf_counter() - start
     return reply
 
 

@@ -93,13 +93,13 @@ def routine_of(msg: Message, routine: str | None = None) -> str:
     """The routine to run: ``routine`` if given, else the one the message names."""
     if routine:
         return routine
-    config = msg.content.config_records.get(wire.CONFIG, {})
+    config = wire.config_of(msg.content)
     return bounds.ROUTINE.read(config)
 
 
 def personal_names(msg: Message, model: nn.Module) -> list[str]:
     """The model's entries the message's config makes personal."""
-    config = msg.content.config_records.get(wire.CONFIG, {})
+    config = wire.config_of(msg.content)
     patterns = bounds.patterns(config)
     if not patterns:  # (the state dict costs more than the rest of this call)
         return []
@@ -126,18 +126,47 @@ def load_model(
         warnings.filterwarnings("ignore", "The given NumPy array is not writable")
         values = {k: torch.from_numpy(array_view(a)) for k, a in arrays.items()}
     saved = load_arrays(state, *PERSONAL_STATE) if personal and state else None
-    missing = [k for k in model.state_dict() if k not in values]
+    own = model.state_dict()
+    missing = [k for k in own if k not in values]
     if missing and set(missing) <= set(personal):
         loaded = model.load_state_dict(values, strict=False)
         if loaded.unexpected_keys:
             raise bounds.ConfigError(
                 wire.ARRAYS, sorted(loaded.unexpected_keys), "model entries", "record"
             )
+    elif not missing and _plain_copy(model, own, values):
+        pass
     else:
         model.load_state_dict(values, strict=True)
     if saved:
         own = {k: torch.as_tensor(saved[k]) for k in personal if k in saved}
         model.load_state_dict(own, strict=False)
+
+
+def _plain_copy(
+    model: nn.Module,
+    own: Mapping[str, torch.Tensor],
+    values: Mapping[str, torch.Tensor],
+) -> bool:
+    """``load_state_dict(values, strict=True)`` as plain copies, if that is all.
+
+    That is: the same keys and shapes, and no module that loads its own way
+    (an override of ``_load_from_state_dict``, like BatchNorm's, or a load
+    hook). Else False, and nothing is copied. Half the time of the call.
+    """
+    if own.keys() != values.keys() or any(own[k].shape != values[k].shape for k in own):
+        return False
+    for module in model.modules():
+        if (
+            type(module)._load_from_state_dict is not nn.Module._load_from_state_dict
+            or module._load_state_dict_pre_hooks
+            or module._load_state_dict_post_hooks
+        ):
+            return False
+    with torch.no_grad():
+        for key, tensor in own.items():
+            tensor.copy_(values[key])
+    return True
 
 
 def _keep_personal(
@@ -377,7 +406,7 @@ def describe_client(
     node's tasks by the size it reports; the participation environment
     links availability to the histogram.
     """
-    config = msg.content.config_records.get(wire.CONFIG, {})
+    config = wire.config_of(msg.content)
     query = config.get(wire.QUERY, "")
     if query != wire.DATA_PROFILE:
         raise bounds.ConfigError(wire.QUERY, query, f"'{wire.DATA_PROFILE}'")

@@ -129,7 +129,7 @@ def client_times(replies: Iterable[Message]) -> list[float]:
     for reply in replies:
         if reply.has_error() or not reply.has_content():
             continue
-        record = reply.content.metric_records.get(wire.METRICS)
+        record = wire.metrics_of(reply.content)
         value = record.get(wire.CLIENT_TIME) if record is not None else None
         if valid_client_time(value):
             times.append(float(value))

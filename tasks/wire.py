@@ -15,7 +15,8 @@ test checks that the two agree.
 from __future__ import annotations
 
 import fnmatch
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
+from typing import Any
 
 import numpy as np
 
@@ -163,3 +164,23 @@ def resolve_personal(patterns: Sequence[str], names: Sequence[str]) -> list[str]
         else:
             chosen.update(fnmatch.filter(names, pattern))
     return [n for n in names if n in chosen]
+
+
+def config_of(content: Mapping[str, Any], name: str = CONFIG) -> Mapping[str, Any]:
+    """The ConfigRecord ``name`` of a message's content, else an empty mapping.
+
+    ``RecordDict.config_records`` builds a filtered copy of the whole content
+    on every access (about 20 us, several per message); this reads one entry.
+    """
+    from flwr.app import ConfigRecord
+
+    record = content.get(name)
+    return record if isinstance(record, ConfigRecord) else {}
+
+
+def metrics_of(content: Mapping[str, Any], name: str = METRICS) -> Any:
+    """The MetricRecord ``name`` of a message's content, else None."""
+    from flwr.app import MetricRecord
+
+    record = content.get(name)
+    return record if isinstance(record, MetricRecord) else None

@@ -19,7 +19,8 @@ def _blocks() -> list[str]:
 def test_the_server_only_example_is_a_working_algorithm():
     module, test = _blocks()[:2]
     # Run the module as written, without adding a name to the shared registry.
-    module = module.replace("from strategies.registry import register\n", "")
+    module = module.replace("from bouquet.strategies.registry import register\n", "")
+    assert "import register" not in module  # the doc's import line changed?
     namespace: dict = {"register": lambda cls: cls}
     exec(compile(module, str(DOC), "exec"), namespace)
     exec(compile(test, str(DOC), "exec"), namespace)

@@ -194,3 +194,29 @@ def test_unknown_algorithm_and_bad_value_fail_at_once(tmp_path):
             },
             num_nodes=2,
         )
+
+
+def test_separate_shares_no_mutable_object():
+    import numpy as np
+    from flwr.app import Array, ArrayRecord, ConfigRecord, MetricRecord, RecordDict
+
+    from bouquet.simulations.inprocess import separate
+
+    original = RecordDict(
+        {
+            "arrays": ArrayRecord({"w": Array(np.arange(3.0))}),
+            "config": ConfigRecord({"lr": 0.1, "ks": [1, 2]}),
+            "metrics": MetricRecord({"loss": 1.0}),
+        }
+    )
+    copy_ = separate(original)
+    copy_["arrays"]["w"].data = Array(np.zeros(3)).data
+    copy_["arrays"]["v"] = Array(np.ones(1))
+    copy_["config"]["ks"].append(3)
+    copy_["config"]["lr"] = 9.0
+    copy_["metrics"]["loss"] = 0.0
+    assert list(original["arrays"]) == ["w"]
+    np.testing.assert_array_equal(original["arrays"]["w"].numpy(), np.arange(3.0))
+    assert original["config"]["ks"] == [1, 2] and original["config"]["lr"] == 0.1
+    assert original["metrics"]["loss"] == 1.0
+    assert copy_["arrays"]["w"].data is not original["arrays"]["w"].data
