@@ -37,7 +37,7 @@ from bouquet.serverapps.run import build_strategy
 from bouquet.simulations.inprocess import InProcessGrid, app_defaults, give_id
 from bouquet.strategies.aggregation import to_numpy, to_record
 from bouquet.strategies.registry import list_algorithms
-from bouquet.tasks import wire
+from bouquet.tasks import compression, wire
 
 FLAG_RATIO = 3.0
 
@@ -97,8 +97,12 @@ class Round:
     ) -> list[Message]:
         replies = []
         ordered = sorted(messages, key=lambda m: m.metadata.dst_node_id)
+        ctx = strategy.train_round
+        codec = strategy.reply_codec(ctx)
         for i, msg in enumerate(ordered):
-            sent = to_numpy(msg.content[wire.ARRAYS])
+            # A node that holds its model (gossip) is sent none: start from
+            # the reference, as it would from its own.
+            sent = {**self.reference, **to_numpy(msg.content[wire.ARRAYS])}
             coefficients = rng.standard_normal(len(directions)).astype(np.float32)
             local = {}
             for key, value in sent.items():
@@ -110,9 +114,18 @@ class Round:
                     local[key] = (value + 0.01 * update).astype(value.dtype)
                 else:
                     local[key] = value + 1
+            shared = {k: v for k, v in local.items() if k in ctx.shared}
+            if codec is not None:  # the reply is C(y - x) (strategies/base.py)
+                keys = compression.compressed_keys(shared)
+                update = compression.flatten(shared, keys) - compression.flatten(
+                    sent, keys
+                )
+                reply_arrays = to_record(codec.encode(update, rng))
+            else:
+                reply_arrays = to_record(shared)
             content = RecordDict(
                 {
-                    wire.ARRAYS: to_record(local),
+                    wire.ARRAYS: reply_arrays,
                     wire.CLIENT_INFO: ConfigRecord({wire.ROUTINE: strategy.routine}),
                 }
             )
