@@ -23,7 +23,8 @@ So round ``t`` mixes the models trained in round ``t - 1`` and then trains:
 over rounds, the alternation "local steps, then one gossip step" of the
 decentralized algorithms, with each round's gossip step applied at the start
 of the next round. ``W`` is symmetric and doubly stochastic, so gossip keeps
-the average of the node models.
+the average of the node models (an algorithm may override ``mixing_of`` with
+a row-stochastic rule of its own, as VCMA's conservative average does).
 
 Metrics, not the algorithm: the strategy returns the **average model** of the
 nodes that replied as the run's arrays (the driver evaluates it centrally:
@@ -161,7 +162,16 @@ class GossipStrategy(BouquetStrategy):
         mixable = [v for v in alive if str(v) in own["models"] and v not in silent]
         full = self.graph(ctx.server_round, len(nodes))
         adjacency = full[np.ix_(mixable, mixable)]
-        return alive, mixable, adjacency, mixing_matrix(adjacency, self.mixing)
+        return alive, mixable, adjacency, self.mixing_of(adjacency)
+
+    def mixing_of(self, adjacency: np.ndarray) -> np.ndarray:
+        """The gossip matrix ``W`` on ``adjacency`` (rows sum to 1).
+
+        The ``mixing`` rule of :mod:`strategies.topology` (symmetric, doubly
+        stochastic); an algorithm with its own averaging rule (VCMA's
+        conservative average) overrides it.
+        """
+        return mixing_matrix(adjacency, self.mixing)
 
     # ----------------------------------------------------- the relay --
     def recipients(self, ctx: RoundContext) -> dict[int, dict[str, Record]]:
@@ -177,7 +187,7 @@ class GossipStrategy(BouquetStrategy):
         # The gap of the round's graph: its vertices mix from round 2 on.
         used = [v for v in alive if v not in own["silent"]]
         full = self.graph(ctx.server_round, len(own["nodes"]))
-        gap = spectral_gap(mixing_matrix(full[np.ix_(used, used)], self.mixing))
+        gap = spectral_gap(self.mixing_of(full[np.ix_(used, used)]))
         position = {v: i for i, v in enumerate(mixable)}
         silent = set(own["silent"])
         plan: dict[int, dict[str, Record]] = {}

@@ -230,10 +230,16 @@ def mixing_matrix(
 
 
 def spectral_gap(mixing: np.ndarray) -> float:
-    """``1 - |lambda_2(W)|`` of a symmetric ``W`` (1 for a single vertex)."""
+    """``1 - |lambda_2(W)|`` of ``W`` (1 for a single vertex).
+
+    A symmetric ``W`` uses the symmetric eigensolver; a row-stochastic one
+    (VCMA's conservative average on an irregular graph) the general one.
+    """
     if len(mixing) < 2:
         return 1.0
-    magnitudes = np.sort(np.abs(np.linalg.eigvalsh(mixing)))
+    symmetric = np.array_equal(mixing, mixing.T)
+    values = np.linalg.eigvalsh(mixing) if symmetric else np.linalg.eigvals(mixing)
+    magnitudes = np.sort(np.abs(values))
     return float(max(0.0, 1.0 - magnitudes[-2]))
 
 

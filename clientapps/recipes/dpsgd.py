@@ -111,8 +111,26 @@ class GossipMix(Hook):
             total = entries[key].detach().cpu().double() * weights[0]
             for weight, arrays in zip(weights[1:], neighbors, strict=True):
                 total += weight * torch.from_numpy(arrays[key].astype(np.float64))
-            mixed[key] = total.to(entries[key].dtype)
-        run.model.load_state_dict(mixed, strict=False)
+            mixed[key] = total
+        mixed = self.after_mix(run, mixed, neighbors, own_weight=weights[0])
+        cast = {key: value.to(entries[key].dtype) for key, value in mixed.items()}
+        run.model.load_state_dict(cast, strict=False)
+
+    def after_mix(
+        self,
+        run: LocalRun,
+        mixed: dict[str, torch.Tensor],
+        neighbors: list[dict[str, np.ndarray]],
+        own_weight: float,
+    ) -> dict[str, torch.Tensor]:
+        """A step on the mixed float entries (float64) before they are loaded.
+
+        ``run.model`` still holds the node's own model, ``neighbors`` are the
+        relayed models in record order and ``own_weight`` is ``w_0`` (0 for a
+        node that lost its model). Plain gossip returns ``mixed`` unchanged;
+        VCMA rescales each layer's variance (``clientapps/recipes/vcma.py``).
+        """
+        return mixed
 
     def finish(self, run: LocalRun) -> None:
         run.reply_records[wire.GOSSIP_MODEL] = array_record(run.model.state_dict())
