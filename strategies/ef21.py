@@ -62,7 +62,13 @@ EF21-W (``ef21-w``; Richtarik, Gasanov, Burlachenko, ICLR 2024,
 https://arxiv.org/abs/2402.10774, as the pack's spec states it): with
 ``w_i = L_i / sum_j L_j`` each client tracks its scaled gradient,
 ``c_i = C(grad f_i / (n w_i) - g_i)``, and the server's estimate is
-``g = sum_i w_i g_i``. Decisions:
+``g = sum_i w_i g_i``. This is EF21 run on the functions
+``f_i / (n w_i)``, whose weighted sum is ``f`` and whose smoothness
+constants are all ``L_i / (n w_i) = L_AM``: the quadratic mean of equal
+constants is their arithmetic mean (the paper's cloning argument); with the
+identity compressor ``g = (1/n) sum_i grad f_i``. The stored material did
+not include the paper's algorithm box; the rule is the spec's, checked
+against these two identities. Decisions:
 
 - **Scaling by ``1/L_i`` instead of ``1/(n w_i)``.** The paper's client needs
   ``n w_i = L_i / L_AM`` and so the whole population's mean ``L_AM``, which a
@@ -70,12 +76,12 @@ https://arxiv.org/abs/2402.10774, as the pack's spec states it): with
   Every compressor of :mod:`tasks.compression` is positively homogeneous
   (``C(a x) = a C(x)`` for ``a > 0`` with the same random draws: Top-k
   keeps the same indices, Rand-k, sign, QSGD and quantize scale their
-  float32 scale), so
-  the client tracks ``h_i = g_i / L_AM`` instead: ``c'_i = C(v_i / L_i -
-  h_i)``, ``h_i <- h_i + c'_i``, and the server adds ``(1/N) sum_i L_i c'_i``
-  to ``g``. Then ``g = (1/N) sum_i L_i h_i = sum_i w_i g_i``, the paper's
-  ``g`` exactly (up to rounding), with no ``L_AM`` anywhere and EF21-PP's
-  rule for nodes not sampled (they keep their share ``L_i h_i / N``).
+  float32 scale), so the client tracks ``h_i = g_i / L_AM`` instead:
+  ``c'_i = C(v_i / L_i - h_i)``, ``h_i <- h_i + c'_i``, and the server adds
+  ``(1/N) sum_i L_i c'_i`` to ``g``. Then ``g = (1/N) sum_i L_i h_i =
+  sum_i w_i g_i``, the paper's ``g`` exactly (up to rounding), with no
+  ``L_AM`` anywhere and EF21-PP's rule for nodes not sampled (they keep
+  their share ``L_i h_i / N``).
 - **Where ``L_i`` comes from.** The spec's setting (logistic regression with
   heterogeneous smoothness) gives it from the client's data:
   ``L_i = lambda_max(A_i^T A_i) / (4 m_i) + weight-decay`` with ``A_i`` the
@@ -87,9 +93,12 @@ https://arxiv.org/abs/2402.10774, as the pack's spec states it): with
   client scaled with, so the two halves can never disagree, and no
   profiling round is needed. The ``1/4`` is the binary logistic bound; for a
   K-class softmax it is ``1/2``, a common factor that cancels in ``w_i``
-  (it does not cancel against the weight-decay term, which is then
-  slightly overweighted). For a network that is not linear it is a proxy
-  (the bound of a linear model on the same inputs), as the spec flags.
+  when weight decay is 0 (with weight decay, the weights then lean slightly
+  towards uniform). For a network that is not linear it is a proxy (the
+  bound of a linear model on the same inputs), as the spec flags.
+- The server trusts the reported ``L_i`` within its declared range: a node
+  can only rescale its own ``c'_i``, which it could do through ``c'_i``
+  anyway (EF21 is not a robust aggregator).
 - ``smoothness = "uniform"`` sets every ``L_i = 1``: EF21-W is then EF21
   bit for bit (the declared reduction).
 - The stepsize stays the user's ``lr * eta-g``; the paper's theory stepsize
