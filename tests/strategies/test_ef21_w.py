@@ -181,3 +181,32 @@ def test_two_rounds_server_g_is_the_smoothness_weighted_sum(tmp_path):
     expected = sum(s * hi for s, hi in zip(smoothness, h, strict=True)) / 3
     np.testing.assert_allclose(flat, expected, rtol=1e-6, atol=1e-9)
     assert 0 < np.count_nonzero(flat) <= 3 * 2 * 50
+
+
+def test_heterogeneous_smoothness_gives_ef21_iterates_up_to_rounding(tmp_path):
+    # C(a x) = a C(x) for a > 0: with G_i = L_i h_i the client's rule is EF21's
+    # (G_i <- G_i + C(v_i - G_i)) and the server's g = mean_i G_i, whatever the
+    # L_i; only the float32 rounding of the payload differs.
+    runs = [
+        run_inprocess(
+            {
+                **CONFIG,
+                "algorithm": name,
+                f"{name}.k": 50,
+                "output-dir": str(tmp_path / name),
+            },
+            num_nodes=3,
+        )
+        for name in ("ef21", "ef21-w")
+    ]
+    smoothness = [
+        c.state["ef21.L"]["L"].numpy()[0] for c in runs[1][2].contexts.values()
+    ]
+    assert max(smoothness) > 1.01 * min(smoothness)
+    for key in runs[0][0].arrays:
+        np.testing.assert_allclose(
+            runs[1][0].arrays[key].numpy(),
+            runs[0][0].arrays[key].numpy(),
+            rtol=1e-5,
+            atol=1e-7,
+        )
