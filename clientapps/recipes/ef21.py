@@ -12,7 +12,18 @@ takes the node's update ``v_i = y_i - x^t`` (one full-batch SGD step: exactly
 *compressed* (the payload of :mod:`tasks.compression` is the reply's
 ``arrays`` record) while keeping ``g_i <- g_i + C(v_i - g_i)`` in
 ``Context.state`` (``ef21.g``, zero before the node's first round). Config
-keys read: ``ef21.compressor``, ``ef21.k``, ``ef21.levels``.
+keys read: ``ef21.compressor``, ``ef21.k``, ``ef21.levels``,
+``ef21.smoothness``.
+
+EF21-W (Richtarik, Gasanov, Burlachenko, ICLR 2024,
+https://arxiv.org/abs/2402.10774; ``ef21.smoothness`` other than ``none``):
+the node tracks ``v_i / L_i`` instead of ``v_i`` (``c'_i = C(v_i / L_i -
+h_i)``, ``h_i <- h_i + c'_i``) and reports ``L_i`` as the metric
+``ef21.smoothness``; the server adds ``L_i c'_i / N`` (why ``1/L_i`` is the
+paper's ``1/(n w_i)`` up to the common factor ``L_AM``: ``strategies/ef21.py``).
+``L_i`` is ``1`` (``uniform``: EF21 exactly) or the logistic-loss bound
+:func:`logistic_smoothness` of the node's whole local set (``logistic``),
+computed once and kept in ``Context.state`` (``ef21.L``).
 """
 
 from __future__ import annotations
@@ -35,7 +46,29 @@ COMPRESSOR = Bound(
 )
 K = Bound(wire.algorithm_key(NAMESPACE, "k"), 1, 1, 2**62)
 LEVELS = Bound(wire.algorithm_key(NAMESPACE, "levels"), 16, 1, compression.MAX_LEVELS)
-BOUNDS = (COMPRESSOR, K, LEVELS)
+SMOOTHNESS = Bound(
+    wire.algorithm_key(NAMESPACE, "smoothness"),
+    "none",
+    choices=("none", "uniform", "logistic"),
+)
+BOUNDS = (COMPRESSOR, K, LEVELS, SMOOTHNESS)
+
+
+def logistic_smoothness(x: torch.Tensor, weight_decay: float = 0.0) -> float:
+    """``lambda_max(A^T A) / (4 m) + weight_decay``: logistic loss's ``L_i``.
+
+    ``A`` is ``x`` flattened to ``(m, d)`` with a column of ones appended (the
+    bias): the Hessian of the mean logistic loss of a linear model is at
+    most ``A^T A / (4 m)`` (the sigmoid's derivative is at most 1/4), and L2
+    regularisation adds its coefficient (Richtarik, Gasanov, Burlachenko,
+    ICLR 2024, https://arxiv.org/abs/2402.10774, experiments; the spec's
+    ``L_i``). The eigenvalue is taken of the smaller Gram matrix.
+    """
+    a = x.detach().reshape(len(x), -1).to(torch.float64).cpu().numpy()
+    a = np.concatenate([a, np.ones((len(a), 1))], axis=1)
+    gram = a.T @ a if a.shape[1] <= a.shape[0] else a @ a.T
+    top = float(np.linalg.eigvalsh(gram)[-1])
+    return top / (4.0 * len(a)) + float(weight_decay)
 
 
 def _entries(run: LocalRun) -> dict[str, np.ndarray]:
@@ -53,12 +86,29 @@ class EF21Uplink(Hook):
     ----------
     compressor : tasks.compression.Compressor
         A contractive compressor; the server decodes with the same one.
+    smoothness : str
+        ``none`` (EF21), ``uniform`` (EF21-W with ``L_i = 1``) or ``logistic``
+        (EF21-W with :func:`logistic_smoothness` of the local set).
 
     """
 
-    def __init__(self, compressor: compression.Compressor) -> None:
+    def __init__(
+        self, compressor: compression.Compressor, smoothness: str = "none"
+    ) -> None:
         self.compressor = compressor
+        self.smoothness = smoothness
         self._start: dict[str, np.ndarray] = {}
+
+    def smoothness_of(self, run: LocalRun) -> float:
+        """This node's ``L_i`` (computed once, then read from its state)."""
+        if self.smoothness == "uniform":
+            return 1.0
+        saved = (load_arrays(run.state, NAMESPACE, "L") or {}).get("L")
+        if saved is not None and saved.shape == (1,):
+            return float(saved[0])
+        value = logistic_smoothness(run.data[0], run.settings.weight_decay)
+        save_arrays(run.state, NAMESPACE, "L", {"L": np.array([value])})
+        return value
 
     def setup(self, run: LocalRun) -> None:
         self._start = {k: np.array(v, copy=True) for k, v in _entries(run).items()}
@@ -67,6 +117,10 @@ class EF21Uplink(Hook):
         end = _entries(run)
         keys = compression.compressed_keys(end)
         v = compression.flatten(end, keys) - compression.flatten(self._start, keys)
+        if self.smoothness != "none":  # EF21-W: track v_i / L_i, report L_i
+            smoothness = self.smoothness_of(run)
+            v = v / smoothness
+            run.metrics[SMOOTHNESS.key] = smoothness
         saved = (load_arrays(run.state, NAMESPACE, "g") or {}).get("g")
         g = saved if saved is not None and saved.shape == v.shape else np.zeros_like(v)
         # The node's stream (seeded by seed, round, partition) draws Rand-k / QSGD.
@@ -82,4 +136,4 @@ def make_hooks(config: Mapping[str, Any]) -> list[Hook]:
     made = compression.make_compressor(
         COMPRESSOR.read(config), K.read(config), LEVELS.read(config)
     )
-    return [EF21Uplink(compression.contractive(made))]
+    return [EF21Uplink(compression.contractive(made), SMOOTHNESS.read(config))]
