@@ -22,8 +22,9 @@ def _key(namespace: str, name: str) -> str:
     return f"{namespace}.{name}"
 
 
-def _numpy(value: Any) -> np.ndarray:
-    return value.detach().cpu().numpy() if hasattr(value, "detach") else value
+def has_arrays(state: Mapping[str, Any], namespace: str, name: str) -> bool:
+    """Whether arrays were saved under ``namespace.name`` (without decoding them)."""
+    return state.get(_key(namespace, name)) is not None
 
 
 def array_record(arrays: Mapping[str, Any]) -> ArrayRecord:

@@ -25,7 +25,7 @@ from bouquet.clientapps.bounds import ConfigError
 from bouquet.clientapps.hooks import Hook
 from bouquet.clientapps.loop import LocalRun
 from bouquet.clientapps.routine import PERSONAL_STATE
-from bouquet.clientapps.state import array_record
+from bouquet.clientapps.state import array_record, has_arrays
 from bouquet.tasks import wire
 
 BOUNDS = ()
@@ -83,7 +83,7 @@ class GossipMix(Hook):
         run.stop = run.stop or not self.train
         # load_model put the node's own model in; a node that lost its state
         # (a restarted SuperNode) has none and rejoins from its neighbours.
-        held = run.state.get(".".join(PERSONAL_STATE)) is not None
+        held = has_arrays(run.state, *PERSONAL_STATE)
         sent = len(run.incoming.get(wire.ARRAYS, {})) > 0
         if not self.reads:
             if not held and not sent:

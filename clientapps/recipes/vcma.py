@@ -28,6 +28,8 @@ from bouquet.clientapps.hooks import Hook
 from bouquet.clientapps.loop import LocalRun
 from bouquet.clientapps.recipes.dpsgd import GossipMix, read_train, read_weights
 from bouquet.clientapps.routine import PERSONAL_STATE
+from bouquet.clientapps.state import has_arrays
+from bouquet.tasks.models import seeded_rng
 from bouquet.tasks.wire import algorithm_key
 
 TARGETS = ("follow-others", "follow-conservative", "follow-self")
@@ -109,10 +111,9 @@ class VarianceCorrectedMix(GossipMix):
         self.init_seed = int(init_seed)
 
     def setup(self, run: LocalRun) -> None:
-        held = run.state.get(".".join(PERSONAL_STATE)) is not None
+        held = has_arrays(run.state, *PERSONAL_STATE)
         if self.init_seed >= 0 and not held:
-            with torch.random.fork_rng(devices=[]):
-                torch.manual_seed(self.init_seed)
+            with seeded_rng(self.init_seed):
                 for module in run.model.modules():
                     reset = getattr(module, "reset_parameters", None)
                     if callable(reset):
