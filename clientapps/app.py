@@ -67,22 +67,24 @@ def _model_and_data(
     run_config: Mapping[str, Any], context: Context
 ) -> Iterator[tuple[Any, Any, int]]:
     """The node's data and a model lent for this call (``tasks.memo``)."""
-    from bouquet.tasks import build_model, dataset_info, resolve_device
+    from bouquet.tasks import dataset_info, resolve_device
+    from bouquet.tasks.finetune import DEFAULTS, build_task_model, frozen_digest
     from bouquet.tasks.memo import MODELS
 
     spec, data = _spec_and_data(run_config, context.node_config)
     info = dataset_info(spec)
-    name = str(run_config.get("model", "mlp"))
-    norm = str(run_config.get("model-norm", "batch"))
-    seed = int(run_config.get("seed", 0))
     device = resolve_device(str(run_config.get("device", "cpu")))
+    shape = {k: run_config.get(k) for k in ("model", "model-norm", "seed", "dataset")}
+    shape.update({k: run_config.get(k, v) for k, v in DEFAULTS.items()})
 
     def build() -> Any:
-        # Both handlers load the global arrays into every parameter and buffer.
-        model = build_model(name, info, norm=norm, seed=seed, initialize=False)
+        # Both handlers load the global arrays into every parameter and buffer
+        # (a fine-tuned model: every trainable one; its backbone is built here).
+        model = build_task_model(run_config, info, initialize=False)
+        model.frozen_digest = frozen_digest(model)
         return model.to(device)
 
-    key = (context.run_id, name, norm, seed, str(device), repr(info))
+    key = (context.run_id, repr(sorted(shape.items())), str(device), repr(info))
     with MODELS.borrow(key, build) as model:
         yield model, data, info.num_classes
 

@@ -56,13 +56,14 @@ def model_shaped_record(
 ) -> ArrayRecord:
     """Every shared state-dict entry: ``values`` where given, zeros elsewhere.
 
-    Each entry keeps the model's dtype; personal entries are left out. For
+    Each entry keeps the model's dtype; personal entries and the frozen ones
+    the message left out (a fine-tuned backbone) are left out. For
     replies that are not the model (a gradient, a control-variate change) but
     must validate against the arrays the server sent.
     """
     arrays = {}
     for name, entry in run.model.state_dict().items():
-        if name in run.personal:
+        if name in run.personal or name in run.frozen:
             continue
         like = entry.detach().cpu().numpy()
         value = values.get(name)

@@ -127,6 +127,9 @@ class LocalRun:
         sets it through :meth:`select` (None: all of them).
     personal : tuple of str
         State-dict entries that never leave the node (kept in its state).
+    frozen : tuple of str
+        State-dict entries of a fine-tuned model's frozen backbone that the
+        message left out (:mod:`tasks.finetune`): never sent, never stored.
     features : torch.Tensor or None
         The classifier's input for the current batch, when a hook declares
         ``needs_features``.
@@ -152,6 +155,7 @@ class LocalRun:
     loss_fn: Loss
     selected: torch.Tensor | None = None
     personal: tuple[str, ...] = ()
+    frozen: tuple[str, ...] = ()
     features: torch.Tensor | None = None
     reply_records: dict[str, Any] = field(default_factory=dict)
     metrics: dict[str, float] = field(default_factory=dict)
@@ -213,6 +217,7 @@ def train_local(
     state: MutableMapping[str, Any] | None = None,
     incoming: Mapping[str, Any] | None = None,
     personal: Sequence[str] = (),
+    frozen: Sequence[str] = (),
     start_values: Callable[[], Mapping[str, Any]] | None = None,
     optimizer: OptimizerFactory | None = None,
     loss: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
@@ -261,6 +266,7 @@ def train_local(
         data=(x_all, y_all),
         loss_fn=make_loss(settings.loss) if loss is None else _user_loss(loss),
         personal=tuple(personal),
+        frozen=tuple(frozen),
         num_examples=len(x_all),
         start_values=start_values,
     )

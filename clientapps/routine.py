@@ -69,6 +69,7 @@ from bouquet.clientapps.state import load_arrays, save_arrays
 from bouquet.tasks import flower_engine, wire
 from bouquet.tasks.arrays import array_record, array_view
 from bouquet.tasks.evaluation import evaluate_model
+from bouquet.tasks.finetune import FROZEN_DIGEST, frozen_digest, frozen_names
 from bouquet.tasks.models import seeded_rng
 
 # A user's ClientApp imports the routines when Flower loads it, before the
@@ -119,7 +120,10 @@ def load_model(
     may leave out personal entries, which the node holds in ``state`` (a
     decentralized node keeps its whole model, ``strategies/gossip.py``); a
     node that lost its state keeps the model's own values for them, and its
-    recipe decides what to do. Every other entry must be there.
+    recipe decides what to do. They may leave out the frozen entries of a
+    fine-tuned model (:func:`tasks.finetune.frozen_names`: every entry but
+    its trainable parameters), which keep the node's own backbone values.
+    Every other entry must be there.
     """
     with warnings.catch_warnings():
         # The views are read-only; load_state_dict only copies from them.
@@ -128,7 +132,7 @@ def load_model(
     saved = load_arrays(state, *PERSONAL_STATE) if personal and state else None
     own = model.state_dict()
     missing = [k for k in own if k not in values]
-    if missing and set(missing) <= set(personal):
+    if missing and set(missing) <= set(personal).union(frozen_names(model)):
         loaded = model.load_state_dict(values, strict=False)
         if loaded.unexpected_keys:
             raise bounds.ConfigError(
@@ -167,6 +171,31 @@ def _plain_copy(
         for key, tensor in own.items():
             tensor.copy_(values[key])
     return True
+
+
+def unsent_frozen(msg: Message, model: nn.Module) -> list[str]:
+    """The model's frozen entries the message leaves out (they never travel).
+
+    Before anything is loaded, the node's frozen entries are checked against
+    the digest the server sends (``frozen-digest``, :mod:`tasks.finetune`):
+    averaging adapters trained on different backbones would be silently
+    wrong, so a node whose backbone differs refuses the message.
+    """
+    frozen = frozen_names(model)
+    if not frozen:
+        return []
+    config = wire.config_of(msg.content)
+    if (expected := config.get(FROZEN_DIGEST)) is not None:
+        own = getattr(model, "frozen_digest", None) or frozen_digest(model, frozen)
+        if own != expected:
+            raise bounds.ConfigError(
+                FROZEN_DIGEST,
+                f"{str(expected)[:12]}...",
+                f"this node's frozen backbone ({own[:12]}...): a different "
+                "pretrained model or PEFT setting",
+            )
+    sent = msg.content[wire.ARRAYS]
+    return [k for k in frozen if k not in sent]
 
 
 def _keep_personal(
@@ -275,6 +304,7 @@ def train_client(
     )
     seed = client_seed(msg, context)
     personal = personal_names(msg, model)
+    frozen = unsent_frozen(msg, model)
     load_model(model, msg.content[wire.ARRAYS], personal, context.state)
 
     def start_values() -> dict:
@@ -298,6 +328,7 @@ def train_client(
             state=context.state,
             incoming=msg.content,
             personal=personal,
+            frozen=frozen,
             start_values=start_values,
             optimizer=optimizer,
             loss=loss,
@@ -309,7 +340,7 @@ def train_client(
         metrics[wire.TRAIN_LOSS_FIRST] = result.loss_first
     metrics.update(result.run.metrics)
     entries = model.state_dict()
-    for name_ in personal:
+    for name_ in (*personal, *frozen):
         del entries[name_]
     records = dict(result.run.reply_records)
     if (clip := bounds.DP_CLIPPING_NORM.read(config)) > 0:
@@ -380,6 +411,7 @@ def evaluate_client(
     ``eval-loss`` (cross-entropy), ``eval-accuracy`` and ``num-examples``.
     """
     personal = personal_names(msg, model)
+    unsent_frozen(msg, model)
     load_model(model, msg.content[wire.ARRAYS], personal, context.state)
     x, y = as_tensors(data, batch_keys)
     loss, accuracy = evaluate_model(model, x, y)

@@ -32,6 +32,7 @@ from bouquet.serverapps.results import RunDirectory, progress_line, summary
 from bouquet.serverapps.resume import RunConfigGrid, restored_values, resumed_config
 from bouquet.serverapps.settings import (
     DEFAULTS,
+    FINETUNE_KEYS,
     TRAIN_CONFIG_KEYS,
     RunConfigError,
     check_settings,
@@ -149,25 +150,28 @@ def prepare_client_data(
 def _central_evaluator(run_config: Mapping[str, Any], num_partitions: int):  # noqa: ANN202
     from bouquet.tasks import (
         DataSpec,
-        build_model,
         dataset_info,
         load_central_test,
         resolve_device,
     )
     from bouquet.tasks.evaluation import evaluate_model
+    from bouquet.tasks.finetune import build_task_model, frozen_names
 
     spec = DataSpec.from_run_config(run_config, num_partitions=num_partitions)
     info = dataset_info(spec)
     x, y = load_central_test(spec)
-    model = build_model(
-        setting(run_config, "model"),
-        info,
-        norm=setting(run_config, "model-norm"),
-        seed=setting(run_config, "seed"),
-    ).to(resolve_device(setting(run_config, "device")))
+    typed = {**run_config, **{k: setting(run_config, k) for k in FINETUNE_KEYS}}
+    model = build_task_model(typed, info).to(
+        resolve_device(setting(run_config, "device"))
+    )
+    frozen = set(frozen_names(model))
 
     def evaluate(server_round: int, arrays: ArrayRecord) -> MetricRecord:
-        model.load_state_dict(arrays.to_torch_state_dict(), strict=True)
+        # A fine-tuned model's frozen entries are the backbone's (never sent).
+        state = arrays.to_torch_state_dict()
+        loaded = model.load_state_dict(state, strict=not frozen)
+        if frozen and (set(loaded.missing_keys) - frozen or loaded.unexpected_keys):
+            raise ValueError(f"arrays do not fit the model: {loaded}")
         loss, accuracy = evaluate_model(model, x, y)
         return MetricRecord(
             {"loss": loss, "accuracy": accuracy, "num-examples": len(x)}
@@ -239,6 +243,27 @@ def checked_strategy(run_config: Mapping[str, Any]) -> BouquetStrategy:
     return strategy
 
 
+def _fix_settings(
+    strategy: BouquetStrategy,
+    fixed: Mapping[str, Any],
+    run_config: Mapping[str, Any],
+    given: Mapping[str, Any],
+) -> dict[str, Any]:
+    """``run_config`` with the shared values the algorithm fixes.
+
+    A value the user set to something else is refused: the run would not be
+    the one asked for.
+    """
+    clash = {k: given[k] for k in fixed if k in given and given[k] != fixed[k]}
+    if clash:
+        raise RunConfigError(
+            f"{strategy.name} sets {', '.join(f'{k}={fixed[k]!r}' for k in clash)} "
+            f"from its own hyperparameters; the run config sets "
+            f"{', '.join(f'{k}={v!r}' for k, v in clash.items())}: drop them"
+        )
+    return {**run_config, **fixed}
+
+
 def run_server(
     grid: Grid,
     run_config: Mapping[str, Any],
@@ -270,6 +295,9 @@ def run_server(
     # Fail first, before waiting for nodes: unknown names, values of the wrong
     # type or out of range.
     strategy = checked_strategy(run_config)
+    if fixed := strategy.run_settings():
+        run_config = _fix_settings(strategy, fixed, run_config, given)
+        restored = {**restored, **fixed}  # the ClientApps build the same model
     num_nodes = wait_for_nodes(
         grid,
         setting(run_config, "min-available-nodes"),
@@ -301,16 +329,23 @@ def run_server(
         clock=clock(run_config),
         time_budget=setting(run_config, "time-budget"),
     )
+    # Fine-tuning (tasks/finetune.py): only the trainable entries travel, and
+    # every message names the backbone they belong to.
+    from bouquet.tasks.finetune import FROZEN_DIGEST, frozen_digest, frozen_names
+
+    frozen = frozen_names(model)
+    shared = {k: v for k, v in model.state_dict().items() if k not in set(frozen)}
+    backbone = {FROZEN_DIGEST: frozen_digest(model, frozen)} if frozen else {}
     result = driver.run(
         strategy,
         grid,
-        ArrayRecord(model.state_dict()),
+        ArrayRecord(shared),
         num_rounds=num_rounds,
         timeout=setting(run_config, "round-timeout"),
         train_config=ConfigRecord(
-            {k: setting(run_config, k) for k in TRAIN_CONFIG_KEYS}
+            {**{k: setting(run_config, k) for k in TRAIN_CONFIG_KEYS}, **backbone}
         ),
-        evaluate_config=ConfigRecord(),
+        evaluate_config=ConfigRecord(backbone),
         evaluate_fn=evaluate,
     )
     final = summary(directory.rows)

@@ -17,7 +17,7 @@ from bouquet.strategies.clocks import SPEED_MODELS
 from bouquet.strategies.params import Param, defaults
 from bouquet.strategies.sampling import LINKS, MODELS
 from bouquet.strategies.uplink import CHOICES as UPLINK_CHOICES
-from bouquet.tasks import wire
+from bouquet.tasks import finetune, wire
 
 SETTINGS: tuple[Param, ...] = (
     Param("algorithm", "fedavg", help="a registered algorithm name"),
@@ -51,6 +51,25 @@ SETTINGS: tuple[Param, ...] = (
     Param("synthetic-beta", 1.0, ">= 0"),
     Param("model", "mlp"),
     Param("model-norm", "batch", choices=("batch", "group", "none")),
+    # Fine-tuning a pretrained backbone (tasks/finetune.py).
+    Param(
+        "pretrained",
+        finetune.DEFAULTS["pretrained"],
+        help="'' (random init), 'source' (pretrained here), or a path / hub name",
+    ),
+    Param("pretrain-epochs", finetune.DEFAULTS["pretrain-epochs"], ">= 1"),
+    Param(
+        "peft",
+        finetune.DEFAULTS["peft"],
+        choices=finetune.PEFT_METHODS,
+        help="which entries train (and travel)",
+    ),
+    Param("lora-rank", finetune.DEFAULTS["lora-rank"], ">= 1"),
+    Param("lora-alpha", finetune.DEFAULTS["lora-alpha"], "> 0"),
+    Param("lora-targets", finetune.DEFAULTS["lora-targets"], help="module globs"),
+    Param("lora-freeze-a", finetune.DEFAULTS["lora-freeze-a"], help="FFA-LoRA"),
+    Param("adapter-dim", finetune.DEFAULTS["adapter-dim"], ">= 1"),
+    Param("prompt-length", finetune.DEFAULTS["prompt-length"], ">= 1"),
     Param("device", "cpu"),
     Param("output-dir", ""),
     Param("plot", True),
@@ -88,6 +107,9 @@ SETTINGS: tuple[Param, ...] = (
 
 _BY_KEY = {p.key: p for p in SETTINGS}
 DEFAULTS: dict[str, Any] = defaults(SETTINGS)
+
+FINETUNE_KEYS = tuple(finetune.DEFAULTS)
+"""The fine-tuning keys (both halves read them from the run config)."""
 
 TRAIN_CONFIG_KEYS = wire.TRAIN_SETTINGS
 """Shared keys sent to clients in every train message's config."""

@@ -268,6 +268,17 @@ class BouquetStrategy(Strategy):
         """The algorithm's values, by run-config key."""
         return {p.key: getattr(self, p.arg) for p in self.params}
 
+    def run_settings(self) -> dict[str, Any]:
+        """Shared run-config values this algorithm fixes (default: none).
+
+        For an algorithm that *is* a setting of the shared machinery, e.g.
+        FedPEFT's ``variant`` picks the shared ``peft`` (which entries of the
+        model train). The ServerApp applies them before it builds the model,
+        refuses a run config that sets them otherwise, and sends them to the
+        ClientApps with the run config (``serverapps/run.py``).
+        """
+        return {}
+
     # ------------------------------------------------- algorithm hooks --
     def make_aggregator(self) -> Aggregator:
         """The chain of pieces (default: FedAvg's, bit for bit Flower's)."""

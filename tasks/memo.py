@@ -13,7 +13,9 @@ every call and cost more than small clients' training (``docs/benchmarks.md``):
   length of one call and takes it back, keyed by the run and every model
   setting. A call loads the global arrays into every parameter and buffer
   (strict), so nothing of an earlier call's values survives; a borrowed model
-  is reset to ``requires_grad`` everywhere, no gradients, training mode.
+  is reset to the ``requires_grad`` it was built with, no gradients, training
+  mode. (A fine-tuned model, :mod:`tasks.finetune`, is built once per process
+  with its frozen backbone; calls load its trainable entries only.)
 
 Nothing of a client's *state* is kept here: that stays in ``Context.state``.
 Shared tensors are read-only by contract (the training loop indexes copies).
@@ -97,7 +99,9 @@ class ModelPool:
     """Built models lent for one call at a time, by key (thread-safe)."""
 
     def __init__(self) -> None:
-        self._idle: OrderedDict[Hashable, list[nn.Module]] = OrderedDict()
+        self._idle: OrderedDict[Hashable, list[tuple[nn.Module, list[bool]]]] = (
+            OrderedDict()
+        )
         self._lock = threading.Lock()
 
     @contextlib.contextmanager
@@ -107,12 +111,14 @@ class ModelPool:
         """A model for ``key`` (built on a miss), returned to the pool after use."""
         with self._lock:
             idle = self._idle.get(key)
-            model = idle.pop() if idle else None
-        if model is None:
+            entry = idle.pop() if idle else None
+        if entry is None:
             model = build()
+            trainable = [p.requires_grad for p in model.parameters()]
         else:
-            for p in model.parameters():
-                p.requires_grad_(True)
+            model, trainable = entry
+            for p, flag in zip(model.parameters(), trainable, strict=True):
+                p.requires_grad_(flag)
                 p.grad = None
             model.train()
         try:
@@ -122,7 +128,7 @@ class ModelPool:
                 idle = self._idle.setdefault(key, [])
                 self._idle.move_to_end(key)
                 if len(idle) < IDLE_MODELS_PER_KEY:
-                    idle.append(model)
+                    idle.append((model, trainable))
                 while len(self._idle) > MAX_MODEL_KEYS:
                     self._idle.popitem(last=False)
 

@@ -8,6 +8,9 @@
   and (C, L) signals such as MNIST-1D.
 - ``resnet18``: torchvision's ResNet-18 with the CIFAR stem (3x3 stride-1 first
   conv, no max-pool) and the input channels of the data.
+- ``vit-tiny``: a Hugging Face ``transformers`` ViT built from a config in
+  code (patch 2, width 64, depth 4; :mod:`tasks.foundation`, the ``[llm]``
+  extra): the backbone of federated fine-tuning (:mod:`tasks.finetune`).
 
 ``norm`` picks the normalisation of ``cnn`` and ``resnet18``: ``batch``,
 ``group`` (GroupNorm, the usual federated choice since it keeps no running
@@ -25,7 +28,7 @@ from torch import nn
 
 from bouquet.tasks.spec import DatasetInfo, unknown_name_error
 
-MODELS = ("logreg", "mlp", "cnn", "resnet18")
+MODELS = ("logreg", "mlp", "cnn", "resnet18", "vit-tiny")
 NORMS = ("batch", "group", "none")
 
 
@@ -188,4 +191,8 @@ def build_model(
             return _mlp(info)
         if name == "cnn":
             return _cnn(info, norm)
+        if name == "vit-tiny":
+            from bouquet.tasks.foundation import vit_tiny
+
+            return vit_tiny(info)
         return _resnet18(info, norm)

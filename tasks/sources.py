@@ -100,6 +100,73 @@ def _digits() -> Source:
     )
 
 
+SHIFT_SEED = 2210_01708
+"""Fixes ``digits-shift`` (its halves, angles and noise) for every run seed."""
+SHIFT_DEGREES = 20.0
+SHIFT_NOISE = 0.1
+
+
+def _digits_halves() -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
+    """Digits split in two halves, stratified by label: (source, target)."""
+    from sklearn.datasets import load_digits
+
+    x, y = load_digits(return_X_y=True)
+    x = (x / 16.0).astype(np.float32)
+    rng = np.random.default_rng(SHIFT_SEED)
+    source = np.zeros(len(y), dtype=bool)
+    for label in np.unique(y):
+        rows = rng.permutation(np.flatnonzero(y == label))
+        source[rows[: len(rows) // 2]] = True
+    return (
+        {"x": x[source], "label": y[source].astype(np.int64)},
+        {"x": x[~source], "label": y[~source].astype(np.int64)},
+    )
+
+
+def _digits_shift() -> Source:
+    """The target half of digits under FedPEFT's stand-in shift.
+
+    Each image is rotated by U(-20, 20) degrees, plus N(0, 0.1) pixel noise,
+    clipped to [0, 1].
+    """
+    from scipy.ndimage import rotate
+
+    _, target = _digits_halves()
+    rng = np.random.default_rng(SHIFT_SEED + 1)
+    images = target["x"].reshape(-1, 8, 8)
+    angles = rng.uniform(-SHIFT_DEGREES, SHIFT_DEGREES, len(images))
+    turned = np.stack(
+        [
+            rotate(image, angle, reshape=False, order=1)
+            for image, angle in zip(images, angles, strict=True)
+        ]
+    )
+    noisy = turned + rng.normal(0.0, SHIFT_NOISE, turned.shape)
+    arrays = {
+        "x": np.clip(noisy, 0.0, 1.0).reshape(len(images), 64).astype(np.float32),
+        "label": target["label"],
+    }
+    return Source(
+        in_memory_dataset(**arrays), None, "x", "label", (1, 8, 8), arrays=arrays
+    )
+
+
+def source_task(dataset: str) -> tuple[np.ndarray, np.ndarray]:
+    """Inputs and labels of ``dataset``'s source task (for ``pretrained=source``).
+
+    ``digits-shift``: the other half of digits, clean. Only datasets built as
+    a shift of a source task have one.
+    """
+    if dataset != "digits-shift":
+        raise ValueError(
+            f"dataset {dataset!r} has no source task to pretrain on; "
+            "pretrained='source' works with dataset='digits-shift' "
+            "(or give pretrained=<path> to a checkpoint)"
+        )
+    source, _ = _digits_halves()
+    return source["x"].reshape(-1, 1, 8, 8), source["label"]
+
+
 def _mnist1d_arrays() -> dict:
     """The package's standard MNIST-1D (4000 train, 1000 test), generated here.
 
@@ -243,6 +310,8 @@ def open_source(spec: DataSpec) -> Source:
     match spec.dataset:
         case "digits":
             return _digits()
+        case "digits-shift":
+            return _digits_shift()
         case "mnist1d":
             return _mnist1d()
         case "synthetic":

@@ -1,0 +1,176 @@
+"""Transformer models built in code, and the PEFT modules the libraries lack.
+
+The optional extra ``pip install 'flwr-bouquet[llm]'`` brings Hugging Face
+``transformers`` (the models) and ``peft`` (LoRA, used by
+:mod:`tasks.finetune`). Nothing here downloads: ``vit-tiny`` is built from a
+``ViTConfig`` written below, the stand-in FedPEFT's spec names (patch 2 on 8x8
+inputs, width 64, depth 4, 4 heads, MLP width 128); users with weights load
+them with ``pretrained=<path or hub name>``.
+
+Two PEFT modules are written here because ``peft`` does not offer them for
+vision transformers in the form FedPEFT describes (Sun et al., arXiv
+2210.01708):
+
+- **adapters**: a bottleneck ``d -> r -> d`` (GELU) added, with a residual,
+  to the output of each transformer block's MLP sub-layer; the up-projection
+  starts at zero, so the model starts as the pretrained one;
+- **prompts** (visual prompt tuning, shallow): ``L`` learnable tokens inserted
+  after the class token, at the input of the first block only, without
+  position embeddings.
+
+Both are registered as parameters of the modules they extend (state-dict
+names ``...mlp.adapter.down.weight``, ``vit.embeddings.prompt``) and act
+through forward hooks, so the pretrained entries keep their names.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+from torch import nn
+
+from bouquet.tasks.spec import DatasetInfo
+
+LLM_EXTRA = "pip install 'flwr-bouquet[llm]'"
+
+VIT_TINY = {
+    "patch_size": 2,
+    "hidden_size": 64,
+    "num_hidden_layers": 4,
+    "num_attention_heads": 4,
+    "intermediate_size": 128,
+    "hidden_dropout_prob": 0.0,
+    "attention_probs_dropout_prob": 0.0,
+}
+"""FedPEFT's stand-in backbone (its spec's "Reproduction target")."""
+
+
+def require_transformers() -> Any:
+    """The ``transformers`` module, or an ImportError that says how to get it."""
+    try:
+        import transformers
+    except ImportError as error:  # pragma: no cover - the extra is installed in CI
+        raise ImportError(
+            f"This model needs Hugging Face transformers: {LLM_EXTRA}"
+        ) from error
+    return transformers
+
+
+class ImageClassifier(nn.Module):
+    """A ``transformers`` image classifier called as ``model(x) -> logits``.
+
+    Bouquet's loop and evaluation call models with a batch of inputs and read
+    logits; ``transformers`` models take ``pixel_values=`` and return an
+    output object. The wrapped model is ``self.net``.
+    """
+
+    def __init__(self, net: nn.Module) -> None:
+        super().__init__()
+        self.net = net
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(pixel_values=x).logits
+
+
+def vit_tiny(info: DatasetInfo) -> nn.Module:
+    """FedPEFT's tiny ViT for ``info``'s ``(C, H, W)`` images, randomly initialised."""
+    if len(info.input_shape) != 3 or info.input_shape[1] != info.input_shape[2]:
+        raise ValueError(
+            f"vit-tiny needs square (C, H, W) images, got {info.input_shape}"
+        )
+    transformers = require_transformers()
+    channels, size, _ = info.input_shape
+    config = transformers.ViTConfig(
+        image_size=size,
+        num_channels=channels,
+        num_labels=info.num_classes,
+        **VIT_TINY,
+    )
+    return ImageClassifier(transformers.ViTForImageClassification(config))
+
+
+def from_pretrained(name: str, info: DatasetInfo) -> nn.Module:
+    """A ``transformers`` image classifier by hub name or local path.
+
+    The classifier is resized to ``info.num_classes`` (its new rows random).
+    """
+    transformers = require_transformers()
+    net = transformers.AutoModelForImageClassification.from_pretrained(
+        name, num_labels=info.num_classes, ignore_mismatched_sizes=True
+    )
+    return ImageClassifier(net)
+
+
+def transformer_blocks(model: nn.Module) -> list[nn.Module]:
+    """The blocks of a ``transformers`` encoder: each block's MLP sub-layer owner."""
+    blocks = [m for m in model.modules() if type(m).__name__.endswith("Layer")]
+    if not blocks or not all(hasattr(b, "mlp") or hasattr(b, "output") for b in blocks):
+        raise ValueError(
+            "adapters need a transformers encoder (blocks with an MLP sub-layer); "
+            f"{type(model).__name__} has none: use peft='lora', 'bias' or 'head'"
+        )
+    return blocks
+
+
+class _Bottleneck(nn.Module):
+    def __init__(self, width: int, dim: int) -> None:
+        super().__init__()
+        self.down = nn.Linear(width, dim)
+        self.up = nn.Linear(dim, width)
+        nn.init.zeros_(self.up.weight)
+        nn.init.zeros_(self.up.bias)
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        return h + self.up(nn.functional.gelu(self.down(h)))
+
+
+def add_adapters(model: nn.Module, dim: int) -> list[str]:
+    """A bottleneck adapter after every block's MLP sub-layer; their names."""
+    added = []
+    names = {id(m): n for n, m in model.named_modules()}
+    for block in transformer_blocks(model):
+        # transformers 5 names the sub-layer `mlp`; 4.x `output` (dense + residual).
+        mlp = block.mlp if hasattr(block, "mlp") else block.output.dense
+        width = _out_features(mlp)
+        mlp.adapter = _Bottleneck(width, dim)
+        mlp.register_forward_hook(lambda module, args, out: module.adapter(out))
+        added.append(f"{names[id(mlp)]}.adapter")
+    return added
+
+
+def _out_features(module: nn.Module) -> int:
+    linears = [m for m in module.modules() if isinstance(m, nn.Linear)]
+    if not linears:
+        raise ValueError(f"{type(module).__name__} has no Linear layer")
+    return linears[-1].out_features
+
+
+def add_prompts(model: nn.Module, length: int) -> str:
+    """``length`` prompt tokens after the class token (VPT-shallow); their name."""
+    found = [
+        (n, m)
+        for n, m in model.named_modules()
+        if hasattr(m, "cls_token") and hasattr(m, "position_embeddings")
+    ]
+    if not found:
+        raise ValueError(
+            f"prompts need a ViT embedding (class token + positions); "
+            f"{type(model).__name__} has none: use peft='lora', 'bias' or 'head'"
+        )
+    name, embeddings = found[0]
+    width = embeddings.cls_token.shape[-1]
+    # VPT's initialisation (Jia et al., ECCV 2022): uniform in
+    # +-sqrt(6 / (3 * patch area + width)), Xavier's for the patch projection.
+    conv = next(m for m in embeddings.modules() if isinstance(m, nn.Conv2d))
+    bound = math.sqrt(6.0 / (3 * math.prod(conv.kernel_size) + width))
+    prompt = nn.Parameter(torch.empty(1, length, width).uniform_(-bound, bound))
+    embeddings.register_parameter("prompt", prompt)
+
+    def insert(module: nn.Module, args: Any, out: torch.Tensor) -> torch.Tensor:
+        tokens = module.prompt.expand(out.shape[0], -1, -1)
+        return torch.cat((out[:, :1], tokens, out[:, 1:]), dim=1)
+
+    embeddings.register_forward_hook(insert)
+    return f"{name}.prompt"
