@@ -25,7 +25,9 @@ Everything is computed in the ``p``-dimensional span of the replies: with
 :func:`~strategies.aggregation.gram_matrix`), ``Y = U A`` and the top
 singular vectors come from the eigenvectors of ``B^T K B`` (``B`` the column
 weights), never from an ``n x p`` SVD (spec: "do the SVD on the Gram
-matrix"). ``G = U c`` is a weighted sum of the updates.
+matrix"). ``G = U c`` is a weighted sum of the updates. From the same
+``Y_0``, it equals the official ``irls_flag`` to 1e-12 (golden numbers in
+``tests/strategies/data/flag_official.json``, with the commit).
 
 Wire protocol: FedAvg's. Server state: the server optimizer's momentum.
 

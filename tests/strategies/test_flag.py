@@ -1,5 +1,8 @@
 """FLAG's flag median against known answers on hand-made subspaces."""
 
+import json
+from pathlib import Path
+
 import numpy as np
 import pytest
 
@@ -102,3 +105,21 @@ def test_registered_with_the_papers_defaults():
     assert (strategy.r, strategy.lambda_, strategy.n_its) == (4, 0.0, 1)
     combine = strategy.make_aggregator().combine
     assert combine == FlagMedian(4, 0.0, 1, 1e-7, "median")
+
+
+OFFICIAL = json.loads(
+    (Path(__file__).parent / "data" / "flag_official.json").read_text()
+)
+
+
+@pytest.mark.parametrize("case", sorted(OFFICIAL["aggregate"]))
+def test_matches_the_official_irls_flag(case):
+    # Numbers from the official FlagIRLS (repo and commit in the file's "source")
+    # from the same Y_0: 7 gradients in R^12, one sign-flipped, one random.
+    g = np.array(OFFICIAL["G"])
+    u = g / np.linalg.norm(g, axis=0)
+    y0, r = np.array(OFFICIAL["Y0"]), OFFICIAL["r"]
+    lam, its = case.removeprefix("lam").split("_its")
+    a, projections = flag_median(u.T @ u, y0.T @ u, r, float(lam), int(its))
+    ours = u @ (a @ projections.sum(axis=1)) / r
+    np.testing.assert_allclose(ours, OFFICIAL["aggregate"][case], atol=1e-12)
