@@ -38,7 +38,7 @@ from bouquet.tasks.wire import algorithm_key, derive_seed
 NAMESPACE = "fal"
 RHO = Bound(algorithm_key(NAMESPACE, "rho"), 0.0, 0.0, RATE_MAX)
 ALPHA = Bound(algorithm_key(NAMESPACE, "alpha"), 0.0, 0.0, RATE_MAX)
-PGD_STEPS = Bound(algorithm_key(NAMESPACE, "pgd-steps"), 10, 0, 1000)
+PGD_STEPS = Bound(algorithm_key(NAMESPACE, "pgd-steps"), 5, 0, 1000)
 K_PROP = Bound(algorithm_key(NAMESPACE, "k-prop"), 1.0, 0.0, 1.0)
 RANDOM_START = Bound(algorithm_key(NAMESPACE, "random-start"), True)
 BOUNDS = (RHO, ALPHA, PGD_STEPS, K_PROP, RANDOM_START)
