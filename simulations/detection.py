@@ -6,7 +6,7 @@ in the last round (its checkpointed state). Usage::
 
     python -m bouquet.simulations.detection RUN_DIR [RUN_DIR ...]
 
-prints one line per run and the mean over them.
+prints a table: mean ± std over the runs of each attack.
 """
 
 from __future__ import annotations
@@ -37,20 +37,23 @@ def run_scores(run_dir: Path, num_nodes: int) -> dict[str, float]:
 
 
 def main() -> None:
-    """Print the scores of the given run directories."""
+    """Print the scores of the given run directories, grouped by attack."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("runs", nargs="+", type=Path)
     parser.add_argument("--num-nodes", type=int, default=10)
     args = parser.parse_args()
-    scores = [run_scores(run, args.num_nodes) for run in args.runs]
-    for run, score in zip(args.runs, scores, strict=True):
-        print(
-            f"{run.name}: precision {score['precision']:.2f} "
-            f"recall {score['recall']:.2f}"
-        )
-    for key in ("precision", "recall"):
-        values = [s[key] for s in scores]
-        print(f"{key}: {np.mean(values):.2f} ± {np.std(values):.2f}")
+    groups: dict[str, list[dict[str, float]]] = {}
+    for run in args.runs:
+        attack = json.loads((run / "config.json").read_text()).get("attack", "none")
+        groups.setdefault(attack, []).append(run_scores(run, args.num_nodes))
+    print("| attack | runs | precision | recall |\n|---|---|---|---|")
+    for attack, scores in sorted(groups.items()):
+        cells = [
+            f"{np.mean([s[k] for s in scores]):.2f} ± "
+            f"{np.std([s[k] for s in scores]):.2f}"
+            for k in ("precision", "recall")
+        ]
+        print(f"| {attack} | {len(scores)} | {cells[0]} | {cells[1]} |")
 
 
 if __name__ == "__main__":
