@@ -16,6 +16,10 @@ Selected by run config, applied on the client around any algorithm's routine
 ``unreliable``     every round a seeded coin: a stale update (its previous
                    round's local model, kept in ``Context.state``) or a very
                    noisy one (``w + N(0, (3 s)^2)``); honest on its first round
+``rank-reversal``  FRL's own attack (Mozaffari et al., 2023): honest training,
+                   then every ranking in the ``frl.ranks`` record reversed
+                   (``n - 1 - position``: the most important edges last); the
+                   model arrays stay honest. Other algorithms: honest
 ``alie``           "A Little Is Enough" (Baruch et al., NeurIPS 2019): per
                    coordinate ``w_g + mu - z sigma``, ``mu`` the honest update,
                    ``sigma`` its estimated spread, ``z`` from the paper's
@@ -60,6 +64,7 @@ from flwr.app import Message
 
 from bouquet.clientapps.hooks import Hook, parameter_names
 from bouquet.clientapps.loop import LocalRun
+from bouquet.clientapps.recipes.frl import RANKS
 from bouquet.clientapps.state import array_record, load_arrays, save_arrays
 from bouquet.tasks import wire
 from bouquet.tasks.wire import derive_seed
@@ -72,6 +77,7 @@ ATTACKS = (
     "random",
     "unreliable",
     "alie",
+    "rank-reversal",
 )
 DEFAULT_SCALE = {"sign-flip": 4.0, "gaussian": 1.0, "random": 1.0, "unreliable": 1.0}
 _STATE = ("attack", "previous")
@@ -103,6 +109,19 @@ class LabelFlip(Hook):
         self, run: LocalRun, x: torch.Tensor, y: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor]:
         return x, self.num_classes - 1 - y
+
+
+def reverse_rankings(reply: Message) -> None:
+    """Reverse every ranking of the reply's ``frl.ranks`` record, in place."""
+    if RANKS not in reply.content:
+        return
+    ranks = reply.content[RANKS]
+    arrays = dict(zip(ranks.keys(), ranks.to_numpy_ndarrays(), strict=True))
+    reversed_ = {
+        name: (np.asarray(a.size - 1, a.dtype) - a) if a.ndim >= 2 else a
+        for name, a in arrays.items()
+    }
+    reply.content[RANKS] = array_record(reversed_)
 
 
 def alie_z(num_partitions: int, fraction: float) -> float:
@@ -179,6 +198,9 @@ class Attack:
 
         """
         if self.kind in ("none", "label-flip"):
+            return
+        if self.kind == "rank-reversal":
+            reverse_rankings(reply)
             return
         local = reply.content[wire.ARRAYS].to_numpy_ndarrays()
         names = list(reply.content[wire.ARRAYS].keys())

@@ -192,3 +192,16 @@ def test_alie_spread_of_the_steps_and_the_shifted_update():
     out = _poisoned(Attack("alie", 1.5, 10), state=state)
     np.testing.assert_allclose(out["w"], [2.0 - 0.75, 0.0 - 3.0])
     assert out["n"] == 9
+
+
+def test_rank_reversal_reverses_frl_rankings_only():
+    msg, reply = _pair()
+    ranks = {"w": np.array([[0, 3], [1, 2]], np.float32), "b": np.zeros(2, np.float32)}
+    reply.content["frl.ranks"] = to_record(ranks)
+    Attack("rank-reversal", 1.0, 10).poison(reply, msg, {}, 0)
+    out = to_numpy(reply.content["frl.ranks"])
+    np.testing.assert_array_equal(out["w"], [[3, 0], [2, 1]])
+    np.testing.assert_array_equal(out["b"], [0, 0])
+    np.testing.assert_array_equal(to_numpy(reply.content["arrays"])["w"], LOCAL["w"])
+    # Without rankings (any other algorithm) the attacker is honest.
+    assert _poisoned(Attack("rank-reversal", 1.0, 10))["w"].tolist() == [2.0, 0.0]
