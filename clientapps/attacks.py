@@ -16,7 +16,25 @@ Selected by run config, applied on the client around any algorithm's routine
 ``unreliable``     every round a seeded coin: a stale update (its previous
                    round's local model, kept in ``Context.state``) or a very
                    noisy one (``w + N(0, (3 s)^2)``); honest on its first round
+``rank-reversal``  FRL's own attack (Mozaffari et al., 2023): honest training,
+                   then every ranking in the ``frl.ranks`` record reversed
+                   (``n - 1 - position``: the most important edges last); the
+                   model arrays stay honest. Other algorithms: honest
+``alie``           "A Little Is Enough" (Baruch et al., NeurIPS 2019): per
+                   coordinate ``w_g + mu - z sigma``, ``mu`` the honest update,
+                   ``sigma`` its estimated spread, ``z`` from the paper's
+                   ``n`` and ``f`` (or ``s`` when ``attack-scale`` is set)
 =================  ============================================================
+
+ALIE needs the spread of benign updates, which a node cannot see (there is
+no channel between simulated attackers). Each attacker estimates it from its
+own honest run: the per-step parameter changes ``d_1..d_S`` have standard
+deviation ``sigma_step`` per coordinate (Welford, :class:`StepSpread`), and an
+update of ``S`` such steps spreads about ``sqrt(S) sigma_step`` (independent
+steps). ``z = Phi^-1((n - s) / n)`` with ``s = floor(n / 2 + 1) - f``, ``n`` the
+number of partitions and ``f = round(attack-fraction * n)`` (the paper's
+``z_max``); it is 0 (no shift) when ``f`` is too small for the formula.
+Parameters only: buffers (BatchNorm statistics) stay honest.
 
 Who attacks: ``round(attack-fraction * num-partitions)`` partitions, picked by
 a permutation seeded by ``seed`` alone, so the same nodes attack in every
@@ -37,21 +55,33 @@ from __future__ import annotations
 
 from collections.abc import Mapping, MutableMapping
 from dataclasses import dataclass
+from statistics import NormalDist
 from typing import Any
 
 import numpy as np
 import torch
 from flwr.app import Message
 
-from bouquet.clientapps.hooks import Hook
+from bouquet.clientapps.hooks import Hook, parameter_names
 from bouquet.clientapps.loop import LocalRun
+from bouquet.clientapps.recipes.frl import RANKS
 from bouquet.clientapps.state import array_record, load_arrays, save_arrays
 from bouquet.tasks import wire
 from bouquet.tasks.wire import derive_seed
 
-ATTACKS = ("none", "sign-flip", "gaussian", "label-flip", "random", "unreliable")
+ATTACKS = (
+    "none",
+    "sign-flip",
+    "gaussian",
+    "label-flip",
+    "random",
+    "unreliable",
+    "alie",
+    "rank-reversal",
+)
 DEFAULT_SCALE = {"sign-flip": 4.0, "gaussian": 1.0, "random": 1.0, "unreliable": 1.0}
 _STATE = ("attack", "previous")
+_SPREAD = ("attack", "spread")
 
 
 def check_attack(kind: str, fraction: float) -> None:
@@ -81,6 +111,62 @@ class LabelFlip(Hook):
         return x, self.num_classes - 1 - y
 
 
+def reverse_rankings(reply: Message) -> None:
+    """Reverse every ranking of the reply's ``frl.ranks`` record, in place."""
+    if RANKS not in reply.content:
+        return
+    ranks = reply.content[RANKS]
+    arrays = dict(zip(ranks.keys(), ranks.to_numpy_ndarrays(), strict=True))
+    reversed_ = {
+        name: (np.asarray(a.size - 1, a.dtype) - a) if a.ndim >= 2 else a
+        for name, a in arrays.items()
+    }
+    reply.content[RANKS] = array_record(reversed_)
+
+
+def alie_z(num_partitions: int, fraction: float) -> float:
+    """ALIE's ``z_max = Phi^-1((n - s) / n)``, ``s = floor(n/2 + 1) - f``; >= 0."""
+    n = max(1, int(num_partitions))
+    f = round(fraction * n)
+    s = n // 2 + 1 - f
+    share = (n - s) / n
+    if share <= 0.5:
+        return 0.0
+    return NormalDist().inv_cdf(min(share, 1.0 - 1e-9))
+
+
+class StepSpread(Hook):
+    """Keep ``sqrt(S) * std`` of the per-step parameter changes (for ALIE).
+
+    Welford's running mean and variance over the ``S`` steps, per coordinate,
+    saved in the node's state under ``attack.spread`` by parameter name.
+    """
+
+    def setup(self, run: LocalRun) -> None:
+        self._last = [p.detach().clone() for p in run.parameters]
+        self._mean = [torch.zeros_like(p) for p in self._last]
+        self._m2 = [torch.zeros_like(p) for p in self._last]
+        self._count = 0
+
+    def after_step(self, run: LocalRun) -> None:
+        self._count += 1
+        with torch.no_grad():
+            for i, p in enumerate(run.parameters):
+                change = p.detach() - self._last[i]
+                shift = change - self._mean[i]
+                self._mean[i] += shift / self._count
+                self._m2[i] += shift * (change - self._mean[i])
+                self._last[i] = p.detach().clone()
+
+    def finish(self, run: LocalRun) -> None:
+        steps = max(self._count, 1)
+        spread = {
+            name: (torch.sqrt(m2 / steps) * steps**0.5).cpu().numpy()
+            for name, m2 in zip(parameter_names(run), self._m2, strict=True)
+        }
+        save_arrays(run.state, *_SPREAD, spread)
+
+
 @dataclass(frozen=True)
 class Attack:
     """What one attacking node does (see the module docstring)."""
@@ -91,6 +177,8 @@ class Attack:
 
     def hooks(self) -> list[Hook]:
         """Hooks to add to the algorithm's recipe (label flipping only)."""
+        if self.kind == "alie":
+            return [StepSpread()]
         return [LabelFlip(self.num_classes)] if self.kind == "label-flip" else []
 
     def poison(
@@ -111,11 +199,15 @@ class Attack:
         """
         if self.kind in ("none", "label-flip"):
             return
+        if self.kind == "rank-reversal":
+            reverse_rankings(reply)
+            return
         local = reply.content[wire.ARRAYS].to_numpy_ndarrays()
         names = list(reply.content[wire.ARRAYS].keys())
         sent = msg.content[wire.ARRAYS].to_numpy_ndarrays()
         rng = np.random.default_rng(derive_seed(seed, "attack"))
         previous = load_arrays(state, *_STATE)
+        spread = load_arrays(state, *_SPREAD) if self.kind == "alie" else None
         if self.kind == "unreliable":
             save_arrays(state, *_STATE, dict(zip(names, local, strict=True)))
         poisoned = []
@@ -132,6 +224,9 @@ class Attack:
                 new = w_g - self.scale * (w - w_g)
             elif self.kind == "random":
                 new = w_g + rng.normal(0.0, self.scale, w.shape)
+            elif self.kind == "alie":
+                sigma = (spread or {}).get(name)
+                new = w if sigma is None else w - self.scale * sigma
             elif self.kind == "gaussian":
                 new = w + rng.normal(0.0, self.scale, w.shape)
             elif previous is None:  # unreliable, first round: honest
@@ -166,5 +261,9 @@ def attack_for_node(
         attacks = draw < fraction
     if not attacks:
         return None
-    scale = float(run_config.get("attack-scale", 0.0)) or DEFAULT_SCALE.get(kind, 1.0)
+    scale = float(run_config.get("attack-scale", 0.0))
+    if not scale and kind == "alie":
+        scale = alie_z(int(node_config.get("num-partitions", 1)), fraction)
+    elif not scale:
+        scale = DEFAULT_SCALE.get(kind, 1.0)
     return Attack(kind, scale, num_classes)

@@ -12,7 +12,9 @@ of hooks that :func:`clientapps.loop.train_local` calls at fixed points:
 ``loss``                ``(run, loss, logits, x, y) -> loss``: add a term
 ``before_step(run)``    gradients are ready: correct them (SCAFFOLD, clipping)
 ``step``                ``(run, closure, default_step) -> loss``: take over the
-                        step when it must re-evaluate the loss (SAM, FedSpeed);
+                        step when it must re-evaluate the loss (SAM, FedSpeed),
+                        or train on other inputs, ``closure(x, y)``, built from
+                        the batch in ``run.batch`` (adversarial training, FAL);
                         at most one hook of a recipe may do this
 ``after_step(run)``     after the optimizer step
 ``finish(run)``         after the last step: write client state, add reply records

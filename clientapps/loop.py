@@ -133,6 +133,10 @@ class LocalRun:
     features : torch.Tensor or None
         The classifier's input for the current batch, when a hook declares
         ``needs_features``.
+    batch : (torch.Tensor, torch.Tensor) or None
+        The current batch ``(x, y)`` after every ``transform_batch`` hook: what
+        the step's closure trains on by default (a ``step`` hook that
+        perturbs the inputs, such as adversarial training, starts from it).
     reply_records : dict
         Extra records to send back, by record name.
     metrics : dict[str, float]
@@ -157,6 +161,7 @@ class LocalRun:
     personal: tuple[str, ...] = ()
     frozen: tuple[str, ...] = ()
     features: torch.Tensor | None = None
+    batch: tuple[torch.Tensor, torch.Tensor] | None = None
     reply_records: dict[str, Any] = field(default_factory=dict)
     metrics: dict[str, float] = field(default_factory=dict)
     epoch: int = 0
@@ -312,6 +317,7 @@ def train_local(
                 x, y = x_all[idx].to(device), y_all[idx].to(device)
                 for hook in hooks:
                     x, y = hook.transform_batch(run, x, y)
+                run.batch = (x, y)
 
                 def closure(x: torch.Tensor = x, y: torch.Tensor = y) -> torch.Tensor:
                     optimizer.zero_grad(set_to_none=True)

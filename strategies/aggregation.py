@@ -110,23 +110,39 @@ def coordinate_median(layers: Sequence[np.ndarray]) -> np.ndarray:
     return (ordered[mid - 1] + ordered[mid]) / 2
 
 
+def gram_matrix(
+    replies: Sequence[Mapping[str, np.ndarray]],
+    reference: Mapping[str, np.ndarray] | None = None,
+    block: int = 1 << 20,
+) -> np.ndarray:
+    """``K_ij = <x_i, x_j>`` over the replies' arrays (all keys, flattened).
+
+    With ``reference``: the Gram matrix of the updates ``x_i - reference``.
+    Accumulated over column blocks of one layer at a time, in float64: memory
+    is ``m * block`` doubles plus one layer of every reply, never the whole
+    ``(m, d)`` stack (which at m = 100 and d = 1.1e7 is 8.8 GB per copy).
+    """
+    m = len(replies)
+    gram = np.zeros((m, m))
+    for key in replies[0] if reference is None else reference:
+        layer = [np.asarray(reply[key]).ravel() for reply in replies]
+        base = None if reference is None else np.asarray(reference[key]).ravel()
+        for start in range(0, layer[0].size, block):
+            x = np.stack([a[start : start + block] for a in layer]).astype(np.float64)
+            if base is not None:
+                x -= base[start : start + block]
+            gram += x @ x.T
+    return gram
+
+
 def pairwise_sq_distances(
     replies: Sequence[Mapping[str, np.ndarray]], block: int = 1 << 20
 ) -> np.ndarray:
     """Squared L2 distances between the replies' arrays (all keys, flattened).
 
-    Accumulated from a Gram matrix over column blocks of one layer at a time,
-    in float64: memory is ``m * block`` doubles plus one layer of every reply,
-    never the whole ``(m, d)`` stack (which at m = 100 and d = 1.1e7 is 8.8 GB
-    per copy).
+    From their Gram matrix (:func:`gram_matrix`, block by block in float64).
     """
-    m = len(replies)
-    gram = np.zeros((m, m))
-    for key in replies[0]:
-        layer = [np.asarray(reply[key]).ravel() for reply in replies]
-        for start in range(0, layer[0].size, block):
-            x = np.stack([a[start : start + block] for a in layer]).astype(np.float64)
-            gram += x @ x.T
+    gram = gram_matrix(replies, block=block)
     norms = np.diag(gram)
     distances = np.maximum(norms[:, None] + norms[None, :] - 2.0 * gram, 0.0)
     np.fill_diagonal(distances, 0.0)

@@ -1,3 +1,5 @@
+from statistics import NormalDist
+
 import numpy as np
 import pytest
 import torch
@@ -6,9 +8,14 @@ from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, RecordDict
 from bouquet.clientapps.attacks import (
     Attack,
     LabelFlip,
+    StepSpread,
+    alie_z,
     attack_for_node,
     attacker_partitions,
 )
+from bouquet.clientapps.hooks import Hook
+from bouquet.clientapps.loop import TrainSettings, train_local
+from bouquet.clientapps.state import load_arrays, save_arrays
 from bouquet.serverapps.run import build_strategy
 from bouquet.serverapps.settings import TRAIN_CONFIG_KEYS, setting
 from bouquet.simulations.inprocess import (
@@ -141,3 +148,60 @@ def test_attackers_poison_through_the_real_clientapp():
                 np.testing.assert_allclose(value, flipped, rtol=1e-6, atol=1e-6)
             else:
                 np.testing.assert_array_equal(value, honest[node][key])
+
+
+def test_alie_z_is_the_papers_z_max():
+    # n = 10, f = 2: s = floor(10/2 + 1) - 2 = 4, z = Phi^-1(6/10) = 0.2533.
+    assert alie_z(10, 0.2) == pytest.approx(0.2533471, abs=1e-6)
+    assert alie_z(50, 0.2) == pytest.approx(NormalDist().inv_cdf(34 / 50))
+    assert alie_z(10, 0.1) == 0.0  # s = n/2: the formula gives no shift
+    node = {"partition-id": 0, "num-partitions": 10}
+    attack = attack_for_node({"attack": "alie", "attack-fraction": 1.0}, node, 1, 10)
+    assert attack == Attack("alie", NormalDist().inv_cdf(0.9999999990), 10)
+    assert [type(h).__name__ for h in attack.hooks()] == ["StepSpread"]
+
+
+def test_alie_spread_of_the_steps_and_the_shifted_update():
+    model = torch.nn.Linear(2, 1, bias=False)
+    torch.nn.init.zeros_(model.weight)
+    x = torch.tensor([[1.0, 0.0], [0.0, 2.0], [1.0, 1.0]])
+    y = torch.tensor([[1.0], [0.5], [-1.0]])
+    state = {}
+    steps = []
+
+    class Record(Hook):
+        def after_step(self, run):
+            steps.append(model.weight.detach().clone().numpy().ravel())
+
+    train_local(
+        model,
+        (x, y),
+        TrainSettings(batch_size=1, lr=0.1),
+        [StepSpread(), Record()],
+        generator=torch.Generator().manual_seed(0),
+        state=state,
+        loss=torch.nn.functional.mse_loss,
+    )
+    changes = np.diff(np.vstack([np.zeros(2), *steps]), axis=0)
+    expected = changes.std(axis=0) * np.sqrt(len(changes))
+    spread = load_arrays(state, "attack", "spread")["weight"].ravel()
+    np.testing.assert_allclose(spread, expected, rtol=1e-5, atol=1e-7)
+    # The reply: w - z sigma per coordinate (w = w_g + mu).
+    sigma = {"w": np.array([0.5, 2.0], np.float32)}
+    save_arrays(state, "attack", "spread", sigma)
+    out = _poisoned(Attack("alie", 1.5, 10), state=state)
+    np.testing.assert_allclose(out["w"], [2.0 - 0.75, 0.0 - 3.0])
+    assert out["n"] == 9
+
+
+def test_rank_reversal_reverses_frl_rankings_only():
+    msg, reply = _pair()
+    ranks = {"w": np.array([[0, 3], [1, 2]], np.float32), "b": np.zeros(2, np.float32)}
+    reply.content["frl.ranks"] = to_record(ranks)
+    Attack("rank-reversal", 1.0, 10).poison(reply, msg, {}, 0)
+    out = to_numpy(reply.content["frl.ranks"])
+    np.testing.assert_array_equal(out["w"], [[3, 0], [2, 1]])
+    np.testing.assert_array_equal(out["b"], [0, 0])
+    np.testing.assert_array_equal(to_numpy(reply.content["arrays"])["w"], LOCAL["w"])
+    # Without rankings (any other algorithm) the attacker is honest.
+    assert _poisoned(Attack("rank-reversal", 1.0, 10))["w"].tolist() == [2.0, 0.0]
