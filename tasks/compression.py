@@ -41,6 +41,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from bouquet.tasks.wire import derive_seed
+
 Payload = dict[str, np.ndarray]
 PayloadSpec = dict[str, tuple[tuple[int, ...], str]]
 """Payload array name -> (shape, dtype string), the yardstick of a reply."""
@@ -318,6 +320,61 @@ class Scaled(Compressor):
         return 1.0 / (self.inner.omega(d) + 1.0)
 
 
+@dataclass(frozen=True)
+class LogByte(Compressor):
+    """One byte per entry: a sign bit and a 7-bit code of ``ln |x_i|`` (step 1/16).
+
+    The log-scale byte of Zelikman et al., "Just One Byte (per gradient)",
+    2023, https://arxiv.org/abs/2306.10015 (its code rounds ``16 ln |g|``).
+    Byte ``b``: bit 7 is the sign (1: negative), ``m = b & 127``; ``m = 0`` is
+    exactly 0, else the value is ``exp(top + (m - 127) / 16)``. Magnitudes
+    above ``e^top`` are clamped to it, those below half a step under the
+    smallest code (``e^(top - 126/16 - 1/32)``) become 0. Inside that range
+    the relative error of each entry is at most ``e^(1/32) - 1``
+    (:meth:`relative_error`); biased, and not contractive in general (a
+    vector of tiny entries decodes to 0).
+    """
+
+    top: float = 4.0
+    """``ln`` of the largest magnitude (``e^4 ~ 54.6``; smallest ``~0.021``)."""
+
+    STEP = 1.0 / 16.0
+
+    def spec(self, d: int) -> PayloadSpec:
+        return {"codes": ((d,), "uint8")}
+
+    def encode(self, x: np.ndarray, rng: np.random.Generator) -> Payload:
+        x = np.asarray(x, dtype=np.float64).reshape(-1)
+        with np.errstate(divide="ignore"):
+            level = np.round((np.log(np.abs(x)) - self.top) / self.STEP) + 127
+        m = np.clip(np.nan_to_num(level, nan=0.0, neginf=0.0), 0, 127)
+        return {
+            "codes": (m.astype(np.uint8) | np.where(x < 0, 128, 0).astype(np.uint8))
+        }
+
+    def decode(self, payload: Mapping[str, np.ndarray], d: int) -> np.ndarray:
+        codes = payload["codes"]
+        m = (codes & 127).astype(np.float64)
+        value = np.where(m > 0, np.exp(self.top + (m - 127) * self.STEP), 0.0)
+        return np.where(codes >= 128, -value, value)
+
+    def alpha(self, d: int) -> float:
+        """0: only ``||C(x) - x|| <= ||x||`` holds in general.
+
+        Entries keep their sign and are zeroed or moved toward the range, so
+        no error exceeds its entry; see :meth:`relative_error` inside the range.
+        """
+        return 0.0
+
+    def smallest(self) -> float:
+        """The smallest magnitude that does not decode to 0."""
+        return math.exp(self.top - 126.5 * self.STEP)
+
+    def relative_error(self) -> float:
+        """Largest ``|C(x)_i - x_i| / |x_i|`` for ``smallest() <= |x_i| <= e^top``."""
+        return math.exp(self.STEP / 2) - 1.0
+
+
 def make_compressor(name: str, k: int = 1, levels: int = 16) -> Compressor:
     """The compressor ``name`` (one of :data:`NAMES`) with its parameter."""
     if name not in NAMES:
@@ -337,6 +394,15 @@ def make_compressor(name: str, k: int = 1, levels: int = 16) -> Compressor:
 def contractive(compressor: Compressor) -> Compressor:
     """``compressor`` if contractive, else scaled by ``1/(omega+1)`` (unbiased ones)."""
     return compressor if compressor.alpha(2) is not None else Scaled(compressor)
+
+
+def seeded_direction(seed: int, j: int, d: int) -> np.ndarray:
+    """``z_j ~ N(0, I_d)`` from ``(seed, j)``: a shared-seed direction.
+
+    One-Byte SPSA (``strategies/onebyte.py``): a client perturbs along it, the
+    server replays the step along it; both call this function.
+    """
+    return np.random.default_rng(derive_seed(seed, j)).standard_normal(d)
 
 
 # ----------------------------------------------- flat views of model entries --

@@ -29,8 +29,9 @@ COMPRESSORS = {
     "quantize": cz.Quantize(4),
     "randk-scaled": cz.Scaled(cz.RandK(5)),
     "qsgd-scaled": cz.Scaled(cz.QSGD(4)),
+    "logbyte": cz.LogByte(),
 }
-DETERMINISTIC = ("identity", "topk", "sign", "quantize")
+DETERMINISTIC = ("identity", "topk", "sign", "quantize", "logbyte")
 
 
 def _vectors(d: int = D) -> list[np.ndarray]:
@@ -167,6 +168,7 @@ def _message_bytes(arrays: dict[str, np.ndarray]) -> int:
         (cz.ScaledSign(), 32.0),  # 32 bits -> 1 bit
         (cz.QSGD(16), 4.0),  # float32 -> int8
         (cz.Quantize(16), 4.0),
+        (cz.LogByte(), 4.0),
         (cz.Identity(), 1.0),
     ],
 )
@@ -210,3 +212,28 @@ def test_make_compressor_and_contractive():
         cz.make_compressor("gzip")
     with pytest.raises(ValueError, match="levels"):
         cz.make_compressor("qsgd", levels=128)
+
+
+def test_log_byte_on_hand_made_values():
+    c = cz.LogByte()
+    x = np.array([0.0, 1.0, -1.0, np.e**4, 1e6, -1e-6, np.exp(-2.0)])
+    payload = c.encode(x, np.random.default_rng(0))
+    # 1.0: m = round(16 (0 - 4)) + 127 = 63; the sign is bit 7; e^4 is code 127.
+    np.testing.assert_array_equal(
+        payload["codes"], [0, 63, 63 | 128, 127, 127, 128, 127 - 96]
+    )
+    np.testing.assert_allclose(
+        c.decode(payload, x.size), [0, 1, -1, np.e**4, np.e**4, 0, np.exp(-2.0)]
+    )
+
+
+def test_log_byte_relative_error_inside_its_range():
+    c = cz.LogByte()
+    rng = np.random.default_rng(3)
+    magnitudes = np.exp(rng.uniform(np.log(c.smallest()), c.top, 20_000))
+    x = magnitudes * rng.choice([-1.0, 1.0], magnitudes.size)
+    decoded = c.decode(c.encode(x, rng), x.size)
+    relative = np.abs(decoded - x) / np.abs(x)
+    assert relative.max() <= c.relative_error() * (1 + 1e-9)
+    assert relative.max() >= 0.9 * c.relative_error()  # the bound is attained
+    assert np.all(np.sign(decoded) == np.sign(x))
