@@ -78,7 +78,9 @@ def test_client_scalars_are_directional_derivatives_along_the_seeded_z():
     expected = [flat @ compression.seeded_direction(123, j, 8) for j in range(3)]
     assert payload["values"].dtype == np.float32
     np.testing.assert_allclose(payload["values"], expected, rtol=2e-2, atol=2e-3)
-    assert result.run.metrics[wire.TRAIN_LOSS] == pytest.approx(float(loss.detach()), rel=1e-3)
+    assert result.run.metrics[wire.TRAIN_LOSS] == pytest.approx(
+        float(loss.detach()), rel=1e-3
+    )
 
     # The byte coding sends the same scalars, one byte each.
     _, coded = _client({**config, "onebyte.quantize": "byte"}, x, y, model)
