@@ -30,8 +30,9 @@ COMPRESSORS = {
     "randk-scaled": cz.Scaled(cz.RandK(5)),
     "qsgd-scaled": cz.Scaled(cz.QSGD(4)),
     "logbyte": cz.LogByte(),
+    "fedzip": cz.FedZip(0.2),
 }
-DETERMINISTIC = ("identity", "topk", "sign", "quantize", "logbyte")
+DETERMINISTIC = ("identity", "topk", "sign", "quantize", "logbyte", "fedzip")
 
 
 def _vectors(d: int = D) -> list[np.ndarray]:
@@ -169,6 +170,8 @@ def _message_bytes(arrays: dict[str, np.ndarray]) -> int:
         (cz.QSGD(16), 4.0),  # float32 -> int8
         (cz.Quantize(16), 4.0),
         (cz.LogByte(), 4.0),
+        # K = 20,000 positions of 17 bits and 2-bit codes, two float32 centroids
+        (cz.FedZip(0.2), 32 * 100_000 / (20_000 * 19 + 64)),
         (cz.Identity(), 1.0),
     ],
 )
@@ -237,3 +240,40 @@ def test_log_byte_relative_error_inside_its_range():
     assert relative.max() <= c.relative_error() * (1 + 1e-9)
     assert relative.max() >= 0.9 * c.relative_error()  # the bound is attained
     assert np.all(np.sign(decoded) == np.sign(x))
+
+
+def test_fedzip_on_a_hand_made_vector():
+    x = np.array([0.0, 5.0, -0.1, 4.0, -3.0, 0.2, 6.0, -2.0, 0.05, 0.0])
+    c = cz.FedZip(z=0.5, clusters=3, iterations=4)  # K = 5 of d = 10
+    payload = c.encode(x, np.random.default_rng(0))
+    # 4-bit positions 1, 3, 4, 6, 7; clusters: {-3, -2} -> -2.5, {5, 4, 6} -> 5.
+    np.testing.assert_array_equal(
+        cz.unpack_bits(payload["positions"], 5, 4), [1, 3, 4, 6, 7]
+    )
+    np.testing.assert_allclose(payload["centroids"], [-2.5, 5.0])
+    np.testing.assert_allclose(
+        c.decode(payload, 10), [0, 5, 0, 5, -2.5, 0, 5, -2.5, 0, 0]
+    )
+    assert c.spec(10) == {
+        "positions": ((3,), "uint8"),  # 5 x 4 bits
+        "codes": ((2,), "uint8"),  # 5 x 2 bits
+        "centroids": ((2,), "float32"),
+    }
+    bad = dict(payload, positions=cz.pack_bits(np.array([1, 3, 3, 6, 7]), 4))
+    assert "increasing" in c.problem(bad, 10)
+    bad = dict(payload, codes=cz.pack_bits(np.array([3, 1, 1, 1, 1]), 2))
+    assert "cluster code" in c.problem(bad, 10)
+
+
+def test_fedzip_keeps_a_small_entry_as_zero_when_zero_is_nearest():
+    x = np.array([10.0, 9.0, 0.5, -8.0, 0.0, 0.0, 0.0, 0.0])
+    c = cz.FedZip(z=0.5, clusters=3)  # keeps 10, 9, -8 and 0.5
+    decoded = c.decode(c.encode(x, np.random.default_rng(0)), 8)
+    np.testing.assert_allclose(decoded, [9.5, 9.5, 0, -8, 0, 0, 0, 0])
+
+
+def test_pack_bits_round_trips():
+    values = np.random.default_rng(0).integers(0, 2**17, 1000)
+    packed = cz.pack_bits(values, 17)
+    assert packed.dtype == np.uint8 and packed.size == (1000 * 17 + 7) // 8
+    np.testing.assert_array_equal(cz.unpack_bits(packed, 1000, 17), values)
