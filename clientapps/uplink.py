@@ -51,20 +51,22 @@ def _numpy(value: Any) -> np.ndarray:
 
 def compress_reply(
     entries: Mapping[str, Any],
-    sent: ArrayRecord,
+    sent: ArrayRecord | None,
     config: Mapping[str, Any],
     state: MutableMapping[str, Any],
     seed: int,
 ) -> ArrayRecord:
     """The payload of ``C(y - x)``: ``entries`` (``y``) against ``sent`` (``x``).
 
-    ``seed`` draws the randomised compressors (Rand-k, QSGD).
+    ``sent`` None: ``entries`` is already the update (the ``delta`` routine's
+    ``Delta``). ``seed`` draws the randomised compressors (Rand-k, QSGD).
     """
     compressor = codec(config)
     local = {k: _numpy(v) for k, v in entries.items()}
     keys = compression.compressed_keys(local)
-    start = {k: sent[k].numpy() for k in keys}
-    update = compression.flatten(local, keys) - compression.flatten(start, keys)
+    update = compression.flatten(local, keys)
+    if sent is not None:
+        update = update - compression.flatten({k: sent[k].numpy() for k in keys}, keys)
     feedback = bounds.UPLINK_ERROR_FEEDBACK.read(config)
     if feedback:
         error = (load_arrays(state, *ERROR_STATE) or {}).get("e")
