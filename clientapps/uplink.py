@@ -10,6 +10,12 @@ the new one, ``e <- (y - x + e) - C(y - x + e)`` (Seide et al., "1-Bit
 Stochastic Gradient Descent", Interspeech 2014; Stich, Cordonnier, Jaggi,
 "Sparsified SGD with Memory", NeurIPS 2018, https://arxiv.org/abs/1809.07599),
 in ``Context.state`` under ``bouquet.uplink-error``.
+
+With ``uplink.reply = "update"`` (the asynchronous ``delta`` routine) the
+routine's reply already is the update ``Delta``: the node sends ``C(Delta)``
+(``compress_reply`` with ``sent = None``). A routine whose reply is not what
+``uplink.reply`` names fails the call after training (``clientapps/routine.py``;
+the server never asks for that, ``strategies/uplink.py``).
 """
 
 from __future__ import annotations
