@@ -277,3 +277,14 @@ def test_pack_bits_round_trips():
     packed = cz.pack_bits(values, 17)
     assert packed.dtype == np.uint8 and packed.size == (1000 * 17 + 7) // 8
     np.testing.assert_array_equal(cz.unpack_bits(packed, 1000, 17), values)
+
+
+def test_huffman_gives_the_shortest_code_to_the_most_frequent_symbol():
+    assert cz.huffman_lengths(np.array([80, 10, 10])) == [1, 2, 2]
+    assert cz.huffman_lengths(np.array([5, 0, 0])) == [1, 0, 0]
+    assert cz.huffman_lengths(np.array([1, 1, 2, 4])) == [3, 3, 2, 1]
+    c = cz.FedZip(0.2)
+    x = np.random.default_rng(0).standard_normal(10_000)
+    payload = c.encode(x, np.random.default_rng(0))
+    # 8,000 zeros at 1 bit, 2,000 kept entries at 1 or 2 bits, two centroids.
+    assert 8000 / 8 + 2000 / 8 + 8 < c.huffman_bytes(payload, 10_000) <= 12000 / 8 + 8
