@@ -30,7 +30,7 @@ from bouquet.tasks import wire
 
 NAMESPACE = "hidenseek"
 SCORE_INIT = Bound(
-    wire.algorithm_key(NAMESPACE, "score-init"), 0.01, 0.0, RATE_MAX, low_open=True
+    wire.algorithm_key(NAMESPACE, "score-init"), 1e-4, 0.0, RATE_MAX, low_open=True
 )
 BOUNDS = (SCORE_INIT,)
 
