@@ -175,6 +175,7 @@ UPLINK_COMPRESSOR = Bound(
 UPLINK_K = Bound(wire.UPLINK_K, 1, 1, INT63_MAX)
 UPLINK_LEVELS = Bound(wire.UPLINK_LEVELS, 16, 1, compression.MAX_LEVELS)
 UPLINK_ERROR_FEEDBACK = Bound(wire.UPLINK_ERROR_FEEDBACK, False)
+UPLINK_REPLY = Bound(wire.UPLINK_REPLY, "model", choices=("model", "update"))
 """The compressed uplink (``clientapps/uplink.py``); compressor ``"none"``: dense."""
 
 

@@ -290,12 +290,8 @@ def train_client(
     # Validate first: every config value, then (in train_local) the records.
     config = dict(msg.content[wire.CONFIG])
     name = routine_of(msg, routine)
-    if uplink.codec(config) is not None and name != wire.PLAIN_ROUTINE:
-        raise bounds.ConfigError(
-            wire.UPLINK_COMPRESSOR,
-            config[wire.UPLINK_COMPRESSOR],
-            f"'none' for the routine '{name}' (its reply is not the model)",
-        )
+    compressed = uplink.codec(config) is not None
+    replies_update = bounds.UPLINK_REPLY.read(config) == "update"
     if hooks is None:
         hooks = get_recipe(name)(config)
     hooks = [*hooks, *extra_hooks]
@@ -349,7 +345,17 @@ def train_client(
             records[wire.ARRAYS] = _clipped_update(records[wire.ARRAYS], clip)
         else:
             entries = _clipped_model(entries, msg.content[wire.ARRAYS], clip)
-    if uplink.codec(config) is not None:  # C(y - x) instead of the model
+    if compressed and (wire.ARRAYS in records) != replies_update:
+        raise bounds.ConfigError(
+            wire.UPLINK_COMPRESSOR,
+            config[wire.UPLINK_COMPRESSOR],
+            f"'none' for the routine '{name}' (its reply's arrays are not the "
+            f"{'update' if replies_update else 'model'} the server decodes)",
+        )
+    if compressed and replies_update:  # C(Delta) instead of the routine's Delta
+        update = {k: a.numpy() for k, a in records.pop(wire.ARRAYS).items()}
+        reply = uplink.compress_reply(update, None, config, context.state, seed)
+    elif compressed:  # C(y - x) instead of the model
         reply = uplink.compress_reply(
             entries, msg.content[wire.ARRAYS], config, context.state, seed
         )

@@ -10,6 +10,12 @@ the new one, ``e <- (y - x + e) - C(y - x + e)`` (Seide et al., "1-Bit
 Stochastic Gradient Descent", Interspeech 2014; Stich, Cordonnier, Jaggi,
 "Sparsified SGD with Memory", NeurIPS 2018, https://arxiv.org/abs/1809.07599),
 in ``Context.state`` under ``bouquet.uplink-error``.
+
+With ``uplink.reply = "update"`` (the asynchronous ``delta`` routine) the
+routine's reply already is the update ``Delta``: the node sends ``C(Delta)``
+(``compress_reply`` with ``sent = None``). A routine whose reply is not what
+``uplink.reply`` names fails the call after training (``clientapps/routine.py``;
+the server never asks for that, ``strategies/uplink.py``).
 """
 
 from __future__ import annotations
@@ -51,20 +57,22 @@ def _numpy(value: Any) -> np.ndarray:
 
 def compress_reply(
     entries: Mapping[str, Any],
-    sent: ArrayRecord,
+    sent: ArrayRecord | None,
     config: Mapping[str, Any],
     state: MutableMapping[str, Any],
     seed: int,
 ) -> ArrayRecord:
     """The payload of ``C(y - x)``: ``entries`` (``y``) against ``sent`` (``x``).
 
-    ``seed`` draws the randomised compressors (Rand-k, QSGD).
+    ``sent`` None: ``entries`` is already the update (the ``delta`` routine's
+    ``Delta``). ``seed`` draws the randomised compressors (Rand-k, QSGD).
     """
     compressor = codec(config)
     local = {k: _numpy(v) for k, v in entries.items()}
     keys = compression.compressed_keys(local)
-    start = {k: sent[k].numpy() for k in keys}
-    update = compression.flatten(local, keys) - compression.flatten(start, keys)
+    update = compression.flatten(local, keys)
+    if sent is not None:
+        update = update - compression.flatten({k: sent[k].numpy() for k in keys}, keys)
     feedback = bounds.UPLINK_ERROR_FEEDBACK.read(config)
     if feedback:
         error = (load_arrays(state, *ERROR_STATE) or {}).get("e")

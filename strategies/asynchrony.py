@@ -250,6 +250,7 @@ class AsyncStrategy(BouquetStrategy):
     """
 
     routine = "delta"
+    reply_arrays = "update"
     family = "asynchronous"
     schedule = "events"
     params: ClassVar[tuple[Param, ...]] = async_params(None)

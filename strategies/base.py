@@ -161,6 +161,11 @@ class BouquetStrategy(Strategy):
     reductions: ClassVar[tuple[Reduction, ...]] = ()
     reply_records: ClassVar[tuple[str, ...]] = ()
     """Extra ArrayRecords a train reply carries, each shaped like the model."""
+    reply_arrays: ClassVar[str | None] = None
+    """What a train reply's ``arrays`` record is, for the compressed uplink
+    (``strategies/uplink.py``): ``"model"`` (the local model ``y``),
+    ``"update"`` (``y - x``) or None (something else: no generic uplink).
+    None with the ``plain`` routine reads as ``"model"``."""
     reply_metrics: ClassVar[tuple[str, ...]] = ()
     """Metrics a train reply must carry besides ``num-examples``."""
     reply_metric_ranges: ClassVar[Mapping[str, str | tuple[str, ...]]] = {}
@@ -359,6 +364,11 @@ class BouquetStrategy(Strategy):
         keys = compression.compressed_keys(ctx.arrays, ctx.personal)
         update = compression.unflatten(flat, ctx.arrays, keys)
         arrays = {k: v for k, v in ctx.arrays.items() if k not in ctx.personal}
+        if self.reply_arrays == "update":  # the reply is Delta: integers do not move
+            return {
+                k: update[k] if k in update else np.zeros_like(v)
+                for k, v in arrays.items()
+            }
         for key, value in update.items():
             arrays[key] = np.add(ctx.arrays[key], value, dtype=np.float64)
         return arrays
@@ -565,7 +575,7 @@ class BouquetStrategy(Strategy):
             replies, contract, Sent.of(ctx.messages), ctx.answered
         )
         if ctx.phase == "train" and (codec := self.reply_codec(ctx)) is not None:
-            good = self._decode(good, codec, ctx, reasons)
+            good = self.decode_replies(good, codec, ctx, reasons)
         log(
             INFO,
             "aggregate_%s: Received %s results and %s failures",
@@ -587,7 +597,7 @@ class BouquetStrategy(Strategy):
                 )
         return good
 
-    def _decode(
+    def decode_replies(
         self,
         replies: list[ClientReply],
         codec: compression.Compressor,

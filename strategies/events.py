@@ -55,6 +55,9 @@ class Events:
         self.strategy.events = self
         self._last_commit_wall = time.perf_counter()
         self._contract: Any = None
+        self._start_ctx: RoundContext | None = None
+        """The context the contract was made with (shapes, personal entries):
+        compressed replies are decoded against it."""
 
     def export_state(self) -> dict[str, Any]:
         """The bookkeeping, for the driver's checkpoint."""
@@ -95,6 +98,7 @@ class Events:
         )
         ctx = self._context()
         self._contract = strategy.contract(ctx)
+        self._start_ctx = ctx
         run.exchange.report = RoundReport(book.version + 1)
         self._last_commit_wall = time.perf_counter()
         if resumed and not fresh_nodes:
@@ -311,6 +315,9 @@ class Events:
         book, report = self.book, self.run.exchange.report
         sent = {task.message_id: Sent(task.node, MessageType.TRAIN)}
         good, reasons, _ = accept_all([reply], self._contract, sent)
+        codec = self.strategy.reply_codec(self._start_ctx)
+        if good and codec is not None:  # a compressed uplink: C(Delta), decoded once
+            good = self.strategy.decode_replies(good, codec, self._start_ctx, reasons)
         if not good:
             report.train_dropped += 1
             report.drop_reasons.extend(reasons)

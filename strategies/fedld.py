@@ -169,6 +169,7 @@ class FedLD(BouquetStrategy):
 
     name = "fedld"
     routine = "fedld"
+    reply_arrays = "model"
     paper = "Zeng et al., MICCAI 2024, https://arxiv.org/abs/2408.12300"
     tagline = "Margin-control loss + SVD principal-gradient aggregation"
     family = "optimization"

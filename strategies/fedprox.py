@@ -24,6 +24,7 @@ class FedProx(BouquetStrategy):
 
     name = "fedprox"
     routine = "fedprox"
+    reply_arrays = "model"
     paper = "Li et al., MLSys 2020, https://arxiv.org/abs/1812.06127"
     tagline = "FedAvg + client proximal term mu/2 ||w - w_g||^2"
     family = "baseline"

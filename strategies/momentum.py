@@ -126,6 +126,7 @@ class MomentumFamily(BouquetStrategy):
     """Server of the whole family; subclasses fix which parts are on."""
 
     routine = NAMESPACE
+    reply_arrays = "model"
     family = "optimization"
     paper = PAPER
     params: ClassVar[tuple[Param, ...]] = (BETA_PARAM, ETA_G)

@@ -17,11 +17,21 @@ aggregation is unchanged.
 
 Decisions where the spec was open:
 
-- Only algorithms whose clients run the ``plain`` routine with rounds
-  (FedAvg, FedAvgM, FedAdam, FedMedian, Krum, ...) are supported in this
-  increment: their reply is the model. Recipes that reply with something
-  else (a gradient, a delta, control variates) are refused with a message;
-  EF21 (``strategies/ef21.py``) compresses its own uplink.
+- Algorithms whose train reply's ``arrays`` are the local model
+  (``reply_arrays = "model"``: every ``plain`` routine, FedAvg, FedAvgM,
+  FedAdam, FedMedian, Krum, ...; FedLD; the SCAFFOLD / momentum family)
+  send ``C(y - x)``; those whose ``arrays`` are the update
+  (``reply_arrays = "update"``: the asynchronous FedAsync, FedBuff, FedFix,
+  FedCompass, routine ``delta``) send ``C(Delta)``, which the server
+  decodes as the update itself (asynchronous replies are decoded as they
+  arrive, ``strategies/events.py``). Others (a gradient, EF21's own
+  compressed ``c_i``, a role-dependent reply) are refused with a message.
+  The config key ``uplink.reply`` tells clients which of the two to expect;
+  a client whose routine does otherwise fails the call.
+- Only the ``arrays`` record is compressed: extra records travel dense
+  (SCAFFOLD's control-variate update ``momentum.dc``), so for SCAFFOLD the
+  reply shrinks by about half the declared ratio's effect (the model half);
+  compressing ``dc`` would change the control-variate rule itself.
 - Simulated attacks that rewrite the reply's model (``sign-flip``,
   ``gaussian``, ``random``, ``unreliable``) are refused with a compressed
   uplink (``serverapps/run.py``); ``label-flip`` only changes training.
@@ -63,11 +73,12 @@ def compress_uplink(
         strategy.uplink = None
         return strategy
     made = compression.make_compressor(compressor, k, levels)
-    if strategy.routine != wire.PLAIN_ROUTINE or strategy.schedule != "rounds":
+    kind = reply_kind(strategy)
+    if kind is None:
         raise ValueError(
-            f"compressor: '{compressor}' applies to algorithms whose clients run "
-            f"plain local training in rounds; {strategy.name or 'this strategy'} "
-            f"runs the routine '{strategy.routine}' ({strategy.schedule})."
+            f"compressor: '{compressor}' applies to algorithms whose clients reply "
+            f"with their model or their update; {strategy.name or 'this strategy'} "
+            f"runs the routine '{strategy.routine}', whose reply is neither."
         )
     strategy.uplink = compression.contractive(made) if error_feedback else made
     strategy.extra_config = {
@@ -76,5 +87,13 @@ def compress_uplink(
         wire.UPLINK_K: int(k),
         wire.UPLINK_LEVELS: int(levels),
         wire.UPLINK_ERROR_FEEDBACK: bool(error_feedback),
+        wire.UPLINK_REPLY: kind,
     }
     return strategy
+
+
+def reply_kind(strategy: BouquetStrategy) -> str | None:
+    """``"model"``, ``"update"`` or None: what ``strategy``'s replies' arrays are."""
+    if strategy.reply_arrays is not None:
+        return strategy.reply_arrays
+    return "model" if strategy.routine == wire.PLAIN_ROUTINE else None

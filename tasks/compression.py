@@ -35,17 +35,20 @@ NeurIPS 2021, https://arxiv.org/abs/2106.05203.
 
 from __future__ import annotations
 
+import heapq
 import math
 from collections.abc import Collection, Mapping
 from dataclasses import dataclass
 
 import numpy as np
 
+from bouquet.tasks.wire import derive_seed
+
 Payload = dict[str, np.ndarray]
 PayloadSpec = dict[str, tuple[tuple[int, ...], str]]
 """Payload array name -> (shape, dtype string), the yardstick of a reply."""
 
-NAMES = ("identity", "topk", "randk", "sign", "qsgd", "quantize")
+NAMES = ("identity", "topk", "randk", "sign", "qsgd", "quantize", "fedzip")
 MAX_LEVELS = 127
 """Most quantisation levels: codes in ``[-s, s]`` fit int8."""
 
@@ -318,6 +321,220 @@ class Scaled(Compressor):
         return 1.0 / (self.inner.omega(d) + 1.0)
 
 
+def pack_bits(values: np.ndarray, width: int) -> np.ndarray:
+    """Non-negative integers below ``2^width``, ``width`` bits each, packed (uint8)."""
+    shifts = np.arange(width - 1, -1, -1, dtype=np.uint64)
+    bits = (np.asarray(values, np.uint64)[:, None] >> shifts) & np.uint64(1)
+    return np.packbits(bits.astype(np.uint8).reshape(-1))
+
+
+def unpack_bits(packed: np.ndarray, count: int, width: int) -> np.ndarray:
+    """The ``count`` integers :func:`pack_bits` packed (int64)."""
+    bits = np.unpackbits(packed, count=count * width).reshape(count, width)
+    return bits.astype(np.int64) @ (1 << np.arange(width - 1, -1, -1, dtype=np.int64))
+
+
+def bit_width(n: int) -> int:
+    """Bits of a fixed-width code for ``n`` symbols: ``ceil(log2 n)``, at least 1."""
+    return max(1, math.ceil(math.log2(max(n, 2))))
+
+
+@dataclass(frozen=True)
+class FedZip(Compressor):
+    """Top-z, then k-means with an exact-zero centroid, then position encoding.
+
+    Malekijoo et al., "FEDZIP: A Compression Framework for Communication-
+    Efficient Federated Learning", 2021, https://arxiv.org/abs/2102.01593.
+    Keeps the ``K = ceil(z d)`` largest magnitudes; clusters them by Lloyd's
+    k-means (``iterations`` rounds, an empty cluster keeping its centroid)
+    with 0 as a fixed extra centroid, as the paper's k-means of the
+    sparsified tensor, where the zeros form one cluster. The ``clusters - 1``
+    free centroids start at evenly spaced quantiles of the kept values (one
+    moved to the largest entry if none shares its sign), not evenly between
+    their minimum and maximum as in the official code: on a heavy-tailed
+    update that start sends almost every kept entry to the zero cluster
+    (measured: FedAvg with it stayed at chance on the digits workload,
+    ``docs/compression.md``); sends the ``K`` positions (``ceil(log2 d)`` bits each, the
+    paper's position encoding at the spec's width), each position's cluster
+    (``ceil(log2 clusters)`` bits) and the free centroids (float32).
+
+    Biased. Every kept entry's cluster shares its sign and its centroid is
+    the mean of its members (a centroid never changes sign, and one starts
+    with the largest entry's sign), so the largest entry alone removes at least
+    ``x_max^2 / K >= ||x||^2 / (K d)`` of the error:
+    ``alpha = 1 / (K d)`` (a worst case; far better in practice).
+    """
+
+    z: float = 0.2
+    clusters: int = 3
+    iterations: int = 4
+
+    def __post_init__(self) -> None:
+        if not 0.0 < self.z <= 1.0:
+            raise ValueError(f"FedZip's z must be in (0, 1]; got {self.z}")
+        if not 3 <= self.clusters <= 256:
+            raise ValueError(f"FedZip needs 3 to 256 clusters; got {self.clusters}")
+
+    def size(self, d: int) -> int:
+        """Entries kept by top-z: ``ceil(z d)``, at least 1, at most ``d``."""
+        return min(d, max(1, math.ceil(self.z * d)))
+
+    def spec(self, d: int) -> PayloadSpec:
+        k = self.size(d)
+        return {
+            "positions": ((math.ceil(k * bit_width(d) / 8),), "uint8"),
+            "codes": ((math.ceil(k * bit_width(self.clusters) / 8),), "uint8"),
+            "centroids": ((self.clusters - 1,), "float32"),
+        }
+
+    def encode(self, x: np.ndarray, rng: np.random.Generator) -> Payload:
+        x = np.asarray(x, dtype=np.float64).reshape(-1)
+        d, k = x.size, self.size(x.size)
+        chosen = np.sort(np.argsort(-np.abs(x), kind="stable")[:k])
+        kept = x[chosen]
+        free = np.quantile(
+            kept, (np.arange(self.clusters - 1) + 0.5) / (self.clusters - 1)
+        )
+        top = kept[np.argmax(np.abs(kept))]
+        if not np.any(np.sign(free) == np.sign(top)):  # keep alpha's argument
+            free[np.argmin(np.abs(free - top))] = top
+        codes = np.zeros(k, dtype=np.int64)
+        for _ in range(max(1, self.iterations)):
+            centroids = np.concatenate([[0.0], free])
+            codes = np.argmin(np.abs(kept[:, None] - centroids[None, :]), axis=1)
+            for j in range(self.clusters - 1):
+                members = kept[codes == j + 1]
+                if members.size:
+                    free[j] = members.mean()
+        return {
+            "positions": pack_bits(chosen, bit_width(d)),
+            "codes": pack_bits(codes, bit_width(self.clusters)),
+            "centroids": free.astype(np.float32),
+        }
+
+    def _unpacked(
+        self, payload: Mapping[str, np.ndarray], d: int
+    ) -> tuple[np.ndarray, np.ndarray]:
+        k = self.size(d)
+        positions = unpack_bits(payload["positions"], k, bit_width(d))
+        return positions, unpack_bits(payload["codes"], k, bit_width(self.clusters))
+
+    def decode(self, payload: Mapping[str, np.ndarray], d: int) -> np.ndarray:
+        positions, codes = self._unpacked(payload, d)
+        centroids = np.concatenate([[0.0], payload["centroids"].astype(np.float64)])
+        out = np.zeros(d, dtype=np.float64)
+        out[positions] = centroids[codes]
+        return out
+
+    def problem(self, payload: Mapping[str, np.ndarray], d: int) -> str | None:
+        positions, codes = self._unpacked(payload, d)
+        if positions.size and int(positions.max()) >= d:
+            return f"has a position outside [0, {d})"
+        if positions.size > 1 and np.any(np.diff(positions) <= 0):
+            return "positions are not strictly increasing"
+        if codes.size and int(codes.max()) >= self.clusters:
+            return f"has a cluster code outside [0, {self.clusters})"
+        return None
+
+    def alpha(self, d: int) -> float:
+        return 1.0 / (self.size(d) * d)
+
+    def huffman_bytes(self, payload: Mapping[str, np.ndarray], d: int) -> int:
+        """Bytes the paper's Huffman encoder (a) would send for this payload.
+
+        A Huffman code of every entry's cluster (the implicit zeros of the
+        dropped entries included, as the paper codes the whole sparsified
+        tensor) plus the float32 centroids: what a variable-length reply
+        could carry, reported for comparison (the wire carries the fixed
+        position encoding, see the class docstring).
+        """
+        _, codes = self._unpacked(payload, d)
+        counts = np.bincount(codes, minlength=self.clusters)
+        counts[0] += d - codes.size
+        lengths = huffman_lengths(counts)
+        bits = int(sum(c * n for c, n in zip(counts, lengths, strict=True)))
+        return math.ceil(bits / 8) + 4 * (self.clusters - 1)
+
+
+def huffman_lengths(counts: np.ndarray) -> list[int]:
+    """Code lengths of a Huffman code for symbols of these counts (unused: 0).
+
+    The shortest code goes to the most frequent symbol (the official FedZip
+    code's size estimate does the reverse, the spec notes).
+    """
+    used = [(int(c), i) for i, c in enumerate(counts) if c > 0]
+    lengths = [0] * len(counts)
+    if len(used) == 1:
+        lengths[used[0][1]] = 1
+        return lengths
+    heap = [(c, n, [i]) for n, (c, i) in enumerate(used)]
+    heapq.heapify(heap)
+    serial = len(heap)
+    while len(heap) > 1:
+        c1, _, a = heapq.heappop(heap)
+        c2, _, b = heapq.heappop(heap)
+        for i in a + b:
+            lengths[i] += 1
+        heapq.heappush(heap, (c1 + c2, serial, a + b))
+        serial += 1
+    return lengths
+
+
+@dataclass(frozen=True)
+class LogByte(Compressor):
+    """One byte per entry: a sign bit and a 7-bit code of ``ln |x_i|`` (step 1/16).
+
+    The log-scale byte of Zelikman et al., "Just One Byte (per gradient)",
+    2023, https://arxiv.org/abs/2306.10015 (its code rounds ``16 ln |g|``).
+    Byte ``b``: bit 7 is the sign (1: negative), ``m = b & 127``; ``m = 0`` is
+    exactly 0, else the value is ``exp(top + (m - 127) / 16)``. Magnitudes
+    above ``e^top`` are clamped to it, those below half a step under the
+    smallest code (``e^(top - 126/16 - 1/32)``) become 0. Inside that range
+    the relative error of each entry is at most ``e^(1/32) - 1``
+    (:meth:`relative_error`); biased, and not contractive in general (a
+    vector of tiny entries decodes to 0).
+    """
+
+    top: float = 4.0
+    """``ln`` of the largest magnitude (``e^4 ~ 54.6``; smallest ``~0.021``)."""
+
+    STEP = 1.0 / 16.0
+
+    def spec(self, d: int) -> PayloadSpec:
+        return {"codes": ((d,), "uint8")}
+
+    def encode(self, x: np.ndarray, rng: np.random.Generator) -> Payload:
+        x = np.asarray(x, dtype=np.float64).reshape(-1)
+        with np.errstate(divide="ignore"):
+            level = np.round((np.log(np.abs(x)) - self.top) / self.STEP) + 127
+        m = np.clip(np.nan_to_num(level, nan=0.0, neginf=0.0), 0, 127)
+        return {
+            "codes": (m.astype(np.uint8) | np.where(x < 0, 128, 0).astype(np.uint8))
+        }
+
+    def decode(self, payload: Mapping[str, np.ndarray], d: int) -> np.ndarray:
+        codes = payload["codes"]
+        m = (codes & 127).astype(np.float64)
+        value = np.where(m > 0, np.exp(self.top + (m - 127) * self.STEP), 0.0)
+        return np.where(codes >= 128, -value, value)
+
+    def alpha(self, d: int) -> float:
+        """0: only ``||C(x) - x|| <= ||x||`` holds in general.
+
+        Entries keep their sign and are zeroed or moved toward the range, so
+        no error exceeds its entry; see :meth:`relative_error` inside the range.
+        """
+        return 0.0
+
+    def smallest(self) -> float:
+        """The smallest magnitude that does not decode to 0."""
+        return math.exp(self.top - 126.5 * self.STEP)
+
+    def relative_error(self) -> float:
+        """Largest ``|C(x)_i - x_i| / |x_i|`` for ``smallest() <= |x_i| <= e^top``."""
+        return math.exp(self.STEP / 2) - 1.0
+
+
 def make_compressor(name: str, k: int = 1, levels: int = 16) -> Compressor:
     """The compressor ``name`` (one of :data:`NAMES`) with its parameter."""
     if name not in NAMES:
@@ -331,12 +548,22 @@ def make_compressor(name: str, k: int = 1, levels: int = 16) -> Compressor:
         "sign": lambda: ScaledSign(),
         "qsgd": lambda: QSGD(int(levels)),
         "quantize": lambda: Quantize(int(levels)),
+        "fedzip": lambda: FedZip(),  # the paper's z = 0.2, 3 clusters
     }[name]()
 
 
 def contractive(compressor: Compressor) -> Compressor:
     """``compressor`` if contractive, else scaled by ``1/(omega+1)`` (unbiased ones)."""
     return compressor if compressor.alpha(2) is not None else Scaled(compressor)
+
+
+def seeded_direction(seed: int, j: int, d: int) -> np.ndarray:
+    """``z_j ~ N(0, I_d)`` from ``(seed, j)``: a shared-seed direction.
+
+    One-Byte SPSA (``strategies/onebyte.py``): a client perturbs along it, the
+    server replays the step along it; both call this function.
+    """
+    return np.random.default_rng(derive_seed(seed, j)).standard_normal(d)
 
 
 # ----------------------------------------------- flat views of model entries --

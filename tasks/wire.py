@@ -108,6 +108,7 @@ def gossip_neighbor(index: int) -> str:
     """ArrayRecord name of the ``index``-th neighbour model relayed to a node."""
     return f"gossip.neighbor-{index}"
 
+
 UPLINK_COMPRESSOR = "uplink.compressor"
 """Config key: the compressor of a train reply's update ``y - x``
 (:mod:`tasks.compression`; ``strategies/uplink.py``); absent or ``"none"``:
@@ -116,6 +117,11 @@ UPLINK_K = "uplink.k"
 """Config key: coordinates Top-k / Rand-k keep in the compressed uplink."""
 UPLINK_LEVELS = "uplink.levels"
 """Config key: quantisation levels of QSGD / deterministic quantisation."""
+UPLINK_REPLY = "uplink.reply"
+"""Config key: what the compressed uplink replaces, ``"model"`` (the reply's
+arrays are the local model ``y``: send ``C(y - x)``) or ``"update"`` (they
+are the routine's update ``Delta``, e.g. the asynchronous ``delta``
+routine: send ``C(Delta)``)."""
 UPLINK_ERROR_FEEDBACK = "uplink.error-feedback"
 """Config key: the client adds its last compression error to the next update
 (kept in ``Context.state``)."""

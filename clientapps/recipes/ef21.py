@@ -71,7 +71,8 @@ def logistic_smoothness(x: torch.Tensor, weight_decay: float = 0.0) -> float:
     return top / (4.0 * len(a)) + float(weight_decay)
 
 
-def _entries(run: LocalRun) -> dict[str, np.ndarray]:
+def shared_entries(run: LocalRun) -> dict[str, np.ndarray]:
+    """The model's entries that leave the node (not personal), as NumPy arrays."""
     return {
         k: v.detach().cpu().numpy()
         for k, v in run.model.state_dict().items()
@@ -111,10 +112,12 @@ class EF21Uplink(Hook):
         return value
 
     def setup(self, run: LocalRun) -> None:
-        self._start = {k: np.array(v, copy=True) for k, v in _entries(run).items()}
+        self._start = {
+            k: np.array(v, copy=True) for k, v in shared_entries(run).items()
+        }
 
     def finish(self, run: LocalRun) -> None:
-        end = _entries(run)
+        end = shared_entries(run)
         keys = compression.compressed_keys(end)
         v = compression.flatten(end, keys) - compression.flatten(self._start, keys)
         if self.smoothness != "none":  # EF21-W: track v_i / L_i, report L_i

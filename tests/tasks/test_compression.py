@@ -29,8 +29,10 @@ COMPRESSORS = {
     "quantize": cz.Quantize(4),
     "randk-scaled": cz.Scaled(cz.RandK(5)),
     "qsgd-scaled": cz.Scaled(cz.QSGD(4)),
+    "logbyte": cz.LogByte(),
+    "fedzip": cz.FedZip(0.2),
 }
-DETERMINISTIC = ("identity", "topk", "sign", "quantize")
+DETERMINISTIC = ("identity", "topk", "sign", "quantize", "logbyte", "fedzip")
 
 
 def _vectors(d: int = D) -> list[np.ndarray]:
@@ -167,6 +169,9 @@ def _message_bytes(arrays: dict[str, np.ndarray]) -> int:
         (cz.ScaledSign(), 32.0),  # 32 bits -> 1 bit
         (cz.QSGD(16), 4.0),  # float32 -> int8
         (cz.Quantize(16), 4.0),
+        (cz.LogByte(), 4.0),
+        # K = 20,000 positions of 17 bits and 2-bit codes, two float32 centroids
+        (cz.FedZip(0.2), 32 * 100_000 / (20_000 * 19 + 64)),
         (cz.Identity(), 1.0),
     ],
 )
@@ -210,3 +215,76 @@ def test_make_compressor_and_contractive():
         cz.make_compressor("gzip")
     with pytest.raises(ValueError, match="levels"):
         cz.make_compressor("qsgd", levels=128)
+
+
+def test_log_byte_on_hand_made_values():
+    c = cz.LogByte()
+    x = np.array([0.0, 1.0, -1.0, np.e**4, 1e6, -1e-6, np.exp(-2.0)])
+    payload = c.encode(x, np.random.default_rng(0))
+    # 1.0: m = round(16 (0 - 4)) + 127 = 63; the sign is bit 7; e^4 is code 127.
+    np.testing.assert_array_equal(
+        payload["codes"], [0, 63, 63 | 128, 127, 127, 128, 127 - 96]
+    )
+    np.testing.assert_allclose(
+        c.decode(payload, x.size), [0, 1, -1, np.e**4, np.e**4, 0, np.exp(-2.0)]
+    )
+
+
+def test_log_byte_relative_error_inside_its_range():
+    c = cz.LogByte()
+    rng = np.random.default_rng(3)
+    magnitudes = np.exp(rng.uniform(np.log(c.smallest()), c.top, 20_000))
+    x = magnitudes * rng.choice([-1.0, 1.0], magnitudes.size)
+    decoded = c.decode(c.encode(x, rng), x.size)
+    relative = np.abs(decoded - x) / np.abs(x)
+    assert relative.max() <= c.relative_error() * (1 + 1e-9)
+    assert relative.max() >= 0.9 * c.relative_error()  # the bound is attained
+    assert np.all(np.sign(decoded) == np.sign(x))
+
+
+def test_fedzip_on_a_hand_made_vector():
+    x = np.array([0.0, 5.0, -0.1, 4.0, -3.0, 0.2, 6.0, -2.0, 0.05, 0.0])
+    c = cz.FedZip(z=0.5, clusters=3, iterations=4)  # K = 5 of d = 10
+    payload = c.encode(x, np.random.default_rng(0))
+    # 4-bit positions 1, 3, 4, 6, 7; clusters: {-3, -2} -> -2.5, {5, 4, 6} -> 5.
+    np.testing.assert_array_equal(
+        cz.unpack_bits(payload["positions"], 5, 4), [1, 3, 4, 6, 7]
+    )
+    np.testing.assert_allclose(payload["centroids"], [-2.5, 5.0])
+    np.testing.assert_allclose(
+        c.decode(payload, 10), [0, 5, 0, 5, -2.5, 0, 5, -2.5, 0, 0]
+    )
+    assert c.spec(10) == {
+        "positions": ((3,), "uint8"),  # 5 x 4 bits
+        "codes": ((2,), "uint8"),  # 5 x 2 bits
+        "centroids": ((2,), "float32"),
+    }
+    bad = dict(payload, positions=cz.pack_bits(np.array([1, 3, 3, 6, 7]), 4))
+    assert "increasing" in c.problem(bad, 10)
+    bad = dict(payload, codes=cz.pack_bits(np.array([3, 1, 1, 1, 1]), 2))
+    assert "cluster code" in c.problem(bad, 10)
+
+
+def test_fedzip_keeps_a_small_entry_as_zero_when_zero_is_nearest():
+    x = np.array([10.0, 9.0, 0.5, -8.0, 0.0, 0.0, 0.0, 0.0])
+    c = cz.FedZip(z=0.5, clusters=3)  # keeps 10, 9, -8 and 0.5
+    decoded = c.decode(c.encode(x, np.random.default_rng(0)), 8)
+    np.testing.assert_allclose(decoded, [9.5, 9.5, 0, -8, 0, 0, 0, 0])
+
+
+def test_pack_bits_round_trips():
+    values = np.random.default_rng(0).integers(0, 2**17, 1000)
+    packed = cz.pack_bits(values, 17)
+    assert packed.dtype == np.uint8 and packed.size == (1000 * 17 + 7) // 8
+    np.testing.assert_array_equal(cz.unpack_bits(packed, 1000, 17), values)
+
+
+def test_huffman_gives_the_shortest_code_to_the_most_frequent_symbol():
+    assert cz.huffman_lengths(np.array([80, 10, 10])) == [1, 2, 2]
+    assert cz.huffman_lengths(np.array([5, 0, 0])) == [1, 0, 0]
+    assert cz.huffman_lengths(np.array([1, 1, 2, 4])) == [3, 3, 2, 1]
+    c = cz.FedZip(0.2)
+    x = np.random.default_rng(0).standard_normal(10_000)
+    payload = c.encode(x, np.random.default_rng(0))
+    # 8,000 zeros at 1 bit, 2,000 kept entries at 1 or 2 bits, two centroids.
+    assert 8000 / 8 + 2000 / 8 + 8 < c.huffman_bytes(payload, 10_000) <= 12000 / 8 + 8
