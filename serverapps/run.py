@@ -164,6 +164,7 @@ def _central_evaluator(run_config: Mapping[str, Any], num_partitions: int):  # n
         info,
         norm=setting(run_config, "model-norm"),
         seed=setting(run_config, "seed"),
+        wrapper=get_algorithm(setting(run_config, "algorithm")).model_wrapper,
     ).to(resolve_device(setting(run_config, "device")))
 
     def evaluate(server_round: int, arrays: ArrayRecord) -> MetricRecord:

@@ -167,6 +167,10 @@ class BouquetStrategy(Strategy):
     """Valid range of a declared reply metric (``"[0, 1e6]"``, or a tuple of
     ranges whose union is valid), where it has one."""
     schedule: ClassVar[str] = "rounds"
+    model_wrapper: ClassVar[str] = "none"
+    """A wrapper of ``tasks.models`` the algorithm puts around the run's model
+    (``"gated"``: pFedGate's gating layer); both halves build the same model,
+    the clients reading it from ``config["model-wrapper"]``."""
     """How the driver runs it: ``"rounds"`` (synchronous) or ``"events"``."""
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
@@ -428,6 +432,8 @@ class BouquetStrategy(Strategy):
             values[wire.ROUTINE] = self.routine
         if self.personal:
             values[wire.PERSONAL] = list(self.personal)
+        if self.model_wrapper != "none":
+            values[wire.MODEL_WRAPPER] = self.model_wrapper
         for param in self.params:
             if key := param.wire_key(self.name):
                 values[key] = getattr(self, param.arg)

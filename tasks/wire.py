@@ -44,6 +44,9 @@ ROUTINE = "client-routine"
 key of :data:`CLIENT_INFO` in the reply, naming the routine that ran."""
 PERSONAL = "personal-parameters"
 """Names (glob patterns, or ``"head"``) of parameters that never leave the node."""
+MODEL_WRAPPER = "model-wrapper"
+"""The wrapper around the run's model the algorithm needs (``tasks.models``:
+``gated`` for pFedGate); absent: none. Both halves build the same model."""
 LOCAL_EPOCHS = "local-epochs"
 LOCAL_STEPS = "local-steps"
 MAX_LOCAL_STEPS = 10_000_000
@@ -107,6 +110,7 @@ local training, which the server relays to the node's neighbours."""
 def gossip_neighbor(index: int) -> str:
     """ArrayRecord name of the ``index``-th neighbour model relayed to a node."""
     return f"gossip.neighbor-{index}"
+
 
 UPLINK_COMPRESSOR = "uplink.compressor"
 """Config key: the compressor of a train reply's update ``y - x``

@@ -62,6 +62,7 @@ def _initial_arrays(config):
         dataset_info(spec),
         norm=run_config["model-norm"],
         seed=run_config["seed"],
+        wrapper=get_algorithm(run_config["algorithm"]).model_wrapper,
     )
     return {k: v.numpy() for k, v in model.state_dict().items()}
 
