@@ -167,6 +167,10 @@ class BouquetStrategy(Strategy):
     """Valid range of a declared reply metric (``"[0, 1e6]"``, or a tuple of
     ranges whose union is valid), where it has one."""
     schedule: ClassVar[str] = "rounds"
+    global_model: ClassVar[bool] = True
+    """False where the algorithm has no global model (knowledge is exchanged as
+    predictions, KnFu): the arrays stay the initial ones and the central
+    accuracy is not the algorithm's; nodes' own models are evaluated."""
     model_wrapper: ClassVar[str] = "none"
     """A wrapper of ``tasks.models`` the algorithm puts around the run's model
     (``"gated"``: pFedGate's gating layer); both halves build the same model,
@@ -328,6 +332,18 @@ class BouquetStrategy(Strategy):
     def expected_records(self, ctx: RoundContext) -> tuple[str, ...]:
         """The extra records this round's train replies carry (``reply_records``)."""
         return self.reply_records
+
+    def record_specs(
+        self, ctx: RoundContext, model_spec: Mapping[str, Any]
+    ) -> dict[str, Mapping[str, Any]]:
+        """Entries (shape, dtype) of each extra record this round's replies carry.
+
+        Default: every record of :meth:`expected_records` shaped like the
+        shared model (``model_spec``). A record of another shape (soft labels
+        keyed by sample id, KnFu) declares its entries here; acceptance checks
+        them as it checks the model (keys in order, shapes, dtypes, finite).
+        """
+        return {name: model_spec for name in self.expected_records(ctx)}
 
     def skipped(self, ctx: RoundContext) -> None:
         """The round's update was skipped (too few accepted replies)."""
@@ -531,7 +547,7 @@ class BouquetStrategy(Strategy):
         codec = self.reply_codec(ctx)
         return Contract(
             arrays=spec if codec is None else codec.spec(_flat_size(ctx)),
-            records={name: spec for name in self.expected_records(ctx)},
+            records=self.record_specs(ctx, spec),
             metrics=self.reply_metrics,
             routine=None if self.routine == wire.PLAIN_ROUTINE else self.routine,
             weight_key=self.weighted_by_key,
