@@ -29,8 +29,10 @@ Decisions where the spec was open
   held-out split (``tasks/transfer.py``), sent in the message, so that clients
   need no second data source; labels are never used.
 - Divergence direction ``KL(P_k || P_j)`` (k's view), ``eps`` = 1e-8 inside the
-  logs; neighbours at or below the mean divergence; ``k`` itself excluded
-  (its own knowledge is in its model); ``beta`` = 10 (the paper's).
+  logs; neighbours at or below the mean divergence (``neighbours = "all"``
+  keeps every other node: with ``beta = 0`` the uniform average, the FedMD-style
+  baseline); ``k`` itself excluded (its own knowledge is in its model);
+  ``beta`` = 10 (the paper's).
 - Fine-tuning on ``Q_k`` is folded into the next round's local training as a
   loss term on a transfer batch per step (one loop, architecture rule 2),
   instead of separate distillation epochs; the spec's order (train, extract,
@@ -71,11 +73,15 @@ def divergences(knowledge: np.ndarray) -> np.ndarray:
     return (own[:, None, :] - cross).mean(axis=2)
 
 
-def fuse(knowledge: np.ndarray, beta: float) -> tuple[np.ndarray, np.ndarray]:
+def fuse(
+    knowledge: np.ndarray, beta: float, rule: str = "mean"
+) -> tuple[np.ndarray, np.ndarray]:
     """Every node's fused target and its fusion weights (K x K, zero diagonal).
 
-    A node whose neighbour set is empty (one node) gets no weights: its row of
-    the weights is zero and its target is NaN.
+    ``rule``: ``"mean"`` keeps the neighbours at or below the mean divergence
+    (KnFu), ``"all"`` every other node (with ``beta = 0``: the uniform average
+    of FedMD-style distillation). A node with no other node gets no weights:
+    its row of the weights is zero and its target is NaN.
     """
     p = np.asarray(knowledge, dtype=np.float64)
     count = len(p)
@@ -86,7 +92,11 @@ def fuse(knowledge: np.ndarray, beta: float) -> tuple[np.ndarray, np.ndarray]:
         if not others:
             continue
         row = d[k, others]
-        chosen = [j for j, v in zip(others, row, strict=True) if v <= row.mean()]
+        chosen = [
+            j
+            for j, v in zip(others, row, strict=True)
+            if rule == "all" or v <= row.mean()
+        ]
         logits = -beta * d[k, chosen]
         w = np.exp(logits - logits.max())
         weights[k, chosen] = w / w.sum()
@@ -122,6 +132,12 @@ class KnFu(BouquetStrategy):
     global_model = False
     params = (
         Param("beta", 10.0, ">= 0", "fusion sharpness (Eq. 8)"),
+        Param(
+            "neighbours",
+            "mean",
+            help="'mean': divergence <= mean (KnFu); 'all': every other node",
+            choices=("mean", "all"),
+        ),
         Param("temperature", 1.0, "(0, 100]", "softmax temperature T", send=True),
         Param("distill-weight", 1.0, "[0, 1000]", "weight of the KL term", send=True),
         Param("transfer-size", 200, "[1, 100000]", "transfer-set inputs"),
@@ -203,7 +219,8 @@ class KnFu(BouquetStrategy):
             rows = reply.records[KNOWLEDGE]
             knowledge[str(reply.node)] = np.stack([rows[k] for k in rows])
         nodes = sorted(knowledge, key=int)
-        targets, weights = fuse(np.stack([knowledge[n] for n in nodes]), self.beta)
+        stacked = np.stack([knowledge[n] for n in nodes])
+        targets, weights = fuse(stacked, self.beta, self.neighbours)
         self.state["knfu"] = {
             "knowledge": knowledge,
             "targets": {

@@ -65,6 +65,13 @@ def test_fusion_keeps_the_close_neighbours_and_weights_them_by_exp_minus_beta_d(
     np.testing.assert_allclose(targets.sum(axis=2), 1.0)
 
 
+def test_all_neighbours_with_beta_zero_is_the_uniform_average_of_the_others():
+    p = np.random.default_rng(0).dirichlet([1, 1, 1], size=(4, 5))
+    targets, weights = fuse(p, beta=0.0, rule="all")
+    np.testing.assert_allclose(weights, (1 - np.eye(4)) / 3)
+    np.testing.assert_allclose(targets[0], p[1:].mean(axis=0))
+
+
 def test_a_lone_node_gets_no_target():
     targets, weights = fuse(np.array([[[0.5, 0.5]]]), beta=10.0)
     assert weights.sum() == 0 and np.isnan(targets).all()
