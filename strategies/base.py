@@ -37,7 +37,8 @@ A subclass changes a round through a few hooks, never by copying the loop:
 :meth:`make_aggregator`, :meth:`round_config`, :meth:`recipients` (who is sent
 what), :meth:`outgoing_records` (extra records for every node),
 :meth:`aggregate` (the whole update, when the chain does not fit),
-:meth:`expected_records`, :meth:`train_metrics`, :meth:`evaluate_metrics`,
+:meth:`expected_records`, :meth:`record_specs` (records not shaped like
+the model), :meth:`train_metrics`, :meth:`evaluate_metrics`,
 :meth:`skipped`, and :meth:`reply_codec` / :meth:`decoded` (replies that
 travel compressed).
 """
@@ -167,6 +168,7 @@ class BouquetStrategy(Strategy):
     """Valid range of a declared reply metric (``"[0, 1e6]"``, or a tuple of
     ranges whose union is valid), where it has one."""
     schedule: ClassVar[str] = "rounds"
+    """How the driver runs it: ``"rounds"`` (synchronous) or ``"events"``."""
     global_model: ClassVar[bool] = True
     """False where the algorithm has no global model (knowledge is exchanged as
     predictions, KnFu): the arrays stay the initial ones and the central
@@ -175,7 +177,6 @@ class BouquetStrategy(Strategy):
     """A wrapper of ``tasks.models`` the algorithm puts around the run's model
     (``"gated"``: pFedGate's gating layer); both halves build the same model,
     the clients reading it from ``config["model-wrapper"]``."""
-    """How the driver runs it: ``"rounds"`` (synchronous) or ``"events"``."""
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
