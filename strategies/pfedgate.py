@@ -34,7 +34,8 @@ Decisions where the spec was open
   gate on the same batch; ``lr-gating`` acts by scaling the gate's gradient by
   ``lr-gating / lr`` (exact for SGD with or without momentum and no weight
   decay, the official optimizer). No ReduceLROnPlateau scheduler: rounds are
-  few and the server schedules ``lr`` if needed.
+  few and the server schedules ``lr`` if needed; so no optimizer or scheduler
+  state is kept between rounds (plain SGD has none).
 - No SwitchNorm on the gate's input (not in torch; the datasets of ``tasks/``
   are already normalised): the gate is Linear -> BatchNorm1d -> sigmoid ->
   batch mean, as the official one after its input normalisation.
