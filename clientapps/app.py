@@ -64,12 +64,20 @@ def _timed(reply: Message, start: float) -> Message:
 
 @contextlib.contextmanager
 def _model_and_data(
-    run_config: Mapping[str, Any], context: Context
+    run_config: Mapping[str, Any], context: Context, msg: Message | None = None
 ) -> Iterator[tuple[Any, Any, int]]:
-    """The node's data and a model lent for this call (``tasks.memo``)."""
-    from bouquet.tasks import dataset_info, resolve_device
+    """The node's data and a model lent for this call (``tasks.memo``).
+
+    The model is the run config's (:func:`tasks.finetune.build_task_model`),
+    in the wrapper the message's algorithm asks for (``config["model-wrapper"]``,
+    checked against its bound).
+    """
+    from bouquet.clientapps.bounds import MODEL_WRAPPER
+    from bouquet.tasks import dataset_info, resolve_device, wire
     from bouquet.tasks.finetune import DEFAULTS, build_task_model, frozen_digest
     from bouquet.tasks.memo import MODELS
+
+    wrapper = MODEL_WRAPPER.read(wire.config_of(msg.content) if msg else {})
 
     spec, data = _spec_and_data(run_config, context.node_config)
     info = dataset_info(spec)
@@ -80,11 +88,17 @@ def _model_and_data(
     def build() -> Any:
         # Both handlers load the global arrays into every parameter and buffer
         # (a fine-tuned model: every trainable one; its backbone is built here).
-        model = build_task_model(run_config, info, initialize=False)
+        model = build_task_model(run_config, info, initialize=False, wrapper=wrapper)
         model.frozen_digest = frozen_digest(model)
         return model.to(device)
 
-    key = (context.run_id, repr(sorted(shape.items())), str(device), repr(info))
+    key = (
+        context.run_id,
+        repr(sorted(shape.items())),
+        str(device),
+        repr(info),
+        wrapper,
+    )
     with MODELS.borrow(key, build) as model:
         yield model, data, info.num_classes
 
@@ -97,7 +111,7 @@ def train(msg: Message, context: Context) -> Message:
     from bouquet.clientapps.routine import client_seed, train_client
 
     run_config = run_config_of(msg, context)
-    with _model_and_data(run_config, context) as (model, data, num_classes):
+    with _model_and_data(run_config, context, msg) as (model, data, num_classes):
         attack = attack_for_node(
             run_config, context.node_config, context.node_id, num_classes
         )
@@ -119,7 +133,8 @@ def evaluate(msg: Message, context: Context) -> Message:
     from bouquet.clientapps.routine import evaluate_client
 
     start = time.perf_counter()
-    with _model_and_data(run_config_of(msg, context), context) as (model, data, _):
+    run_config = run_config_of(msg, context)
+    with _model_and_data(run_config, context, msg) as (model, data, _):
         reply = evaluate_client(msg, context, model, (data.test_x, data.test_y))
     return _timed(reply, start)
 

@@ -45,7 +45,7 @@ from typing import Any
 import numpy as np
 from torch import nn
 
-from bouquet.tasks import compression, wire
+from bouquet.tasks import compression, models, wire
 
 Value = bool | int | float | str
 
@@ -167,6 +167,7 @@ OPTIMIZER = Bound(wire.OPTIMIZER, "sgd", choices=("sgd", "adam", "adamw"))
 SEED = Bound(wire.SEED, 0, 0, INT63_MAX)
 SERVER_ROUND = Bound(wire.SERVER_ROUND, 0, 0, INT63_MAX)
 ROUTINE = Bound(wire.ROUTINE, wire.PLAIN_ROUTINE)
+MODEL_WRAPPER = Bound(wire.MODEL_WRAPPER, "none", choices=models.WRAPPERS)
 DP_CLIPPING_NORM = Bound(wire.DP_CLIPPING_NORM, 0.0, 0.0, RATE_MAX)
 """Client-side DP clipping of the reply's update; 0: none."""
 UPLINK_COMPRESSOR = Bound(

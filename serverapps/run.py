@@ -161,7 +161,8 @@ def _central_evaluator(run_config: Mapping[str, Any], num_partitions: int):  # n
     info = dataset_info(spec)
     x, y = load_central_test(spec)
     typed = {**run_config, **{k: setting(run_config, k) for k in FINETUNE_KEYS}}
-    model = build_task_model(typed, info).to(
+    wrapper = get_algorithm(setting(run_config, "algorithm")).model_wrapper
+    model = build_task_model(typed, info, wrapper=wrapper).to(
         resolve_device(setting(run_config, "device"))
     )
     frozen = set(frozen_names(model))

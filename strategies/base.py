@@ -37,7 +37,8 @@ A subclass changes a round through a few hooks, never by copying the loop:
 :meth:`make_aggregator`, :meth:`round_config`, :meth:`recipients` (who is sent
 what), :meth:`outgoing_records` (extra records for every node),
 :meth:`aggregate` (the whole update, when the chain does not fit),
-:meth:`expected_records`, :meth:`train_metrics`, :meth:`evaluate_metrics`,
+:meth:`expected_records`, :meth:`record_specs` (records not shaped like
+the model), :meth:`train_metrics`, :meth:`evaluate_metrics`,
 :meth:`skipped`, and :meth:`reply_codec` / :meth:`decoded` (replies that
 travel compressed).
 """
@@ -173,6 +174,14 @@ class BouquetStrategy(Strategy):
     ranges whose union is valid), where it has one."""
     schedule: ClassVar[str] = "rounds"
     """How the driver runs it: ``"rounds"`` (synchronous) or ``"events"``."""
+    global_model: ClassVar[bool] = True
+    """False where the algorithm has no global model (knowledge is exchanged as
+    predictions, KnFu): the arrays stay the initial ones and the central
+    accuracy is not the algorithm's; nodes' own models are evaluated."""
+    model_wrapper: ClassVar[str] = "none"
+    """A wrapper of ``tasks.models`` the algorithm puts around the run's model
+    (``"gated"``: pFedGate's gating layer); both halves build the same model,
+    the clients reading it from ``config["model-wrapper"]``."""
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
@@ -341,6 +350,18 @@ class BouquetStrategy(Strategy):
         """The extra records this round's train replies carry (``reply_records``)."""
         return self.reply_records
 
+    def record_specs(
+        self, ctx: RoundContext, model_spec: Mapping[str, Any]
+    ) -> dict[str, Mapping[str, Any]]:
+        """Entries (shape, dtype) of each extra record this round's replies carry.
+
+        Default: every record of :meth:`expected_records` shaped like the
+        shared model (``model_spec``). A record of another shape (soft labels
+        keyed by sample id, KnFu) declares its entries here; acceptance checks
+        them as it checks the model (keys in order, shapes, dtypes, finite).
+        """
+        return {name: model_spec for name in self.expected_records(ctx)}
+
     def skipped(self, ctx: RoundContext) -> None:
         """The round's update was skipped (too few accepted replies)."""
 
@@ -449,6 +470,8 @@ class BouquetStrategy(Strategy):
             values[wire.ROUTINE] = self.routine
         if self.personal:
             values[wire.PERSONAL] = list(self.personal)
+        if self.model_wrapper != "none":
+            values[wire.MODEL_WRAPPER] = self.model_wrapper
         for param in self.params:
             if key := param.wire_key(self.name):
                 values[key] = getattr(self, param.arg)
@@ -546,7 +569,7 @@ class BouquetStrategy(Strategy):
         codec = self.reply_codec(ctx)
         return Contract(
             arrays=spec if codec is None else codec.spec(_flat_size(ctx)),
-            records={name: spec for name in self.expected_records(ctx)},
+            records=self.record_specs(ctx, spec),
             metrics=self.reply_metrics,
             routine=None if self.routine == wire.PLAIN_ROUTINE else self.routine,
             weight_key=self.weighted_by_key,

@@ -136,8 +136,12 @@ def build_task_model(
     info: DatasetInfo,
     *,
     initialize: bool = True,
+    wrapper: str = "none",
 ) -> nn.Module:
     """The run's model: ``model`` / ``model-norm`` / ``seed``, then fine-tuning.
+
+    ``wrapper``: an algorithm's wrapper around the model
+    (:func:`tasks.models.build_model`), for plain training only.
 
     Without fine-tuning keys this is :func:`tasks.models.build_model`
     (``initialize`` as there). With them, the backbone gets its pretrained
@@ -152,7 +156,14 @@ def build_task_model(
     seed = int(run_config.get("seed", 0))
     setup = FineTuning.from_run_config(run_config)
     if not setup.active:
-        return build_model(name, info, norm=norm, seed=seed, initialize=initialize)
+        return build_model(
+            name, info, norm=norm, seed=seed, initialize=initialize, wrapper=wrapper
+        )
+    if wrapper != "none":
+        raise ValueError(
+            f"model wrapper {wrapper!r} (its algorithm's) does not fine-tune: "
+            "set pretrained='' and peft='none'"
+        )
     if setup.pretrained and setup.pretrained != "source" and _is_hub_model(setup):
         from bouquet.tasks.foundation import from_pretrained
 

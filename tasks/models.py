@@ -12,6 +12,10 @@
   code (patch 2, width 64, depth 4; :mod:`tasks.foundation`, the ``[llm]``
   extra): the backbone of federated fine-tuning (:mod:`tasks.finetune`).
 
+``wrapper`` wraps any of them: ``gated`` puts pFedGate's gating layer in front
+(:class:`tasks.gating.GatedModel`); an algorithm that needs a wrapper declares
+it (``BouquetStrategy.model_wrapper``) and both halves build the same model.
+
 ``norm`` picks the normalisation of ``cnn`` and ``resnet18``: ``batch``,
 ``group`` (GroupNorm, the usual federated choice since it keeps no running
 statistics across non-IID clients) or ``none``.
@@ -30,6 +34,7 @@ from bouquet.tasks.spec import DatasetInfo, unknown_name_error
 
 MODELS = ("logreg", "mlp", "cnn", "resnet18", "vit-tiny")
 NORMS = ("batch", "group", "none")
+WRAPPERS = ("none", "gated")
 
 
 def list_models() -> list[str]:
@@ -158,6 +163,7 @@ def build_model(
     norm: str = "batch",
     seed: int = 0,
     initialize: bool = True,
+    wrapper: str = "none",
 ) -> nn.Module:
     """A freshly initialised model for ``info``'s inputs and classes.
 
@@ -173,7 +179,7 @@ def build_model(
     """
     if not initialize:
         with torch.device("meta"):
-            skeleton = build_model(name, info, norm=norm, seed=seed)
+            skeleton = build_model(name, info, norm=norm, seed=seed, wrapper=wrapper)
         in_state = set(skeleton.state_dict())
         if all(key in in_state for key, _ in skeleton.named_buffers()):
             return skeleton.to_empty(device="cpu")
@@ -181,6 +187,18 @@ def build_model(
         raise unknown_name_error("model", name, MODELS)
     if norm not in NORMS:
         raise unknown_name_error("norm", norm, NORMS)
+    if wrapper not in WRAPPERS:
+        raise unknown_name_error("wrapper", wrapper, WRAPPERS)
+    model = _build(name, info, norm, seed)
+    if wrapper == "gated":
+        from bouquet.tasks.gating import GatedModel
+
+        with seeded_rng(seed):
+            model = GatedModel(model, tuple(info.input_shape))
+    return model
+
+
+def _build(name: str, info: DatasetInfo, norm: str, seed: int) -> nn.Module:
     with seeded_rng(seed):
         if name == "logreg":
             return nn.Sequential(

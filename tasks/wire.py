@@ -44,6 +44,9 @@ ROUTINE = "client-routine"
 key of :data:`CLIENT_INFO` in the reply, naming the routine that ran."""
 PERSONAL = "personal-parameters"
 """Names (glob patterns, or ``"head"``) of parameters that never leave the node."""
+MODEL_WRAPPER = "model-wrapper"
+"""The wrapper around the run's model the algorithm needs (``tasks.models``:
+``gated`` for pFedGate); absent: none. Both halves build the same model."""
 LOCAL_EPOCHS = "local-epochs"
 LOCAL_STEPS = "local-steps"
 MAX_LOCAL_STEPS = 10_000_000
