@@ -25,7 +25,7 @@ import torch
 from bouquet.clientapps.bounds import Bound
 from bouquet.clientapps.hooks import Hook
 from bouquet.clientapps.loop import LocalRun
-from bouquet.clientapps.recipes.ef21 import shared_entries
+from bouquet.clientapps.recipes.ef21 import LocalUpdate
 from bouquet.clientapps.state import array_record, load_arrays, save_arrays
 from bouquet.tasks import compression, wire
 
@@ -49,7 +49,7 @@ def _saved(run: LocalRun, name: str, like: np.ndarray) -> np.ndarray:
     )
 
 
-class EControlUplink(Hook):
+class EControlUplink(LocalUpdate):
     """Reply with ``C(eta e_i + v_i - h_i)``; keep ``e_i``, ``h_i`` in client state.
 
     Parameters
@@ -64,17 +64,9 @@ class EControlUplink(Hook):
     def __init__(self, compressor: compression.Compressor, eta: float) -> None:
         self.compressor = compressor
         self.eta = float(eta)
-        self._start: dict[str, np.ndarray] = {}
-
-    def setup(self, run: LocalRun) -> None:
-        self._start = {
-            k: np.array(v, copy=True) for k, v in shared_entries(run).items()
-        }
 
     def finish(self, run: LocalRun) -> None:
-        end = shared_entries(run)
-        keys = compression.compressed_keys(end)
-        v = compression.flatten(end, keys) - compression.flatten(self._start, keys)
+        v = self.local_update(run)
         e, h = _saved(run, "e", v), _saved(run, "h", v)
         # The node's stream (seeded by seed, round, partition) draws Rand-k / QSGD.
         seed = int(torch.randint(0, 2**62, (1,), generator=run.generator))

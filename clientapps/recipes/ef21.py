@@ -72,15 +72,38 @@ def logistic_smoothness(x: torch.Tensor, weight_decay: float = 0.0) -> float:
 
 
 def shared_entries(run: LocalRun) -> dict[str, np.ndarray]:
-    """The model's entries that leave the node (not personal), as NumPy arrays."""
+    """The model's entries that leave the node, as NumPy arrays.
+
+    Not the personal ones, nor a fine-tuned model's frozen backbone.
+    """
     return {
         k: v.detach().cpu().numpy()
         for k, v in run.model.state_dict().items()
-        if k not in run.personal
+        if k not in run.personal and k not in run.frozen
     }
 
 
-class EF21Uplink(Hook):
+class LocalUpdate(Hook):
+    """A hook whose reply is built from the local update ``v = y - x``, flat.
+
+    ``setup`` copies the shared entries before training;
+    :meth:`local_update` gives ``v`` over the compressed keys (EF21, EControl,
+    FedZip encode it, each its own way, in ``finish``).
+    """
+
+    def setup(self, run: LocalRun) -> None:
+        self._start = {
+            k: np.array(v, copy=True) for k, v in shared_entries(run).items()
+        }
+
+    def local_update(self, run: LocalRun) -> np.ndarray:
+        """``y - x`` over :func:`tasks.compression.compressed_keys`, flattened."""
+        end = shared_entries(run)
+        keys = compression.compressed_keys(end)
+        return compression.flatten(end, keys) - compression.flatten(self._start, keys)
+
+
+class EF21Uplink(LocalUpdate):
     """Reply with ``C(v_i - g_i)`` (compressed); keep ``g_i`` in client state.
 
     Parameters
@@ -98,7 +121,6 @@ class EF21Uplink(Hook):
     ) -> None:
         self.compressor = compressor
         self.smoothness = smoothness
-        self._start: dict[str, np.ndarray] = {}
 
     def smoothness_of(self, run: LocalRun) -> float:
         """This node's ``L_i`` (computed once, then read from its state)."""
@@ -111,15 +133,8 @@ class EF21Uplink(Hook):
         save_arrays(run.state, NAMESPACE, "L", {"L": np.array([value])})
         return value
 
-    def setup(self, run: LocalRun) -> None:
-        self._start = {
-            k: np.array(v, copy=True) for k, v in shared_entries(run).items()
-        }
-
     def finish(self, run: LocalRun) -> None:
-        end = shared_entries(run)
-        keys = compression.compressed_keys(end)
-        v = compression.flatten(end, keys) - compression.flatten(self._start, keys)
+        v = self.local_update(run)
         if self.smoothness != "none":  # EF21-W: track v_i / L_i, report L_i
             smoothness = self.smoothness_of(run)
             v = v / smoothness

@@ -21,7 +21,7 @@ import numpy as np
 from bouquet.clientapps.bounds import Bound
 from bouquet.clientapps.hooks import Hook
 from bouquet.clientapps.loop import LocalRun
-from bouquet.clientapps.recipes.ef21 import shared_entries
+from bouquet.clientapps.recipes.ef21 import LocalUpdate
 from bouquet.clientapps.state import array_record
 from bouquet.tasks import compression, wire
 
@@ -32,22 +32,14 @@ ITERATIONS = Bound(wire.algorithm_key(NAMESPACE, "iterations"), 4, 1, 100)
 BOUNDS = (Z, CLUSTERS, ITERATIONS)
 
 
-class FedZipUplink(Hook):
+class FedZipUplink(LocalUpdate):
     """Reply with ``C(y - x)`` compressed by ``compressor`` (no state)."""
 
     def __init__(self, compressor: compression.Compressor) -> None:
         self.compressor = compressor
-        self._start: dict[str, np.ndarray] = {}
-
-    def setup(self, run: LocalRun) -> None:
-        self._start = {
-            k: np.array(v, copy=True) for k, v in shared_entries(run).items()
-        }
 
     def finish(self, run: LocalRun) -> None:
-        end = shared_entries(run)
-        keys = compression.compressed_keys(end)
-        v = compression.flatten(end, keys) - compression.flatten(self._start, keys)
+        v = self.local_update(run)
         payload = self.compressor.encode(v, np.random.default_rng(0))  # deterministic
         run.reply_records[wire.ARRAYS] = array_record(payload)
 
