@@ -43,6 +43,14 @@ their messages, each node's clock.
 
 Decisions where the spec was open
 ---------------------------------
+- The clock is DADAO's own, not the asynchronous driver's
+  (:mod:`strategies.clocks`): that one orders the *replies* of tasks that
+  take simulated compute time, one server update per reply, while DADAO's
+  events are instantaneous points of two Poisson processes whose order is
+  the algorithm. Sampling them from the seed and cutting them into batches
+  keeps the sequential semantics on the synchronous relay every other
+  decentralized algorithm uses (one mechanism), and a resumed run
+  rebuilds the same events from the seed and the stored cursor.
 - ``chi1 = 1 / lambda_min^+(Lambda)`` and ``chi2 = max_(ij in E) R_ij / 2``
   (the code's effective resistance) of the rate-weighted Laplacian
   ``Lambda = (gossip-rate / |E|) L_G`` of the graph of round 1. The default
