@@ -141,8 +141,9 @@ class DADAO(GossipStrategy):
     def rate_and_chi1(self, adjacency: np.ndarray) -> tuple[float, float]:
         """The total exchange rate and ``chi1`` at that rate."""
         rate = self.gossip_rate
-        if rate <= 0:
-            chi1, chi2 = graph_constants(adjacency, 1.0)
+        if rate <= 0:  # the unit-rate Laplacian L_G: every edge at rate 1
+            edges = int(np.triu(adjacency).sum())
+            chi1, chi2 = graph_constants(adjacency, float(edges))
             rate = math.sqrt(2 * chi1 * chi2)
         return rate, graph_constants(adjacency, rate)[0]
 
