@@ -55,7 +55,10 @@ Decisions where the spec was open
   (the code's effective resistance) of the rate-weighted Laplacian
   ``Lambda = (gossip-rate / |E|) L_G`` of the graph of round 1. The default
   ``gossip-rate = 0`` means ``sqrt(2 chi1 chi2)`` with ``chi1, chi2`` of the
-  unit-rate Laplacian ``L_G`` (the spec's ``lambda_mix``).
+  edge-probability Laplacian ``L_G / |E|`` (the official code's
+  ``lamb_mix``; its ``chi_1_star = chi_1 / lamb_mix`` is ``chi1`` here). On a
+  ring of 16 that is about 40 exchanges per time unit for 16 gradients: a
+  run needs many rounds per time unit (about 13 on that ring).
 - ``f_i`` is the local loss plus ``mu / 2 ||x||^2`` (the spec: "add L2
   regularisation"); a gradient event uses one mini-batch of the loop
   (``batch-size``; the full local set is the paper's deterministic case).
@@ -141,9 +144,8 @@ class DADAO(GossipStrategy):
     def rate_and_chi1(self, adjacency: np.ndarray) -> tuple[float, float]:
         """The total exchange rate and ``chi1`` at that rate."""
         rate = self.gossip_rate
-        if rate <= 0:  # the unit-rate Laplacian L_G: every edge at rate 1
-            edges = int(np.triu(adjacency).sum())
-            chi1, chi2 = graph_constants(adjacency, float(edges))
+        if rate <= 0:  # the edge-probability Laplacian L_G / |E| (total rate 1)
+            chi1, chi2 = graph_constants(adjacency, 1.0)
             rate = math.sqrt(2 * chi1 * chi2)
         return rate, graph_constants(adjacency, rate)[0]
 

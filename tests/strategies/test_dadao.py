@@ -59,10 +59,10 @@ def test_graph_constants_of_the_ring():
     assert chi1 == pytest.approx(0.5) and chi2 == pytest.approx(3 / 8)
     chi1, chi2 = graph_constants(ring, 8.0)
     assert chi1 == pytest.approx(0.25) and chi2 == pytest.approx(3 / 16)
-    # The default rate: sqrt(2 chi1 chi2) of L_G (every edge at rate 1).
+    # The default rate: sqrt(2 chi1 chi2) of L_G / |E| (the code's lamb_mix).
     rate, chi1 = DADAO().rate_and_chi1(ring)
-    assert rate == pytest.approx(math.sqrt(2 * 0.5 * 3 / 8))
-    assert chi1 == pytest.approx(0.5 * 4 / rate)
+    assert rate == pytest.approx(math.sqrt(2 * 2.0 * 1.5))
+    assert chi1 == pytest.approx(2.0 / rate)  # the code's chi_1 / lamb_mix
 
 
 def _ctx(server_round, nodes=NODES):
