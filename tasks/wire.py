@@ -105,6 +105,10 @@ only (mix, no local steps: DFedSAM-MGS's extra steps); absent means True."""
 GOSSIP_MODEL = "gossip.model"
 """ArrayRecord of a decentralized train reply: the node's whole model after
 local training, which the server relays to the node's neighbours."""
+DADAO_MESSAGE = "dadao.message"
+"""ArrayRecord of a DADAO train reply (``strategies/dadao.py``): the node's
+``y + z`` (float64, over the model's float entries) at its exchange time,
+which the server relays to its partner of that exchange."""
 
 
 def gossip_neighbor(index: int) -> str:
