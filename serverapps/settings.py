@@ -43,6 +43,8 @@ SETTINGS: tuple[Param, ...] = (
     Param("dirichlet-alpha", 0.3, "> 0"),
     Param("classes-per-partition", 2, ">= 1"),
     Param("num-shards-per-partition", 2, ">= 1"),
+    Param("num-groups", 4, ">= 1", "latent groups of the 'grouped' partitioner"),
+    Param("imbalance-factor", 0.02, "(0, 1]", "min/max class count of 'long-tail'"),
     Param("partition-by", "label"),
     Param("data-path", ""),
     Param("test-fraction", 0.2, "(0, 1)"),
