@@ -118,7 +118,13 @@ def evaluate(msg: Message, context: Context) -> Message:
 
     start = time.perf_counter()
     with _model_and_data(run_config_of(msg, context), context) as (model, data, _):
-        reply = evaluate_client(msg, context, model, (data.test_x, data.test_y))
+        reply = evaluate_client(
+            msg,
+            context,
+            model,
+            (data.test_x, data.test_y),
+            train_data=(data.train_x, data.train_y),
+        )
     return _timed(reply, start)
 
 

@@ -43,6 +43,8 @@ error reply (its reason names the key, the value and the allowed range).
 
 from __future__ import annotations
 
+import copy as _copy
+import dataclasses
 import warnings
 from collections.abc import Callable, Mapping, MutableMapping, Sequence
 from typing import Any
@@ -175,6 +177,11 @@ def _keep_personal(
     if personal:
         entries = model.state_dict()
         save_arrays(state, *PERSONAL_STATE, {k: entries[k] for k in personal})
+
+
+def copy_module(model: nn.Module) -> nn.Module:
+    """An independent copy of ``model`` (the lent model is never changed)."""
+    return _copy.deepcopy(model)
 
 
 def _fallback(
@@ -372,15 +379,30 @@ def evaluate_client(
     model: nn.Module,
     data: Data,
     *,
+    train_data: Data | None = None,
     batch_keys: Sequence[str] | None = None,
 ) -> Message:
     """Evaluate the node's model (global arrays, personal entries) on ``data``.
 
     ``data`` as :func:`train_client`'s; the reply's metrics are
     ``eval-loss`` (cross-entropy), ``eval-accuracy`` and ``num-examples``.
+
+    With ``finetune-steps`` > 0 (the message config, else the run config),
+    a copy of that model is first trained that many plain steps on
+    ``train_data`` (the local-training settings as for training, the seed
+    derived from the round and the partition) and the copy is evaluated:
+    FedAvg + local fine-tuning, for any algorithm. Nothing of it is kept.
     """
+    config = wire.config_of(msg.content)
+    steps = bounds.FINETUNE_STEPS.read(config, context.run_config)
     personal = personal_names(msg, model)
     load_model(model, msg.content[wire.ARRAYS], personal, context.state)
+    if steps > 0:
+        if train_data is None:
+            raise ValueError(
+                f"{wire.FINETUNE_STEPS}={steps}: evaluate_client needs train_data."
+            )
+        model = finetuned(model, train_data, steps, msg, context, batch_keys)
     x, y = as_tensors(data, batch_keys)
     loss, accuracy = evaluate_model(model, x, y)
     metrics = _base_metrics(context, len(x))
@@ -389,6 +411,32 @@ def evaluate_client(
         # A diverged model is a result, not an invalid reply: report it bounded.
         metrics[wire.EVAL_LOSS] = float(np.finfo(np.float32).max)
     return Message(RecordDict({wire.METRICS: MetricRecord(metrics)}), reply_to=msg)
+
+
+def finetuned(
+    model: nn.Module,
+    train_data: Data,
+    steps: int,
+    msg: Message,
+    context: Context,
+    batch_keys: Sequence[str] | None = None,
+) -> nn.Module:
+    """A copy of ``model`` after ``steps`` plain local steps on ``train_data``."""
+    config = wire.config_of(msg.content)
+    settings = TrainSettings.from_config(config, context.run_config)
+    settings = dataclasses.replace(settings, epochs=steps, max_steps=steps)
+    seed = wire.derive_seed(client_seed(msg, context), wire.FINETUNE_STEPS)
+    copy = copy_module(model)
+    device = next(copy.parameters()).device
+    with seeded_rng(seed, device):
+        train_local(
+            copy,
+            as_tensors(train_data, batch_keys),
+            settings,
+            generator=torch.Generator().manual_seed(seed),
+            config=config,
+        )
+    return copy
 
 
 def describe_client(

@@ -35,6 +35,7 @@ from bouquet.serverapps.settings import (
     TRAIN_CONFIG_KEYS,
     RunConfigError,
     check_settings,
+    evaluate_settings,
     setting,
     strategy_common,
 )
@@ -310,7 +311,7 @@ def run_server(
         train_config=ConfigRecord(
             {k: setting(run_config, k) for k in TRAIN_CONFIG_KEYS}
         ),
-        evaluate_config=ConfigRecord(),
+        evaluate_config=ConfigRecord(evaluate_settings(run_config)),
         evaluate_fn=evaluate,
     )
     final = summary(directory.rows)

@@ -36,6 +36,12 @@ SETTINGS: tuple[Param, ...] = (
     Param(wire.OPTIMIZER, "sgd", choices=("sgd", "adam", "adamw")),
     Param(wire.LOSS, "cross-entropy", help="the clients' loss (clientapps/losses.py)"),
     Param("personal-parameters", "", help="comma-separated globs or 'head'"),
+    Param(
+        wire.FINETUNE_STEPS,
+        0,
+        ">= 0",
+        "local steps on a copy before each node's evaluation (any algorithm)",
+    ),
     Param("seed", 42),
     Param("dataset", "digits"),
     Param("partitioner", "dirichlet"),
@@ -93,6 +99,21 @@ DEFAULTS: dict[str, Any] = defaults(SETTINGS)
 
 TRAIN_CONFIG_KEYS = wire.TRAIN_SETTINGS
 """Shared keys sent to clients in every train message's config."""
+
+
+def evaluate_settings(run_config: Mapping[str, Any]) -> dict[str, Any]:
+    """Shared keys sent in every evaluate message's config.
+
+    With ``finetune-steps`` > 0, it and the local-training settings the
+    fine-tuning uses; else nothing (the messages of runs without it stay as
+    they were).
+    """
+    if not (steps := setting(run_config, wire.FINETUNE_STEPS)):
+        return {}
+    return {
+        wire.FINETUNE_STEPS: steps,
+        **{k: setting(run_config, k) for k in TRAIN_CONFIG_KEYS},
+    }
 
 
 def setting(run_config: Mapping[str, Any], key: str) -> Any:
