@@ -66,7 +66,7 @@ from bouquet.clientapps import bounds, uplink
 from bouquet.clientapps.hooks import Hook
 from bouquet.clientapps.inputs import DataSource, as_tensors, labels_of
 from bouquet.clientapps.loop import OptimizerFactory, TrainSettings, train_local
-from bouquet.clientapps.recipes import get_recipe
+from bouquet.clientapps.recipes import get_evaluation, get_recipe
 from bouquet.clientapps.state import load_arrays, save_arrays
 from bouquet.tasks import flower_engine, wire
 from bouquet.tasks.arrays import array_record, array_view
@@ -387,7 +387,9 @@ def evaluate_client(
     ``data`` as :func:`train_client`'s; the reply's metrics are
     ``eval-loss`` (cross-entropy), ``eval-accuracy`` and ``num-examples``.
 
-    With ``finetune-steps`` > 0 (the message config, else the run config),
+    Where the message names a routine whose recipe defines
+    ``evaluation_model`` (FedLoGe's realigned head), that model is the one
+    evaluated. With ``finetune-steps`` > 0 (the message config, else the run config),
     a copy of that model is first trained that many plain steps on
     ``train_data`` (the local-training settings as for training, the seed
     derived from the round and the partition) and the copy is evaluated:
@@ -397,6 +399,10 @@ def evaluate_client(
     steps = bounds.FINETUNE_STEPS.read(config, context.run_config)
     personal = personal_names(msg, model)
     load_model(model, msg.content[wire.ARRAYS], personal, context.state)
+    if wire.ROUTINE in config:  # the routine evaluates a model of its own
+        realign = get_evaluation(bounds.ROUTINE.read(config))
+        if realign is not None:
+            model = realign(model, config, context.state)
     if steps > 0:
         if train_data is None:
             raise ValueError(
