@@ -111,6 +111,7 @@ def gossip_neighbor(index: int) -> str:
     """ArrayRecord name of the ``index``-th neighbour model relayed to a node."""
     return f"gossip.neighbor-{index}"
 
+
 UPLINK_COMPRESSOR = "uplink.compressor"
 """Config key: the compressor of a train reply's update ``y - x``
 (:mod:`tasks.compression`; ``strategies/uplink.py``); absent or ``"none"``:
