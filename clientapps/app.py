@@ -135,7 +135,13 @@ def evaluate(msg: Message, context: Context) -> Message:
     start = time.perf_counter()
     run_config = run_config_of(msg, context)
     with _model_and_data(run_config, context, msg) as (model, data, _):
-        reply = evaluate_client(msg, context, model, (data.test_x, data.test_y))
+        reply = evaluate_client(
+            msg,
+            context,
+            model,
+            (data.test_x, data.test_y),
+            train_data=(data.train_x, data.train_y),
+        )
     return _timed(reply, start)
 
 

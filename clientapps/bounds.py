@@ -158,6 +158,7 @@ class Bound:
 # The shared keys (serverapps/settings.py declares the server's side).
 LOCAL_EPOCHS = Bound(wire.LOCAL_EPOCHS, 1, 0, EPOCHS_MAX)
 LOCAL_STEPS = Bound(wire.LOCAL_STEPS, 0, 0, STEPS_MAX)
+FINETUNE_STEPS = Bound(wire.FINETUNE_STEPS, 0, 0, STEPS_MAX)
 """> 0 caps the optimizer steps; 0: no cap (``local-epochs`` decides)."""
 BATCH_SIZE = Bound(wire.BATCH_SIZE, 32, 1, BATCH_MAX)
 LR = Bound(wire.LR, 0.05, 0.0, RATE_MAX)

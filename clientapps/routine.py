@@ -43,6 +43,8 @@ error reply (its reason names the key, the value and the allowed range).
 
 from __future__ import annotations
 
+import copy as _copy
+import dataclasses
 import warnings
 from collections.abc import Callable, Mapping, MutableMapping, Sequence
 from typing import Any
@@ -64,7 +66,7 @@ from bouquet.clientapps import bounds, uplink
 from bouquet.clientapps.hooks import Hook
 from bouquet.clientapps.inputs import DataSource, as_tensors, labels_of
 from bouquet.clientapps.loop import OptimizerFactory, TrainSettings, train_local
-from bouquet.clientapps.recipes import get_recipe
+from bouquet.clientapps.recipes import get_evaluation, get_recipe
 from bouquet.clientapps.state import load_arrays, save_arrays
 from bouquet.tasks import flower_engine, wire
 from bouquet.tasks.arrays import array_record, array_view
@@ -204,6 +206,11 @@ def _keep_personal(
     if personal:
         entries = model.state_dict()
         save_arrays(state, *PERSONAL_STATE, {k: entries[k] for k in personal})
+
+
+def copy_module(model: nn.Module) -> nn.Module:
+    """An independent copy of ``model`` (the lent model is never changed)."""
+    return _copy.deepcopy(model)
 
 
 def _fallback(
@@ -409,16 +416,37 @@ def evaluate_client(
     model: nn.Module,
     data: Data,
     *,
+    train_data: Data | None = None,
     batch_keys: Sequence[str] | None = None,
 ) -> Message:
     """Evaluate the node's model (global arrays, personal entries) on ``data``.
 
     ``data`` as :func:`train_client`'s; the reply's metrics are
     ``eval-loss`` (cross-entropy), ``eval-accuracy`` and ``num-examples``.
+
+    Where the message names a routine whose recipe defines
+    ``evaluation_model`` (FedLoGe's realigned head), that model is the one
+    evaluated. With ``finetune-steps`` > 0 (the message config, else the run config),
+    a copy of that model is first trained that many plain steps on
+    ``train_data`` (the local-training settings as for training, the seed
+    derived from the round and the partition) and the copy is evaluated:
+    FedAvg + local fine-tuning, for any algorithm. Nothing of it is kept.
     """
+    config = wire.config_of(msg.content)
+    steps = bounds.FINETUNE_STEPS.read(config, context.run_config)
     personal = personal_names(msg, model)
     unsent_frozen(msg, model)
     load_model(model, msg.content[wire.ARRAYS], personal, context.state)
+    if wire.ROUTINE in config:  # the routine evaluates a model of its own
+        realign = get_evaluation(bounds.ROUTINE.read(config))
+        if realign is not None:
+            model = realign(model, config, context.state)
+    if steps > 0:
+        if train_data is None:
+            raise ValueError(
+                f"{wire.FINETUNE_STEPS}={steps}: evaluate_client needs train_data."
+            )
+        model = finetuned(model, train_data, steps, msg, context, batch_keys)
     x, y = as_tensors(data, batch_keys)
     loss, accuracy = evaluate_model(model, x, y)
     metrics = _base_metrics(context, len(x))
@@ -427,6 +455,32 @@ def evaluate_client(
         # A diverged model is a result, not an invalid reply: report it bounded.
         metrics[wire.EVAL_LOSS] = float(np.finfo(np.float32).max)
     return Message(RecordDict({wire.METRICS: MetricRecord(metrics)}), reply_to=msg)
+
+
+def finetuned(
+    model: nn.Module,
+    train_data: Data,
+    steps: int,
+    msg: Message,
+    context: Context,
+    batch_keys: Sequence[str] | None = None,
+) -> nn.Module:
+    """A copy of ``model`` after ``steps`` plain local steps on ``train_data``."""
+    config = wire.config_of(msg.content)
+    settings = TrainSettings.from_config(config, context.run_config)
+    settings = dataclasses.replace(settings, epochs=steps, max_steps=steps)
+    seed = wire.derive_seed(client_seed(msg, context), wire.FINETUNE_STEPS)
+    copy = copy_module(model)
+    device = next(copy.parameters()).device
+    with seeded_rng(seed, device):
+        train_local(
+            copy,
+            as_tensors(train_data, batch_keys),
+            settings,
+            generator=torch.Generator().manual_seed(seed),
+            config=config,
+        )
+    return copy
 
 
 def describe_client(

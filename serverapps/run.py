@@ -36,6 +36,7 @@ from bouquet.serverapps.settings import (
     TRAIN_CONFIG_KEYS,
     RunConfigError,
     check_settings,
+    evaluate_settings,
     setting,
     strategy_common,
 )
@@ -346,7 +347,7 @@ def run_server(
         train_config=ConfigRecord(
             {**{k: setting(run_config, k) for k in TRAIN_CONFIG_KEYS}, **backbone}
         ),
-        evaluate_config=ConfigRecord(backbone),
+        evaluate_config=ConfigRecord({**evaluate_settings(run_config), **backbone}),
         evaluate_fn=evaluate,
     )
     final = summary(directory.rows)

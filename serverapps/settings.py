@@ -36,6 +36,12 @@ SETTINGS: tuple[Param, ...] = (
     Param(wire.OPTIMIZER, "sgd", choices=("sgd", "adam", "adamw")),
     Param(wire.LOSS, "cross-entropy", help="the clients' loss (clientapps/losses.py)"),
     Param("personal-parameters", "", help="comma-separated globs or 'head'"),
+    Param(
+        wire.FINETUNE_STEPS,
+        0,
+        ">= 0",
+        "local steps on a copy before each node's evaluation (any algorithm)",
+    ),
     Param("seed", 42),
     Param("dataset", "digits"),
     Param("partitioner", "dirichlet"),
@@ -43,6 +49,8 @@ SETTINGS: tuple[Param, ...] = (
     Param("dirichlet-alpha", 0.3, "> 0"),
     Param("classes-per-partition", 2, ">= 1"),
     Param("num-shards-per-partition", 2, ">= 1"),
+    Param("num-groups", 4, ">= 1", "latent groups of the 'grouped' partitioner"),
+    Param("imbalance-factor", 0.02, "(0, 1]", "min/max class count of 'long-tail'"),
     Param("partition-by", "label"),
     Param("data-path", ""),
     Param("test-fraction", 0.2, "(0, 1)"),
@@ -113,6 +121,21 @@ FINETUNE_KEYS = tuple(finetune.DEFAULTS)
 
 TRAIN_CONFIG_KEYS = wire.TRAIN_SETTINGS
 """Shared keys sent to clients in every train message's config."""
+
+
+def evaluate_settings(run_config: Mapping[str, Any]) -> dict[str, Any]:
+    """Shared keys sent in every evaluate message's config.
+
+    With ``finetune-steps`` > 0, it and the local-training settings the
+    fine-tuning uses; else nothing (the messages of runs without it stay as
+    they were).
+    """
+    if not (steps := setting(run_config, wire.FINETUNE_STEPS)):
+        return {}
+    return {
+        wire.FINETUNE_STEPS: steps,
+        **{k: setting(run_config, k) for k in TRAIN_CONFIG_KEYS},
+    }
 
 
 def setting(run_config: Mapping[str, Any], key: str) -> Any:

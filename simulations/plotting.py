@@ -17,7 +17,7 @@ def plot_rounds(
     ``x`` is the row key on the horizontal axis: ``round``, or ``sim-time``
     for asynchronous runs (simulated time). Where rows carry the worst-10%
     node accuracy (federated evaluation), it is drawn dashed beside the
-    central accuracy.
+    central accuracy, and the mean node accuracy (personalised) dotted.
     """
     import matplotlib
 
@@ -28,6 +28,7 @@ def plot_rounds(
     series = (
         (ax_acc, "central-accuracy", "-", ""),
         (ax_acc, "node-accuracy-worst10", "--", " (worst-10% nodes)"),
+        (ax_acc, "node-accuracy-mean", ":", " (mean node)"),
         (ax_loss, "train-loss", "-", ""),
     )
     for label, rows in runs.items():

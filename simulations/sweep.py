@@ -147,6 +147,14 @@ def _mean_time_curve(
     return curve
 
 
+CURVE_KEYS = (
+    "central-accuracy",
+    "node-accuracy-mean",
+    "node-accuracy-worst10",
+    "train-loss",
+)
+
+
 def _mean_curve(runs: list[list[dict[str, Any]]]) -> list[dict[str, Any]]:
     by_round: dict[int, list[dict[str, Any]]] = {}
     for rows in runs:
@@ -155,7 +163,7 @@ def _mean_curve(runs: list[list[dict[str, Any]]]) -> list[dict[str, Any]]:
     curve = []
     for rnd, rows in sorted(by_round.items()):
         point: dict[str, Any] = {"round": rnd}
-        for key in ("central-accuracy", "train-loss"):
+        for key in CURVE_KEYS:
             values = [r[key] for r in rows if r.get(key) is not None]
             point[key] = statistics.mean(values) if values else None
         curve.append(point)
@@ -168,12 +176,17 @@ def _write_table(records: list[dict[str, Any]], out: Path) -> None:
         writer.writeheader()
         writer.writerows(records)
     timed = any(r.get("sim-time") is not None for r in records)
+    personal = any(r.get("final-node-accuracy-mean") is not None for r in records)
     lines = [
         "| label | seeds | final accuracy (mean ± std) | best accuracy | "
-        "rounds to target | "
+        + ("node accuracy mean | worst-10% nodes | " if personal else "")
+        + "rounds to target | "
         + ("sim time to target | versions | " if timed else "")
         + "wall time per run (s) |",
-        "|---|---|---|---|---|" + ("---|---|" if timed else "") + "---|",
+        "|---|---|---|---|---|"
+        + ("---|---|" if personal else "")
+        + ("---|---|" if timed else "")
+        + "---|",
     ]
     for label in dict.fromkeys(r["label"] for r in records):
         runs = [r for r in records if r["label"] == label]
@@ -193,10 +206,18 @@ def _write_table(records: list[dict[str, Any]], out: Path) -> None:
                 if got
                 else "never | "
             ) + f"{statistics.mean(r['rounds'] for r in runs):.0f} | "
+        nodes = ""
+        if personal:
+            nodes = " | ".join(
+                _mean_std([r[k] for r in runs if r.get(k) is not None])
+                for k in ("final-node-accuracy-mean", "final-node-accuracy-worst10")
+            )
+            nodes += " | "
         lines.append(
             f"| {label} | {len(runs)} | "
             f"{_mean_std([r['final-central-accuracy'] for r in runs])} | "
-            f"{_mean_std([r['best-central-accuracy'] for r in runs])} | {to_target} | "
+            f"{_mean_std([r['best-central-accuracy'] for r in runs])} | {nodes}"
+            f"{to_target} | "
             f"{timing}{statistics.mean(r['wall-time'] for r in runs):.1f} |"
         )
     (out / "results.md").write_text("\n".join(lines) + "\n")

@@ -24,6 +24,7 @@ from bouquet.tasks.cache import (
     save_atomic,
 )
 from bouquet.tasks.memo import PARTITIONS
+from bouquet.tasks.partitioners import USES
 from bouquet.tasks.spec import ClientData, DataSpec
 
 if TYPE_CHECKING:
@@ -61,7 +62,12 @@ every client call."""
 
 
 def _fields(spec: DataSpec) -> dict[str, Any]:
-    return {**dataclasses.asdict(spec), **_data_identity(spec)}
+    fields = dataclasses.asdict(spec)
+    for partitioner, names in USES.items():
+        if spec.partitioner != partitioner:
+            for name in names:
+                fields.pop(name)
+    return {**fields, **_data_identity(spec)}
 
 
 def central_test_path(spec: DataSpec) -> Path:

@@ -8,6 +8,12 @@
   introduced it) and the others are drawn with the seed.
 - ``natural-id``: one partition per value of a column (``NaturalIdPartitioner``).
 - ``linear`` / ``exponential`` / ``square``: sizes proportional to i, e^i, i^2.
+- ``grouped``: grouped label skew (``tasks/skew.py``): partitions
+  form ``num-groups`` latent groups, group g owns the classes c with
+  c mod G = g, and each class is dealt evenly among its group's partitions.
+- ``long-tail``: long-tailed class counts (``tasks/skew.py``): class
+  k of C keeps ``n_max * imbalance-factor ** (k / (C - 1))`` of its rows, the
+  rest are dropped; the kept rows are split by Dir(``dirichlet-alpha``).
 
 The pool handed to a partitioner is already shuffled with the run's seed, so the
 order-based ones (``iid`` and the size-based ones) are random yet reproducible.
@@ -31,7 +37,13 @@ PARTITIONERS = (
     "linear",
     "exponential",
     "square",
+    "grouped",
+    "long-tail",
 )
+
+USES = {"grouped": ("num_groups",), "long-tail": ("imbalance_factor",)}
+"""The ``DataSpec`` fields only some partitioners read (the cache key leaves
+them out for the others, so adding them kept every existing cache valid)."""
 
 
 def list_partitioners() -> list[str]:
@@ -55,6 +67,8 @@ def make_partitioner(spec: DataSpec, column: str, num_rows: int) -> Partitioner:
     column for ``natural-id``; the size-based and ``iid`` ones ignore it.
     """
     from flwr_datasets import partitioner as fp
+
+    from bouquet.tasks.skew import GroupedLabelPartitioner, LongTailPartitioner
 
     n, seed = spec.num_partitions, spec.seed
     match spec.partitioner:
@@ -91,4 +105,15 @@ def make_partitioner(spec: DataSpec, column: str, num_rows: int) -> Partitioner:
             return fp.ExponentialPartitioner(n)
         case "square":
             return fp.SquarePartitioner(n)
+        case "grouped":
+            return GroupedLabelPartitioner(n, column, spec.num_groups, seed)
+        case "long-tail":
+            return LongTailPartitioner(
+                n,
+                column,
+                spec.imbalance_factor,
+                spec.dirichlet_alpha,
+                dirichlet_min_partition_size(num_rows, n),
+                seed,
+            )
     raise AssertionError(f"unhandled partitioner {spec.partitioner!r}")

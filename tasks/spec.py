@@ -54,6 +54,8 @@ _RUN_CONFIG_KEYS = {
     "dirichlet-alpha": "dirichlet_alpha",
     "classes-per-partition": "classes_per_partition",
     "num-shards-per-partition": "num_shards_per_partition",
+    "num-groups": "num_groups",
+    "imbalance-factor": "imbalance_factor",
     "partition-by": "partition_by",
     "data-path": "data_path",
     "test-fraction": "test_fraction",
@@ -84,6 +86,8 @@ class DataSpec:
     dirichlet_alpha: float = 0.3
     classes_per_partition: int = 2
     num_shards_per_partition: int = 2
+    num_groups: int = 4
+    imbalance_factor: float = 0.02
     partition_by: str = "label"
     data_path: str = ""
     test_fraction: float = 0.2
@@ -110,6 +114,12 @@ class DataSpec:
                 raise ValueError(f"{name} must be in [0, 1), got {value}")
         if self.dirichlet_alpha <= 0:
             raise ValueError(f"dirichlet-alpha must be > 0, got {self.dirichlet_alpha}")
+        if self.num_groups < 1:
+            raise ValueError(f"num-groups must be >= 1, got {self.num_groups}")
+        if not 0.0 < self.imbalance_factor <= 1.0:
+            raise ValueError(
+                f"imbalance-factor must be in (0, 1], got {self.imbalance_factor}"
+            )
 
     @classmethod
     def from_run_config(

@@ -49,6 +49,9 @@ MODEL_WRAPPER = "model-wrapper"
 ``gated`` for pFedGate); absent: none. Both halves build the same model."""
 LOCAL_EPOCHS = "local-epochs"
 LOCAL_STEPS = "local-steps"
+FINETUNE_STEPS = "finetune-steps"
+"""Evaluate config: local steps a node trains a copy of its model for before
+personalised evaluation (0: evaluate the model as received)."""
 MAX_LOCAL_STEPS = 10_000_000
 """Most local steps a task may ask for (the client refuses more)."""
 BATCH_SIZE = "batch-size"

@@ -43,6 +43,20 @@ def _recipes(path: tuple[str, ...]) -> tuple[str, ...]:
 
 def get_recipe(name: str) -> Recipe:
     """The ``make_hooks`` of recipe module ``name``."""
+    return _module(name).make_hooks
+
+
+def get_evaluation(name: str) -> Callable[..., Any] | None:
+    """Recipe ``name``'s ``evaluation_model(model, config, state)``, if it has one.
+
+    A routine whose nodes evaluate a model other than the one they hold (a
+    realigned head: FedLoGe) defines it; the strategy names the routine in
+    its evaluate messages' config too.
+    """
+    return getattr(_module(name), "evaluation_model", None)
+
+
+def _module(name: str) -> Any:
     if not _NAME.match(name) or name not in list_recipes():
         known = ", ".join(list_recipes())
         raise ConfigError(
@@ -51,4 +65,4 @@ def get_recipe(name: str) -> Recipe:
             f"one of this client's routines ({known}), "
             "or install the Bouquet version the server runs",
         )
-    return importlib.import_module(f"{__name__}.{name}").make_hooks
+    return importlib.import_module(f"{__name__}.{name}")
