@@ -29,9 +29,11 @@ executed at its own virtual time, in the order of the sequential
 definition: a node's events before ``T_k`` are its own (local), and its
 exchange only needs its partner's ``y + z`` at the same instant. The run
 is the sequential DADAO of the sampled events, checked against a NumPy
-reference in ``tests/strategies/test_dadao.py``. The virtual clock (the
-``dadao-time`` metric) advances by a batch per round; events past
-``horizon`` are not sampled (the nodes then only reach it).
+reference in ``tests/strategies/test_dadao.py``, and the client's events
+against numbers of the official ``DADAO_optimizer`` (AdelNabli/DADAO at
+eed1ed1, run on CPU on a 3-node triangle, ``data/dadao_official.json``).
+The virtual clock (the ``dadao-time`` metric) advances by a batch per round;
+events past ``horizon`` are not sampled (the nodes then only reach it).
 
 Wire protocol: config ``dadao.smoothness``, ``dadao.strong-convexity``,
 ``dadao.chi1``, ``dadao.time`` and ``dadao.gradient-times``;

@@ -27,6 +27,11 @@ Decisions where the spec was open
   it would): the nodes mix, the server only relays.
 - ``rho = 0.05``, ``lr-decay = 0.998`` (the spec's values); Q = 1 by default.
 - With ``rho = 0``, Q = 1 and no decay DFedSAM is D-PSGD (a declared reduction).
+- No golden fixture from official code: the paper's repository (probably
+  github.com/YMJS-Irfan/DFedSAM) has no snapshot reachable here (the
+  author's DP-FedSAM, a different, server-based algorithm, is the only one),
+  so the recipe is checked against a step-by-step reference of the paper's
+  equations instead (``tests/strategies/test_dfedsam.py``).
 """
 
 from __future__ import annotations

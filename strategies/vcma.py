@@ -67,6 +67,10 @@ Decisions where the spec was open
   ``c = 1/(deg + 1)`` on a regular graph (the default ring: ``c = 1/3``),
   every row is the uniform ``1/(deg + 1)``: D-PSGD (declared, checked by the
   conformance test).
+
+The variance claim is measured (per-layer variance with and without the
+correction, vs. D-PSGD) by ``simulations/vcma_variance.py``; the numbers are
+in ``simulations/results/decentral/README.md``.
 """
 
 from __future__ import annotations

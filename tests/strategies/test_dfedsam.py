@@ -90,3 +90,42 @@ def test_rho_zero_one_step_no_decay_is_dpsgd_by_declaration():
     assert reduction.equals == "dpsgd" and reduction.settings["rho"] == 0.0
     with pytest.raises(ValueError, match="gossip-steps"):
         DFedSAM(gossip_steps=0)
+
+
+def test_one_round_is_the_gossip_step_then_a_sam_step_by_hand():
+    """No official code to run (module docstring): the paper's equations instead.
+
+    ``z = sum_j W_ij x_j``, ``g = grad F_i(z)``, ``e = rho g / ||g||``,
+    ``x_i <- z - eta grad F_i(z + e)`` on a linear model with a quadratic loss.
+    """
+    a = np.array([[1.0, 2.0], [0.5, -1.0], [-2.0, 0.25]])
+    b = np.array([1.0, -0.5, 2.0])
+    own, other = np.array([0.3, -0.2]), np.array([1.0, 0.6])
+    weights, rho, eta = [0.25, 0.75], 0.05, 0.1
+    model = torch.nn.Linear(2, 1, bias=False).double()
+    with torch.no_grad():
+        model.weight.copy_(torch.from_numpy(own[None]))
+    incoming = {
+        wire.gossip_neighbor(0): ArrayRecord({"weight": torch.from_numpy(other[None])})
+    }
+    config = {wire.GOSSIP_WEIGHTS: weights, wire.GOSSIP_TRAIN: True, "dfedsam.rho": rho}
+    train_local(
+        model,
+        (torch.from_numpy(a), torch.from_numpy(b)),
+        TrainSettings(batch_size=3, max_steps=1, lr=eta),
+        make_hooks(config),
+        generator=torch.Generator().manual_seed(0),
+        config=config,
+        state={"bouquet.personal": "held"},  # the node holds its model
+        incoming=incoming,
+        loss=lambda out, y: 0.5 * ((out.squeeze(-1) - y) ** 2).mean(),
+    )
+
+    def grad(w):
+        return a.T @ (a @ w - b) / len(b)
+
+    z = weights[0] * own + weights[1] * other
+    g = grad(z)
+    # The shared SAM hook guards the norm with + 1e-7 (as SAM's reference code).
+    expected = z - eta * grad(z + rho * g / (np.linalg.norm(g) + 1e-7))
+    np.testing.assert_allclose(model.weight.detach().numpy()[0], expected, rtol=1e-12)
