@@ -256,7 +256,13 @@ def _fix_settings(
     A value the user set to something else is refused: the run would not be
     the one asked for.
     """
-    clash = {k: given[k] for k in fixed if k in given and given[k] != fixed[k]}
+    # A value equal to the shared default is no choice (a full run config
+    # passed as overrides, e.g. by the in-process runner): it yields.
+    clash = {
+        k: given[k]
+        for k in fixed
+        if k in given and given[k] != fixed[k] and given[k] != DEFAULTS[k]
+    }
     if clash:
         raise RunConfigError(
             f"{strategy.name} sets {', '.join(f'{k}={fixed[k]!r}' for k in clash)} "

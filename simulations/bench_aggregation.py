@@ -43,12 +43,20 @@ FLAG_RATIO = 3.0
 
 
 def model_arrays(d: int, rng: np.random.Generator) -> dict[str, np.ndarray]:
-    """D float32 parameters in 8 layers, plus a 0-d int64 buffer."""
+    """D float32 parameters in 8 layers, plus a 0-d int64 buffer.
+
+    The last layer is a 2-D classifier (10 classes), as algorithms that read
+    the head (FedLoGe's classifier, HideNseek's prunable weights) expect.
+    """
     sizes = [d // 8] * 7 + [d - 7 * (d // 8)]
+    sizes[0] += sizes[-1] % 10
+    sizes[-1] -= sizes[-1] % 10
     arrays = {
         f"layer{i}.weight": rng.standard_normal(n).astype(np.float32)
         for i, n in enumerate(sizes)
     }
+    head = arrays.pop(f"layer{len(sizes) - 1}.weight")
+    arrays["head.weight"] = head.reshape(10, -1)
     arrays["bn.num_batches_tracked"] = np.array(3, dtype=np.int64)
     return arrays
 
@@ -129,11 +137,21 @@ class Round:
                     wire.CLIENT_INFO: ConfigRecord({wire.ROUTINE: strategy.routine}),
                 }
             )
-            for extra in strategy.expected_records(strategy.train_round):
+            for extra, spec in strategy.contract(ctx).records.items():
+                # Each declared entry: the local value's scale where the
+                # model has that entry, zeros of its shape otherwise.
                 content[extra] = to_record(
                     {
-                        k: 0.01 * v if v.dtype.kind == "f" else v
-                        for k, v in local.items()
+                        k: (
+                            (
+                                0.01 * local[k]
+                                if local[k].dtype.kind == "f"
+                                else local[k]
+                            )
+                            if k in local and local[k].shape == tuple(shape)
+                            else np.zeros(shape, dtype)
+                        ).astype(dtype)
+                        for k, (shape, dtype) in spec.items()
                     }
                 )
             content[wire.METRICS] = MetricRecord(
@@ -176,6 +194,15 @@ def time_strategy(
     }
 
 
+NOT_MODEL_REPLIES = {
+    "hidenseek": "replies are sign bits over the server's pruned weights",
+    "knfu": "replies are soft labels on the transfer set, not models",
+    "onebyte": "replies are seeded projected-gradient bytes, not models",
+}
+"""Algorithms whose replies this bench cannot synthesise from a model update
+(left out of its table, with the reason)."""
+
+
 def run(
     clients: Sequence[int],
     params: Sequence[int],
@@ -184,7 +211,7 @@ def run(
 ) -> list[dict[str, Any]]:
     """Every (m, d) x strategy; FedAvg first so that ratios can be taken."""
     names = list(names or list_algorithms())
-    names = ["fedavg", *[n for n in names if n != "fedavg"]]
+    names = ["fedavg", *[n for n in names if n not in ("fedavg", *NOT_MODEL_REPLIES)]]
     rows = []
     for d in params:
         rng = np.random.default_rng(0)

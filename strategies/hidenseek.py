@@ -93,6 +93,8 @@ def synflow_mask(
     ``density^(k / iterations)``. Weights that do not chain (or are not 2-D)
     are pruned by magnitude at once.
     """
+    if not weights:  # nothing to prune (a model without 2-D weights)
+        return []
     chain = all(w.ndim == 2 for w in weights) and all(
         a.shape[0] == b.shape[1] for a, b in itertools.pairwise(weights)
     )

@@ -34,3 +34,6 @@ def test_a_run_config_that_sets_peft_otherwise_is_refused(tmp_path):
     config = {**RUN, "peft": "lora", "output-dir": str(tmp_path)}
     with pytest.raises(RunConfigError, match="fedpeft sets peft='bias'"):
         run_inprocess(config, num_nodes=2)
+    # The shared default is no choice: a full run config passes.
+    config = {**RUN, "model": "mlp", "peft": "none"}
+    run_inprocess({**config, "output-dir": str(tmp_path / "defaults")}, num_nodes=2)
