@@ -6,6 +6,18 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+BYTES_SO_FAR = "bytes-so-far"
+"""Row key: bytes sent plus received by the end of the row's round."""
+
+
+def with_bytes_so_far(rows: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
+    """``rows`` with :data:`BYTES_SO_FAR`: the running sum of both directions."""
+    total, out = 0, []
+    for row in rows:
+        total += row.get("bytes-sent", 0) + row.get("bytes-received", 0)
+        out.append({**row, BYTES_SO_FAR: total})
+    return out
+
 
 def plot_rounds(
     runs: Mapping[str, Sequence[Mapping[str, Any]]],
@@ -14,10 +26,12 @@ def plot_rounds(
 ) -> Path:
     """Plot central accuracy and train loss for every run in ``runs``.
 
-    ``x`` is the row key on the horizontal axis: ``round``, or ``sim-time``
-    for asynchronous runs (simulated time). Where rows carry the worst-10%
-    node accuracy (federated evaluation), it is drawn dashed beside the
-    central accuracy, and the mean node accuracy (personalised) dotted.
+    ``x`` is the row key on the horizontal axis: ``round``, ``sim-time``
+    for asynchronous runs (simulated time), or :data:`BYTES_SO_FAR`
+    (communication, both directions; :func:`with_bytes_so_far`). Where rows
+    carry the worst-10% node accuracy (federated evaluation), it is drawn
+    dashed beside the central accuracy, and the mean node accuracy
+    (personalised) dotted.
     """
     import matplotlib
 
@@ -46,7 +60,9 @@ def plot_rounds(
                     xs, ys, style, marker=marker, color=color, label=label + suffix
                 )
                 color = line.get_color()
-    xlabel = "simulated time" if x == "sim-time" else x
+    xlabel = {"sim-time": "simulated time", BYTES_SO_FAR: "bytes sent + received"}.get(
+        x, x
+    )
     ax_acc.set(xlabel=xlabel, ylabel="central accuracy", title="Accuracy")
     ax_loss.set(xlabel=xlabel, ylabel="train loss", title="Training loss")
     for ax in (ax_acc, ax_loss):

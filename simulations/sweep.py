@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from bouquet.simulations.inprocess import flatten_config
+from bouquet.simulations.plotting import BYTES_SO_FAR, with_bytes_so_far
 
 
 def load_override_file(path: str | Path) -> tuple[dict[str, Any], dict[str, Any]]:
@@ -104,12 +105,12 @@ def run_sweep(
                     "sim-time-to-target": time_to_target(rows, target),
                 }
             )
-            curves.setdefault(options["label"], []).append(rows)
+            curves.setdefault(options["label"], []).append(with_bytes_so_far(rows))
     _write_table(records, out)
-    plot_rounds(
-        {label: _mean_curve(runs) for label, runs in curves.items()},
-        out / "comparison.png",
-    )
+    means = {label: _mean_curve(runs) for label, runs in curves.items()}
+    plot_rounds(means, out / "comparison.png")
+    # Accuracy against communication (compression, PEFT, gossip trade bytes).
+    plot_rounds(means, out / "comparison-bytes.png", x=BYTES_SO_FAR)
     timed = {
         label: runs
         for label, runs in curves.items()
@@ -152,6 +153,7 @@ CURVE_KEYS = (
     "node-accuracy-mean",
     "node-accuracy-worst10",
     "train-loss",
+    BYTES_SO_FAR,
 )
 
 
