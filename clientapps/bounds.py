@@ -179,6 +179,14 @@ UPLINK_LEVELS = Bound(wire.UPLINK_LEVELS, 16, 1, compression.MAX_LEVELS)
 UPLINK_ERROR_FEEDBACK = Bound(wire.UPLINK_ERROR_FEEDBACK, False)
 UPLINK_REPLY = Bound(wire.UPLINK_REPLY, "model", choices=("model", "update"))
 """The compressed uplink (``clientapps/uplink.py``); compressor ``"none"``: dense."""
+DOWNLINK_COMPRESSOR = Bound(
+    wire.DOWNLINK_COMPRESSOR, "none", choices=("none", *compression.NAMES)
+)
+DOWNLINK_K = Bound(wire.DOWNLINK_K, 1, 1, INT63_MAX)
+DOWNLINK_LEVELS = Bound(wire.DOWNLINK_LEVELS, 16, 1, compression.MAX_LEVELS)
+DOWNLINK_VERSION = Bound(wire.DOWNLINK_VERSION, 1, 1, INT63_MAX)
+DOWNLINK_BASE = Bound(wire.DOWNLINK_BASE, 0, 0, INT63_MAX)
+"""The compressed downlink (``clientapps/downlink.py``)."""
 
 
 def patterns(config: Mapping[str, Any]) -> list[str]:

@@ -62,7 +62,7 @@ from flwr.app import (
 )
 from torch import nn
 
-from bouquet.clientapps import bounds, uplink
+from bouquet.clientapps import bounds, downlink, uplink
 from bouquet.clientapps.hooks import Hook
 from bouquet.clientapps.inputs import DataSource, as_tensors, labels_of
 from bouquet.clientapps.loop import OptimizerFactory, TrainSettings, train_local
@@ -306,6 +306,9 @@ def train_client(
         config, _fallback(context.run_config, defaults)
     )
     seed = client_seed(msg, context)
+    sent_model = downlink.received_model(msg.content, config, context.state)
+    if sent_model is not None:  # a compressed downlink: train from x_hat_t
+        msg.content[wire.ARRAYS] = downlink.as_record(sent_model)
     personal = personal_names(msg, model)
     frozen = unsent_frozen(msg, model)
     load_model(model, msg.content[wire.ARRAYS], personal, context.state)
@@ -337,6 +340,8 @@ def train_client(
             loss=loss,
         )
     _keep_personal(model, personal, context.state)
+    if sent_model is not None:
+        downlink.keep(sent_model, config, context.state)
     metrics = _base_metrics(context, result.num_examples)
     if result.steps:
         metrics[wire.TRAIN_LOSS] = result.loss_mean

@@ -42,6 +42,7 @@ from bouquet.serverapps.settings import (
 )
 from bouquet.strategies.base import BouquetStrategy
 from bouquet.strategies.clocks import DeviceSpeeds, VirtualClock, WallClock
+from bouquet.strategies.downlink import compress_downlink
 from bouquet.strategies.driver import Driver, RoundReport
 from bouquet.strategies.registry import get_algorithm
 from bouquet.strategies.sampling import wait_for_node_list
@@ -199,12 +200,18 @@ def build_strategy(run_config: Mapping[str, Any]) -> BouquetStrategy:
     """The strategy the run config names, with its hyperparameters."""
     cls = get_algorithm(setting(run_config, "algorithm"))
     strategy = cls.from_run_config(strategy_common(run_config), run_config)
-    return compress_uplink(
+    compress_uplink(
         strategy,
         setting(run_config, "compressor"),
         k=setting(run_config, "compressor-k"),
         levels=setting(run_config, "compressor-levels"),
         error_feedback=setting(run_config, "error-feedback"),
+    )
+    return compress_downlink(
+        strategy,
+        setting(run_config, "downlink-compressor"),
+        k=setting(run_config, "downlink-k"),
+        levels=setting(run_config, "downlink-levels"),
     )
 
 

@@ -51,7 +51,7 @@ import math
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from logging import ERROR, INFO, WARNING
-from typing import Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import numpy as np
 from flwr.app import (
@@ -84,6 +84,9 @@ from bouquet.strategies.validation import (
     weighted_metrics,
 )
 from bouquet.tasks import compression, wire
+
+if TYPE_CHECKING:
+    from bouquet.strategies.downlink import Downlink
 
 Record = ArrayRecord | ConfigRecord | MetricRecord
 """A record that can travel in a message besides ``arrays`` and ``config``."""
@@ -246,6 +249,9 @@ class BouquetStrategy(Strategy):
         self.uplink: compression.Compressor | None = None
         """The compressor train replies are encoded with, where the run asks
         for one (``strategies/uplink.py``); None: replies are dense."""
+        self.downlink: Downlink | None = None
+        """Compresses the model in train messages, where the run asks for it
+        (``strategies/downlink.py``); None: train messages are dense."""
         self.train_round: RoundContext | None = None
         """What the last ``configure_train`` sampled and sent."""
         self.evaluate_round: RoundContext | None = None
@@ -512,6 +518,8 @@ class BouquetStrategy(Strategy):
         extras = self.outgoing_records(ctx)
         if clash := sorted(set(extras) & {wire.ARRAYS, wire.CONFIG}):
             raise ValueError(f"Extra records may not replace {clash}.")
+        if self.downlink is not None:  # each node's model, compressed
+            plan = self.downlink.plan(self, ctx, plan)
         shared = RecordDict(
             {wire.ARRAYS: arrays, wire.CONFIG: ConfigRecord(ctx.config), **extras}
         )
@@ -654,6 +662,9 @@ class BouquetStrategy(Strategy):
         ctx = self._round("train", server_round)
         if ctx is None:
             return None, None
+        if self.downlink is not None:
+            replies = list(replies)
+            self.downlink.received(self, ctx, replies)
         good = self.accept(replies, ctx)
         minimum = max(1, self.min_train_nodes)
         if len(good) < minimum:
@@ -672,6 +683,8 @@ class BouquetStrategy(Strategy):
         if arrays is None:
             self.skipped(ctx)
             return None, None
+        if self.downlink is not None:  # the part of x_t not sent is kept
+            arrays = self.downlink.restore(arrays, ctx)
         metrics = weighted_metrics(good)
         metrics.update(self.train_metrics(good, ctx))
         return to_record(arrays), metrics

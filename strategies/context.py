@@ -72,6 +72,9 @@ class RoundContext:
         The messages sent: replies must answer one of them, from its recipient.
     answered : set of str
         Ids of the messages answered so far (a second answer is refused).
+    unsent : dict, optional
+        ``x - x_hat``: the part of the global model a compressed downlink did
+        not send (``strategies/downlink.py``); ``arrays`` is then ``x_hat``.
 
     """
 
@@ -89,6 +92,7 @@ class RoundContext:
     outcome: Outcome = field(default_factory=Outcome)
     messages: list[Any] = field(default_factory=list, repr=False)
     answered: set[str] = field(default_factory=set, repr=False)
+    unsent: NDArrays | None = field(default=None, repr=False)
 
     @property
     def population(self) -> int:

@@ -598,3 +598,19 @@ def unflatten(
         out[key] = flat[start : start + size].reshape(shape)
         start += size
     return out
+
+
+def advance(
+    x_hat: Mapping[str, np.ndarray], keys: list[str], step: np.ndarray
+) -> dict[str, np.ndarray]:
+    """``x_hat + step`` (``step`` flat over ``keys``), in each entry's dtype.
+
+    The compressed downlink's update of the model nodes hold
+    (``strategies/downlink.py``, ``clientapps/downlink.py``): both halves
+    call it, so their ``x_hat`` stay equal bit for bit.
+    """
+    flat = flatten(x_hat, keys) + step
+    return {
+        k: v.astype(np.dtype(x_hat[k].dtype))
+        for k, v in unflatten(flat, x_hat, keys).items()
+    }

@@ -136,6 +136,22 @@ UPLINK_ERROR_FEEDBACK = "uplink.error-feedback"
 """Config key: the client adds its last compression error to the next update
 (kept in ``Context.state``)."""
 
+DOWNLINK_COMPRESSOR = "downlink.compressor"
+"""Config key of a train message with a compressed downlink
+(``strategies/downlink.py``): the compressor of ``C(x - x_hat)``."""
+DOWNLINK_K = "downlink.k"
+"""Config key: coordinates Top-k / Rand-k keep in the compressed downlink."""
+DOWNLINK_LEVELS = "downlink.levels"
+"""Config key: quantisation levels of the compressed downlink."""
+DOWNLINK_VERSION = "downlink.version"
+"""Config key: the version of the model ``x_hat`` this train message brings."""
+DOWNLINK_BASE = "downlink.base"
+"""Config key: the version the payload applies to (0: ``arrays`` is the
+dense ``x_hat``; else ``arrays`` holds the non-float entries and
+:data:`DOWNLINK_PAYLOAD` the payload of ``x_hat - x_hat_base``)."""
+DOWNLINK_PAYLOAD = "downlink.payload"
+"""ArrayRecord of a compressed train message: the compressor's payload."""
+
 QUERY = "query"
 """Config key of a query message: what the server asks (:data:`DATA_PROFILE`)."""
 DATA_PROFILE = "data-profile"
