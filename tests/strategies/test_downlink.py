@@ -136,13 +136,17 @@ CONFIG = {
 }
 
 
-@pytest.mark.parametrize("algorithm", ["fedavg", "fedprox"])
+@pytest.mark.parametrize(
+    ("algorithm", "uplink"),
+    [("fedavg", {}), ("fedprox", {"compressor": "topk", "compressor-k": 300})],
+)
 def test_a_topk_downlink_shrinks_the_train_messages_by_the_declared_ratio(
-    tmp_path, algorithm
+    tmp_path, algorithm, uplink
 ):
     k = 500
     config = {
         **CONFIG,
+        **uplink,  # the uplink is independent: its replies decode against x_hat_t
         "algorithm": algorithm,
         "output-dir": str(tmp_path / algorithm),
         "downlink-compressor": "topk",
@@ -164,6 +168,29 @@ def test_a_topk_downlink_shrinks_the_train_messages_by_the_declared_ratio(
     assert abs(measured / ratio - 1) < 0.1
     for context in grid.contexts.values():
         assert context.state["bouquet.downlink-version"]["version"] == 2
+    if uplink:  # the replies travelled as Top-k payloads too
+        assert all(r["bytes-received"] < rows[0]["bytes-sent"] / 10 for r in rows)
+
+
+def test_the_downlink_state_survives_a_checkpoint(tmp_path):
+    from bouquet.strategies.state import ServerState, load_state, save_state
+
+    ensure_task_identity()
+    strategy = compress_downlink(FedAvg(min_train_nodes=1), "qsgd", levels=4)
+    grid = InProcessGrid(lambda msg, ctx: msg, num_nodes=2, run_config={})
+    x = {"w": np.arange(4, dtype=np.float32)}
+    for server_round in (1, 2):
+        sent = list(strategy.configure_train(server_round, to_record(x), {}, grid))
+        replies = [make_reply(x, node_id=m.metadata.dst_node_id) for m in sent]
+        strategy.aggregate_train(server_round, answer(strategy, replies))
+        x = {"w": x["w"] + 1}
+    save_state(ServerState(2, x, strategy.export_state()), tmp_path / "ckpt")
+    resumed = compress_downlink(FedAvg(min_train_nodes=1), "qsgd", levels=4)
+    resumed.load_state(load_state(tmp_path / "ckpt").strategy)
+    before, after = strategy.state["downlink"], resumed.state["downlink"]
+    assert after["version"] == 2 and after["held"] == before["held"]
+    np.testing.assert_array_equal(after["x_hat"]["w"], before["x_hat"]["w"])
+    assert after["x_hat"]["w"].dtype == np.float32
 
 
 def test_the_downlink_is_refused_where_there_is_no_single_global_model():
