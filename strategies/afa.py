@@ -94,6 +94,7 @@ class AFA(BouquetStrategy):
     """Common server of AFA-CD and AFA-CS: stale models out, ``G_i`` back."""
 
     routine = "afa"
+    broadcasts_global_model = False  # a node may get a stale model
     paper = "Yang et al., ICML 2022, https://arxiv.org/abs/2108.09875"
     family = "participation"
     params: ClassVar[tuple[Param, ...]] = (

@@ -181,6 +181,10 @@ class BouquetStrategy(Strategy):
     """False where the algorithm has no global model (knowledge is exchanged as
     predictions, KnFu): the arrays stay the initial ones and the central
     accuracy is not the algorithm's; nodes' own models are evaluated."""
+    broadcasts_global_model: ClassVar[bool] = True
+    """False where some train messages carry a node's own arrays (a stale, pruned,
+    cluster or customized model) instead of the global model: no compressed
+    downlink (``strategies/downlink.py``)."""
     model_wrapper: ClassVar[str] = "none"
     """A wrapper of ``tasks.models`` the algorithm puts around the run's model
     (``"gated"``: pFedGate's gating layer); both halves build the same model,

@@ -98,6 +98,7 @@ class ClusterPFL(BouquetStrategy):
     """ClusterPFL (see the module docstring)."""
 
     name = "clusterpfl"
+    broadcasts_global_model = False  # nodes get their cluster's model
     paper = "Yeganeh et al., 2022, https://arxiv.org/abs/2207.03448"
     tagline = "FedAvg warm-up, Ward clustering once, then Reptile per cluster"
     family = "personalization"

@@ -45,8 +45,10 @@ Decisions where the spec was open:
 - Both halves add in float64 and store ``x_hat`` in each entry's own dtype,
   with the same NumPy calls, so their ``x_hat`` are bit-for-bit equal.
 - Algorithms that send some nodes their own ``arrays`` (stale models, cluster
-  models, roles), asynchronous and decentralized ones, are refused: there is
-  no single global model to track.
+  models, pruned models: ``broadcasts_global_model = False``), asynchronous
+  and decentralized ones are refused when the strategy is built: there is no
+  single global model to track. A subclass that does so anyway fails its
+  round with a ``ValueError`` rather than send a wrong model.
 - Randomised compressors (Rand-k, QSGD) draw from ``(seed, round,
   "downlink")``; unbiased ones are used as declared (the error feedback is
   the server's, not a contraction requirement here).
@@ -196,6 +198,7 @@ def compress_downlink(
     if (
         strategy.schedule != "rounds"
         or not strategy.global_model
+        or not strategy.broadcasts_global_model
         or "*" in strategy.personal
     ):
         raise ValueError(

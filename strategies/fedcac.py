@@ -104,6 +104,7 @@ class FedCAC(BouquetStrategy):
 
     name = "fedcac"
     routine = "fedcac"
+    broadcasts_global_model = False  # each node gets its own model
     paper = "Wu et al., ICCV 2023, https://arxiv.org/abs/2309.11103"
     tagline = "Critical parameters shared only with similar clients, the rest globally"
     family = "personalization"

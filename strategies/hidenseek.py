@@ -176,6 +176,7 @@ class HideNseek(BouquetStrategy):
 
     name = "hidenseek"
     routine = "hidenseek"
+    broadcasts_global_model = False  # each node gets its pruned model
     paper = "Vallapuram et al., arXiv 2022, https://arxiv.org/abs/2206.04385"
     tagline = "Server-side SynFlow pruning, clients learn a 1-bit sign supermask"
     family = "compression"

@@ -97,6 +97,7 @@ class MoDeST(GossipStrategy):
 
     name = "modest"
     routine = "dpsgd"
+    broadcasts_global_model = False  # nodes get relayed models
     paper = "de Vos et al., arXiv 2023, https://arxiv.org/abs/2302.13837"
     tagline = "Hash-sampled trainers, one sampled node aggregates and forwards"
     family = "decentralized"

@@ -194,7 +194,7 @@ def test_the_downlink_state_survives_a_checkpoint(tmp_path):
 
 
 def test_the_downlink_is_refused_where_there_is_no_single_global_model():
-    for name in ("fedasync", "dpsgd"):
+    for name in ("fedasync", "dpsgd", "modest", "afa-cd", "hidenseek", "fedcac"):
         with pytest.raises(RunConfigError, match="downlink-compressor"):
             checked_strategy(
                 {**app_defaults(), "algorithm": name, "downlink-compressor": "topk"}
