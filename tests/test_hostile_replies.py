@@ -86,6 +86,8 @@ class Scenario:
 
         self.run_config = {**app_defaults(), **CONFIG, "algorithm": name}
         self.run_config["output-dir"] = output_dir
+        # What the ServerApp applies and sends to the ClientApps (FedPEFT's peft).
+        self.run_config.update(build_strategy(self.run_config).run_settings())
         _, path, _ = run_inprocess(self.run_config, num_nodes=NODES)
         self.state = load_state(path / "checkpoint")
         self.grid = InProcessGrid(app, NODES, self.run_config)

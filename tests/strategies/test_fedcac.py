@@ -116,6 +116,7 @@ def test_the_client_scores_parameters_by_change_times_value():
         parameters=list(model.parameters()),
         global_parameters=before,
         personal=(),
+        frozen=(),
         reply_records={},
     )
     # Execute
