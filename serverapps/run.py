@@ -252,17 +252,23 @@ def checked_strategy(run_config: Mapping[str, Any]) -> BouquetStrategy:
     return strategy
 
 
-def _fix_settings(
+def effective_run_config(
     strategy: BouquetStrategy,
-    fixed: Mapping[str, Any],
     run_config: Mapping[str, Any],
-    given: Mapping[str, Any],
+    given: Mapping[str, Any] | None = None,
 ) -> dict[str, Any]:
-    """``run_config`` with the shared values the algorithm fixes.
+    """The run config a run really uses, with what the algorithm fixes.
 
-    A value the user set to something else is refused: the run would not be
-    the one asked for.
+    The algorithm fixes shared values through
+    :meth:`BouquetStrategy.run_settings`. ``given`` holds the keys the user
+    set (None: all of ``run_config``). A value the user set to something else
+    is refused: the run would not be the one asked for. Test harnesses that
+    build messages without :func:`run_server` call this too.
     """
+    fixed = strategy.run_settings()
+    if not fixed:
+        return dict(run_config)
+    given = run_config if given is None else given
     # A value equal to the shared default is no choice (a full run config
     # passed as overrides, e.g. by the in-process runner): it yields.
     clash = {
@@ -310,9 +316,9 @@ def run_server(
     # Fail first, before waiting for nodes: unknown names, values of the wrong
     # type or out of range.
     strategy = checked_strategy(run_config)
-    if fixed := strategy.run_settings():
-        run_config = _fix_settings(strategy, fixed, run_config, given)
-        restored = {**restored, **fixed}  # the ClientApps build the same model
+    run_config = effective_run_config(strategy, run_config, given)
+    # The ClientApps build the same model.
+    restored = {**restored, **strategy.run_settings()}
     num_nodes = wait_for_nodes(
         grid,
         setting(run_config, "min-available-nodes"),

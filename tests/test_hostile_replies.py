@@ -54,7 +54,7 @@ from flwr.app import (
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from bouquet.serverapps.run import build_strategy
+from bouquet.serverapps.run import build_strategy, effective_run_config
 from bouquet.serverapps.settings import TRAIN_CONFIG_KEYS, setting
 from bouquet.simulations.inprocess import (
     InProcessGrid,
@@ -87,7 +87,9 @@ class Scenario:
         self.run_config = {**app_defaults(), **CONFIG, "algorithm": name}
         self.run_config["output-dir"] = output_dir
         # What the ServerApp applies and sends to the ClientApps (FedPEFT's peft).
-        self.run_config.update(build_strategy(self.run_config).run_settings())
+        self.run_config = effective_run_config(
+            build_strategy(self.run_config), self.run_config
+        )
         _, path, _ = run_inprocess(self.run_config, num_nodes=NODES)
         self.state = load_state(path / "checkpoint")
         self.grid = InProcessGrid(app, NODES, self.run_config)

@@ -20,26 +20,37 @@ def deployment(flower):
     return flower.start_deployment(NODES)
 
 
-def test_two_supernodes_complete_two_rounds(flower, deployment, app_dir, tmp_path):
+def run_on_supernodes(flower, deployment, app_dir, tmp_path, run_config: dict) -> list:
+    """Submit one run, wait until it completed, return its metrics rows."""
     connection = deployment.superlink.connection
     run = flower.submit_run(
         connection,
         app_dir,
-        run_config={
-            "algorithm": "fedavg",
-            "num-server-rounds": 2,
-            "fraction-train": 1.0,
-            "output-dir": str(tmp_path),
-            # Every Grid round trip costs ~10 s here (3 s polls on both sides
-            # and a fresh flwr-clientapp process per message), so federated
-            # evaluation is left to the Ray test.
-            "fraction-evaluate": 0.0,
-        },
+        run_config={**run_config, "output-dir": str(tmp_path)},
         timeout=300,
     )
     status = flower.wait_for_run(run.run_id, connection, timeout=60)
     assert status == STATUS_COMPLETED, run.output
     rows, _ = read_run_metrics(tmp_path)
+    return rows
+
+
+def test_two_supernodes_complete_two_rounds(flower, deployment, app_dir, tmp_path):
+    rows = run_on_supernodes(
+        flower,
+        deployment,
+        app_dir,
+        tmp_path,
+        {
+            "algorithm": "fedavg",
+            "num-server-rounds": 2,
+            "fraction-train": 1.0,
+            # Every Grid round trip costs ~10 s here (3 s polls on both sides
+            # and a fresh flwr-clientapp process per message), so federated
+            # evaluation is left to the Ray test.
+            "fraction-evaluate": 0.0,
+        },
+    )
     assert [r["round"] for r in rows] == [0, 1, 2]
     for row in rows[1:]:
         assert row["train-replies"] == NODES and row["train-dropped"] == 0, row
@@ -59,23 +70,19 @@ def test_async_run_with_different_simulated_speeds(
     the fast one version 5 with staleness 1. This holds whatever order the
     replies reach the SuperLink in (virtual clock).
     """
-    connection = deployment.superlink.connection
-    run = flower.submit_run(
-        connection,
+    rows = run_on_supernodes(
+        flower,
+        deployment,
         app_dir,
-        run_config={
+        tmp_path,
+        {
             "algorithm": "fedasync",
             "num-server-rounds": 5,
             "local-steps": 5,
             "device-speeds": "linear",
             "device-speed-ratio": 4.0,
-            "output-dir": str(tmp_path),
         },
-        timeout=300,
     )
-    status = flower.wait_for_run(run.run_id, connection, timeout=60)
-    assert status == STATUS_COMPLETED, run.output
-    rows, _ = read_run_metrics(tmp_path)
     trained = rows[1:]
     assert [r["round"] for r in trained] == [1, 2, 3, 4, 5]
     assert [r["sim-time"] for r in trained] == pytest.approx([1.25, 2.5, 3.75, 5, 5])
@@ -92,22 +99,18 @@ def test_gossip_nodes_keep_their_models_across_calls(
     from the node's own model (and its neighbour's, relayed) if the state
     survived between calls on the SuperNode.
     """
-    connection = deployment.superlink.connection
-    run = flower.submit_run(
-        connection,
+    rows = run_on_supernodes(
+        flower,
+        deployment,
         app_dir,
-        run_config={
+        tmp_path,
+        {
             "algorithm": "dpsgd",
             "num-server-rounds": 2,
             "local-steps": 20,
             "fraction-evaluate": 0.0,
-            "output-dir": str(tmp_path),
         },
-        timeout=300,
     )
-    status = flower.wait_for_run(run.run_id, connection, timeout=60)
-    assert status == STATUS_COMPLETED, run.output
-    rows, _ = read_run_metrics(tmp_path)
     assert [r["round"] for r in rows] == [0, 1, 2]
     for row in rows[1:]:
         assert row["train-replies"] == NODES and row["error-replies"] == 0, row
@@ -127,11 +130,12 @@ def test_fine_tuning_sends_only_the_trainable_entries(
     Each SuperNode's fresh ClientApp process builds the same backbone (the
     frozen digest matches) and replies with the biases and the head only.
     """
-    connection = deployment.superlink.connection
-    run = flower.submit_run(
-        connection,
+    rows = run_on_supernodes(
+        flower,
+        deployment,
         app_dir,
-        run_config={
+        tmp_path,
+        {
             "algorithm": "fedpeft",
             "dataset": "digits-shift",
             "pretrained": "source",
@@ -139,13 +143,8 @@ def test_fine_tuning_sends_only_the_trainable_entries(
             "num-server-rounds": 1,
             "local-steps": 3,
             "fraction-evaluate": 0.0,
-            "output-dir": str(tmp_path),
         },
-        timeout=300,
     )
-    status = flower.wait_for_run(run.run_id, connection, timeout=60)
-    assert status == STATUS_COMPLETED, run.output
-    rows, _ = read_run_metrics(tmp_path)
     row = rows[1]
     assert row["train-replies"] == NODES and row["error-replies"] == 0, row
     # mlp on 8x8 digits: 17,226 floats; biases and head: 128 + 64 + 650 = 842.
