@@ -60,11 +60,12 @@ Decisions where the spec was open:
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 from bouquet.strategies.base import Reduction
 from bouquet.strategies.ef21 import EF21
 from bouquet.strategies.params import Param
 from bouquet.strategies.registry import register
-from bouquet.tasks import compression
 
 
 @register
@@ -76,21 +77,14 @@ class EControl(EF21):
     paper = "Gao, Islamov, Stich, ICLR 2024, https://arxiv.org/abs/2311.05645"
     tagline = "Controlled error feedback: clients send C(eta e_i + update - h_i)"
     family = "compression"
+    # EF21's compressor parameters under EControl's own wire keys, plus eta.
     params = (
-        Param(
-            "compressor",
-            "topk",
-            choices=compression.NAMES,
-            help="contractive compressor C (unbiased ones scaled by 1/(omega+1))",
-            send="econtrol.compressor",
-        ),
-        Param("k", 1, ">= 1", "coordinates kept by topk / randk", send="econtrol.k"),
-        Param(
-            "levels",
-            16,
-            "[1, 127]",
-            "levels s of qsgd / quantize",
-            send="econtrol.levels",
+        *(
+            replace(p, send=p.send.replace("ef21.", "econtrol."))
+            if isinstance(p.send, str)
+            else p
+            for p in EF21.params
+            if p.key != "eta-g"
         ),
         Param("eta", 0.05, "[0, 1]", "feedback strength eta", send="econtrol.eta"),
         Param("eta-g", 1.0, "> 0", "server step on h (paper gamma = lr * eta-g)"),
