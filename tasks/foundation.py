@@ -25,7 +25,9 @@ through forward hooks, so the pretrained entries keep their names.
 
 from __future__ import annotations
 
+import contextlib
 import math
+from collections.abc import Iterator
 from typing import Any
 
 import torch
@@ -174,3 +176,67 @@ def add_prompts(model: nn.Module, length: int) -> str:
 
     embeddings.register_forward_hook(insert)
     return f"{name}.prompt"
+
+
+def block_stack(model: nn.Module) -> tuple[nn.Module, str] | None:
+    """Where a transformer keeps its blocks: ``(owner, attribute)`` of the list.
+
+    The longest ``nn.ModuleList`` whose children are all of one class (ViT's
+    ``layers``, GPT-2's ``h``); None for a model without one (an MLP, a CNN).
+    """
+    found: tuple[nn.Module, str] | None = None
+    longest = 1
+    for owner in model.modules():
+        for attribute, child in owner.named_children():
+            if (
+                isinstance(child, nn.ModuleList)
+                and len(child) > longest
+                and len({type(block) for block in child}) == 1
+            ):
+                found, longest = (owner, attribute), len(child)
+    return found
+
+
+def split_blocks(
+    model: nn.Module, head_blocks: int, tail_blocks: int
+) -> tuple[list[nn.Module], list[nn.Module], list[nn.Module]]:
+    """A U-shaped split of the blocks: ``(head, body, tail)`` (split learning).
+
+    The client keeps everything before the body (embeddings, prompts, the
+    first ``head_blocks`` blocks) and after it (the last ``tail_blocks``
+    blocks, the final norm, the classifier); the body is the blocks between.
+    A model without a block stack, or with too few blocks, has an empty body:
+    all of it is the client's.
+    """
+    stack = block_stack(model)
+    blocks = list(getattr(*stack)) if stack else []
+    if head_blocks + tail_blocks >= len(blocks):
+        return blocks, [], []
+    end = len(blocks) - tail_blocks
+    return blocks[:head_blocks], blocks[head_blocks:end], blocks[end:]
+
+
+@contextlib.contextmanager
+def without_body(
+    model: nn.Module, head_blocks: int, tail_blocks: int
+) -> Iterator[nn.Module]:
+    """``model`` with its body skipped: ``tail(head(x))`` (SFPrompt's local loss).
+
+    The block list is swapped for the head's and tail's blocks for the
+    duration, and restored afterwards; the blocks are the same modules, so
+    training through it trains the model's own parameters.
+    """
+    stack = block_stack(model)
+    _, body, _ = split_blocks(model, head_blocks, tail_blocks)
+    if stack is None or not body:
+        yield model
+        return
+    owner, attribute = stack
+    blocks = getattr(owner, attribute)
+    skipped = {id(block) for block in body}
+    kept = nn.ModuleList([b for b in blocks if id(b) not in skipped])
+    owner._modules[attribute] = kept
+    try:
+        yield model
+    finally:
+        owner._modules[attribute] = blocks
