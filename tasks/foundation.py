@@ -4,8 +4,9 @@ The optional extra ``pip install 'flwr-bouquet[llm]'`` brings Hugging Face
 ``transformers`` (the models) and ``peft`` (LoRA, used by
 :mod:`tasks.finetune`). Nothing here downloads: ``vit-tiny`` is built from a
 ``ViTConfig`` written below, the stand-in FedPEFT's spec names (patch 2 on 8x8
-inputs, width 64, depth 4, 4 heads, MLP width 128); users with weights load
-them with ``pretrained=<path or hub name>``.
+inputs, width 64, depth 4, 4 heads, MLP width 128), ``gpt2-tiny`` from a
+``GPT2Config`` (2 blocks, width 64: the causal-LM path, on ``grammar-text``);
+users with weights load them with ``pretrained=<path or hub name>``.
 
 Two PEFT modules are written here because ``peft`` does not offer them for
 vision transformers in the form FedPEFT describes (Sun et al., arXiv
@@ -91,6 +92,58 @@ def vit_tiny(info: DatasetInfo) -> nn.Module:
         **VIT_TINY,
     )
     return ImageClassifier(transformers.ViTForImageClassification(config))
+
+
+GPT2_TINY = {
+    "n_embd": 64,
+    "n_layer": 2,
+    "n_head": 4,
+    "n_inner": 256,
+    "resid_pdrop": 0.0,
+    "embd_pdrop": 0.0,
+    "attn_pdrop": 0.0,
+    "tie_word_embeddings": False,
+    "bos_token_id": None,
+    "eos_token_id": None,
+}
+"""A tiny GPT-2 (2 blocks, width 64, 4 heads), the causal-LM path's backbone.
+
+The output layer is untied from the token embedding so that the classifier
+(``lm_head``, the "head" of personal parameters and of PEFT) is an entry of its
+own."""
+
+
+class CausalLM(nn.Module):
+    """A ``transformers`` causal LM called as ``model(ids) -> logits (N, V, T)``.
+
+    The ids arrive as the pipeline's float inputs and are cast back. Logits
+    are returned classes-second, the layout ``cross_entropy`` takes for
+    per-token targets ``(N, T)``, so the shared ``cross-entropy`` loss and
+    :func:`tasks.evaluation.evaluate_model` are the next-token loss and the
+    per-token accuracy without a loss of their own. The wrapped model is
+    ``self.net``.
+    """
+
+    def __init__(self, net: nn.Module) -> None:
+        super().__init__()
+        self.net = net
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(input_ids=x.long()).logits.transpose(1, 2)
+
+
+def gpt2_tiny(info: DatasetInfo) -> nn.Module:
+    """A tiny GPT-2 for ``info``'s ``(T,)`` token windows over ``num_classes`` ids."""
+    if len(info.input_shape) != 1:
+        raise ValueError(
+            f"gpt2-tiny needs (T,) token windows, got {info.input_shape}: "
+            "use dataset='grammar-text'"
+        )
+    transformers = require_transformers()
+    config = transformers.GPT2Config(
+        vocab_size=info.num_classes, n_positions=info.input_shape[0], **GPT2_TINY
+    )
+    return CausalLM(transformers.GPT2LMHeadModel(config))
 
 
 def from_pretrained(name: str, info: DatasetInfo) -> nn.Module:

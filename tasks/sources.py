@@ -55,6 +55,9 @@ class Source:
     arrays: dict[str, np.ndarray] | None = None
     """The pool's columns as the arrays it was made from (in-memory sources):
     read directly, they spare a formatted copy of the whole pool."""
+    sequence: bool = False
+    """Labels are per-token targets (next-token prediction), not classes:
+    partitioning and the central hold-out group rows by ``natural_id``."""
 
 
 def in_memory_dataset(**columns: np.ndarray) -> Dataset:
@@ -148,6 +151,23 @@ def _digits_shift() -> Source:
     }
     return Source(
         in_memory_dataset(**arrays), None, "x", "label", (1, 8, 8), arrays=arrays
+    )
+
+
+def _grammar_text() -> Source:
+    """Character-level next-token prediction on a generated grammar (text.py)."""
+    from bouquet.tasks.text import CONTEXT, grammar_corpus
+
+    arrays = grammar_corpus()
+    return Source(
+        in_memory_dataset(**arrays),
+        None,
+        "x",
+        "label",
+        (CONTEXT,),
+        natural_id="topic",
+        arrays=arrays,
+        sequence=True,
     )
 
 
@@ -316,6 +336,8 @@ def open_source(spec: DataSpec) -> Source:
             return _mnist1d()
         case "synthetic":
             return _synthetic(spec)
+        case "grammar-text":
+            return _grammar_text()
     return _hub(spec.dataset)
 
 
