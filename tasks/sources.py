@@ -174,13 +174,19 @@ def _grammar_text() -> Source:
 def source_task(dataset: str) -> tuple[np.ndarray, np.ndarray]:
     """Inputs and labels of ``dataset``'s source task (for ``pretrained=source``).
 
-    ``digits-shift``: the other half of digits, clean. Only datasets built as
-    a shift of a source task have one.
+    ``digits-shift``: the other half of digits, clean. ``grammar-text``: other
+    sentences of its grammar, two of its four topics (``text.SOURCE_TOPICS``).
+    Only datasets built as a shift of a source task have one.
     """
+    if dataset == "grammar-text":
+        from bouquet.tasks.text import SOURCE_TOPICS, TEXT_SEED, grammar_corpus
+
+        corpus = grammar_corpus(SOURCE_TOPICS, seed=TEXT_SEED + 1)
+        return corpus["x"], corpus["label"]
     if dataset != "digits-shift":
         raise ValueError(
             f"dataset {dataset!r} has no source task to pretrain on; "
-            "pretrained='source' works with dataset='digits-shift' "
+            "pretrained='source' works with dataset='digits-shift' or 'grammar-text' "
             "(or give pretrained=<path> to a checkpoint)"
         )
     source, _ = _digits_halves()

@@ -79,22 +79,32 @@ def decode(ids: np.ndarray) -> str:
     return "".join(VOCAB[int(i)] for i in ids)
 
 
-def grammar_corpus() -> dict[str, np.ndarray]:
+SOURCE_TOPICS = ("animals", "kitchen")
+"""The source task's topics (``pretrained='source'``): fresh sentences of the
+same grammar from another seed, two topics only, so fine-tuning on
+``grammar-text`` must learn the other two topics' words."""
+
+
+def grammar_corpus(
+    topics: tuple[str, ...] = tuple(TOPICS), seed: int = TEXT_SEED
+) -> dict[str, np.ndarray]:
     """The samples: ``x`` (ids, float32), ``label`` (next ids), ``topic``."""
-    xs, ys, topics = [], [], []
+    xs, ys, topic_ids = [], [], []
     for number, topic in enumerate(TOPICS):
-        rng = np.random.default_rng([TEXT_SEED, number])
+        if topic not in topics:
+            continue
+        rng = np.random.default_rng([seed, number])
         text = " ".join(sentence(rng, topic) for _ in range(SENTENCES_PER_TOPIC))
         ids = encode(text)
         starts = range(0, len(ids) - CONTEXT - 1, CONTEXT // 2)
         windows = np.stack([ids[s : s + CONTEXT + 1] for s in starts])
         xs.append(windows[:, :-1])
         ys.append(windows[:, 1:])
-        topics.append(np.full(len(windows), number, dtype=np.int64))
+        topic_ids.append(np.full(len(windows), number, dtype=np.int64))
     return {
         # Ids as floats: the pipeline's inputs are float32 (exact below 2^24);
         # the model casts them back to integer ids.
         "x": np.concatenate(xs).astype(np.float32),
         "label": np.concatenate(ys),
-        "topic": np.concatenate(topics),
+        "topic": np.concatenate(topic_ids),
     }

@@ -11,6 +11,7 @@ from bouquet.simulations.inprocess import run_inprocess
 from bouquet.tasks.catalog import EMBEDDED
 from bouquet.tasks.evaluation import evaluate_model
 from bouquet.tasks.finetune import build_task_model
+from bouquet.tasks.sources import source_task
 from bouquet.tasks.text import CONTEXT, TOPICS, VOCAB, decode, encode, grammar_corpus
 
 pytest.importorskip("transformers")
@@ -26,6 +27,12 @@ def test_the_corpus_is_fixed_and_its_targets_are_the_next_characters():
     np.testing.assert_array_equal(x[:, 1:], y[:, :-1])  # target t = input t + 1
     assert set(np.unique(a["topic"])) == set(range(len(TOPICS)))
     assert decode(encode("the cat .")) == "the cat ."
+    # The source task (pretrained='source'): other sentences, two topics only.
+    source_x, source_y = source_task("grammar-text")
+    text = " ".join(decode(row) for row in source_x)
+    assert "cat" in text and "bread" in text
+    assert not any(word in text for word in ("sailor", "teacher"))
+    np.testing.assert_array_equal(source_x[:, 1:], source_y[:, :-1])
     with pytest.raises(ValueError, match="'!'"):
         encode("hi!")
 
