@@ -60,8 +60,8 @@ SCORING_BATCH = 1024
 def el2n_scores(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     """EL2N per example, ``||softmax(f(x)) - onehot(y)||_2`` (eval mode, no grad).
 
-    For sequence outputs (``logits`` of shape ``(n, T, C)``) the per-token
-    norms are averaged over the tokens.
+    For sequence outputs (``logits`` of shape ``(n, C, T)``, targets
+    ``(n, T)``) the per-token norms are averaged over the tokens.
     """
     was_training = model.training
     device = next(model.parameters()).device
@@ -72,8 +72,9 @@ def el2n_scores(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Ten
             for i in range(0, len(x), SCORING_BATCH):
                 logits = model(x[i : i + SCORING_BATCH].to(device))
                 labels = y[i : i + SCORING_BATCH].to(device)
-                error = torch.softmax(logits.double(), dim=-1)
-                error -= nn.functional.one_hot(labels, logits.shape[-1]).double()
+                # Classes are dim 1 (a sequence model's logits are (n, C, T)).
+                error = torch.softmax(logits.double(), dim=1).movedim(1, -1)
+                error -= nn.functional.one_hot(labels, logits.shape[1]).double()
                 norms = error.norm(dim=-1)
                 scores.append(norms.reshape(len(norms), -1).mean(dim=1).cpu())
     finally:

@@ -112,3 +112,21 @@ def test_without_trainable_head_no_gradient_goes_back_to_it():
     )
     assert result.run.metrics[UPLINK_BYTES] == 10 * 17 * 64 * 4  # s only
     assert result.run.metrics[DOWNLINK_BYTES] == 10 * (21 - 4) * 64 * 4
+
+
+def test_el2n_of_a_sequence_model_averages_its_tokens():
+    # Logits (n, C, T) = (1, 2, 2): token 0 uniform, token 1 certain and right.
+    logits = torch.tensor([[[0.0, 50.0], [0.0, 0.0]]])
+
+    class Fixed(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.w = nn.Parameter(torch.zeros(()))
+
+        def forward(self, x):
+            return logits + self.w
+
+    scores = el2n_scores(Fixed(), torch.zeros(1), torch.tensor([[0, 0]]))
+    torch.testing.assert_close(
+        scores, torch.tensor([math.sqrt(2) * 0.5 / 2], dtype=torch.float64)
+    )
