@@ -69,6 +69,8 @@ def report_to_row(report: RoundReport) -> dict[str, Any]:
         "bytes-sent": report.bytes_sent,
         "bytes-received": report.bytes_received,
     }
+    if "perplexity" in report.central_metrics:  # a language model's
+        row["central-perplexity"] = report.central_metrics["perplexity"]
     if report.client_time is not None:
         row["client-time"] = round(report.client_time, 4)
     if report.client_time_total is not None:
@@ -176,6 +178,8 @@ def summary(rows: list[dict[str, Any]]) -> dict[str, Any]:
         r["central-accuracy"] for r in rows if r.get("central-accuracy") is not None
     ]
     personal = [r for r in trained if r.get(NODE_ACCURACY_MEAN) is not None]
+    perplexity = [r["central-perplexity"] for r in rows if "central-perplexity" in r]
+    language_model = {"final-central-perplexity": perplexity[-1]} if perplexity else {}
     return {
         "rounds": len(trained),
         "final-central-accuracy": accs[-1] if accs else None,
@@ -197,6 +201,7 @@ def summary(rows: list[dict[str, Any]]) -> dict[str, Any]:
         "missing-replies": sum(
             r.get("train-missing", 0) + r.get("evaluate-missing", 0) for r in trained
         ),
+        **language_model,
     }
 
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import os
 import subprocess
 import sys
@@ -176,9 +177,10 @@ def _central_evaluator(run_config: Mapping[str, Any], num_partitions: int):  # n
         if frozen and (set(loaded.missing_keys) - frozen or loaded.unexpected_keys):
             raise ValueError(f"arrays do not fit the model: {loaded}")
         loss, accuracy = evaluate_model(model, x, y)
-        return MetricRecord(
-            {"loss": loss, "accuracy": accuracy, "num-examples": len(x)}
-        )
+        metrics = {"loss": loss, "accuracy": accuracy, "num-examples": len(x)}
+        if y.dim() > 1:  # per-token targets: a language model's perplexity
+            metrics["perplexity"] = math.exp(min(loss, 700.0))
+        return MetricRecord(metrics)
 
     return model, evaluate
 

@@ -305,15 +305,16 @@ def lora_targets(model: nn.Module, setup: FineTuning, head: str) -> list[str]:
     """Module names LoRA adapts: ``lora-targets`` globs, else a default.
 
     The default is the attention's query and value projections of a
-    transformer (LoRA's own choice, Hu et al., ICLR 2022, section 7.1), else
-    every ``Linear`` / ``Conv2d`` but the classifier.
+    transformer (LoRA's own choice, Hu et al., ICLR 2022, section 7.1; GPT-2's
+    fused ``c_attn``), else every ``Linear`` / ``Conv2d`` but the classifier.
     """
     from torch import nn
 
     layers = [
         n
         for n, m in model.named_modules()
-        if isinstance(m, nn.Linear | nn.Conv2d | nn.Conv1d) and n != head
+        if (isinstance(m, nn.Linear | nn.Conv2d | nn.Conv1d) or _is_gpt2_conv1d(m))
+        and n != head
     ]
     if setup.lora_targets:
         patterns = [p.strip() for p in setup.lora_targets.split(",") if p.strip()]
@@ -324,9 +325,15 @@ def lora_targets(model: nn.Module, setup: FineTuning, head: str) -> list[str]:
                 f"the model's are {layers}"
             )
         return chosen
-    query_value = ("q_proj", "v_proj", "query", "value")
+    # GPT-2 projects q, k, v in one layer, c_attn (LoRA adapts it whole there).
+    query_value = ("q_proj", "v_proj", "query", "value", "c_attn")
     attention = [n for n in layers if n.rpartition(".")[2] in query_value]
     return attention or layers
+
+
+def _is_gpt2_conv1d(module: nn.Module) -> bool:
+    """``transformers``' Conv1D: GPT-2's linear layers (weights stored transposed)."""
+    return type(module).__name__ == "Conv1D" and hasattr(module, "nf")
 
 
 def _add_lora(model: nn.Module, setup: FineTuning, head: str) -> list[str]:
@@ -342,6 +349,8 @@ def _add_lora(model: nn.Module, setup: FineTuning, head: str) -> list[str]:
         lora_alpha=setup.lora_alpha,
         target_modules=targets,
         lora_dropout=0.0,
+        # GPT-2's Conv1D stores its weight transposed (in x out).
+        fan_in_fan_out=all(_is_gpt2_conv1d(model.get_submodule(t)) for t in targets),
     )
     inject_adapter_in_model(config, model)
     return [n for n, _ in model.named_parameters() if ".lora_" in n]

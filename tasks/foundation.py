@@ -4,8 +4,9 @@ The optional extra ``pip install 'flwr-bouquet[llm]'`` brings Hugging Face
 ``transformers`` (the models) and ``peft`` (LoRA, used by
 :mod:`tasks.finetune`). Nothing here downloads: ``vit-tiny`` is built from a
 ``ViTConfig`` written below, the stand-in FedPEFT's spec names (patch 2 on 8x8
-inputs, width 64, depth 4, 4 heads, MLP width 128); users with weights load
-them with ``pretrained=<path or hub name>``.
+inputs, width 64, depth 4, 4 heads, MLP width 128), ``gpt2-tiny`` from a
+``GPT2Config`` (2 blocks, width 64: the causal-LM path, on ``grammar-text``);
+users with weights load them with ``pretrained=<path or hub name>``.
 
 Two PEFT modules are written here because ``peft`` does not offer them for
 vision transformers in the form FedPEFT describes (Sun et al., arXiv
@@ -25,7 +26,9 @@ through forward hooks, so the pretrained entries keep their names.
 
 from __future__ import annotations
 
+import contextlib
 import math
+from collections.abc import Iterator
 from typing import Any
 
 import torch
@@ -89,6 +92,58 @@ def vit_tiny(info: DatasetInfo) -> nn.Module:
         **VIT_TINY,
     )
     return ImageClassifier(transformers.ViTForImageClassification(config))
+
+
+GPT2_TINY = {
+    "n_embd": 64,
+    "n_layer": 2,
+    "n_head": 4,
+    "n_inner": 256,
+    "resid_pdrop": 0.0,
+    "embd_pdrop": 0.0,
+    "attn_pdrop": 0.0,
+    "tie_word_embeddings": False,
+    "bos_token_id": None,
+    "eos_token_id": None,
+}
+"""A tiny GPT-2 (2 blocks, width 64, 4 heads), the causal-LM path's backbone.
+
+The output layer is untied from the token embedding so that the classifier
+(``lm_head``, the "head" of personal parameters and of PEFT) is an entry of its
+own."""
+
+
+class CausalLM(nn.Module):
+    """A ``transformers`` causal LM called as ``model(ids) -> logits (N, V, T)``.
+
+    The ids arrive as the pipeline's float inputs and are cast back. Logits
+    are returned classes-second, the layout ``cross_entropy`` takes for
+    per-token targets ``(N, T)``, so the shared ``cross-entropy`` loss and
+    :func:`tasks.evaluation.evaluate_model` are the next-token loss and the
+    per-token accuracy without a loss of their own. The wrapped model is
+    ``self.net``.
+    """
+
+    def __init__(self, net: nn.Module) -> None:
+        super().__init__()
+        self.net = net
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(input_ids=x.long()).logits.transpose(1, 2)
+
+
+def gpt2_tiny(info: DatasetInfo) -> nn.Module:
+    """A tiny GPT-2 for ``info``'s ``(T,)`` token windows over ``num_classes`` ids."""
+    if len(info.input_shape) != 1:
+        raise ValueError(
+            f"gpt2-tiny needs (T,) token windows, got {info.input_shape}: "
+            "use dataset='grammar-text'"
+        )
+    transformers = require_transformers()
+    config = transformers.GPT2Config(
+        vocab_size=info.num_classes, n_positions=info.input_shape[0], **GPT2_TINY
+    )
+    return CausalLM(transformers.GPT2LMHeadModel(config))
 
 
 def from_pretrained(name: str, info: DatasetInfo) -> nn.Module:
@@ -174,3 +229,67 @@ def add_prompts(model: nn.Module, length: int) -> str:
 
     embeddings.register_forward_hook(insert)
     return f"{name}.prompt"
+
+
+def block_stack(model: nn.Module) -> tuple[nn.Module, str] | None:
+    """Where a transformer keeps its blocks: ``(owner, attribute)`` of the list.
+
+    The longest ``nn.ModuleList`` whose children are all of one class (ViT's
+    ``layers``, GPT-2's ``h``); None for a model without one (an MLP, a CNN).
+    """
+    found: tuple[nn.Module, str] | None = None
+    longest = 1
+    for owner in model.modules():
+        for attribute, child in owner.named_children():
+            if (
+                isinstance(child, nn.ModuleList)
+                and len(child) > longest
+                and len({type(block) for block in child}) == 1
+            ):
+                found, longest = (owner, attribute), len(child)
+    return found
+
+
+def split_blocks(
+    model: nn.Module, head_blocks: int, tail_blocks: int
+) -> tuple[list[nn.Module], list[nn.Module], list[nn.Module]]:
+    """A U-shaped split of the blocks: ``(head, body, tail)`` (split learning).
+
+    The client keeps everything before the body (embeddings, prompts, the
+    first ``head_blocks`` blocks) and after it (the last ``tail_blocks``
+    blocks, the final norm, the classifier); the body is the blocks between.
+    A model without a block stack, or with too few blocks, has an empty body:
+    all of it is the client's.
+    """
+    stack = block_stack(model)
+    blocks = list(getattr(*stack)) if stack else []
+    if head_blocks + tail_blocks >= len(blocks):
+        return blocks, [], []
+    end = len(blocks) - tail_blocks
+    return blocks[:head_blocks], blocks[head_blocks:end], blocks[end:]
+
+
+@contextlib.contextmanager
+def without_body(
+    model: nn.Module, head_blocks: int, tail_blocks: int
+) -> Iterator[nn.Module]:
+    """``model`` with its body skipped: ``tail(head(x))`` (SFPrompt's local loss).
+
+    The block list is swapped for the head's and tail's blocks for the
+    duration, and restored afterwards; the blocks are the same modules, so
+    training through it trains the model's own parameters.
+    """
+    stack = block_stack(model)
+    _, body, _ = split_blocks(model, head_blocks, tail_blocks)
+    if stack is None or not body:
+        yield model
+        return
+    owner, attribute = stack
+    blocks = getattr(owner, attribute)
+    skipped = {id(block) for block in body}
+    kept = nn.ModuleList([b for b in blocks if id(b) not in skipped])
+    owner._modules[attribute] = kept
+    try:
+        yield model
+    finally:
+        owner._modules[attribute] = blocks

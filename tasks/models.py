@@ -11,6 +11,9 @@
 - ``vit-tiny``: a Hugging Face ``transformers`` ViT built from a config in
   code (patch 2, width 64, depth 4; :mod:`tasks.foundation`, the ``[llm]``
   extra): the backbone of federated fine-tuning (:mod:`tasks.finetune`).
+- ``gpt2-tiny``: a ``transformers`` GPT-2 built from a config in code (2
+  blocks, width 64) for next-token prediction on token windows
+  (``grammar-text``); logits ``(N, vocabulary, T)``.
 
 ``wrapper`` wraps any of them: ``gated`` puts pFedGate's gating layer in front
 (:class:`tasks.gating.GatedModel`); an algorithm that needs a wrapper declares
@@ -32,7 +35,7 @@ from torch import nn
 
 from bouquet.tasks.spec import DatasetInfo, unknown_name_error
 
-MODELS = ("logreg", "mlp", "cnn", "resnet18", "vit-tiny")
+MODELS = ("logreg", "mlp", "cnn", "resnet18", "vit-tiny", "gpt2-tiny")
 NORMS = ("batch", "group", "none")
 WRAPPERS = ("none", "gated")
 
@@ -213,4 +216,8 @@ def _build(name: str, info: DatasetInfo, norm: str, seed: int) -> nn.Module:
             from bouquet.tasks.foundation import vit_tiny
 
             return vit_tiny(info)
+        if name == "gpt2-tiny":
+            from bouquet.tasks.foundation import gpt2_tiny
+
+            return gpt2_tiny(info)
         return _resnet18(info, norm)

@@ -157,7 +157,8 @@ def _held_out_rows(spec: DataSpec, source: Source) -> np.ndarray | None:
 def _partition_column(spec: DataSpec, source: Source) -> str:
     if spec.partition_by != "label":
         column = spec.partition_by
-    elif spec.partitioner == "natural-id":
+    elif spec.partitioner == "natural-id" or source.sequence:
+        # Per-token targets are no class to split by: the natural groups are.
         column = source.natural_id or source.label
     else:
         column = source.label

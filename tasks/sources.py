@@ -55,6 +55,9 @@ class Source:
     arrays: dict[str, np.ndarray] | None = None
     """The pool's columns as the arrays it was made from (in-memory sources):
     read directly, they spare a formatted copy of the whole pool."""
+    sequence: bool = False
+    """Labels are per-token targets (next-token prediction), not classes:
+    partitioning and the central hold-out group rows by ``natural_id``."""
 
 
 def in_memory_dataset(**columns: np.ndarray) -> Dataset:
@@ -151,16 +154,39 @@ def _digits_shift() -> Source:
     )
 
 
+def _grammar_text() -> Source:
+    """Character-level next-token prediction on a generated grammar (text.py)."""
+    from bouquet.tasks.text import CONTEXT, grammar_corpus
+
+    arrays = grammar_corpus()
+    return Source(
+        in_memory_dataset(**arrays),
+        None,
+        "x",
+        "label",
+        (CONTEXT,),
+        natural_id="topic",
+        arrays=arrays,
+        sequence=True,
+    )
+
+
 def source_task(dataset: str) -> tuple[np.ndarray, np.ndarray]:
     """Inputs and labels of ``dataset``'s source task (for ``pretrained=source``).
 
-    ``digits-shift``: the other half of digits, clean. Only datasets built as
-    a shift of a source task have one.
+    ``digits-shift``: the other half of digits, clean. ``grammar-text``: other
+    sentences of its grammar, two of its four topics (``text.SOURCE_TOPICS``).
+    Only datasets built as a shift of a source task have one.
     """
+    if dataset == "grammar-text":
+        from bouquet.tasks.text import SOURCE_TOPICS, TEXT_SEED, grammar_corpus
+
+        corpus = grammar_corpus(SOURCE_TOPICS, seed=TEXT_SEED + 1)
+        return corpus["x"], corpus["label"]
     if dataset != "digits-shift":
         raise ValueError(
             f"dataset {dataset!r} has no source task to pretrain on; "
-            "pretrained='source' works with dataset='digits-shift' "
+            "pretrained='source' works with dataset='digits-shift' or 'grammar-text' "
             "(or give pretrained=<path> to a checkpoint)"
         )
     source, _ = _digits_halves()
@@ -316,6 +342,8 @@ def open_source(spec: DataSpec) -> Source:
             return _mnist1d()
         case "synthetic":
             return _synthetic(spec)
+        case "grammar-text":
+            return _grammar_text()
     return _hub(spec.dataset)
 
 
