@@ -88,6 +88,10 @@ def kept_indices(scores: torch.Tensor, fraction: float) -> torch.Tensor:
     return torch.sort(torch.argsort(-scores, stable=True)[:keep]).values
 
 
+STALE_HANDLES = "_bouquet_sfprompt_handles"
+"""Model attribute holding the byte counters' hook handles until finish()."""
+
+
 class SplitPhases(Hook):
     """SFPrompt's three phases on the one loop (see the module docstring)."""
 
@@ -116,12 +120,17 @@ class SplitPhases(Hook):
             with without_body(model, *split):
                 scores = el2n_scores(model, *run.data)
             run.select(kept_indices(scores, self.keep_fraction))
+        # A run that raised never reached finish(): its counters must not stay
+        # on the pooled model.
+        for stale in getattr(model, STALE_HANDLES, ()):
+            stale.remove()
         _, body, _ = split_blocks(model, *split)
         if body:
             self.handles = [
                 body[0].register_forward_pre_hook(self._smashed),
                 body[-1].register_forward_hook(self._returned),
             ]
+        setattr(model, STALE_HANDLES, self.handles)
 
     def _smashed(self, _module: nn.Module, args: tuple[Any, ...]) -> None:
         s = args[0]
@@ -141,6 +150,7 @@ class SplitPhases(Hook):
     def finish(self, run: LocalRun) -> None:
         for handle in self.handles:
             handle.remove()
+        setattr(run.model, STALE_HANDLES, ())
         run.metrics[UPLINK_BYTES] = float(self.uplink)
         run.metrics[DOWNLINK_BYTES] = float(self.downlink)
         run.metrics[KEPT] = float(run.num_examples)

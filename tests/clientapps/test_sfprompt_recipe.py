@@ -130,3 +130,27 @@ def test_el2n_of_a_sequence_model_averages_its_tokens():
     torch.testing.assert_close(
         scores, torch.tensor([math.sqrt(2) * 0.5 / 2], dtype=torch.float64)
     )
+
+
+def test_a_failed_run_leaves_no_byte_counter_on_the_pooled_model():
+    from bouquet.clientapps.hooks import Hook
+
+    class Fails(Hook):
+        def loss(self, run, loss, logits, x, y):
+            raise RuntimeError("the node ran out of memory")
+
+    model = _vit("head")
+    with pytest.raises(RuntimeError):
+        train_local(
+            model,
+            (X, Y),
+            _settings(),
+            [SplitPhases(1.0, 0, 1, 1), Fails()],
+            generator=torch.Generator().manual_seed(0),
+        )
+    hook = SplitPhases(1.0, 0, 1, 1)  # the next message on the same model
+    result = train_local(
+        model, (X, Y), _settings(), [hook], generator=torch.Generator().manual_seed(0)
+    )
+    assert result.run.metrics[UPLINK_BYTES] == 10 * 17 * 64 * 4
+    assert not any(h for h in model.net.vit.layers[1]._forward_pre_hooks.values())
