@@ -78,6 +78,8 @@ SETTINGS: tuple[Param, ...] = (
     Param("lora-freeze-a", finetune.DEFAULTS["lora-freeze-a"], help="FFA-LoRA"),
     Param("adapter-dim", finetune.DEFAULTS["adapter-dim"], ">= 1"),
     Param("prompt-length", finetune.DEFAULTS["prompt-length"], ">= 1"),
+    Param("ssf-pool-size", finetune.DEFAULTS["ssf-pool-size"], ">= 1"),
+    Param("ssf-top-k", finetune.DEFAULTS["ssf-top-k"], ">= 1"),
     Param("device", "cpu"),
     Param("output-dir", ""),
     Param("plot", True),

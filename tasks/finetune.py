@@ -18,7 +18,11 @@ registered algorithm:
   the head), ``adapter`` (bottleneck adapters of width ``adapter-dim`` after
   each transformer block's MLP, plus the head), ``prompt`` (``prompt-length``
   visual prompt tokens, plus the head); the last two need a transformer
-  (:mod:`tasks.foundation`).
+  (:mod:`tasks.foundation`). ``ssf`` (scale and shift of every hidden
+  feature, plus the head; any model, :mod:`tasks.ssf`): with
+  ``ssf-pool-size`` > 1 a pool of entries per site, a head pool and keys, and
+  each instance uses the mean of its ``ssf-top-k`` best-matching entries
+  (FedIns).
 
 **Only trainable tensors cross the wire.** Every entry that is not a
 trainable parameter is *frozen*: it comes from the backbone, which every
@@ -59,7 +63,7 @@ if TYPE_CHECKING:  # torch is imported where a model is built (light for the ser
     import torch
     from torch import nn
 
-PEFT_METHODS = ("none", "head", "bias", "lora", "adapter", "prompt")
+PEFT_METHODS = ("none", "head", "bias", "lora", "adapter", "prompt", "ssf")
 FROZEN_DIGEST = "frozen-digest"
 """Train/evaluate config key: SHA-256 of the server's frozen entries."""
 
@@ -77,6 +81,8 @@ class FineTuning:
     lora_freeze_a: bool = False
     adapter_dim: int = 8
     prompt_length: int = 4
+    ssf_pool_size: int = 1
+    ssf_top_k: int = 1
 
     @classmethod
     def from_run_config(cls, run_config: Mapping[str, Any]) -> FineTuning:
@@ -113,9 +119,16 @@ class FineTuning:
             ("lora-rank", self.lora_rank, 1),
             ("adapter-dim", self.adapter_dim, 1),
             ("prompt-length", self.prompt_length, 1),
+            ("ssf-pool-size", self.ssf_pool_size, 1),
+            ("ssf-top-k", self.ssf_top_k, 1),
         ):
             if value < low:
                 raise ValueError(f"{key}={value}: expected >= {low}")
+        if self.ssf_top_k > self.ssf_pool_size:
+            raise ValueError(
+                f"ssf-top-k={self.ssf_top_k}: expected <= "
+                f"ssf-pool-size={self.ssf_pool_size}"
+            )
         if not self.lora_alpha > 0:
             raise ValueError(f"lora-alpha={self.lora_alpha}: expected > 0")
 
@@ -273,6 +286,12 @@ def apply_peft(model: nn.Module, setup: FineTuning) -> None:
         return
     head = _head_prefix(model)
     trainable: list[str] = [head]
+    if setup.peft == "ssf":
+        from bouquet.tasks.ssf import add_ssf
+
+        added = add_ssf(model, head, setup.ssf_pool_size, setup.ssf_top_k)
+        # A head pool replaces the head, which then stays frozen.
+        trainable = added if setup.ssf_pool_size > 1 else [head, *added]
     if setup.peft == "lora":
         trainable += _add_lora(model, setup, head)
     elif setup.peft == "adapter":

@@ -53,15 +53,16 @@ def _equal(a, b) -> bool:
 
 
 def _initial_arrays(config):
-    from bouquet.tasks import DataSpec, build_model, dataset_info
+    from bouquet.tasks import DataSpec, dataset_info
+    from bouquet.tasks.finetune import build_task_model
 
     run_config = {**app_defaults(), **config}
+    # The shared settings an algorithm fixes (FedIns' SSF pools) shape the model.
+    run_config.update(build_strategy(run_config).run_settings())
     spec = DataSpec.from_run_config(run_config, num_partitions=4)
-    model = build_model(
-        run_config["model"],
+    model = build_task_model(
+        run_config,
         dataset_info(spec),
-        norm=run_config["model-norm"],
-        seed=run_config["seed"],
         wrapper=get_algorithm(run_config["algorithm"]).model_wrapper,
     )
     return {k: v.numpy() for k, v in model.state_dict().items()}
