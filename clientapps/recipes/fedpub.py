@@ -64,7 +64,7 @@ def proxy_inputs(
     else:
         rng = np.random.default_rng([seed, 11])
         rows = rng.normal(0.0, 1.0, (PROXY_NODES * n_proxy, *input_shape))
-    return torch.as_tensor(rows, dtype=torch.float32)
+    return torch.tensor(rows, dtype=torch.float32)  # a copy: the rows are shared
 
 
 @torch.no_grad()
