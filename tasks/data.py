@@ -74,7 +74,8 @@ def central_test_path(spec: DataSpec) -> Path:
     """The cache file of ``spec``'s central test split.
 
     Its key leaves out the partitioning, which does not change the held-out
-    rows; the synthetic data's size depends on the number of clients though.
+    rows; the synthetic data's and sbm-graph's size depends on the number of
+    clients though (and sbm-graph's labels on ``dirichlet-alpha``).
     """
     fields: dict[str, Any] = {
         **_data_identity(spec),
@@ -86,6 +87,11 @@ def central_test_path(spec: DataSpec) -> Path:
             num_partitions=spec.num_partitions,
             alpha=spec.synthetic_alpha,
             beta=spec.synthetic_beta,
+        )
+    if spec.dataset == "sbm-graph" and not spec.data_path:
+        # One community per partition; dirichlet-alpha sets their label mixes.
+        fields.update(
+            num_partitions=spec.num_partitions, label_alpha=spec.dirichlet_alpha
         )
     return cache_dir() / f"{_label(spec)}-central-{cache_key(fields)}.pt"
 

@@ -8,6 +8,8 @@
   and (C, L) signals such as MNIST-1D.
 - ``resnet18``: torchvision's ResNet-18 with the CIFAR stem (3x3 stride-1 first
   conv, no max-pool) and the input channels of the data.
+- ``gcn``: two GCN layers and a linear classifier over graph rows
+  (:mod:`tasks.graph`, dataset ``sbm-graph``; plain torch).
 - ``vit-tiny``: a Hugging Face ``transformers`` ViT built from a config in
   code (patch 2, width 64, depth 4; :mod:`tasks.foundation`, the ``[llm]``
   extra): the backbone of federated fine-tuning (:mod:`tasks.finetune`).
@@ -16,8 +18,10 @@
   (``grammar-text``); logits ``(N, vocabulary, T)``.
 
 ``wrapper`` wraps any of them: ``gated`` puts pFedGate's gating layer in front
-(:class:`tasks.gating.GatedModel`); an algorithm that needs a wrapper declares
-it (``BouquetStrategy.model_wrapper``) and both halves build the same model.
+(:class:`tasks.gating.GatedModel`), ``masked`` multiplies every linear weight
+by a learnable mask (FED-PUB, :mod:`tasks.masked`); an algorithm that needs a
+wrapper declares it (``BouquetStrategy.model_wrapper``) and both halves build
+the same model.
 
 ``norm`` picks the normalisation of ``cnn`` and ``resnet18``: ``batch``,
 ``group`` (GroupNorm, the usual federated choice since it keeps no running
@@ -35,9 +39,9 @@ from torch import nn
 
 from bouquet.tasks.spec import DatasetInfo, unknown_name_error
 
-MODELS = ("logreg", "mlp", "cnn", "resnet18", "vit-tiny", "gpt2-tiny")
+MODELS = ("logreg", "mlp", "cnn", "resnet18", "vit-tiny", "gpt2-tiny", "gcn")
 NORMS = ("batch", "group", "none")
-WRAPPERS = ("none", "gated")
+WRAPPERS = ("none", "gated", "masked")
 
 
 def list_models() -> list[str]:
@@ -198,6 +202,10 @@ def build_model(
 
         with seeded_rng(seed):
             model = GatedModel(model, tuple(info.input_shape))
+    elif wrapper == "masked":
+        from bouquet.tasks.masked import mask_linears
+
+        model = mask_linears(model)
     return model
 
 
@@ -220,4 +228,8 @@ def _build(name: str, info: DatasetInfo, norm: str, seed: int) -> nn.Module:
             from bouquet.tasks.foundation import gpt2_tiny
 
             return gpt2_tiny(info)
+        if name == "gcn":
+            from bouquet.tasks.graph import build_gcn
+
+            return build_gcn(tuple(info.input_shape), info.num_classes)
         return _resnet18(info, norm)

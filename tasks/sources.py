@@ -241,6 +241,17 @@ def _synthetic(spec: DataSpec) -> Source:
     return Source(pool, None, "x", "label", (60,), natural_id="client", arrays=arrays)
 
 
+def _sbm_graph(spec: DataSpec) -> Source:
+    from bouquet.tasks.graph import INPUT_SHAPE, sbm_rows
+
+    x, y, community = sbm_rows(spec.num_partitions, spec.dirichlet_alpha, spec.seed)
+    arrays = {"x": x, "label": y, "community": community}
+    pool = in_memory_dataset(**arrays)
+    return Source(
+        pool, None, "x", "label", INPUT_SHAPE, natural_id="community", arrays=arrays
+    )
+
+
 def _hub(name: str) -> Source:
     from flwr_datasets import FederatedDataset
 
@@ -344,6 +355,8 @@ def open_source(spec: DataSpec) -> Source:
             return _synthetic(spec)
         case "grammar-text":
             return _grammar_text()
+        case "sbm-graph":
+            return _sbm_graph(spec)
     return _hub(spec.dataset)
 
 
