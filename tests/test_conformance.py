@@ -19,7 +19,7 @@ import numpy as np
 import pytest
 from flwr.app import Message, RecordDict
 
-from bouquet.serverapps.run import build_strategy
+from bouquet.serverapps.run import build_strategy, effective_run_config
 from bouquet.serverapps.settings import DEFAULTS
 from bouquet.simulations.inprocess import app_defaults, run_inprocess
 from bouquet.strategies.gossip import GossipStrategy
@@ -58,7 +58,7 @@ def _initial_arrays(config):
 
     run_config = {**app_defaults(), **config}
     # The shared settings an algorithm fixes (FedIns' SSF pools) shape the model.
-    run_config.update(build_strategy(run_config).run_settings())
+    run_config = effective_run_config(build_strategy(run_config), run_config)
     spec = DataSpec.from_run_config(run_config, num_partitions=4)
     model = build_task_model(
         run_config,
