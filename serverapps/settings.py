@@ -1,6 +1,6 @@
 """The run config's shared settings: declared once, typed and range-checked.
 
-Every shared key is a :class:`~strategies.params.Param` here; an algorithm's
+Every shared key is a :class:`~tasks.params.Param` here; an algorithm's
 own keys are declared on its strategy class. ``pyproject.toml`` must declare
 the same keys with the same defaults (Flower rejects undeclared run-config
 keys); a test checks that it does. Values arrive untyped from ``--run-config``
@@ -14,10 +14,10 @@ from collections.abc import Mapping
 from typing import Any
 
 from bouquet.strategies.clocks import SPEED_MODELS
-from bouquet.strategies.params import Param, defaults
 from bouquet.strategies.sampling import LINKS, MODELS
 from bouquet.strategies.uplink import CHOICES as UPLINK_CHOICES
 from bouquet.tasks import finetune, wire
+from bouquet.tasks.params import Param, defaults
 
 SETTINGS: tuple[Param, ...] = (
     Param("algorithm", "fedavg", help="a registered algorithm name"),
@@ -60,26 +60,7 @@ SETTINGS: tuple[Param, ...] = (
     Param("model", "mlp"),
     Param("model-norm", "batch", choices=("batch", "group", "none")),
     # Fine-tuning a pretrained backbone (tasks/finetune.py).
-    Param(
-        "pretrained",
-        finetune.DEFAULTS["pretrained"],
-        help="'' (random init), 'source' (pretrained here), or a path / hub name",
-    ),
-    Param("pretrain-epochs", finetune.DEFAULTS["pretrain-epochs"], ">= 1"),
-    Param(
-        "peft",
-        finetune.DEFAULTS["peft"],
-        choices=finetune.PEFT_METHODS,
-        help="which entries train (and travel)",
-    ),
-    Param("lora-rank", finetune.DEFAULTS["lora-rank"], ">= 1"),
-    Param("lora-alpha", finetune.DEFAULTS["lora-alpha"], "> 0"),
-    Param("lora-targets", finetune.DEFAULTS["lora-targets"], help="module globs"),
-    Param("lora-freeze-a", finetune.DEFAULTS["lora-freeze-a"], help="FFA-LoRA"),
-    Param("adapter-dim", finetune.DEFAULTS["adapter-dim"], ">= 1"),
-    Param("prompt-length", finetune.DEFAULTS["prompt-length"], ">= 1"),
-    Param("ssf-pool-size", finetune.DEFAULTS["ssf-pool-size"], ">= 1"),
-    Param("ssf-top-k", finetune.DEFAULTS["ssf-top-k"], ">= 1"),
+    *finetune.PARAMS,
     Param("device", "cpu"),
     Param("output-dir", ""),
     Param("plot", True),

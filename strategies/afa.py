@@ -68,11 +68,11 @@ from bouquet.strategies.aggregation import mean64, to_record
 from bouquet.strategies.base import BouquetStrategy, Record
 from bouquet.strategies.context import RoundContext
 from bouquet.strategies.fedamd import client_key
-from bouquet.strategies.params import Param
 from bouquet.strategies.pieces import Replies, State, Updated
 from bouquet.strategies.registry import register
 from bouquet.strategies.validation import ClientReply
 from bouquet.tasks import wire
+from bouquet.tasks.params import Param
 
 ARRIVALS = ("uniform", "biased")
 SLOW_WEIGHT = 0.25  # relative arrival rate of a slow node under "biased"

@@ -83,10 +83,10 @@ from bouquet.strategies.aggregation import NDArrays
 from bouquet.strategies.base import BouquetStrategy
 from bouquet.strategies.clocks import Clock, DurationEstimates, Task, VirtualClock
 from bouquet.strategies.context import RoundContext
-from bouquet.strategies.params import Param
 from bouquet.strategies.pieces import Aggregator, RuleWeights, ServerSGD, WeightedMean
 from bouquet.strategies.validation import ClientReply
 from bouquet.tasks import wire
+from bouquet.tasks.params import Param
 
 if TYPE_CHECKING:
     from bouquet.strategies.events import Events

@@ -68,7 +68,6 @@ from flwr.supercore import log
 
 from bouquet.strategies.aggregation import to_numpy, to_record
 from bouquet.strategies.context import NDArrays, RoundContext
-from bouquet.strategies.params import Param, Range
 from bouquet.strategies.pieces import Aggregator, ByExamples, ServerSGD, WeightedMean
 from bouquet.strategies.safety import snapshot, state_problem
 from bouquet.strategies.sampling import sample_nodes, wait_for_node_list
@@ -84,6 +83,7 @@ from bouquet.strategies.validation import (
     weighted_metrics,
 )
 from bouquet.tasks import compression, wire
+from bouquet.tasks.params import Param, Range
 
 if TYPE_CHECKING:
     from bouquet.strategies.downlink import Downlink

@@ -60,10 +60,10 @@ from flwr.serverapp import Grid
 from bouquet.strategies.aggregation import cast_like, to_record
 from bouquet.strategies.base import BouquetStrategy, Record
 from bouquet.strategies.context import NDArrays, RoundContext
-from bouquet.strategies.params import Param
 from bouquet.strategies.registry import register
 from bouquet.strategies.validation import ClientReply
 from bouquet.tasks import wire
+from bouquet.tasks.params import Param
 
 STATE = "clusterpfl"
 FEATURES = ("flatten", "distance")

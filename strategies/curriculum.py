@@ -60,10 +60,10 @@ from typing import Any
 
 from bouquet.strategies.base import BouquetStrategy, Record, Reduction
 from bouquet.strategies.context import NDArrays, RoundContext
-from bouquet.strategies.params import Param
 from bouquet.strategies.registry import register
 from bouquet.strategies.validation import ClientReply
 from bouquet.tasks import wire
+from bouquet.tasks.params import Param
 
 NAME = "curriculum"
 ORDERINGS = ("curriculum", "anti", "random")

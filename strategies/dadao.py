@@ -87,11 +87,11 @@ from bouquet.strategies.aggregation import to_record
 from bouquet.strategies.base import Record
 from bouquet.strategies.context import NDArrays, RoundContext
 from bouquet.strategies.gossip import GOSSIP_PARAMS, STATE, GossipStrategy
-from bouquet.strategies.params import Param
 from bouquet.strategies.registry import register
 from bouquet.strategies.topology import spectral_gap
 from bouquet.strategies.validation import ClientReply, Contract
 from bouquet.tasks import wire
+from bouquet.tasks.params import Param
 
 OWN = "dadao"
 

@@ -41,9 +41,9 @@ from typing import Any
 from bouquet.strategies.base import Reduction
 from bouquet.strategies.context import RoundContext
 from bouquet.strategies.gossip import GOSSIP_PARAMS, GossipStrategy
-from bouquet.strategies.params import Param
 from bouquet.strategies.registry import register
 from bouquet.tasks import wire
+from bouquet.tasks.params import Param
 
 
 @register

@@ -64,8 +64,8 @@ from dataclasses import replace
 
 from bouquet.strategies.base import Reduction
 from bouquet.strategies.ef21 import EF21
-from bouquet.strategies.params import Param
 from bouquet.strategies.registry import register
+from bouquet.tasks.params import Param
 
 
 @register

@@ -126,10 +126,10 @@ import numpy as np
 from bouquet.strategies import pieces
 from bouquet.strategies.base import BouquetStrategy, Reduction
 from bouquet.strategies.context import NDArrays, RoundContext
-from bouquet.strategies.params import Param
 from bouquet.strategies.pieces import Replies, State, Updated
 from bouquet.strategies.registry import register
 from bouquet.tasks import compression
+from bouquet.tasks.params import Param
 
 
 @dataclass(frozen=True)

@@ -32,8 +32,8 @@ Decisions where the spec was open:
 from __future__ import annotations
 
 from bouquet.strategies.base import BouquetStrategy, Reduction
-from bouquet.strategies.params import Param
 from bouquet.strategies.registry import register
+from bouquet.tasks.params import Param
 
 
 @register

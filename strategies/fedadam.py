@@ -19,9 +19,9 @@ Wire protocol: FedAvg's. Server state: ``m`` and ``v`` (checkpointed).
 from __future__ import annotations
 
 from bouquet.strategies.base import BouquetStrategy
-from bouquet.strategies.params import Param
 from bouquet.strategies.pieces import Aggregator, ByExamples, ServerAdam, WeightedMean
 from bouquet.strategies.registry import register
+from bouquet.tasks.params import Param
 
 
 @register

@@ -59,11 +59,11 @@ from flwr.app import ConfigRecord
 from bouquet.strategies.aggregation import to_record, weighted_mean
 from bouquet.strategies.base import BouquetStrategy, Record
 from bouquet.strategies.context import NDArrays, RoundContext
-from bouquet.strategies.params import Param
 from bouquet.strategies.pieces import Aggregator, ServerSGD, Uniform, WeightedMean
 from bouquet.strategies.registry import register
 from bouquet.strategies.validation import ClientReply
 from bouquet.tasks import wire
+from bouquet.tasks.params import Param
 
 ROLE = "fedamd.role"
 DIRECTION = "fedamd.direction"

@@ -37,8 +37,8 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 from bouquet.strategies.asynchrony import AsyncStrategy, Update, async_params
-from bouquet.strategies.params import Param
 from bouquet.strategies.registry import register
+from bouquet.tasks.params import Param
 
 WEIGHTS = ("identical", "weight")
 

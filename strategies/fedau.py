@@ -65,8 +65,8 @@ import numpy as np
 from bouquet.strategies import pieces
 from bouquet.strategies.base import BouquetStrategy, Reduction
 from bouquet.strategies.context import RoundContext
-from bouquet.strategies.params import Param
 from bouquet.strategies.registry import register
+from bouquet.tasks.params import Param
 
 WEIGHTINGS = ("adaptive", "average-participating", "average-all")
 

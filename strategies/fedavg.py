@@ -20,7 +20,6 @@ as the baseline: Flower's accumulates in float32, this in float64.
 from __future__ import annotations
 
 from bouquet.strategies.base import BouquetStrategy
-from bouquet.strategies.params import Param
 from bouquet.strategies.pieces import (
     Aggregator,
     ByExamples,
@@ -29,6 +28,7 @@ from bouquet.strategies.pieces import (
     WeightedMean,
 )
 from bouquet.strategies.registry import register
+from bouquet.tasks.params import Param
 
 
 @register

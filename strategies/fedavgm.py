@@ -17,9 +17,9 @@ Not the client-side momentum of ``fedavg-m`` (``strategies/momentum.py``).
 from __future__ import annotations
 
 from bouquet.strategies.base import BouquetStrategy, Reduction
-from bouquet.strategies.params import Param
 from bouquet.strategies.pieces import Aggregator, ByExamples, ServerSGD, WeightedMean
 from bouquet.strategies.registry import register
+from bouquet.tasks.params import Param
 
 
 @register

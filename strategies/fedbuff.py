@@ -34,8 +34,8 @@ from collections.abc import Sequence
 from typing import Any
 
 from bouquet.strategies.asynchrony import AsyncStrategy, Task, Update, async_params
-from bouquet.strategies.params import Param
 from bouquet.strategies.registry import register
+from bouquet.tasks.params import Param
 
 WEIGHTS = ("identical", "examples", "weight")
 

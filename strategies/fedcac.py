@@ -63,11 +63,11 @@ from flwr.serverapp import Grid
 from bouquet.strategies.aggregation import cast_like, to_record
 from bouquet.strategies.base import BouquetStrategy, Record
 from bouquet.strategies.context import NDArrays, RoundContext
-from bouquet.strategies.params import Param
 from bouquet.strategies.pieces import Aggregator, ByExamples, ServerSGD, WeightedMean
 from bouquet.strategies.registry import register
 from bouquet.strategies.validation import ClientReply
 from bouquet.tasks import wire
+from bouquet.tasks.params import Param
 
 STATE = "fedcac"
 MASK = "fedcac.mask"

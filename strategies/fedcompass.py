@@ -58,8 +58,8 @@ from collections.abc import Sequence
 from typing import Any
 
 from bouquet.strategies.asynchrony import AsyncStrategy, Task, Update, async_params
-from bouquet.strategies.params import Param
 from bouquet.strategies.registry import register
+from bouquet.tasks.params import Param
 
 MIN_STEP_TIME = 1e-9
 """Smallest time per local step a speed estimate takes (seconds)."""

@@ -72,9 +72,9 @@ from bouquet.strategies import pieces
 from bouquet.strategies.aggregation import cast_like, to_record
 from bouquet.strategies.base import BouquetStrategy, Record, Reduction
 from bouquet.strategies.context import NDArrays, RoundContext
-from bouquet.strategies.params import Param, python_name
 from bouquet.strategies.registry import register
 from bouquet.tasks import wire
+from bouquet.tasks.params import Param, python_name
 
 NAME = "fedhyper"
 SCHEDULERS = ("g", "gm", "sl", "cl", "full")

@@ -61,8 +61,8 @@ from __future__ import annotations
 from typing import Any
 
 from bouquet.strategies.fedavg import FedAvg
-from bouquet.strategies.params import Param
 from bouquet.strategies.registry import register
+from bouquet.tasks.params import Param
 
 
 @register

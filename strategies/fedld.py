@@ -66,9 +66,9 @@ import numpy as np
 from bouquet.strategies import pieces
 from bouquet.strategies.base import BouquetStrategy, Reduction
 from bouquet.strategies.context import NDArrays, RoundContext
-from bouquet.strategies.params import Param
 from bouquet.strategies.pieces import Replies, State, Updated
 from bouquet.strategies.registry import register
+from bouquet.tasks.params import Param
 
 EPS = 1e-12
 MODES = ("full", "loss-only", "aggregation-only")

@@ -68,10 +68,10 @@ from flwr.supercore import log
 from bouquet.strategies.aggregation import to_record
 from bouquet.strategies.base import BouquetStrategy, Record, Reduction
 from bouquet.strategies.context import NDArrays, RoundContext
-from bouquet.strategies.params import Param
 from bouquet.strategies.registry import register
 from bouquet.strategies.validation import ClientReply
 from bouquet.tasks import wire
+from bouquet.tasks.params import Param
 
 PHASE = "fedlex.phase"
 BASE = "fedlex.base"

@@ -50,9 +50,9 @@ from flwr.serverapp import Grid
 
 from bouquet.strategies.base import BouquetStrategy
 from bouquet.strategies.context import RoundContext
-from bouquet.strategies.params import Param
 from bouquet.strategies.registry import register
 from bouquet.tasks import wire
+from bouquet.tasks.params import Param
 
 STATE = "fedloge"
 SSEC = "fedloge.ssec"

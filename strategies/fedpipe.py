@@ -56,10 +56,10 @@ from bouquet.strategies import pieces
 from bouquet.strategies.base import Record
 from bouquet.strategies.context import RoundContext
 from bouquet.strategies.fedavg import FedAvg
-from bouquet.strategies.params import Param
 from bouquet.strategies.pieces import Replies, State, Updated
 from bouquet.strategies.registry import register
 from bouquet.tasks import wire
+from bouquet.tasks.params import Param
 
 RANK_KEY = "fedpipe.rank"
 BITS_KEY = "fedpipe.quant-bits"

@@ -14,8 +14,8 @@ FedProx sends, so either side can be Flower's).
 from __future__ import annotations
 
 from bouquet.strategies.base import BouquetStrategy, Reduction
-from bouquet.strategies.params import Param
 from bouquet.strategies.registry import register
+from bouquet.tasks.params import Param
 
 
 @register

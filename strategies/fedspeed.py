@@ -58,10 +58,10 @@ from bouquet.strategies import pieces
 from bouquet.strategies.aggregation import weighted_sum
 from bouquet.strategies.base import BouquetStrategy, Reduction
 from bouquet.strategies.context import RoundContext
-from bouquet.strategies.params import Param
 from bouquet.strategies.pieces import Replies, State, Updated
 from bouquet.strategies.registry import register
 from bouquet.tasks import wire
+from bouquet.tasks.params import Param
 
 SERVER_RULES = ("all-clients", "sampled")
 STATISTICS = ("running_mean", "running_var")

@@ -56,9 +56,9 @@ from __future__ import annotations
 
 from bouquet.strategies.context import RoundContext
 from bouquet.strategies.fedavg import FedAvg
-from bouquet.strategies.params import Param
 from bouquet.strategies.registry import register
 from bouquet.tasks import compression
+from bouquet.tasks.params import Param
 
 
 @register

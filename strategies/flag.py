@@ -66,7 +66,6 @@ import numpy as np
 from bouquet.strategies.aggregation import gram_matrix, weighted_sum
 from bouquet.strategies.base import BouquetStrategy
 from bouquet.strategies.context import RoundContext
-from bouquet.strategies.params import Param
 from bouquet.strategies.pieces import (
     Aggregator,
     ByExamples,
@@ -77,6 +76,7 @@ from bouquet.strategies.pieces import (
     Updated,
 )
 from bouquet.strategies.registry import register
+from bouquet.tasks.params import Param
 from bouquet.tasks.wire import derive_seed
 
 NORMS = ("median", "unit")

@@ -53,7 +53,6 @@ from bouquet.strategies.aggregation import cast_like, coordinate_median, to_reco
 from bouquet.strategies.base import BouquetStrategy, Record
 from bouquet.strategies.context import RoundContext
 from bouquet.strategies.fedhyper import trainable_keys
-from bouquet.strategies.params import Param
 from bouquet.strategies.pieces import (
     Aggregator,
     Combine,
@@ -64,6 +63,7 @@ from bouquet.strategies.pieces import (
     Updated,
 )
 from bouquet.strategies.registry import register
+from bouquet.tasks.params import Param
 from bouquet.tasks.supermask import (
     frozen_weight,
     initial_scores,

@@ -75,7 +75,6 @@ from flwr.serverapp import Grid
 from bouquet.strategies.aggregation import cast_like, to_record
 from bouquet.strategies.base import BouquetStrategy, Record
 from bouquet.strategies.context import NDArrays, RoundContext
-from bouquet.strategies.params import Param
 from bouquet.strategies.topology import (
     GRAPHS,
     MIXINGS,
@@ -87,6 +86,7 @@ from bouquet.strategies.topology import (
 )
 from bouquet.strategies.validation import ClientReply, Contract, array_spec
 from bouquet.tasks import wire
+from bouquet.tasks.params import Param
 
 STATE = "gossip"
 

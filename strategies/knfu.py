@@ -52,9 +52,9 @@ import numpy as np
 from bouquet.strategies.aggregation import to_record
 from bouquet.strategies.base import BouquetStrategy, Record
 from bouquet.strategies.context import NDArrays, RoundContext
-from bouquet.strategies.params import Param
 from bouquet.strategies.registry import register
 from bouquet.strategies.validation import ClientReply
+from bouquet.tasks.params import Param
 
 TRANSFER = "knfu.transfer"
 TARGET = "knfu.target"

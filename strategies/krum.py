@@ -17,9 +17,9 @@ Wire protocol: FedAvg's.
 from __future__ import annotations
 
 from bouquet.strategies.base import BouquetStrategy
-from bouquet.strategies.params import Param
 from bouquet.strategies.pieces import Aggregator, ByExamples, KrumMean, ServerSGD
 from bouquet.strategies.registry import register
+from bouquet.tasks.params import Param
 
 
 @register

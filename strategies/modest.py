@@ -73,11 +73,11 @@ from bouquet.strategies.aggregation import to_record
 from bouquet.strategies.base import BouquetStrategy, Record
 from bouquet.strategies.context import NDArrays, RoundContext
 from bouquet.strategies.gossip import STATE, GossipStrategy, average_model, flatten
-from bouquet.strategies.params import Param
 from bouquet.strategies.registry import register
 from bouquet.strategies.topology import consensus_distance
 from bouquet.strategies.validation import ClientReply
 from bouquet.tasks import wire
+from bouquet.tasks.params import Param
 
 OWN = "modest"
 

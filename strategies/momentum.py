@@ -81,11 +81,11 @@ import numpy as np
 from bouquet.strategies.aggregation import cast_like, mean64, to_record, weighted_sum
 from bouquet.strategies.base import BouquetStrategy, Record, Reduction
 from bouquet.strategies.context import NDArrays, RoundContext
-from bouquet.strategies.params import Param
 from bouquet.strategies.pieces import Aggregator, ServerSGD, Uniform, WeightedMean
 from bouquet.strategies.registry import register
 from bouquet.strategies.validation import ClientReply
 from bouquet.tasks import wire
+from bouquet.tasks.params import Param
 
 NAMESPACE = "momentum"
 BETA = f"{NAMESPACE}.beta"

@@ -76,7 +76,6 @@ from bouquet.strategies.clustering import (
 )
 from bouquet.strategies.context import RoundContext
 from bouquet.strategies.fedamd import client_key
-from bouquet.strategies.params import Param
 from bouquet.strategies.pieces import (
     Aggregator,
     Combine,
@@ -88,6 +87,7 @@ from bouquet.strategies.pieces import (
 )
 from bouquet.strategies.registry import register
 from bouquet.strategies.validation import ClientReply
+from bouquet.tasks.params import Param
 
 MALICIOUS = ("sign-flip", "noise", "targeted")
 LABELS = ("normal", "unreliable", *MALICIOUS)

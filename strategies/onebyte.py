@@ -70,10 +70,10 @@ from flwr.app import ConfigRecord
 from bouquet.strategies import pieces
 from bouquet.strategies.base import BouquetStrategy, Record
 from bouquet.strategies.context import NDArrays, RoundContext
-from bouquet.strategies.params import Param
 from bouquet.strategies.pieces import Replies, State, Updated
 from bouquet.strategies.registry import register
 from bouquet.tasks import compression, wire
+from bouquet.tasks.params import Param
 
 SEED = "onebyte.seed"
 """Config key: the node's seed for this round's directions."""

@@ -56,8 +56,8 @@ from __future__ import annotations
 from typing import Any
 
 from bouquet.strategies.base import BouquetStrategy
-from bouquet.strategies.params import Param
 from bouquet.strategies.registry import register
+from bouquet.tasks.params import Param
 
 GATE = "gate.*"
 """The gating layer's state-dict entries: personal."""

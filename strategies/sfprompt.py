@@ -73,9 +73,9 @@ from typing import ClassVar
 from bouquet.strategies.base import Reduction
 from bouquet.strategies.context import RoundContext
 from bouquet.strategies.fedavg import FedAvg
-from bouquet.strategies.params import Param
 from bouquet.strategies.registry import register
 from bouquet.strategies.validation import ClientReply
+from bouquet.tasks.params import Param
 
 NAME = "sfprompt"
 UPLINK_BYTES = f"{NAME}.split-uplink-bytes"

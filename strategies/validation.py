@@ -37,8 +37,8 @@ from flwr.app import Array, ArrayRecord, Message, MetricRecord
 from flwr.common.constant import SType
 
 from bouquet.strategies.aggregation import NDArrays, npy_view
-from bouquet.strategies.params import Range
 from bouquet.tasks import wire
+from bouquet.tasks.params import Range
 
 ArraySpec = Mapping[str, tuple[tuple[int, ...], str]]
 """Array name -> (shape, dtype string), in state-dict order."""

@@ -83,9 +83,9 @@ from flwr.app import ConfigRecord
 from bouquet.strategies.base import Record, Reduction
 from bouquet.strategies.context import RoundContext
 from bouquet.strategies.gossip import GOSSIP_PARAMS, STATE, GossipStrategy
-from bouquet.strategies.params import Param
 from bouquet.strategies.registry import register
 from bouquet.tasks import wire
+from bouquet.tasks.params import Param
 
 TARGETS = ("follow-others", "follow-conservative", "follow-self")
 """Target variances of VCMA (the simulator's FollowOthers, ...)."""

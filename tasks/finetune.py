@@ -51,12 +51,13 @@ from __future__ import annotations
 import fnmatch
 import hashlib
 from collections.abc import Mapping
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from bouquet.tasks.params import Param, defaults, parse_all
 from bouquet.tasks.spec import DatasetInfo
 
 if TYPE_CHECKING:  # torch is imported where a model is built (light for the server)
@@ -66,6 +67,28 @@ if TYPE_CHECKING:  # torch is imported where a model is built (light for the ser
 PEFT_METHODS = ("none", "head", "bias", "lora", "adapter", "prompt", "ssf")
 FROZEN_DIGEST = "frozen-digest"
 """Train/evaluate config key: SHA-256 of the server's frozen entries."""
+
+
+PARAMS = (
+    Param(
+        "pretrained",
+        "",
+        help="'' (random init), 'source' (pretrained here), or a path / hub name",
+    ),
+    Param("pretrain-epochs", 30, ">= 1"),
+    Param(
+        "peft", "none", choices=PEFT_METHODS, help="which entries train (and travel)"
+    ),
+    Param("lora-rank", 8, ">= 1"),
+    Param("lora-alpha", 16.0, "> 0"),
+    Param("lora-targets", "", help="module globs"),
+    Param("lora-freeze-a", False, help="FFA-LoRA"),
+    Param("adapter-dim", 8, ">= 1"),
+    Param("prompt-length", 4, ">= 1"),
+    Param("ssf-pool-size", 1, ">= 1"),
+    Param("ssf-top-k", 1, ">= 1"),
+)
+"""The fine-tuning keys of the run config (the ServerApp's settings include them)."""
 
 
 @dataclass(frozen=True)
@@ -87,50 +110,14 @@ class FineTuning:
     @classmethod
     def from_run_config(cls, run_config: Mapping[str, Any]) -> FineTuning:
         """Read and check the keys (``ValueError`` naming a bad one)."""
-        values = {}
-        for field in fields(cls):
-            key = field.name.replace("_", "-")
-            default = field.default
-            raw = run_config.get(key, default)
-            try:
-                if isinstance(default, bool):
-                    if isinstance(raw, str):
-                        if raw.lower() not in ("true", "false"):
-                            raise ValueError
-                        raw = raw.lower() == "true"
-                    value: Any = bool(raw)
-                else:
-                    value = type(default)(raw)
-            except (TypeError, ValueError):
-                raise ValueError(
-                    f"{key}={raw!r}: expected a {type(default).__name__}"
-                ) from None
-            values[field.name] = value
-        setup = cls(**values)
-        setup.check()
-        return setup
-
-    def check(self) -> None:
-        """Refuse values out of range, naming the key."""
-        if self.peft not in PEFT_METHODS:
-            raise ValueError(f"peft={self.peft!r}: expected one of {PEFT_METHODS}")
-        for key, value, low in (
-            ("pretrain-epochs", self.pretrain_epochs, 1),
-            ("lora-rank", self.lora_rank, 1),
-            ("adapter-dim", self.adapter_dim, 1),
-            ("prompt-length", self.prompt_length, 1),
-            ("ssf-pool-size", self.ssf_pool_size, 1),
-            ("ssf-top-k", self.ssf_top_k, 1),
-        ):
-            if value < low:
-                raise ValueError(f"{key}={value}: expected >= {low}")
-        if self.ssf_top_k > self.ssf_pool_size:
+        values = parse_all(PARAMS, run_config)
+        setup = cls(**{p.arg: values[p.key] for p in PARAMS})
+        if setup.ssf_top_k > setup.ssf_pool_size:
             raise ValueError(
-                f"ssf-top-k={self.ssf_top_k}: expected <= "
-                f"ssf-pool-size={self.ssf_pool_size}"
+                f"ssf-top-k={setup.ssf_top_k}: expected <= "
+                f"ssf-pool-size={setup.ssf_pool_size}"
             )
-        if not self.lora_alpha > 0:
-            raise ValueError(f"lora-alpha={self.lora_alpha}: expected > 0")
+        return setup
 
     @property
     def active(self) -> bool:
@@ -138,9 +125,7 @@ class FineTuning:
         return self.peft != "none" or bool(self.pretrained)
 
 
-DEFAULTS: dict[str, Any] = {
-    f.name.replace("_", "-"): f.default for f in fields(FineTuning)
-}
+DEFAULTS: dict[str, Any] = defaults(PARAMS)
 """The keys and their defaults (the ServerApp's settings declare the same)."""
 
 

@@ -9,8 +9,8 @@ from bouquet.serverapps.settings import (
     strategy_common,
 )
 from bouquet.simulations.inprocess import app_defaults
-from bouquet.strategies.params import Param
 from bouquet.strategies.registry import get_algorithm
+from bouquet.tasks.params import Param
 
 
 def test_pyproject_and_settings_declare_the_same_shared_keys():

@@ -5,7 +5,6 @@ import pytest
 import bouquet.strategies.registry as registry
 from bouquet.simulations.inprocess import app_defaults
 from bouquet.strategies.base import BouquetStrategy
-from bouquet.strategies.params import Param
 from bouquet.strategies.registry import (
     UnknownAlgorithmError,
     broken_modules,
@@ -14,6 +13,7 @@ from bouquet.strategies.registry import (
     pyproject_tables,
     register,
 )
+from bouquet.tasks.params import Param
 
 
 def test_baselines_registered_and_wildcards():

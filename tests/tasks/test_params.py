@@ -4,7 +4,7 @@ import math
 import pytest
 
 from bouquet.strategies.base import BouquetStrategy
-from bouquet.strategies.params import Param, Range, defaults, parse_all, python_name
+from bouquet.tasks.params import Param, Range, defaults, parse_all, python_name
 
 
 @pytest.mark.parametrize(
