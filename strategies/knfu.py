@@ -55,13 +55,12 @@ from bouquet.strategies.context import NDArrays, RoundContext
 from bouquet.strategies.registry import register
 from bouquet.strategies.validation import ClientReply
 from bouquet.tasks.params import Param
+from bouquet.tasks.soft_labels import distribution_problem, keyed
 
 TRANSFER = "knfu.transfer"
 TARGET = "knfu.target"
 KNOWLEDGE = "knfu.knowledge"
 EPS = 1e-8
-SUM_TOLERANCE = 1e-3
-"""How far from 1 a probability vector's sum may be (float32 softmax)."""
 
 
 def divergences(knowledge: np.ndarray) -> np.ndarray:
@@ -103,21 +102,6 @@ def fuse(
     targets = np.einsum("kj,jnc->knc", weights, p)
     targets[weights.sum(axis=1) == 0] = np.nan
     return targets, weights
-
-
-def keyed(values: np.ndarray) -> dict[str, np.ndarray]:
-    """Rows of ``values`` keyed by sample id (``"0"``, ``"1"``, ...), float32."""
-    return {str(i): np.asarray(row, dtype=np.float32) for i, row in enumerate(values)}
-
-
-def distribution_problem(rows: Mapping[str, np.ndarray]) -> str | None:
-    """Why ``rows`` are not probability vectors, or None."""
-    values = np.stack([np.asarray(v, dtype=np.float64) for v in rows.values()])
-    if (values < 0).any():
-        return "has negative probabilities"
-    if np.abs(values.sum(axis=1) - 1.0).max() > SUM_TOLERANCE:
-        return "has rows that do not sum to 1"
-    return None
 
 
 @register

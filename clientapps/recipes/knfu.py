@@ -26,6 +26,7 @@ from torch.nn import functional
 from bouquet.clientapps.bounds import RATE_MAX, Bound, ConfigError
 from bouquet.clientapps.hooks import Hook
 from bouquet.clientapps.state import array_record
+from bouquet.tasks.soft_labels import distribution_problem
 
 if TYPE_CHECKING:
     from bouquet.clientapps.loop import LocalRun
@@ -38,7 +39,6 @@ TRANSFER = "knfu.transfer"
 TARGET = "knfu.target"
 KNOWLEDGE = "knfu.knowledge"
 MAX_TRANSFER = 100_000
-SUM_TOLERANCE = 1e-3
 
 
 def _refuse(key: str, value: Any, allowed: str) -> ConfigError:
@@ -65,14 +65,10 @@ def target_of(incoming: Mapping[str, Any], count: int, classes: int) -> torch.Te
     record = incoming[TARGET]
     if list(record.keys()) != [str(i) for i in range(count)]:
         raise _refuse(TARGET, f"{len(record.keys())} keys", f"'0' .. '{count - 1}'")
-    rows = [record[str(i)].numpy() for i in range(count)]
-    if any(r.shape != (classes,) or r.dtype.kind != "f" for r in rows):
-        raise _refuse(TARGET, "entries of another shape", f"float[{classes}] each")
-    values = np.stack(rows).astype(np.float64)
-    if not np.isfinite(values).all() or (values < 0).any():
-        raise _refuse(TARGET, "negative or non-finite values", "probabilities")
-    if np.abs(values.sum(axis=1) - 1).max() > SUM_TOLERANCE:
-        raise _refuse(TARGET, "rows not summing to 1", "probabilities")
+    rows = {str(i): record[str(i)].numpy() for i in range(count)}
+    if problem := distribution_problem(rows, classes):
+        raise _refuse(TARGET, problem, f"probabilities, float[{classes}] each")
+    values = np.stack(list(rows.values())).astype(np.float64)
     return torch.as_tensor(values, dtype=torch.float32)
 
 

@@ -1,5 +1,7 @@
 """FedCAC: overlaps, threshold, collaborators and mixing on hand-made replies."""
 
+import json
+from pathlib import Path
 from types import SimpleNamespace
 
 import numpy as np
@@ -126,3 +128,63 @@ def test_the_client_scores_parameters_by_change_times_value():
     mask = run.reply_records[MASK]
     assert mask["weight"].numpy().tolist() == [[0.0, 1.0]]
     assert mask["bias"].numpy().tolist() == [0.0]
+
+
+def test_matches_pfllib_on_four_clients():
+    # Numbers from PFLlib's FedCAC run on CPU (repo and commit in "source"):
+    # its critical masks, sample-weighted global model and next models.
+    case = json.loads(
+        (Path(__file__).parent / "data" / "fedcac_official.json").read_text()
+    )
+    keys = ("weight", "bias")
+
+    def arrays(entry):
+        return {k: np.asarray(entry[k], np.float32) for k in keys}
+
+    masks = []
+    for before, after in zip(case["before"], case["after"], strict=True):
+        b, a = arrays(before), arrays(after)
+        masks.append(
+            {
+                k: critical_mask(
+                    torch.as_tensor(np.abs((a[k] - b[k]) * a[k])), case["tau"]
+                )
+                .numpy()
+                .astype(np.float32)
+                for k in keys
+            }
+        )
+    for got, want in zip(masks, case["masks"], strict=True):
+        for k in keys:
+            np.testing.assert_array_equal(got[k], np.asarray(want[k], np.float32))
+    nodes = tuple(range(len(masks)))
+    ctx = RoundContext(
+        server_round=case["epoch"],
+        num_rounds=None,
+        phase="train",
+        nodes=nodes,
+        sampled=nodes,
+        arrays={k: np.zeros_like(v) for k, v in arrays(case["after"][0]).items()},
+        config={},
+    )
+    replies = [
+        ClientReply(
+            node=i,
+            partition=i,
+            num_examples=case["num_examples"][i],
+            metrics={},
+            arrays=arrays(case["after"][i]),
+            records={MASK: masks[i]},
+        )
+        for i in nodes
+    ]
+    strategy = FedCAC(tau=case["tau"], beta=float(case["beta"]))
+    global_arrays = strategy.aggregate(replies, ctx)
+    for k in keys:
+        np.testing.assert_allclose(global_arrays[k], case["global"][k], rtol=1e-5)
+    for i in nodes:
+        mine = strategy.state[STATE]["models"][str(i)]
+        for k in keys:
+            np.testing.assert_allclose(
+                mine[k], case["next_models"][i][k], rtol=1e-5, atol=1e-6
+            )
