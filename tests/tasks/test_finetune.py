@@ -30,11 +30,11 @@ def _trainable(model):
 
 
 def test_bad_settings_name_the_key():
-    with pytest.raises(ValueError, match="'peft' must be one of .*got 'full'"):
+    with pytest.raises(ValueError, match=r"'peft' must be one of .*got 'full'"):
         FineTuning.from_run_config({"peft": "full"})
     with pytest.raises(ValueError, match="'lora-rank' must be >= 1; got 0"):
         FineTuning.from_run_config({"lora-rank": 0})
-    with pytest.raises(ValueError, match="'lora-freeze-a' must be bool.*got 'yes'"):
+    with pytest.raises(ValueError, match=r"'lora-freeze-a' must be bool.*got 'yes'"):
         FineTuning.from_run_config({"lora-freeze-a": "yes"})
     with pytest.raises(ValueError, match="ssf-top-k=2: expected <= ssf-pool-size=1"):
         FineTuning.from_run_config({"ssf-top-k": 2})
