@@ -13,7 +13,9 @@
   extra): the backbone of federated fine-tuning (:mod:`tasks.finetune`).
 
 ``wrapper`` wraps any of them: ``gated`` puts pFedGate's gating layer in front
-(:class:`tasks.gating.GatedModel`); an algorithm that needs a wrapper declares
+(:class:`tasks.gating.GatedModel`), ``hyper`` generates the feature extractor
+from a node embedding by a hypernetwork (HyperFL,
+:class:`tasks.hypernet.HyperModel`); an algorithm that needs a wrapper declares
 it (``BouquetStrategy.model_wrapper``) and both halves build the same model.
 
 ``norm`` picks the normalisation of ``cnn`` and ``resnet18``: ``batch``,
@@ -34,7 +36,7 @@ from bouquet.tasks.spec import DatasetInfo, unknown_name_error
 
 MODELS = ("logreg", "mlp", "cnn", "resnet18", "vit-tiny")
 NORMS = ("batch", "group", "none")
-WRAPPERS = ("none", "gated")
+WRAPPERS = ("none", "gated", "hyper")
 
 
 def list_models() -> list[str]:
@@ -195,6 +197,11 @@ def build_model(
 
         with seeded_rng(seed):
             model = GatedModel(model, tuple(info.input_shape))
+    elif wrapper == "hyper":
+        from bouquet.tasks.hypernet import HyperModel
+
+        with seeded_rng(seed):
+            model = HyperModel(model)
     return model
 
 
