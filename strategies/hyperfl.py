@@ -5,7 +5,7 @@ Against Gradient Inversion Attacks", AAAI 2025, https://arxiv.org/abs/2412.07187
 (official code: github.com/Pengxin-Guo/HyperFL, ``cnn/methods/hyperfl.py``).
 
 - **Model** (wrapper ``hyper``, :mod:`tasks.hypernet`): node ``i``'s feature
-  extractor is ``theta_i = theta_0 + h(v_i; phi)``, its classifier ``psi_i``;
+  extractor is ``theta_i = h(v_i; phi)``, its classifier ``psi_i``;
   ``v_i`` (``embedding``) and ``psi_i`` (with the normalisation statistics,
   ``base.*``) are personal, ``phi`` (``hyper.*``) is shared.
 - **Client** (recipe ``hyperfl``): on its first round the node draws its own
@@ -28,10 +28,11 @@ Decisions where the spec was open:
 
 - A chunked hypernetwork (1024 values per chunk, learned chunk embeddings)
   instead of one linear head per target tensor: ``phi`` stays ~140k values
-  whatever the model, where the paper's heads exceed the model (spec pitfall);
-  the generated values are a residual on the seeded initial weights
-  ``theta_0`` (public, rebuilt by both halves), so ``theta_i`` starts at a
-  sensible scale. Embedding 64, hidden 128 as the paper.
+  whatever the model, where the paper's heads exceed the model (spec pitfall).
+  Embedding 64, hidden 128 as the paper. ``theta_i`` is all generated: a first
+  version added ``h`` to the public seeded initial weights, and the gradient
+  inversion audit (``simulations/gifd_audit.py``) then reconstructed inputs as
+  well as from FedAvg, the attacker's ``theta`` being close to the node's.
 - The two stages run in the one loop: a hook counts epochs and, per step,
   drops the gradients of the part that does not train (SGD then skips it:
   no momentum, no weight decay for it) and scales the head's by

@@ -65,7 +65,7 @@ class HyperNetwork(nn.Module):
 
 
 class HyperModel(nn.Module):
-    """``base`` whose feature extractor is ``theta_0 + h(v; phi)`` (module doc)."""
+    """``base`` whose feature extractor is ``h(v; phi)`` (see the module doc)."""
 
     def __init__(self, base: nn.Module) -> None:
         super().__init__()
@@ -86,13 +86,11 @@ class HyperModel(nn.Module):
         self.base = base
 
     def generated(self) -> dict[str, torch.Tensor]:
-        """``theta = theta_0 + h(v; phi)``, by the base's parameter names."""
+        """``theta = h(v; phi)``, by the base's parameter names."""
         flat = self.hyper(self.embedding)
-        buffers = dict(self.base.named_buffers())
         theta, offset = {}, 0
         for name, shape, size in zip(self.names, self.shapes, self.sizes, strict=True):
-            delta = flat[offset : offset + size].view(shape)
-            theta[name] = buffers[name] + delta
+            theta[name] = flat[offset : offset + size].view(shape)
             offset += size
         return theta
 
