@@ -1,4 +1,4 @@
-"""Gradient-inversion audit: how much of a training input does a reply leak?
+"""Gradient-inversion audit: how much of a training input a reply leaks.
 
 The GAN-free baseline of GIFD (Fang et al., "GIFD: A Generative Gradient
 Inversion Method with Feature Domain Optimization", ICCV 2023,
@@ -44,6 +44,7 @@ import json
 import math
 from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -150,7 +151,12 @@ def _gradient_fn(
 
 
 def _local_update(
-    model: nn.Module, x: torch.Tensor, y: torch.Tensor, steps: int, lr: float, hooks
+    model: nn.Module,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    steps: int,
+    lr: float,
+    hooks: Sequence[Any],
 ) -> dict[str, torch.Tensor]:
     """``x_sent - y_local`` over the trainable entries, by the pack's loop."""
     from bouquet.clientapps.loop import TrainSettings, train_local
@@ -260,6 +266,7 @@ def audit(
 
 
 def main(argv: Sequence[str] | None = None) -> None:
+    """Print the audit table (and write it as JSON with ``--out``)."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--samples", type=int, default=4)
     parser.add_argument("--steps", type=int, default=300)

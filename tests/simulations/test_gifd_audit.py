@@ -29,7 +29,7 @@ def test_closed_form_recovers_the_input_and_idlg_the_label():
 
 
 def test_inverting_gradients_matches_on_a_linear_model():
-    layer, x, y, gw, gb = _linear_case()
+    layer, x, _, gw, gb = _linear_case()
 
     def gradient_of(candidate, label):
         loss = torch.nn.functional.cross_entropy(layer(candidate.view(1, 16)), label)
