@@ -49,18 +49,25 @@ CHUNK = 128
 """Examples per per-example-gradient pass (bounds memory: CHUNK x model size)."""
 
 
-def per_example_gradients(
+Term = tuple[str, torch.Tensor, torch.Tensor | None, tuple[int, ...]]
+"""One parameter's per-example gradients: ``("dense", T, None, shape)`` with
+``T[i]`` example ``i``'s gradient, or ``("outer", G, A, shape)`` with example
+``i``'s gradient ``G_i^T A_i`` (``G``: ``(B, L, O)``, ``A``: ``(B, L, I)``),
+never materialised."""
+
+
+def per_example_terms(
     run: LocalRun, params: dict[str, torch.Tensor], x: torch.Tensor, y: torch.Tensor
-) -> dict[str, torch.Tensor]:
-    """``grad l(params; z_i)`` for every example of ``(x, y)``, stacked.
+) -> dict[str, Term]:
+    """``grad l(params; z_i)`` for every example of ``(x, y)``, by parameter.
 
     Models made of Linear, Conv2d and (eval-mode) BatchNorm layers take the
-    fast path (:func:`_from_layers`, one backward pass); any other model
-    ``torch.func.vmap``, which is exact for every model but slow for
-    convolutions on a CPU.
+    fast path (:func:`_layer_terms`, one backward pass, weight gradients kept
+    as factors); any other model ``torch.func.vmap`` (exact for every model,
+    slow for convolutions on a CPU).
     """
     if _layered(run.model):
-        return _from_layers(run, params, x, y)
+        return _layer_terms(run, params, x, y)
     buffers = dict(run.model.named_buffers())
 
     def loss(
@@ -69,17 +76,60 @@ def per_example_gradients(
         logits = functional_call(run.model, (p, buffers), (xi[None],))
         return run.loss_fn(logits, yi[None], run)
 
-    return vmap(grad(loss), in_dims=(None, 0, 0))(params, x, y)
+    grads = vmap(grad(loss), in_dims=(None, 0, 0))(params, x, y)
+    return {k: ("dense", g, None, tuple(g.shape[1:])) for k, g in grads.items()}
+
+
+def inner(a: Term, b: Term) -> torch.Tensor:
+    """Per example, the inner product of two terms' gradients (``(B,)``).
+
+    For factors, ``<G^T A, G'^T A'> = sum_lm (G G'^T)_lm (A A'^T)_lm``.
+    """
+    if a[0] == "dense":
+        return (a[1] * b[1]).flatten(1).sum(1)
+    grams = torch.einsum("blo,bmo->blm", a[1], b[1])
+    return (grams * torch.einsum("bli,bmi->blm", a[2], b[2])).sum((1, 2))
+
+
+def weighted(term: Term, factors: torch.Tensor) -> torch.Tensor:
+    """``sum_i f_i g_i``, shaped like the parameter."""
+    kind, first, second, shape = term
+    if kind == "dense":
+        return torch.einsum("b,b...->...", factors, first)
+    return torch.einsum("b,blo,bli->oi", factors, first, second).reshape(shape)
+
+
+def clipped_sum(
+    now: dict[str, Term], before: dict[str, Term] | None, clip: float
+) -> dict[str, torch.Tensor]:
+    """``sum_i min(1, clip / ||d_i||) d_i``, ``d_i = g_i(now) - g_i(before)``.
+
+    The norm is over every parameter of example ``i``; ``before`` None: the
+    gradients themselves.
+    """
+    squares = sum(inner(t, t) for t in now.values())
+    if before is not None:
+        for key, t in now.items():
+            squares = (
+                squares + inner(before[key], before[key]) - 2 * inner(t, before[key])
+            )
+    norms = squares.clamp_min(0).sqrt()
+    factors = torch.where(
+        norms > clip, clip / norms.clamp_min(1e-30), torch.ones_like(norms)
+    )
+    total = {k: weighted(t, factors) for k, t in now.items()}
+    if before is not None:
+        total = {k: v - weighted(before[k], factors) for k, v in total.items()}
+    return total
 
 
 _BATCH_NORMS = (nn.BatchNorm1d, nn.BatchNorm2d)
 
 
 def _layered(model: nn.Module) -> bool:
-    """Every parameter belongs to a layer :func:`_from_layers` handles."""
+    """Every parameter belongs to a layer :func:`_layer_terms` handles."""
     for module in model.modules():
-        own = list(module.parameters(recurse=False))
-        if not own:
+        if not list(module.parameters(recurse=False)):
             continue
         if isinstance(module, nn.Linear):
             continue
@@ -92,15 +142,16 @@ def _layered(model: nn.Module) -> bool:
     return True
 
 
-def _from_layers(
+def _layer_terms(
     run: LocalRun, params: dict[str, torch.Tensor], x: torch.Tensor, y: torch.Tensor
-) -> dict[str, torch.Tensor]:
+) -> dict[str, Term]:
     """Per-example gradients from each layer's input and output gradient.
 
     ``sum_i l_i`` is backpropagated once; for example ``i`` a Linear layer's
-    weight gradient is ``g_i^T a_i``, a convolution's the same product over
-    the unfolded input, an eval-mode BatchNorm's ``sum g_i x_hat_i`` (the
-    approach of Opacus' grad samplers).
+    weight gradient is ``G_i^T A_i`` (output gradients and inputs over the
+    positions ``L``), a convolution's the same over the unfolded input, an
+    eval-mode BatchNorm's ``sum g_i x_hat_i`` (the approach of Opacus' grad
+    samplers, with the norms of ghost clipping).
     """
     inputs: dict[str, torch.Tensor] = {}
     outputs: dict[str, torch.Tensor] = {}
@@ -129,13 +180,20 @@ def _from_layers(
     finally:
         for handle in handles:
             handle.remove()
-    grads: dict[str, torch.Tensor] = {}
+    terms: dict[str, Term] = {}
     for name, module in layers.items():
         a, g = inputs[name], outputs[name].grad
         prefix = f"{name}." if name else ""
+        batch = len(g)
         if isinstance(module, nn.Linear):
-            weight = torch.einsum("b...o,b...i->boi", g, a)
-            bias = g.reshape(len(g), -1, g.shape[-1]).sum(1)
+            factors = g.reshape(batch, -1, g.shape[-1])
+            terms[f"{prefix}weight"] = (
+                "outer",
+                factors,
+                a.reshape(batch, -1, a.shape[-1]),
+                tuple(module.weight.shape),
+            )
+            bias = factors.sum(1)
         elif isinstance(module, nn.Conv2d):
             cols = F.unfold(
                 a,
@@ -144,34 +202,26 @@ def _from_layers(
                 padding=module.padding,
                 stride=module.stride,
             )
-            flat = g.reshape(len(g), g.shape[1], -1)
-            weight = torch.einsum("bol,bil->boi", flat, cols)
-            weight = weight.reshape(len(g), *module.weight.shape)
-            bias = flat.sum(2)
+            factors = g.reshape(batch, g.shape[1], -1).transpose(1, 2)
+            terms[f"{prefix}weight"] = (
+                "outer",
+                factors,
+                cols.transpose(1, 2),
+                tuple(module.weight.shape),
+            )
+            bias = factors.sum(1)
         else:  # eval-mode BatchNorm: x_hat from the running statistics
             shape = (1, -1) + (1,) * (a.dim() - 2)
             mean = module.running_mean.view(shape)
             std = (module.running_var.view(shape) + module.eps).sqrt()
-            per = g.reshape(len(g), g.shape[1], -1)
+            per = g.reshape(batch, g.shape[1], -1)
             x_hat = ((a - mean) / std).reshape(per.shape)
-            weight, bias = (per * x_hat).sum(2), per.sum(2)
-        grads[f"{prefix}weight"] = weight
+            weight = (per * x_hat).sum(2)
+            terms[f"{prefix}weight"] = ("dense", weight, None, tuple(weight.shape[1:]))
+            bias = per.sum(2)
         if module.bias is not None:
-            grads[f"{prefix}bias"] = bias
-    return {k: grads[k] for k in params}
-
-
-def clipped_sum(grads: dict[str, torch.Tensor], clip: float) -> dict[str, torch.Tensor]:
-    """``sum_i g_i min(1, clip / ||g_i||)`` (norm over every entry of example i)."""
-    squares = sum(g.flatten(1).pow(2).sum(1) for g in grads.values())
-    norms = squares.sqrt()
-    factors = torch.where(
-        norms > clip, clip / norms.clamp_min(1e-30), torch.ones_like(norms)
-    )
-    return {
-        k: (g * factors.view(-1, *([1] * (g.dim() - 1)))).sum(0)
-        for k, g in grads.items()
-    }
+            terms[f"{prefix}bias"] = ("dense", bias, None, tuple(bias.shape[1:]))
+    return {k: terms[k] for k in params}
 
 
 class PrivateGradientDifference(Hook):
@@ -209,11 +259,11 @@ class PrivateGradientDifference(Hook):
         if radius > 0:
             for start in range(0, n, chunk):
                 x, y = x_all[start : start + chunk], y_all[start : start + chunk]
-                grads = per_example_gradients(run, current, x, y)
+                now = per_example_terms(run, current, x, y)
+                before = None
                 if previous is not None:
-                    before = per_example_gradients(run, previous, x, y)
-                    grads = {k: grads[k] - before[k] for k in grads}
-                for k, v in clipped_sum(grads, radius).items():
+                    before = per_example_terms(run, previous, x, y)
+                for k, v in clipped_sum(now, before, radius).items():
                     total[k] += v
         stdev = self.noise * radius / max(n, 1)
         generator = run.generator

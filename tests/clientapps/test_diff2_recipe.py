@@ -98,7 +98,7 @@ def test_noise_scale_is_sigma_c_over_n():
     assert abs(stdev - 3.0 * 0.5 / len(X)) < 0.03 * 3.0 * 0.5 / len(X)
 
 
-def test_fast_layer_path_equals_vmap_with_batchnorm_and_conv():
+def test_factored_layers_equal_vmap_with_batchnorm_and_conv():
     torch.manual_seed(0)
     model = torch.nn.Sequential(
         torch.nn.Conv2d(1, 3, 3, padding=1),
@@ -118,20 +118,35 @@ def test_fast_layer_path_equals_vmap_with_batchnorm_and_conv():
     run = Run()
     run.model = model
     run.loss_fn = lambda logits, t, _: torch.nn.functional.cross_entropy(logits, t)
-    params = {k: v.detach() for k, v in model.named_parameters()}
-    fast = diff2._from_layers(run, params, x, y)
-    slow = diff2.vmap(
-        diff2.grad(
-            lambda p, xi, yi: run.loss_fn(
-                diff2.functional_call(
-                    model, (p, dict(model.named_buffers())), (xi[None],)
-                ),
-                yi[None],
-                run,
-            )
-        ),
-        in_dims=(None, 0, 0),
-    )(params, x, y)
+    now = {k: v.detach() for k, v in model.named_parameters()}
+    before = {k: v + 0.1 * torch.randn(v.shape) for k, v in now.items()}
+    buffers = dict(model.named_buffers())
+
+    def loss(p, xi, yi):
+        logits = diff2.functional_call(model, (p, buffers), (xi[None],))
+        return run.loss_fn(logits, yi[None], run)
+
+    def per_example(params):
+        return diff2.vmap(diff2.grad(loss), in_dims=(None, 0, 0))(params, x, y)
+
     assert diff2._layered(model)
-    for key in slow:
-        np.testing.assert_allclose(fast[key].numpy(), slow[key].numpy(), atol=1e-6)
+    g_now, g_before = per_example(now), per_example(before)
+    fast_now = diff2._layer_terms(run, now, x, y)
+    fast_before = diff2._layer_terms(run, before, x, y)
+    # Each example's gradient, and the clipped sums of gradients and differences.
+    ones = torch.eye(5)
+    for key in now:
+        rows = torch.stack([diff2.weighted(fast_now[key], e) for e in ones])
+        np.testing.assert_allclose(rows.numpy(), g_now[key].numpy(), atol=1e-6)
+    for clip in (0.05, 1e6):
+        dense = {k: ("dense", g, None, g.shape[1:]) for k, g in g_now.items()}
+        dense_before = {k: ("dense", g, None, g.shape[1:]) for k, g in g_before.items()}
+        for a, b, c, d in (
+            (fast_now, None, dense, None),
+            (fast_now, fast_before, dense, dense_before),
+        ):
+            got, expected = diff2.clipped_sum(a, b, clip), diff2.clipped_sum(c, d, clip)
+            for key in now:
+                np.testing.assert_allclose(
+                    got[key].numpy(), expected[key].numpy(), atol=1e-6
+                )
