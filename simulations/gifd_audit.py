@@ -35,6 +35,28 @@ SSIM over the 8x8 image. ``python -m bouquet.simulations.gifd_audit
 --samples 4`` prints the table (mean over examples) and writes JSON with
 ``--out``. GIFD proper (a GAN prior searched in its feature domain) needs a
 pretrained generator and is not run.
+
+Measured (``--samples 4 --steps 300 --restarts 1 --seed 0``, mean over the 4
+examples; one run, CPU):
+
+=================  ======  =========  =====  =======================
+reply              MSE     PSNR (dB)  SSIM   PSNR closed form (dB)
+=================  ======  =========  =====  =======================
+fedavg             0.0005  33.8       0.998  139.4
+fedavg-5-steps     0.0203  17.0       0.913  149.2
+dp-sigma-0.01      0.1149  9.5        0.565  6.7
+dp-sigma-0.1       0.3032  5.2        0.034  6.6
+hyperfl            0.0085  21.9       0.964  n/a
+=================  ======  =========  =====  =======================
+
+A FedSGD reply gives the input away (exactly, in closed form, from the first
+layer; five steps on one example too, since every step's first-layer gradient
+is a multiple of the same ``x^T``). Gaussian noise at ``sigma = 0.01`` of the
+clip already defeats both attacks here. HyperFL's ``phi`` reply is inverted
+less well than FedAvg's (21.9 vs 33.8 dB) but still recognisably (SSIM 0.96)
+by an attacker that uses the server's embedding and head and tries every
+label: at this scale its protection is far from the paper's claim (which
+used its own per-tensor hypernetwork heads and larger models).
 """
 
 from __future__ import annotations
