@@ -19,9 +19,11 @@
 
 ``wrapper`` wraps any of them: ``gated`` puts pFedGate's gating layer in front
 (:class:`tasks.gating.GatedModel`), ``masked`` multiplies every linear weight
-by a learnable mask (FED-PUB, :mod:`tasks.masked`); an algorithm that needs a
-wrapper declares it (``BouquetStrategy.model_wrapper``) and both halves build
-the same model.
+by a learnable mask (FED-PUB, :mod:`tasks.masked`), ``hyper`` generates the
+feature extractor from a node embedding by a hypernetwork (HyperFL,
+:class:`tasks.hypernet.HyperModel`); an algorithm that needs a wrapper
+declares it (``BouquetStrategy.model_wrapper``) and both halves build the
+same model.
 
 ``norm`` picks the normalisation of ``cnn`` and ``resnet18``: ``batch``,
 ``group`` (GroupNorm, the usual federated choice since it keeps no running
@@ -41,7 +43,7 @@ from bouquet.tasks.spec import DatasetInfo, unknown_name_error
 
 MODELS = ("logreg", "mlp", "cnn", "resnet18", "vit-tiny", "gpt2-tiny", "gcn")
 NORMS = ("batch", "group", "none")
-WRAPPERS = ("none", "gated", "masked")
+WRAPPERS = ("none", "gated", "masked", "hyper")
 
 
 def list_models() -> list[str]:
@@ -206,6 +208,11 @@ def build_model(
         from bouquet.tasks.masked import mask_linears
 
         model = mask_linears(model)
+    elif wrapper == "hyper":
+        from bouquet.tasks.hypernet import HyperModel
+
+        with seeded_rng(seed):
+            model = HyperModel(model)
     return model
 
 
