@@ -88,10 +88,10 @@ from bouquet.strategies import pieces
 from bouquet.strategies.aggregation import to_record
 from bouquet.strategies.base import BouquetStrategy, Record
 from bouquet.strategies.context import NDArrays, RoundContext
-from bouquet.strategies.params import Param
 from bouquet.strategies.pieces import Replies, State, Updated
 from bouquet.strategies.registry import register
 from bouquet.strategies.validation import ClientReply
+from bouquet.tasks.params import Param
 
 RESTART = "diff2.restart"
 CLIP = "diff2.clip"

@@ -53,9 +53,9 @@ from typing import Any
 
 from bouquet.strategies.base import BouquetStrategy
 from bouquet.strategies.context import RoundContext
-from bouquet.strategies.params import Param
 from bouquet.strategies.registry import register
 from bouquet.tasks import wire
+from bouquet.tasks.params import Param
 
 PERSONAL = ("embedding", "base.*")
 """The node's embedding, classifier and normalisation statistics."""
