@@ -185,6 +185,10 @@ class BouquetStrategy(Strategy):
     """False where some train messages carry a node's own arrays (a stale, pruned,
     cluster or customized model) instead of the global model: no compressed
     downlink (``strategies/downlink.py``)."""
+    replay_settings: ClassVar[Mapping[str, Any]] = {}
+    """Run-config values under which two runs with one seed are identical, where
+    the defaults are not (DIFF2's client noise comes from OS entropy unless
+    ``diff2.noise-source = "seed"``). The conformance test's replay sets them."""
     model_wrapper: ClassVar[str] = "none"
     """A wrapper of ``tasks.models`` the algorithm puts around the run's model
     (``"gated"``: pFedGate's gating layer); both halves build the same model,

@@ -43,11 +43,13 @@ Decisions where the spec was open:
 - ``C_r`` is computed by the client from the two models it receives (public
   iterates), never from its own state; ``C_r = 0`` makes the release exactly
   zero (sensitivity 0).
-- The noise is drawn from the seed-derived client stream by default
-  (``noise-source = "seed"``), so simulations replay exactly; whoever knows
-  the run seed (the server) can remove it. A deployment whose threat model
-  includes the server sets ``noise-source = "os"`` (fresh OS entropy, as
-  the DP wrappers of ``strategies/privacy.py``).
+- The noise comes from fresh OS entropy by default (``noise-source = "os"``,
+  as the DP wrappers of ``strategies/privacy.py``): the clients add it so
+  that the server learns only noised gradients, and noise drawn from the
+  run's seed could be removed by whoever knows the seed, the server first.
+  ``noise-source = "seed"`` draws it from the seed-derived client stream so
+  that a simulation replays exactly (the conformance test and the
+  reproduction configs use it); it is no privacy against the server.
 - Full participation is required (``fraction-train = 1``): the recursion sums
   differences over the same clients. A dropped reply counts for nothing in
   its round (the mean is over the replies that arrived), so the estimate is
@@ -71,9 +73,9 @@ per-coordinate noise ``sigma C / n`` dominates the gradient, and ``eta``,
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, ClassVar
 
 import numpy as np
 from flwr.supercore.privacy_accounting import (
@@ -179,6 +181,7 @@ class DIFF2(BouquetStrategy):
     broadcasts_global_model = False
     """The recursion needs the exact iterates ``x_{r-1}``, ``x_{r-2}``: no
     compressed downlink."""
+    replay_settings: ClassVar[Mapping[str, Any]] = {NOISE_SOURCE: "seed"}
     params = (
         Param("eta", 0.5, "> 0", "server step size eta"),
         Param("restart-interval", 10, ">= 1", "T: a full gradient every T rounds"),
@@ -190,9 +193,9 @@ class DIFF2(BouquetStrategy):
         Param("delta", 1e-5, "(0, 1)", "delta of the reported epsilon"),
         Param(
             "noise-source",
-            "seed",
+            "os",
             choices=("seed", "os"),
-            help="client noise: seeded stream (replays) or OS entropy",
+            help="client noise: OS entropy, or the seeded stream (replays, no privacy)",
             send=NOISE_SOURCE,
         ),
     )

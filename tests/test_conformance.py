@@ -116,6 +116,7 @@ def test_two_rounds_move_the_model_and_every_reply_conforms(name, tmp_path):
         "seed": 7,
         "model": "cnn",  # BatchNorm: float buffers and a 0-d integer buffer
         "plot": False,
+        **cls.replay_settings,
     }
     seen: list[Message] = []
     first, path, _ = run_inprocess(config, num_nodes=4, client_app=_recording_app(seen))

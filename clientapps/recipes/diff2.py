@@ -41,7 +41,7 @@ RESTART = Bound(wire.algorithm_key("diff2", "restart"), True)
 CLIP = Bound(wire.algorithm_key("diff2", "clip"), 1.0, 0.0, NORM_MAX, low_open=True)
 NOISE = Bound(wire.algorithm_key("diff2", "noise-multiplier"), 1.0, 0.0, RATE_MAX)
 NOISE_SOURCE = Bound(
-    wire.algorithm_key("diff2", "noise-source"), "seed", choices=("seed", "os")
+    wire.algorithm_key("diff2", "noise-source"), "os", choices=("seed", "os")
 )
 BOUNDS = (RESTART, CLIP, NOISE, NOISE_SOURCE)
 PREVIOUS = wire.algorithm_key("diff2", "previous")
