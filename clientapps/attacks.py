@@ -26,6 +26,10 @@ Selected by run config, applied on the client around any algorithm's routine
                    ``n`` and ``f`` (or ``s`` when ``attack-scale`` is set)
 =================  ============================================================
 
+``alie-omniscient`` and ``min-max`` train honestly here: the server crafts the
+attackers' replies from the round's honest updates (colluding, omniscient
+ALIE and Shejwalkar & Houmansadr's min-max, ``strategies/attacks.py``).
+
 ALIE needs the spread of benign updates, which a node cannot see (there is
 no channel between simulated attackers). Each attacker estimates it from its
 own honest run: the per-step parameter changes ``d_1..d_S`` have standard
@@ -78,6 +82,8 @@ ATTACKS = (
     "unreliable",
     "alie",
     "rank-reversal",
+    "alie-omniscient",
+    "min-max",
 )
 DEFAULT_SCALE = {"sign-flip": 4.0, "gaussian": 1.0, "random": 1.0, "unreliable": 1.0}
 _STATE = ("attack", "previous")
@@ -197,8 +203,8 @@ class Attack:
             This node's seed for this round (noise is drawn from it).
 
         """
-        if self.kind in ("none", "label-flip"):
-            return
+        if self.kind in ("none", "label-flip", "alie-omniscient", "min-max"):
+            return  # the server-side ones are crafted there
         if self.kind == "rank-reversal":
             reverse_rankings(reply)
             return

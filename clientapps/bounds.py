@@ -178,6 +178,7 @@ UPLINK_K = Bound(wire.UPLINK_K, 1, 1, INT63_MAX)
 UPLINK_LEVELS = Bound(wire.UPLINK_LEVELS, 16, 1, compression.MAX_LEVELS)
 UPLINK_ERROR_FEEDBACK = Bound(wire.UPLINK_ERROR_FEEDBACK, False)
 UPLINK_REPLY = Bound(wire.UPLINK_REPLY, "model", choices=("model", "update"))
+UPLINK_RECORDS = Bound(wire.UPLINK_RECORDS, "")
 """The compressed uplink (``clientapps/uplink.py``); compressor ``"none"``: dense."""
 DOWNLINK_COMPRESSOR = Bound(
     wire.DOWNLINK_COMPRESSOR, "none", choices=("none", *compression.NAMES)

@@ -364,6 +364,8 @@ def train_client(
             f"'none' for the routine '{name}' (its reply's arrays are not the "
             f"{'update' if replies_update else 'model'} the server decodes)",
         )
+    if compressed:  # extra model-shaped records (SCAFFOLD's dc) as C(r)
+        uplink.compress_records(records, config, context.state, seed)
     if compressed and replies_update:  # C(Delta) instead of the routine's Delta
         update = {k: a.numpy() for k, a in records.pop(wire.ARRAYS).items()}
         reply = uplink.compress_reply(update, None, config, context.state, seed)

@@ -11,6 +11,11 @@ Stochastic Gradient Descent", Interspeech 2014; Stich, Cordonnier, Jaggi,
 "Sparsified SGD with Memory", NeurIPS 2018, https://arxiv.org/abs/1809.07599),
 in ``Context.state`` under ``bouquet.uplink-error``.
 
+Extra records the config names in ``uplink.records`` (the model-shaped ones,
+SCAFFOLD's control-variate change ``dc``) are compressed too, each as ``C(r)``
+with its own error ``bouquet.uplink-error.<record>``
+(:func:`compress_records`).
+
 With ``uplink.reply = "update"`` (the asynchronous ``delta`` routine) the
 routine's reply already is the update ``Delta``: the node sends ``C(Delta)``
 (``compress_reply`` with ``sent = None``). A routine whose reply is not what
@@ -32,6 +37,47 @@ from bouquet.tasks import compression, wire
 
 ERROR_STATE = ("bouquet", "uplink-error")
 """Where a node keeps its compression error in ``Context.state``."""
+
+
+def error_state(record: str) -> tuple[str, str]:
+    """Where a node keeps the compression error of ``record`` in ``Context.state``."""
+    if record == wire.ARRAYS:
+        return ERROR_STATE
+    return ERROR_STATE[0], f"{ERROR_STATE[1]}.{record}"
+
+
+def record_names(config: Mapping[str, Any]) -> tuple[str, ...]:
+    """The extra records the config asks to compress (``uplink.records``)."""
+    names = bounds.UPLINK_RECORDS.read(config)
+    return tuple(name for name in names.split(",") if name)
+
+
+def compress_records(
+    records: MutableMapping[str, ArrayRecord],
+    config: Mapping[str, Any],
+    state: MutableMapping[str, Any],
+    seed: int,
+) -> None:
+    """Replace each extra record ``uplink.records`` names by the payload of ``C(r)``.
+
+    Each record is a difference (SCAFFOLD's ``dc``), compressed as it is, with
+    its own error feedback state (:func:`error_state`) and random draws.
+
+    Raises
+    ------
+    ConfigError
+        The config names a record the routine did not produce.
+
+    """
+    for name in record_names(config):
+        if name not in records or name == wire.ARRAYS:
+            raise bounds.ConfigError(
+                wire.UPLINK_RECORDS,
+                config[wire.UPLINK_RECORDS],
+                f"records this routine replies with ({sorted(records)})",
+            )
+        entries = {k: a.numpy() for k, a in records[name].items()}
+        records[name] = compress_reply(entries, None, config, state, seed, name)
 
 
 def codec(config: Mapping[str, Any]) -> compression.Compressor | None:
@@ -61,11 +107,14 @@ def compress_reply(
     config: Mapping[str, Any],
     state: MutableMapping[str, Any],
     seed: int,
+    record: str = wire.ARRAYS,
 ) -> ArrayRecord:
     """The payload of ``C(y - x)``: ``entries`` (``y``) against ``sent`` (``x``).
 
     ``sent`` None: ``entries`` is already the update (the ``delta`` routine's
-    ``Delta``). ``seed`` draws the randomised compressors (Rand-k, QSGD).
+    ``Delta``, an extra record's difference). ``seed`` draws the randomised
+    compressors (Rand-k, QSGD), ``record`` names the reply record (its own
+    error feedback and draws).
     """
     compressor = codec(config)
     local = {k: _numpy(v) for k, v in entries.items()}
@@ -75,12 +124,13 @@ def compress_reply(
         update = update - compression.flatten({k: sent[k].numpy() for k in keys}, keys)
     feedback = bounds.UPLINK_ERROR_FEEDBACK.read(config)
     if feedback:
-        error = (load_arrays(state, *ERROR_STATE) or {}).get("e")
+        error = (load_arrays(state, *error_state(record)) or {}).get("e")
         if error is not None and error.shape == update.shape:
             update = update + error
-    rng = np.random.default_rng(wire.derive_seed(seed, "uplink"))
+    stream = "uplink" if record == wire.ARRAYS else f"uplink.{record}"
+    rng = np.random.default_rng(wire.derive_seed(seed, stream))
     payload = compressor.encode(update, rng)
     if feedback:
         error = update - compressor.decode(payload, update.size)
-        save_arrays(state, *ERROR_STATE, {"e": error})
+        save_arrays(state, *error_state(record), {"e": error})
     return array_record(payload)

@@ -41,6 +41,7 @@ from bouquet.serverapps.settings import (
     setting,
     strategy_common,
 )
+from bouquet.strategies.attacks import SERVER_ATTACKS, attack_on_server
 from bouquet.strategies.base import BouquetStrategy
 from bouquet.strategies.clocks import DeviceSpeeds, VirtualClock, WallClock
 from bouquet.strategies.downlink import compress_downlink
@@ -217,6 +218,28 @@ def build_strategy(run_config: Mapping[str, Any]) -> BouquetStrategy:
     )
 
 
+def _attack_on_server(
+    strategy: BouquetStrategy, run_config: Mapping[str, Any], num_nodes: int
+) -> None:
+    """Install an omniscient attack (``strategies/attacks.py``) the config names.
+
+    The attackers are the partitions the clients pick
+    (``clientapps.attacks.attacker_partitions``); ALIE's ``z`` is the paper's
+    ``z_max`` unless ``attack-scale`` sets it.
+    """
+    kind = setting(run_config, "attack")
+    fraction = setting(run_config, "attack-fraction")
+    if kind not in SERVER_ATTACKS or fraction == 0.0:
+        return
+    from bouquet.clientapps.attacks import alie_z, attacker_partitions
+
+    partitions = setting(run_config, "num-partitions") or num_nodes
+    seed = setting(run_config, "seed")
+    z = setting(run_config, "attack-scale") or alie_z(partitions, fraction)
+    attackers = attacker_partitions(partitions, fraction, seed)
+    attack_on_server(strategy, kind, attackers, z)
+
+
 def checked_strategy(run_config: Mapping[str, Any]) -> BouquetStrategy:
     """Check every setting of ``run_config``; the strategy it names.
 
@@ -247,6 +270,11 @@ def checked_strategy(run_config: Mapping[str, Any]) -> BouquetStrategy:
                 "compressor: a compressed uplink runs with attack 'none' or "
                 f"'label-flip' only; got attack '{setting(run_config, 'attack')}'."
             )
+        if setting(run_config, "attack") in SERVER_ATTACKS:
+            # Refused here for algorithms whose replies are not models; the
+            # attackers are known once the nodes are (run_server).
+            attack_on_server(strategy, setting(run_config, "attack"), ())
+            strategy.reply_attack = None
         check_loss(setting(run_config, "loss"))
     except (ValueError, TypeError, KeyError) as err:
         message = err.args[0] if err.args else str(err)
@@ -328,6 +356,7 @@ def run_server(
         timeout=setting(run_config, "node-wait-timeout"),
     )
     prepare_client_data(grid, run_config, num_nodes)
+    _attack_on_server(strategy, run_config, num_nodes)
     if restored:  # Flower gives the ClientApps the submitted config
         grid = RunConfigGrid(grid, restored)  # type: ignore[assignment]
     # Availability is the environment's: unavailable nodes never get train messages.

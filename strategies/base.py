@@ -260,6 +260,11 @@ class BouquetStrategy(Strategy):
         self.downlink: Downlink | None = None
         """Compresses the model in train messages, where the run asks for it
         (``strategies/downlink.py``); None: train messages are dense."""
+        self.reply_attack: Callable[[list[ClientReply], RoundContext], None] | None
+        self.reply_attack = None
+        """A simulated omniscient attack (``strategies/attacks.py``): rewrites
+        the attackers' accepted train replies in place, from every accepted
+        reply, before aggregation; None: replies are aggregated as sent."""
         self.train_round: RoundContext | None = None
         """What the last ``configure_train`` sampled and sent."""
         self.evaluate_round: RoundContext | None = None
@@ -379,6 +384,37 @@ class BouquetStrategy(Strategy):
     def skipped(self, ctx: RoundContext) -> None:
         """The round's update was skipped (too few accepted replies)."""
 
+    def compressed_records(self, ctx: RoundContext) -> tuple[str, ...]:
+        """The extra reply records the compressed uplink compresses as well.
+
+        With the run-config ``compressor`` (``strategies/uplink.py``): every
+        record of :meth:`record_specs` shaped like the shared model (SCAFFOLD's
+        control-variate change ``momentum.dc``). Each is sent as the payload of
+        ``C(r)`` (error feedback kept per record) and decoded by
+        :meth:`decoded_record`. The config key ``uplink.records`` names them to
+        the clients. Override to keep a record dense (one that is not a
+        difference, where a sparse ``C(r)`` of its values would mean nothing).
+        """
+        if self.uplink is None or ctx.phase != "train":
+            return ()
+        spec = _shared_spec(ctx)
+        specs = self.record_specs(ctx, spec)
+        return tuple(name for name, entries in specs.items() if entries == spec)
+
+    def decoded_record(self, flat: np.ndarray, ctx: RoundContext) -> NDArrays:
+        """A compressed extra record from its decoded flat vector ``C(r)``.
+
+        Every shared entry in order: the float ones from ``C(r)`` (float64),
+        the integer ones (not sent) zero, as the record is a difference.
+        """
+        keys = compression.compressed_keys(ctx.arrays, ctx.personal)
+        values = compression.unflatten(flat, ctx.arrays, keys)
+        return {
+            k: values[k] if k in values else np.zeros_like(v)
+            for k, v in ctx.arrays.items()
+            if k not in ctx.personal
+        }
+
     def reply_codec(self, ctx: RoundContext) -> compression.Compressor | None:
         """The compressor of this round's train replies (None: dense arrays).
 
@@ -493,6 +529,8 @@ class BouquetStrategy(Strategy):
         if ctx.phase == "train":
             values.update(self.round_config(ctx))
             values.update(self.extra_config)
+            if records := self.compressed_records(ctx):
+                values[wire.UPLINK_RECORDS] = ",".join(records)
         return values
 
     def dp_problem(self) -> str:
@@ -579,13 +617,15 @@ class BouquetStrategy(Strategy):
             return Contract(
                 weight_key=self.weighted_by_key, max_weight=self.max_num_examples
             )
-        spec = {
-            k: v for k, v in array_spec(ctx.arrays).items() if k not in ctx.personal
-        }
+        spec = _shared_spec(ctx)
         codec = self.reply_codec(ctx)
+        records = dict(self.record_specs(ctx, spec))
+        for name in self.compressed_records(ctx):
+            assert self.uplink is not None
+            records[name] = self.uplink.spec(_flat_size(ctx))
         return Contract(
             arrays=spec if codec is None else codec.spec(_flat_size(ctx)),
-            records=self.record_specs(ctx, spec),
+            records=records,
             metrics=self.reply_metrics,
             routine=None if self.routine == wire.PLAIN_ROUTINE else self.routine,
             weight_key=self.weighted_by_key,
@@ -650,9 +690,24 @@ class BouquetStrategy(Strategy):
             if problem := codec.problem(reply.arrays, d):
                 reasons.append(f"node {reply.node}: compressed 'arrays' {problem}")
                 continue
+            if problem := self._record_problem(reply, ctx):
+                reasons.append(f"node {reply.node}: {problem}")
+                continue
             reply.arrays = self.decoded(codec.decode(reply.arrays, d), ctx)
+            for name in self.compressed_records(ctx):
+                assert self.uplink is not None
+                flat = self.uplink.decode(reply.records[name], d)
+                reply.records[name] = self.decoded_record(flat, ctx)
             decoded.append(reply)
         return decoded
+
+    def _record_problem(self, reply: ClientReply, ctx: RoundContext) -> str | None:
+        """Why one of ``reply``'s compressed extra records cannot be decoded."""
+        for name in self.compressed_records(ctx):
+            assert self.uplink is not None
+            if problem := self.uplink.problem(reply.records[name], _flat_size(ctx)):
+                return f"compressed '{name}' {problem}"
+        return None
 
     def _round(self, phase: str, server_round: int) -> RoundContext | None:
         ctx = self.train_round if phase == "train" else self.evaluate_round
@@ -674,6 +729,8 @@ class BouquetStrategy(Strategy):
             replies = list(replies)
             self.downlink.received(self, ctx, replies)
         good = self.accept(replies, ctx)
+        if self.reply_attack is not None:  # a simulation's colluding attackers
+            self.reply_attack(good, ctx)
         minimum = max(1, self.min_train_nodes)
         if len(good) < minimum:
             log(
@@ -803,6 +860,11 @@ class BouquetStrategy(Strategy):
     def load_state(self, state: Mapping[str, Any]) -> None:
         """Restore what :meth:`export_state` returned (a copy of it is kept)."""
         self.state.update(copy.deepcopy(dict(state)))
+
+
+def _shared_spec(ctx: RoundContext) -> dict[str, Any]:
+    """Entries (shape, dtype) of the shared model: the arrays sent, less personal."""
+    return {k: v for k, v in array_spec(ctx.arrays).items() if k not in ctx.personal}
 
 
 def _flat_size(ctx: RoundContext) -> int:

@@ -28,10 +28,21 @@ Decisions where the spec was open:
   compressed ``c_i``, a role-dependent reply) are refused with a message.
   The config key ``uplink.reply`` tells clients which of the two to expect;
   a client whose routine does otherwise fails the call.
-- Only the ``arrays`` record is compressed: extra records travel dense
-  (SCAFFOLD's control-variate update ``momentum.dc``), so for SCAFFOLD the
-  reply shrinks by about half the declared ratio's effect (the model half);
-  compressing ``dc`` would change the control-variate rule itself.
+- Every extra record shaped like the model is compressed too
+  (:meth:`~strategies.base.BouquetStrategy.compressed_records`; today
+  SCAFFOLD's control-variate change ``momentum.dc``, also in SCAFFOLD-M and
+  the -VR variants), so the whole reply shrinks by the declared ratio. A
+  record is a difference, sent as ``C(r)`` (no reference point) and decoded
+  with integer entries zero; with error feedback each record keeps its own
+  error (``bouquet.uplink-error.<record>``). What this changes in SCAFFOLD:
+  the server's ``c`` moves by the mean of ``C(dc_i)`` while node ``i`` keeps
+  its exact ``c_i``, so ``c = mean_i c_i`` (option II's invariant) holds only
+  up to the compression: in expectation for an unbiased compressor without
+  error feedback, and up to ``-mean_i e_i`` (the errors not yet sent, bounded
+  for a contractive compressor) with error feedback, where the sum of what
+  a node sent equals the sum of its ``dc`` minus its current error. A
+  biased compressor without error feedback (Top-k alone) drops the rest of
+  ``dc`` for good: prefer ``error-feedback = true`` with SCAFFOLD.
 - Simulated attacks that rewrite the reply's model (``sign-flip``,
   ``gaussian``, ``random``, ``unreliable``) are refused with a compressed
   uplink (``serverapps/run.py``); ``label-flip`` only changes training.

@@ -132,6 +132,10 @@ UPLINK_REPLY = "uplink.reply"
 arrays are the local model ``y``: send ``C(y - x)``) or ``"update"`` (they
 are the routine's update ``Delta``, e.g. the asynchronous ``delta``
 routine: send ``C(Delta)``)."""
+UPLINK_RECORDS = "uplink.records"
+"""Config key: the reply's extra records (comma-separated names) the compressed
+uplink compresses as well, each as ``C(r)`` (SCAFFOLD's ``momentum.dc``;
+``BouquetStrategy.compressed_records``); absent: only ``arrays``."""
 UPLINK_ERROR_FEEDBACK = "uplink.error-feedback"
 """Config key: the client adds its last compression error to the next update
 (kept in ``Context.state``)."""
