@@ -40,7 +40,12 @@ def __getattr__(name: str) -> Any:
         from bouquet.strategies.driver import Driver
 
         return Driver
-    classes = strategy_classes() if name[:1].isupper() else {}
+    if not name[:1].isupper():
+        # A submodule not imported yet (``from bouquet.strategies import
+        # pieces``): Python asks here first. Discovering every algorithm now
+        # would import modules that are still half-initialised.
+        raise AttributeError(f"module 'bouquet.strategies' has no attribute {name!r}")
+    classes = strategy_classes()
     if name not in classes:
         raise AttributeError(
             f"module 'bouquet.strategies' has no attribute {name!r}; its strategy "

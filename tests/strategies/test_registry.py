@@ -1,3 +1,5 @@
+import subprocess
+import sys
 import tomllib
 
 import pytest
@@ -105,3 +107,15 @@ def test_a_hyperparameter_declared_twice_is_refused(key, monkeypatch):
     with pytest.raises(ValueError, match=f"'{key}'"):
         register(type("Twice", (BouquetStrategy,), {"name": "twice", "params": params}))
     assert "twice" not in registry._REGISTRY
+
+
+def test_importing_one_module_first_breaks_no_other():
+    # `from bouquet.strategies import pieces` inside ef21 once made the package
+    # discover every algorithm while ef21 was half-imported (EControl failed).
+    done = subprocess.run(
+        [sys.executable, "-c", "import bouquet.strategies.ef21"],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    assert "failed to import" not in done.stderr + done.stdout
