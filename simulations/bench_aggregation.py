@@ -56,8 +56,9 @@ def model_arrays(d: int, rng: np.random.Generator) -> dict[str, np.ndarray]:
         for i, n in enumerate(sizes)
     }
     head = arrays.pop(f"layer{len(sizes) - 1}.weight")
-    arrays["head.weight"] = head.reshape(10, -1)
     arrays["bn.num_batches_tracked"] = np.array(3, dtype=np.int64)
+    # Last, as in a real state dict: the personal "head" is the last module's.
+    arrays["head.weight"] = head.reshape(10, -1)
     return arrays
 
 
@@ -195,6 +196,7 @@ def time_strategy(
 
 
 NOT_MODEL_REPLIES = {
+    "fedd2s": "replies are representations and logits at a cut, not models",
     "hidenseek": "replies are sign bits over the server's pruned weights",
     "knfu": "replies are soft labels on the transfer set, not models",
     "onebyte": "replies are seeded projected-gradient bytes, not models",
