@@ -37,6 +37,15 @@ Decisions where the spec was open
 - The generic realignment (``G_c = tau g_aux_c / ||g_aux_c||``) is not
   applied to ``central-accuracy`` (not done: the driver evaluates the run's
   arrays, which must stay ``g_aux`` to train on).
+- Checked against the official code (``tests/strategies/data/
+  fedloge_official.json``, ZackZikaiXiao/FedLoGe@f4cac52): the ETF, the
+  SSE-C refinement (from a given sparse start), the three heads' local
+  training, the server's FedAvg and the realigned rows ``P_k``. Not matched:
+  the sparse mask's draw (theirs exactly ``int(beta C d)`` zeros), the
+  SSE-C's bias (theirs random, untrained), ``l_k``'s start (theirs random),
+  and the evaluation logits: the official ``localtest`` defaults to
+  ``l_k(f) + g_aux(f)`` (its ``p_mode`` 1); the paper's realignment is its
+  ``p_mode`` 2.
 """
 
 from __future__ import annotations

@@ -40,12 +40,27 @@ def sparse_etf(
     A pure function of its arguments, remembered (read-only result): runs in
     one process (tests, sweeps) build it once.
     """
-    import torch
-
     rng = np.random.default_rng(seed)
     etf = simplex_etf(dim, classes, rng)
     keep = rng.random(etf.shape) >= sparsity
-    weight = torch.tensor(etf * keep, dtype=torch.float64, requires_grad=True)
+    refined = refine(etf * keep, keep, norm=norm, steps=steps, lr=lr)
+    result = refined.T.astype(np.float32)
+    result.flags.writeable = False
+    return result
+
+
+def refine(
+    start: np.ndarray, keep: np.ndarray, norm: float, steps: int, lr: float
+) -> np.ndarray:
+    """:func:`sparse_etf`'s refinement of ``start`` (``dim x C``), float64, same shape.
+
+    ``steps`` Adam steps on the loss of :func:`sparse_etf`; entries where
+    ``keep`` is false get no update.
+    """
+    import torch
+
+    classes = start.shape[1]
+    weight = torch.tensor(start, dtype=torch.float64, requires_grad=True)
     mask = torch.tensor(keep, dtype=torch.float64)
     optimizer = torch.optim.Adam([weight], lr=lr)
     off_diagonal = ~torch.eye(classes, dtype=torch.bool)
@@ -59,6 +74,4 @@ def sparse_etf(
         loss.backward()
         weight.grad *= mask  # sparse entries stay zero
         optimizer.step()
-    result = (weight.detach() * mask).numpy().T.astype(np.float32)
-    result.flags.writeable = False
-    return result
+    return (weight.detach() * mask).numpy()

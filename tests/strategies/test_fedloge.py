@@ -1,5 +1,8 @@
 """FedLoGe: the SSE-C, the three heads' losses on a tiny model, local realignment."""
 
+import json
+from pathlib import Path
+
 import numpy as np
 import torch
 from flwr.app import RecordDict
@@ -15,7 +18,8 @@ from bouquet.clientapps.recipes.fedloge import (
 from bouquet.clientapps.state import load_arrays, save_arrays
 from bouquet.strategies.context import RoundContext
 from bouquet.strategies.fedloge import STATE, FedLoGe
-from bouquet.tasks.etf import simplex_etf, sparse_etf
+from bouquet.strategies.validation import ClientReply
+from bouquet.tasks.etf import refine, simplex_etf, sparse_etf
 
 X = torch.randn(6, 3, generator=torch.Generator().manual_seed(0))
 Y = torch.tensor([0, 1, 0, 1, 1, 0])
@@ -119,3 +123,127 @@ def test_the_server_builds_the_ssec_once_and_sends_it_flat():
     kept = strategy.state[STATE]["ssec"]
     assert kept.shape == (4, 16)
     assert strategy.round_config(ctx)[SSEC] == sent
+
+
+GOLDEN = json.loads(
+    (Path(__file__).parent / "data" / "fedloge_official.json").read_text()
+)
+
+
+class _Uniform:
+    """A generator whose one uniform draw is the official run's fixed draw."""
+
+    def uniform(self, size):
+        return np.array(GOLDEN["etf"]["uniform"])
+
+
+def test_etf_and_ssec_refinement_match_the_official_code():
+    # The ETF: the official code casts its QR basis to float32 (atol 1e-7).
+    ours = simplex_etf(5, 4, _Uniform())
+    np.testing.assert_allclose(ours, GOLDEN["etf"]["ori_M"], rtol=1e-6, atol=1e-7)
+    # The refinement, from the official sparse start (the official code zeroes
+    # exactly int(0.6 d C) entries, ours each with probability 0.6: a decision,
+    # so the start is given), at the official lr 1e-4; the official run was
+    # cast to float64 and capped at 500 of its 10,000 steps.
+    start = np.array(GOLDEN["ssec"]["sparse_start"])
+    c = GOLDEN["ssec"]
+    refined = refine(start, start != 0, norm=c["norm"], steps=c["steps"], lr=c["lr"])
+    np.testing.assert_allclose(refined, c["refined"], rtol=1e-6, atol=1e-12)
+
+
+def _golden_arrays(backbone, g_aux):
+    return {
+        "0.weight": np.array(backbone["fc.weight"], np.float32),
+        "0.bias": np.array(backbone["fc.bias"], np.float32),
+        "2.weight": np.array(g_aux["weight"], np.float32),
+        "2.bias": np.array(g_aux["bias"], np.float32),
+    }
+
+
+def test_local_training_aggregation_and_realignment_match_the_official_code():
+    """Official ``update_weights_gaux``, ``FedAvg_noniid(_classifier)``, ``localtest``.
+
+    Compared where the two agree by design: the official SSE-C's bias (random,
+    never trained) was zeroed (ours has none); each local head starts from the
+    official run's (ours starts from ``g_aux``); the realigned rows
+    ``g_aux_c ||l_k,c||`` are compared (``localtest``'s ``p_mode`` 2: its
+    default, 1, adds ``l_k``'s logits unrealigned), not the masking of absent
+    classes (ours a -1e9 bias, theirs -1e10 weight rows) nor the logits' sum.
+    """
+    ssec = torch.tensor(GOLDEN["ssec"]["refined"], dtype=torch.float64).T.float()
+    local = GOLDEN["local"]
+    settings = TrainSettings(
+        epochs=local["epochs"],
+        batch_size=local["batch_size"],
+        lr=local["lr"],
+        momentum=local["momentum"],
+    )
+    start = _golden_arrays(GOLDEN["global_before"], GOLDEN["g_aux_before"])
+    replies, states = [], []
+    for i, client in enumerate(GOLDEN["clients"]):
+        model = nn.Sequential(nn.Linear(3, 5), nn.ReLU(), nn.Linear(5, 4))
+        model.load_state_dict({k: torch.tensor(v) for k, v in start.items()})
+        state = RecordDict()
+        before = client["l_head_before"]
+        save_arrays(
+            state,
+            "fedloge",
+            "local-head",
+            {
+                "weight": np.array(before["weight"], np.float32),
+                "bias": np.array(before["bias"], np.float32),
+                "counts": np.zeros(4, np.float32),
+            },
+        )
+        train_local(
+            model,
+            (torch.tensor(client["x"]), torch.tensor(client["y"])),
+            settings,
+            [LocalGenericHeads()],
+            generator=torch.Generator().manual_seed(0),
+            config={SSEC: [float(v) for v in ssec.ravel()]},
+            state=state,
+        )
+        after = {k: v.detach().numpy() for k, v in model.state_dict().items()}
+        expected = _golden_arrays(client["backbone_after"], client["g_aux_after"])
+        for k, v in expected.items():
+            np.testing.assert_allclose(after[k], v, rtol=1e-6, atol=1e-7, err_msg=k)
+        kept = load_arrays(state, "fedloge", "local-head")
+        for k in ("weight", "bias"):
+            np.testing.assert_allclose(
+                kept[k], client["l_head_after"][k], rtol=1e-6, atol=1e-7, err_msg=k
+            )
+        replies.append(
+            ClientReply(
+                node=i,
+                partition=i,
+                num_examples=GOLDEN["num_examples"][i],
+                metrics={},
+                arrays=after,
+                records={},
+            )
+        )
+        states.append(state)
+
+    # The server: sample-weighted FedAvg of the backbone and of g_aux.
+    ctx = RoundContext(
+        server_round=1,
+        num_rounds=1,
+        phase="train",
+        nodes=(0, 1, 2),
+        sampled=(0, 1, 2),
+        arrays=start,
+        config={},
+    )
+    merged = FedLoGe().aggregate(replies, ctx)
+    expected = _golden_arrays(GOLDEN["backbone_global"], GOLDEN["g_aux_global"])
+    for k, v in expected.items():
+        np.testing.assert_allclose(merged[k], v, rtol=1e-6, atol=1e-7, err_msg=k)
+
+    # Realignment: our head's rows are g_aux_c (1 + ||l_k,c||), i.e. g_aux + P_k.
+    model = nn.Sequential(nn.Linear(3, 5), nn.ReLU(), nn.Linear(5, 4))
+    model.load_state_dict({k: torch.tensor(v) for k, v in expected.items()})
+    for state, official in zip(states, GOLDEN["realigned_P"], strict=True):
+        head = evaluation_model(model, {}, state)[2].weight.detach().numpy()
+        p_k = head - expected["2.weight"]
+        np.testing.assert_allclose(p_k, official, rtol=1e-6, atol=1e-7)
