@@ -15,6 +15,7 @@ ClientApp's share and the transport's (``simulations/bench_deployment.py``).
 """
 
 import contextlib
+import functools
 import time
 from collections.abc import Iterator, Mapping
 from typing import Any
@@ -115,14 +116,25 @@ def train(msg: Message, context: Context) -> Message:
         attack = attack_for_node(
             run_config, context.node_config, context.node_id, num_classes
         )
+        poison = None
+        if attack is not None and attack.rewrites_model:
+            # Applied inside train_client, before a compressed uplink encodes it.
+            poison = functools.partial(
+                attack.poison_model,
+                state=context.state,
+                seed=client_seed(msg, context),
+            )
+
         reply = train_client(
             msg,
             context,
             model,
             (data.train_x, data.train_y),
             extra_hooks=attack.hooks() if attack else (),
+            poison=poison,
         )
-    if attack is not None:
+    if attack is not None and not attack.rewrites_model:
+        # FRL's rank reversal rewrites its rankings record, not the model.
         attack.poison(reply, msg, context.state, client_seed(msg, context))
     return _timed(reply, start)
 

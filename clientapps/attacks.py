@@ -51,8 +51,11 @@ buffers such as BatchNorm's step count stay honest), and the reported
 
 Mix-in use: ``attack = attack_for_node(run_config, node_config, node_id,
 num_classes)``, pass ``attack.hooks()`` as ``extra_hooks`` to
-:func:`clientapps.routine.train_client` and call ``attack.poison`` on the
-reply.
+:func:`clientapps.routine.train_client` and ``attack.poison_model`` (with
+``state`` and ``seed`` bound) as its ``poison``: the crafted model is then
+what a compressed uplink encodes, so every client-side attack composes with
+compression. ``attack.poison`` rewrites a finished reply instead (FRL's
+rank reversal acts there).
 """
 
 from __future__ import annotations
@@ -208,19 +211,52 @@ class Attack:
         if self.kind == "rank-reversal":
             reverse_rankings(reply)
             return
-        local = reply.content[wire.ARRAYS].to_numpy_ndarrays()
-        names = list(reply.content[wire.ARRAYS].keys())
-        sent = msg.content[wire.ARRAYS].to_numpy_ndarrays()
+        record = reply.content[wire.ARRAYS]
+        local = {k: record[k].numpy() for k in record.keys()}
+        sent = {k: msg.content[wire.ARRAYS][k].numpy() for k in local}
+        reply.content[wire.ARRAYS] = array_record(
+            self.poison_model(local, sent, state, seed)
+        )
+
+    @property
+    def rewrites_model(self) -> bool:
+        """Whether :meth:`poison_model` changes the model a node sends."""
+        return self.kind not in (
+            "none",
+            "label-flip",
+            "alie-omniscient",
+            "min-max",
+            "rank-reversal",
+        )
+
+    def poison_model(
+        self,
+        local: Mapping[str, np.ndarray],
+        sent: Mapping[str, np.ndarray],
+        state: MutableMapping[str, Any],
+        seed: int,
+    ) -> dict[str, np.ndarray]:
+        """The attack's model from the honest ``local`` one and the ``sent`` one.
+
+        What :meth:`poison` writes into a reply, on plain arrays: the ClientApp
+        calls it inside :func:`clientapps.routine.train_client` (``poison``),
+        before a compressed uplink encodes the update, so every attack of this
+        module composes with compression.
+        """
+        if not self.rewrites_model:
+            return dict(local)
+        names = list(local)
         rng = np.random.default_rng(derive_seed(seed, "attack"))
         previous = load_arrays(state, *_STATE)
         spread = load_arrays(state, *_SPREAD) if self.kind == "alie" else None
         if self.kind == "unreliable":
-            save_arrays(state, *_STATE, dict(zip(names, local, strict=True)))
+            save_arrays(state, *_STATE, dict(local))
         poisoned = []
         stale = (
             self.kind == "unreliable" and previous is not None and rng.random() < 0.5
         )
-        for name, w, w_g in zip(names, local, sent, strict=True):
+        for name in names:
+            w, w_g = local[name], sent[name]
             if w.dtype.kind != "f":
                 poisoned.append(w)
                 continue
@@ -240,9 +276,7 @@ class Attack:
             else:  # unreliable, noisy
                 new = w + rng.normal(0.0, 3.0 * self.scale, w.shape)
             poisoned.append(np.asarray(new, dtype=w.dtype))
-        reply.content[wire.ARRAYS] = array_record(
-            dict(zip(names, poisoned, strict=True))
-        )
+        return dict(zip(names, poisoned, strict=True))
 
 
 def attack_for_node(

@@ -79,6 +79,10 @@ from bouquet.tasks.models import seeded_rng
 flower_engine.install()
 
 Data = DataSource
+Poison = Callable[
+    [dict[str, np.ndarray], dict[str, np.ndarray]], Mapping[str, np.ndarray]
+]
+"""An attack's ``(local, sent) -> arrays`` (``train_client``'s ``poison``)."""
 
 PERSONAL_STATE = ("bouquet", "personal")
 """Where a node keeps its personal parameters in ``Context.state``."""
@@ -247,6 +251,7 @@ def train_client(
     optimizer: OptimizerFactory | None = None,
     loss: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
     batch_keys: Sequence[str] | None = None,
+    poison: Poison | None = None,
 ) -> Message:
     """Train ``model`` on ``data`` as the server's algorithm asks; build the reply.
 
@@ -282,6 +287,12 @@ def train_client(
         are added to it.
     batch_keys : (input_key, label_key), optional
         Which entries of a mapping batch are inputs and labels.
+    poison : callable, optional
+        ``(local, sent) -> arrays``: an attack simulation's model in place of
+        the honest one (:meth:`clientapps.attacks.Attack.poison_model`), both
+        as ``name -> ndarray``. Applied to what the reply carries, after
+        client-side DP clipping and before a compressed uplink encodes the
+        update, so attacks compose with compression.
 
     Raises
     ------
@@ -364,6 +375,19 @@ def train_client(
             f"'none' for the routine '{name}' (its reply's arrays are not the "
             f"{'update' if replies_update else 'model'} the server decodes)",
         )
+    sent_arrays = msg.content[wire.ARRAYS]
+    if poison is not None and compressed:
+        if replies_update:
+            raise bounds.ConfigError(
+                wire.UPLINK_COMPRESSOR,
+                config[wire.UPLINK_COMPRESSOR],
+                f"'none' with an attack: the routine '{name}' replies with an "
+                "update, and attacks rewrite a model",
+            )
+        entries = poison(
+            {k: v.detach().cpu().numpy() for k, v in entries.items()},
+            {k: sent_arrays[k].numpy() for k in entries},
+        )
     if compressed:  # extra model-shaped records (SCAFFOLD's dc) as C(r)
         uplink.compress_records(records, config, context.state, seed)
     if compressed and replies_update:  # C(Delta) instead of the routine's Delta
@@ -383,6 +407,13 @@ def train_client(
             **records,
         }
     )
+    if poison is not None and not compressed:
+        # What the reply carries: the model, or the routine's update.
+        carried = content[wire.ARRAYS]
+        local = {k: carried[k].numpy() for k in carried.keys()}
+        content[wire.ARRAYS] = array_record(
+            poison(local, {k: sent_arrays[k].numpy() for k in local})
+        )
     return Message(content, reply_to=msg)
 
 

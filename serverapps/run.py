@@ -53,6 +53,10 @@ from bouquet.strategies.uplink import compress_uplink
 DEFAULT_OUTPUT_DIR = "~/bouquet-runs"
 
 
+UNCOMPRESSIBLE_ATTACKS = ("alie-omniscient", "min-max", "rank-reversal")
+"""Attacks a compressed uplink refuses (every other one composes with it)."""
+
+
 def run_directory(run_config: Mapping[str, Any]) -> Path:
     """The run directory: the one to resume, or a new one under ``output-dir``."""
     base = Path(setting(run_config, "output-dir") or DEFAULT_OUTPUT_DIR).expanduser()
@@ -263,12 +267,14 @@ def checked_strategy(run_config: Mapping[str, Any]) -> BouquetStrategy:
         )
         if setting(run_config, "compressor") != "none" and setting(
             run_config, "attack"
-        ) not in ("none", "label-flip"):
-            # Attacks rewrite the reply's model (clientapps/attacks.py), which a
-            # compressed reply does not carry.
+        ) in UNCOMPRESSIBLE_ATTACKS:
+            # Client-side attacks rewrite the model before the uplink encodes
+            # it (train_client's poison); these act elsewhere.
             raise ValueError(
-                "compressor: a compressed uplink runs with attack 'none' or "
-                f"'label-flip' only; got attack '{setting(run_config, 'attack')}'."
+                "compressor: a compressed uplink cannot carry the attack "
+                f"'{setting(run_config, 'attack')}' (the server crafts "
+                "alie-omniscient and min-max from decoded models; rank-reversal "
+                "rewrites FRL's rankings): use compressor 'none'."
             )
         if setting(run_config, "attack") in SERVER_ATTACKS:
             # Refused here for algorithms whose replies are not models; the

@@ -43,9 +43,13 @@ Decisions where the spec was open:
   a node sent equals the sum of its ``dc`` minus its current error. A
   biased compressor without error feedback (Top-k alone) drops the rest of
   ``dc`` for good: prefer ``error-feedback = true`` with SCAFFOLD.
-- Simulated attacks that rewrite the reply's model (``sign-flip``,
-  ``gaussian``, ``random``, ``unreliable``) are refused with a compressed
-  uplink (``serverapps/run.py``); ``label-flip`` only changes training.
+- Simulated attacks compose with it: an attacker's model (``sign-flip``,
+  ``gaussian``, ``random``, ``alie``, ``unreliable``) is what the client
+  encodes (``train_client``'s ``poison``, before compression), as a real
+  attacker would send its crafted update compressed. The server-side attacks
+  (``alie-omniscient``, ``min-max``: crafted from decoded models) and FRL's
+  ``rank-reversal`` are refused with a compressed uplink
+  (``serverapps/run.py``).
 - Integer entries (BatchNorm's ``num_batches_tracked``) are not sent and
   keep the server's value; float entries are compressed as one flat vector.
 - Without error feedback a compressor is used as declared (Rand-k and QSGD

@@ -156,11 +156,22 @@ def test_a_client_refuses_compression_when_its_reply_is_not_what_is_decoded():
         train_client(msg, context, model, data)
 
 
-def test_attacks_that_rewrite_the_model_are_refused_with_a_compressed_uplink():
+def test_attacks_compose_with_a_compressed_uplink(tmp_path):
+    # The attacker's model is what the uplink encodes: through the identity
+    # compressor the round equals the uncompressed attacked round.
+    attacked = {"attack": "sign-flip", "attack-fraction": 0.34, "num-server-rounds": 1}
+    plain, _, _ = _run(tmp_path, "plain", **attacked)
+    through, rows, _ = _run(tmp_path, "identity", compressor="identity", **attacked)
+    honest, _, _ = _run(tmp_path, "honest", **{"num-server-rounds": 1})
+    assert rows[0]["train-replies"] == 3 and rows[0]["error-replies"] == 0
+    for key, value in plain.items():
+        np.testing.assert_allclose(through[key], value, rtol=1e-6, atol=1e-7)
+    assert any(not np.allclose(plain[k], honest[k]) for k in plain)
+    # Attacks the uplink cannot carry are refused before the run starts.
     config = {**app_defaults(), "compressor": "topk", "attack-fraction": 0.2}
-    with pytest.raises(RunConfigError, match="attack 'sign-flip'"):
-        checked_strategy({**config, "attack": "sign-flip"})
-    assert checked_strategy({**config, "attack": "label-flip"}).uplink is not None
+    with pytest.raises(RunConfigError, match="cannot carry the attack 'min-max'"):
+        checked_strategy({**config, "attack": "min-max"})
+    assert checked_strategy({**config, "attack": "sign-flip"}).uplink is not None
 
 
 GOOD = {"indices": np.int32([0, 2]), "values": np.float32([1.0, -1.0])}
