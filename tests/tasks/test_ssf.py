@@ -122,5 +122,5 @@ def test_pools_start_as_the_backbone_head_and_copies_stay_self_contained():
 def test_bad_pool_settings_name_the_key():
     with pytest.raises(ValueError, match="ssf-top-k=4"):
         build_task_model({**MLP, "ssf-pool-size": 3, "ssf-top-k": 4}, DIGITS)
-    with pytest.raises(ValueError, match="ssf-pool-size=0"):
+    with pytest.raises(ValueError, match=r"'ssf-pool-size' must be >= 1; got 0"):
         build_task_model({**MLP, "ssf-pool-size": 0}, DIGITS)
