@@ -339,8 +339,23 @@ class BouquetStrategy(Strategy):
         is the order messages are sent.
         """
         return {
-            n: {} for n in self.sample(ctx, self.fraction_train, self.min_train_nodes)
+            n: self._own_arrays(n)
+            for n in self.sample(ctx, self.fraction_train, self.min_train_nodes)
         }
+
+    def node_arrays(self, node: int) -> ArrayRecord | None:
+        """The arrays ``node`` trains from and is evaluated on, if not the global.
+
+        Where the server keeps a model per node (FedCAC's customised models,
+        FED-PUB's ``theta_bar``) or per cluster (ClusterPFL), the default
+        :meth:`recipients` and :meth:`configure_evaluate` send it in place of
+        the global model; None (the default): the global model.
+        """
+        return None
+
+    def _own_arrays(self, node: int) -> dict[str, Record]:
+        own = self.node_arrays(node)
+        return {} if own is None else {wire.ARRAYS: own}
 
     def outgoing_records(self, ctx: RoundContext) -> dict[str, Record]:
         """Extra records sent with every train message (e.g. a control variate)."""
@@ -599,7 +614,13 @@ class BouquetStrategy(Strategy):
             {wire.ARRAYS: arrays, wire.CONFIG: ConfigRecord(ctx.config)}
         )
         ctx.messages = [
-            _message(content, node, {}, MessageType.EVALUATE, server_round)
+            _message(
+                content,
+                node,
+                self._own_arrays(node),
+                MessageType.EVALUATE,
+                server_round,
+            )
             for node in ctx.sampled
         ]
         self.evaluate_round = ctx

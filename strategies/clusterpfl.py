@@ -50,12 +50,11 @@ Decisions where the spec was open
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
-from flwr.app import ArrayRecord, ConfigRecord, Message, RecordDict
-from flwr.serverapp import Grid
+from flwr.app import ArrayRecord
 
 from bouquet.strategies.aggregation import cast_like, to_record
 from bouquet.strategies.base import BouquetStrategy, Record
@@ -167,20 +166,14 @@ class ClusterPFL(BouquetStrategy):
                 ctx.per_node[node] = {"cluster": int(cluster)}
         return plan
 
-    def configure_evaluate(
-        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
-    ) -> Iterable[Message]:
-        """Each node evaluates its cluster model (the run's arrays if it has none)."""
-        messages = list(super().configure_evaluate(server_round, arrays, config, grid))
+    def node_arrays(self, node: int) -> ArrayRecord | None:
+        """The node's cluster model once clustered (what it is evaluated on).
+
+        Training picks nodes per cluster in :meth:`recipients`.
+        """
         own = self.state[STATE]
-        records = {c: to_record(m) for c, m in own["models"].items()}
-        for message in messages:
-            cluster = own["assignment"].get(str(message.metadata.dst_node_id))
-            if cluster is not None:
-                content = RecordDict(dict(message.content.items()))
-                content[wire.ARRAYS] = records[str(cluster)]
-                message.content = content
-        return messages
+        cluster = own["assignment"].get(str(node))
+        return None if cluster is None else to_record(own["models"][str(cluster)])
 
     # -------------------------------------------------- aggregation --
     def aggregate(self, replies: Sequence[ClientReply], ctx: RoundContext) -> NDArrays:

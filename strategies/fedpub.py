@@ -62,15 +62,14 @@ Decisions where the spec was open
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import numpy as np
-from flwr.app import ArrayRecord, ConfigRecord, Message, RecordDict
-from flwr.serverapp import Grid
+from flwr.app import ArrayRecord
 
 from bouquet.strategies.aggregation import cast_like, to_record
-from bouquet.strategies.base import BouquetStrategy, Record
+from bouquet.strategies.base import BouquetStrategy
 from bouquet.strategies.context import NDArrays, RoundContext
 from bouquet.strategies.pieces import Aggregator, ByExamples, ServerSGD, WeightedMean
 from bouquet.strategies.registry import register
@@ -166,29 +165,10 @@ class FedPub(BouquetStrategy):
         """``fedpub.embedding``: one float32 vector, the classifier's input width."""
         return {EMBEDDING: {EMBEDDING_KEY: ((head_width(ctx.arrays),), "float32")}}
 
-    def _own(self, node: int) -> ArrayRecord | None:
+    def node_arrays(self, node: int) -> ArrayRecord | None:
+        """Its ``theta_bar`` once it has one (trained from, evaluated on)."""
         model = self.state[STATE]["models"].get(str(node))
         return None if model is None else to_record(model)
-
-    def recipients(self, ctx: RoundContext) -> dict[int, dict[str, Record]]:
-        """The sampled nodes, each with its ``theta_bar`` where one is held."""
-        plan = super().recipients(ctx)
-        for node in plan:
-            if (own := self._own(node)) is not None:
-                plan[node] = {wire.ARRAYS: own}
-        return plan
-
-    def configure_evaluate(
-        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
-    ) -> Iterable[Message]:
-        """Each node evaluates its ``theta_bar`` (else the global model), masked."""
-        messages = list(super().configure_evaluate(server_round, arrays, config, grid))
-        for message in messages:
-            if (own := self._own(message.metadata.dst_node_id)) is not None:
-                content = RecordDict(dict(message.content.items()))
-                content[wire.ARRAYS] = own
-                message.content = content
-        return messages
 
     def aggregate(self, replies: Sequence[ClientReply], ctx: RoundContext) -> NDArrays:
         """The global model by the chain; each replying node's ``theta_bar``."""

@@ -113,9 +113,9 @@ def test_nodes_absent_from_a_round_keep_their_model_and_get_it_next():
     strategy.aggregate(_replies()[:2], _ctx(nodes=(10, 11)))
     # Assert
     np.testing.assert_array_equal(strategy.state[STATE]["models"]["12"]["w"], kept)
-    sent = strategy._own(12)
+    sent = strategy.node_arrays(12)
     np.testing.assert_array_equal(sent["w"].numpy(), kept)
-    assert strategy._own(99) is None  # never replied: the global model
+    assert strategy.node_arrays(99) is None  # never replied: the global model
 
 
 def test_the_embedding_record_is_sized_by_the_classifier_input():
