@@ -62,6 +62,19 @@ def distillation(
     return t * t * F.kl_div(student, teacher, log_target=True, reduction="batchmean")
 
 
+def soft_label_distillation(
+    student_logits: torch.Tensor, target: torch.Tensor, temperature: float = 1.0
+) -> torch.Tensor:
+    """``T^2 KL(target || softmax(s / T))``, batch mean.
+
+    Distillation towards given class probabilities (soft labels received from
+    elsewhere: KnFu's fused knowledge, FedD2S's server head).
+    """
+    t = float(temperature)
+    student = F.log_softmax(student_logits / t, dim=1)
+    return t * t * F.kl_div(student, target, reduction="batchmean")
+
+
 def info_nce(
     anchors: torch.Tensor, positives: torch.Tensor, temperature: float = 0.1
 ) -> torch.Tensor:

@@ -657,6 +657,15 @@ class BouquetStrategy(Strategy):
             },
         )
 
+    def reply_problem(self, reply: ClientReply, ctx: RoundContext) -> str:
+        """What is wrong with an otherwise valid reply's content; "" if nothing.
+
+        For checks the contract cannot express (KnFu's soft labels must be
+        distributions, FedD2S's labels must be classes); a reply with a
+        problem is dropped with it as the reason.
+        """
+        return ""
+
     def accept(
         self, replies: Iterable[Message], ctx: RoundContext
     ) -> list[ClientReply]:
@@ -676,6 +685,13 @@ class BouquetStrategy(Strategy):
         )
         if ctx.phase == "train" and (codec := self.reply_codec(ctx)) is not None:
             good = self.decode_replies(good, codec, ctx, reasons)
+        checked = []
+        for reply in good:
+            if problem := self.reply_problem(reply, ctx):
+                reasons.append(f"node {reply.node}: {problem}")
+            else:
+                checked.append(reply)
+        good = checked
         log(
             INFO,
             "aggregate_%s: Received %s results and %s failures",

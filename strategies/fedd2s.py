@@ -222,27 +222,18 @@ class FedD2S(BouquetStrategy):
             }
         }
 
-    def accept(self, replies: Any, ctx: RoundContext) -> list[ClientReply]:
-        """The base's acceptance, then ids and labels must be in range."""
-        good = []
+    def reply_problem(self, reply: ClientReply, ctx: RoundContext) -> str:
+        """Sample ids and labels must be in range."""
+        if ctx.phase != "train":
+            return ""
         _, classes = cut_shape(self._model_spec(ctx), self.cut(ctx.server_round))
-        for reply in super().accept(replies, ctx):
-            if ctx.phase == "train":
-                upload = reply.records[UPLOAD]
-                ids, labels = upload["ids"], upload["labels"]
-                problem = None
-                if ids.min() < 0 or ids.max() > MAX_SAMPLE_ID:
-                    problem = "ids outside [0, 2^31)"
-                elif labels.min() < 0 or labels.max() >= classes:
-                    problem = f"labels outside [0, {classes})"
-                if problem:
-                    ctx.outcome.accepted -= 1
-                    ctx.outcome.dropped.append(
-                        f"node {reply.node}: '{UPLOAD}' has {problem}"
-                    )
-                    continue
-            good.append(reply)
-        return good
+        upload = reply.records[UPLOAD]
+        ids, labels = upload["ids"], upload["labels"]
+        if ids.min() < 0 or ids.max() > MAX_SAMPLE_ID:
+            return f"'{UPLOAD}' has ids outside [0, 2^31)"
+        if labels.min() < 0 or labels.max() >= classes:
+            return f"'{UPLOAD}' has labels outside [0, {classes})"
+        return ""
 
     def aggregate(self, replies: Sequence[ClientReply], ctx: RoundContext) -> NDArrays:
         """Train the cut's head on the uploads; store each node's soft labels."""

@@ -181,20 +181,12 @@ class KnFu(BouquetStrategy):
         entry = ((classes,), "float32")
         return {KNOWLEDGE: {str(i): entry for i in range(len(transfer))}}
 
-    def accept(self, replies: Any, ctx: RoundContext) -> list[ClientReply]:
-        """The base's acceptance, then the knowledge must be distributions."""
-        good = []
-        for reply in super().accept(replies, ctx):
-            if ctx.phase == "train" and (
-                problem := distribution_problem(reply.records[KNOWLEDGE])
-            ):
-                ctx.outcome.accepted -= 1
-                ctx.outcome.dropped.append(
-                    f"node {reply.node}: '{KNOWLEDGE}' {problem}"
-                )
-                continue
-            good.append(reply)
-        return good
+    def reply_problem(self, reply: ClientReply, ctx: RoundContext) -> str:
+        """The knowledge must be distributions."""
+        if ctx.phase != "train":
+            return ""
+        problem = distribution_problem(reply.records[KNOWLEDGE])
+        return f"'{KNOWLEDGE}' {problem}" if problem else ""
 
     def aggregate(self, replies: Sequence[ClientReply], ctx: RoundContext) -> NDArrays:
         """Store the replies' knowledge, fuse every node's target; arrays unchanged."""

@@ -28,10 +28,10 @@ import numpy as np
 import torch
 from torch import nn
 from torch.func import functional_call
-from torch.nn import functional
 
 from bouquet.clientapps.bounds import RATE_MAX, Bound, ConfigError
 from bouquet.clientapps.hooks import Hook
+from bouquet.clientapps.losses import soft_label_distillation
 from bouquet.clientapps.state import array_record
 from bouquet.tasks.soft_labels import distribution_problem
 
@@ -122,13 +122,9 @@ class LayerDroppingDistillation(Hook):
         params = dict(run.model.named_parameters())
         frozen = {n: params[n].detach() for n in self.deep}
         out = functional_call(run.model, frozen, (inputs,), strict=False)
-        t = self.temperature
-        kl = functional.kl_div(
-            functional.log_softmax(out / t, dim=1),
-            probs[pick].to(x.device),
-            reduction="batchmean",
+        return loss + self.alpha * soft_label_distillation(
+            out, probs[pick].to(x.device), self.temperature
         )
-        return loss + self.alpha * t * t * kl
 
     def finish(self, run: LocalRun) -> None:
         x_all, y_all = run.data

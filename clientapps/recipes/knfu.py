@@ -25,6 +25,7 @@ from torch.nn import functional
 
 from bouquet.clientapps.bounds import RATE_MAX, Bound, ConfigError
 from bouquet.clientapps.hooks import Hook
+from bouquet.clientapps.losses import soft_label_distillation
 from bouquet.clientapps.state import array_record
 from bouquet.tasks.soft_labels import distribution_problem
 
@@ -109,13 +110,10 @@ class KnowledgeDistillation(Hook):
         t = self.temperature
         size = min(run.settings.batch_size, len(self.x))
         idx = torch.randint(len(self.x), (size,), generator=run.generator)
-        out = run.model(self.x[idx].to(x.device)) / t
-        kl = functional.kl_div(
-            functional.log_softmax(out, dim=1),
-            self.target[idx].to(x.device),
-            reduction="batchmean",
+        out = run.model(self.x[idx].to(x.device))
+        return loss + self.weight * soft_label_distillation(
+            out, self.target[idx].to(x.device), t
         )
-        return loss + self.weight * t * t * kl
 
     def finish(self, run: LocalRun) -> None:
         device = next(run.model.parameters()).device
