@@ -167,6 +167,8 @@ WEIGHT_DECAY = Bound(wire.WEIGHT_DECAY, 0.0, 0.0, RATE_MAX)
 OPTIMIZER = Bound(wire.OPTIMIZER, "sgd", choices=("sgd", "adam", "adamw"))
 SEED = Bound(wire.SEED, 0, 0, INT63_MAX)
 SERVER_ROUND = Bound(wire.SERVER_ROUND, 0, 0, INT63_MAX)
+NUM_ROUNDS = Bound(wire.NUM_ROUNDS, 1, 1, INT63_MAX)
+"""The run's rounds (the driver sends it in every train config)."""
 ROUTINE = Bound(wire.ROUTINE, wire.PLAIN_ROUTINE)
 MODEL_WRAPPER = Bound(wire.MODEL_WRAPPER, "none", choices=models.WRAPPERS)
 DP_CLIPPING_NORM = Bound(wire.DP_CLIPPING_NORM, 0.0, 0.0, RATE_MAX)

@@ -100,6 +100,16 @@ class Hook:
         """Example order for ``run.epoch``; ``None`` leaves the seeded shuffle."""
         return None
 
+    def epoch_batches(
+        self, run: LocalRun, num_examples: int
+    ) -> list[torch.Tensor] | None:
+        """The epoch's batches as index tensors (of any size, empty included).
+
+        ``None`` leaves the ``order`` cut into ``batch-size`` pieces; a hook
+        that samples its own batches (DP-SGD's Poisson sampling) returns them.
+        """
+        return None
+
     def transform_batch(
         self, run: LocalRun, x: torch.Tensor, y: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor]:

@@ -305,15 +305,9 @@ def train_local(
             if run.stop or (settings.max_steps and run.steps >= settings.max_steps):
                 break
             run.epoch = epoch
-            order = next(
-                (o for h in hooks if (o := h.order(run, len(x_all))) is not None), None
-            )
-            if order is None:
-                order = torch.randperm(len(x_all), generator=generator)
-            for start in range(0, len(order), settings.batch_size):
+            for idx in _epoch_batches(run, hooks, len(x_all), generator):
                 if run.stop or (settings.max_steps and run.steps >= settings.max_steps):
                     break
-                idx = order[start : start + settings.batch_size]
                 x, y = x_all[idx].to(device), y_all[idx].to(device)
                 for hook in hooks:
                     x, y = hook.transform_batch(run, x, y)
@@ -348,6 +342,22 @@ def train_local(
         loss_mean=sum(losses) / len(losses) if losses else float("nan"),
         run=run,
     )
+
+
+def _epoch_batches(
+    run: LocalRun, hooks: Sequence[Hook], num_examples: int, generator: torch.Generator
+) -> list[torch.Tensor]:
+    """A hook's batches, else its order (or the seeded shuffle) in batch-size cuts."""
+    for hook in hooks:
+        if (batches := hook.epoch_batches(run, num_examples)) is not None:
+            return batches
+    order = next(
+        (o for h in hooks if (o := h.order(run, num_examples)) is not None), None
+    )
+    if order is None:
+        order = torch.randperm(num_examples, generator=generator)
+    size = run.settings.batch_size
+    return [order[start : start + size] for start in range(0, len(order), size)]
 
 
 def _user_loss(loss: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]) -> Loss:

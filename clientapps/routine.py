@@ -66,6 +66,7 @@ from bouquet.clientapps import bounds, downlink, uplink
 from bouquet.clientapps.hooks import Hook
 from bouquet.clientapps.inputs import DataSource, as_tensors, labels_of
 from bouquet.clientapps.loop import OptimizerFactory, TrainSettings, train_local
+from bouquet.clientapps.privacy import private_hooks
 from bouquet.clientapps.recipes import get_evaluation, get_recipe
 from bouquet.clientapps.state import load_arrays, save_arrays
 from bouquet.tasks import flower_engine, wire
@@ -335,6 +336,8 @@ def train_client(
         # Dropout and other global-RNG users (a loader's shuffle and random
         # transforms) draw from the same derived seed.
         x, y = as_tensors(data, batch_keys)
+        # DP-SGD (clientapps/privacy.py) when the message asks for it.
+        hooks += private_hooks(config, context.state, len(x), hooks, settings)
         result = train_local(
             model,
             (x, y),

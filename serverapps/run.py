@@ -46,6 +46,7 @@ from bouquet.strategies.base import BouquetStrategy
 from bouquet.strategies.clocks import DeviceSpeeds, VirtualClock, WallClock
 from bouquet.strategies.downlink import compress_downlink
 from bouquet.strategies.driver import Driver, RoundReport
+from bouquet.strategies.privacy import private_training
 from bouquet.strategies.registry import get_algorithm
 from bouquet.strategies.sampling import wait_for_node_list
 from bouquet.strategies.uplink import compress_uplink
@@ -214,6 +215,13 @@ def build_strategy(run_config: Mapping[str, Any]) -> BouquetStrategy:
         levels=setting(run_config, "compressor-levels"),
         error_feedback=setting(run_config, "error-feedback"),
     )
+    private_training(
+        strategy,
+        setting(run_config, "dp-sgd-noise-multiplier"),
+        epsilon=setting(run_config, "dp-sgd-epsilon"),
+        delta=setting(run_config, "dp-sgd-delta"),
+        clip=setting(run_config, "dp-sgd-clip"),
+    )
     return compress_downlink(
         strategy,
         setting(run_config, "downlink-compressor"),
@@ -244,6 +252,14 @@ def _attack_on_server(
     attack_on_server(strategy, kind, attackers, z)
 
 
+def private_clients(run_config: Mapping[str, Any]) -> bool:
+    """Whether the run's clients train with DP-SGD (``dp-sgd-*`` keys)."""
+    return (
+        setting(run_config, "dp-sgd-noise-multiplier") > 0
+        or setting(run_config, "dp-sgd-epsilon") > 0
+    )
+
+
 def checked_strategy(run_config: Mapping[str, Any]) -> BouquetStrategy:
     """Check every setting of ``run_config``; the strategy it names.
 
@@ -256,6 +272,7 @@ def checked_strategy(run_config: Mapping[str, Any]) -> BouquetStrategy:
     """
     from bouquet.clientapps.attacks import check_attack
     from bouquet.clientapps.losses import check_loss
+    from bouquet.clientapps.privacy import check_routine
     from bouquet.tasks import DataSpec
 
     try:
@@ -265,9 +282,10 @@ def checked_strategy(run_config: Mapping[str, Any]) -> BouquetStrategy:
         check_attack(
             setting(run_config, "attack"), setting(run_config, "attack-fraction")
         )
-        if setting(run_config, "compressor") != "none" and setting(
-            run_config, "attack"
-        ) in UNCOMPRESSIBLE_ATTACKS:
+        if (
+            setting(run_config, "compressor") != "none"
+            and setting(run_config, "attack") in UNCOMPRESSIBLE_ATTACKS
+        ):
             # Client-side attacks rewrite the model before the uplink encodes
             # it (train_client's poison); these act elsewhere.
             raise ValueError(
@@ -282,6 +300,8 @@ def checked_strategy(run_config: Mapping[str, Any]) -> BouquetStrategy:
             attack_on_server(strategy, setting(run_config, "attack"), ())
             strategy.reply_attack = None
         check_loss(setting(run_config, "loss"))
+        if private_clients(run_config):
+            check_routine(strategy.routine)
     except (ValueError, TypeError, KeyError) as err:
         message = err.args[0] if err.args else str(err)
         raise RunConfigError(str(message)) from None
@@ -373,6 +393,13 @@ def run_server(
     model, evaluate = _central_evaluator(
         run_config, setting(run_config, "num-partitions") or num_nodes
     )
+    if private_clients(run_config):
+        from bouquet.clientapps.privacy import check_model
+
+        try:
+            check_model(model)
+        except ValueError as err:
+            raise RunConfigError(str(err)) from None
     directory = RunDirectory(path)
     directory.write_config(dict(run_config))
 

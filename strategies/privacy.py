@@ -107,9 +107,7 @@ class PrivateMean(Combine):
         reference = ctx.arrays if self.inner.of == "models" else None
         keys = ctx.shared
         norms = [update_norm(r, keys, reference) for r in replies]
-        factors = [
-            min(1.0, self.clipping_norm / n) if n > 0 else 1.0 for n in norms
-        ]
+        factors = [min(1.0, self.clipping_norm / n) if n > 0 else 1.0 for n in norms]
         weights = np.asarray(weights, dtype=np.float64)
         arrays = [{k: r.arrays[k] for k in keys} for r in replies]
         ref = None if reference is None else {k: reference[k] for k in keys}
@@ -312,3 +310,59 @@ class DifferentialPrivacyClientSideFixedClipping(_FixedClipping):
 
     def __repr__(self) -> str:
         return "Differential Privacy Strategy Wrapper (Client-Side Fixed Clipping)"
+
+
+def private_training(
+    strategy: Strategy,
+    noise_multiplier: float = 0.0,
+    *,
+    epsilon: float = 0.0,
+    delta: float = 1e-5,
+    clip: float = 1.0,
+) -> Strategy:
+    """Make ``strategy``'s clients train with DP-SGD; returns ``strategy``.
+
+    Local differential privacy at the example level: each client clips
+    per-example gradients to ``clip``, adds Gaussian noise of standard
+    deviation ``noise_multiplier * clip`` to each step's sum and accounts
+    its own epsilon (:mod:`clientapps.privacy`). With ``epsilon`` > 0 the
+    clients calibrate the multiplier to that budget themselves (their data
+    sizes differ) and stop training once it is spent. Any Bouquet strategy
+    works, whatever its aggregation (FedLD's principal directions, Krum,
+    the median, ...), because the server only ever sees private outputs;
+    the central wrappers above privatize a weighted mean instead.
+    Neither zero: nothing changes.
+
+    Raises
+    ------
+    TypeError
+        ``strategy`` is not a Bouquet strategy.
+    ValueError
+        A negative multiplier or budget, ``delta`` outside (0, 1), or a
+        non-positive ``clip``.
+
+    """
+    from bouquet.strategies.base import BouquetStrategy
+
+    core = getattr(strategy, "strategy", strategy)
+    if not isinstance(core, BouquetStrategy):
+        raise TypeError(
+            "private_training sets the config of a Bouquet strategy's messages; "
+            f"got {type(strategy).__name__}."
+        )
+    if noise_multiplier < 0 or epsilon < 0:
+        raise ValueError("dp-sgd: the noise multiplier and epsilon must be >= 0.")
+    if not 0 < delta < 1:
+        raise ValueError(f"dp-sgd: delta must be in (0, 1); got {delta}.")
+    if clip <= 0:
+        raise ValueError(f"dp-sgd: the clip must be > 0; got {clip}.")
+    if noise_multiplier == 0 and epsilon == 0:
+        return strategy
+    core.extra_config = {
+        **core.extra_config,
+        wire.DP_SGD_NOISE_MULTIPLIER: float(noise_multiplier),
+        wire.DP_SGD_EPSILON: float(epsilon),
+        wire.DP_SGD_DELTA: float(delta),
+        wire.DP_SGD_CLIP: float(clip),
+    }
+    return strategy

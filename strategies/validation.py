@@ -435,10 +435,12 @@ def weighted_metrics(replies: Sequence[ClientReply]) -> MetricRecord:
 
     Replies may report different keys; the bookkeeping keys (``num-examples``,
     ``partition-id``, ``client-time``) are not averaged, and the result
-    carries the total ``num-examples`` instead.
+    carries the total ``num-examples`` instead. Keys of ``wire.MAX_METRICS``
+    (a privacy budget spent) report their largest value.
     """
     sums: dict[str, float] = {}
     totals: dict[str, float] = {}
+    largest: dict[str, float] = {}
     num_examples = 0.0
     for reply in replies:
         weight = reply.num_examples
@@ -446,9 +448,13 @@ def weighted_metrics(replies: Sequence[ClientReply]) -> MetricRecord:
         for key, value in reply.metrics.items():
             if key in wire.BOOKKEEPING_METRICS or isinstance(value, list):
                 continue
+            if key in wire.MAX_METRICS:
+                largest[key] = max(largest.get(key, -math.inf), float(value))
+                continue
             sums[key] = sums.get(key, 0.0) + weight * float(value)
             totals[key] = totals.get(key, 0.0) + weight
     result = MetricRecord({k: sums[k] / totals[k] for k in sums})
+    result.update(largest)
     result[wire.NUM_EXAMPLES] = num_examples
     return result
 

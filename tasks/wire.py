@@ -95,6 +95,15 @@ PLAIN_ROUTINE = "plain"
 """The routine of server-only algorithms: local training, the model back."""
 
 DP_CLIPPING_NORM = "dp.clipping-norm"
+# DP-SGD on the clients (clientapps/privacy.py).
+DP_SGD_NOISE_MULTIPLIER = "dp-sgd.noise-multiplier"
+DP_SGD_EPSILON = "dp-sgd.epsilon"
+DP_SGD_DELTA = "dp-sgd.delta"
+DP_SGD_CLIP = "dp-sgd.clip"
+DP_SGD_EPSILON_METRIC = "dp-sgd.epsilon"
+DP_SGD_NOISE_METRIC = "dp-sgd.noise-multiplier"
+MAX_METRICS = frozenset({DP_SGD_EPSILON_METRIC})
+"""Train metrics a round reports as their largest value, not a weighted mean."""
 """Config key: clip the update a reply carries to this L2 norm (client-side DP,
 ``strategies/privacy.py``); absent or 0: no clipping."""
 
