@@ -149,3 +149,38 @@ def test_fine_tuning_sends_only_the_trainable_entries(
     assert row["train-replies"] == NODES and row["error-replies"] == 0, row
     # mlp on 8x8 digits: 17,226 floats; biases and head: 128 + 64 + 650 = 842.
     assert row["bytes-received"] < NODES * 842 * 4 * 2, row
+
+
+def test_composed_run_fedld_dp_sgd_sign_flip_topk(
+    flower, deployment, app_dir, tmp_path
+):
+    """Issue #23's composed run on SuperNodes, all through run-config keys.
+
+    FedLD with DP-SGD on every node (its own accountant in ``Context.state``,
+    which each fresh ClientApp process reads), one sign-flip attacker of two,
+    and a top-k uplink with error feedback.
+    """
+    rows = run_on_supernodes(
+        flower,
+        deployment,
+        app_dir,
+        tmp_path,
+        {
+            "algorithm": "fedld",
+            "num-server-rounds": 2,
+            "local-steps": 3,
+            "fraction-evaluate": 0.0,
+            "dp-sgd-epsilon": 4.0,
+            "attack": "sign-flip",
+            "attack-fraction": 0.5,
+            "compressor": "topk",
+            "compressor-k": 1000,
+            "error-feedback": True,
+        },
+    )
+    for row in rows[1:]:
+        assert row["train-replies"] == NODES and row["error-replies"] == 0, row
+        # mlp on 8x8 digits: 17,226 floats a model; top-k sends 1,000 pairs.
+        assert row["bytes-received"] < NODES * 17_226 * 4 / 4, row
+    spent = [r["train-dp-sgd.epsilon"] for r in rows[1:]]
+    assert 0 < spent[0] < spent[1] <= 4.0, spent
