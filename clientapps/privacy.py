@@ -45,11 +45,16 @@ Decisions:
   clients run when they do not trust the server (Flower's Opacus example).
 - **Poisson sampling, not shuffled epochs**, because that is the mechanism the
   accountant analyses; an empty batch still takes its noise-only step.
-- **Per-example gradients by micro-batches of one** through the loop's own
-  closure, so every algorithm's loss terms are included exactly as the loop
-  computes them, on any model. A term that couples the examples of a batch
-  (FedLD's margin ``log(1 + ||softmax(Z)||_F^2)``) becomes its one-example
-  version: per-example clipping needs a loss that is a sum over examples.
+- **Per-example gradients** (:mod:`clientapps.per_example`): for models of
+  Linear and Conv layers whose loss terms read the parameters only through
+  the logits, one backward pass with the layers' inputs and output
+  gradients kept (weight gradients as factors, never materialised; the
+  loss vmapped over examples); otherwise micro-batches of one through the
+  loop's own closure, exact for any model and any term (FedProx's proximal
+  term reads the parameters directly). Both give the same step, tested.
+  A term that couples the examples of a batch (FedLD's margin
+  ``log(1 + ||softmax(Z)||_F^2)``) becomes its one-example version:
+  per-example clipping needs a loss that is a sum over examples.
 - **Integer RDP orders 2..256** (closed form, fast): the epsilon is a valid
   upper bound, at most a few percent above the one over fractional orders.
 - **Refused** (a ``ConfigError`` before training): models with batch
@@ -79,11 +84,18 @@ from flwr.supercore.privacy_accounting import (
 )
 from flwr.supercore.privacy_accounting.rdp_accountant import RdpAccountant
 from torch import nn
+from torch.func import vmap
 
 from bouquet.clientapps import bounds
 from bouquet.clientapps.bounds import NORM_MAX, RATE_MAX, Bound, ConfigError
-from bouquet.clientapps.hooks import Hook
+from bouquet.clientapps.hooks import Hook, parameter_names
 from bouquet.clientapps.loop import LocalRun, TrainSettings
+from bouquet.clientapps.per_example import (
+    ExampleLoss,
+    clipped_sum,
+    layered,
+    per_example_terms,
+)
 from bouquet.clientapps.state import load_values, save_values
 from bouquet.tasks import wire
 
@@ -222,6 +234,10 @@ class PrivateSteps(Hook):
     noise : callable, optional
         ``() -> torch.Generator`` for the noise (default: OS entropy). Tests
         pass a seeded one.
+    loss_hooks : sequence of Hook
+        The routine's hooks: those that add a loss term are part of each
+        example's loss on the vectorised path (the one-by-one path runs the
+        loop's own closure, which has them).
 
     """
 
@@ -232,12 +248,15 @@ class PrivateSteps(Hook):
         delta: float,
         epsilon: float = 0.0,
         noise: Callable[[], torch.Generator] | None = None,
+        loss_hooks: Sequence[Hook] = (),
     ) -> None:
         self.clip = float(clip)
         self.noise_multiplier = float(noise_multiplier)
         self.delta = float(delta)
         self.epsilon = float(epsilon)
         self._noise = noise or _os_generator
+        self.loss_hooks = [h for h in loss_hooks if type(h).loss is not Hook.loss]
+        self._fast: bool | None = None
         self.taken = 0
 
     def rate(self, run: LocalRun) -> float:
@@ -248,6 +267,7 @@ class PrivateSteps(Hook):
         check_model(run.model)
         self.generator = self._noise()
         self.taken = 0
+        self._fast = None
         if self.epsilon > 0:
             planned = steps_per_call(run.num_examples, run.settings)
             spent = epsilon_spent(
@@ -282,9 +302,83 @@ class PrivateSteps(Hook):
     ) -> torch.Tensor:
         x, y = run.batch if run.batch is not None else (None, None)
         params = run.parameters
+        if x is None or len(x) == 0:  # an empty Poisson batch: noise only
+            total, loss = [torch.zeros_like(p) for p in params], 0.0
+        elif self._vectorised(run, x, y):
+            try:
+                total, loss = self._layer_sum(run, x, y)
+            except RuntimeError:  # a loss term vmap cannot batch
+                self._fast = False
+                total, loss = self._one_by_one(run, x, y, closure)
+        else:
+            total, loss = self._one_by_one(run, x, y, closure)
+        stdev = self.noise_multiplier * self.clip
+        scale = 1.0 / run.settings.batch_size
+        with torch.no_grad():
+            for p, t in zip(params, total, strict=True):
+                noise = torch.randn(
+                    t.shape, generator=self.generator, dtype=t.dtype
+                ).to(t.device)
+                p.grad = (t + stdev * noise) * scale
+        default_step()
+        self.taken += 1
+        return torch.tensor(loss)
+
+    def _example_loss(self, run: LocalRun) -> ExampleLoss:
+        """One example's loss as the loop computes it, the hooks' terms added."""
+
+        def one(logits: torch.Tensor, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+            loss = run.loss_fn(logits, y, run)
+            for hook in self.loss_hooks:
+                loss = hook.loss(run, loss, logits, x, y)
+            return loss
+
+        return one
+
+    def _vectorised(self, run: LocalRun, x: torch.Tensor, y: torch.Tensor) -> bool:
+        """Whether the layer-factor path applies (decided on the first step).
+
+        It needs a model of Linear/Conv layers and loss terms that depend on
+        the parameters only through the logits (FedLD's margin; not
+        FedProx's proximal term, which reads the parameters themselves).
+        """
+        if self._fast is None:
+            self._fast = layered(run.model)
+            if self._fast and self.loss_hooks:
+                with torch.no_grad():
+                    logits = run.model(x[:1])
+                zero = torch.zeros(())
+                for hook in self.loss_hooks:
+                    term = hook.loss(run, zero, logits, x[:1], y[:1])
+                    if isinstance(term, torch.Tensor) and term.requires_grad:
+                        self._fast = False  # it reads the parameters directly
+        return self._fast
+
+    def _layer_sum(
+        self, run: LocalRun, x: torch.Tensor, y: torch.Tensor
+    ) -> tuple[list[torch.Tensor], float]:
+        names = parameter_names(run)
+        current = {n: p.detach() for n, p in zip(names, run.parameters, strict=True)}
+        one = self._example_loss(run)
+        terms = per_example_terms(run, current, x, y, one)
+        summed = clipped_sum(terms, None, self.clip)
+        with torch.no_grad():
+            losses = vmap(lambda lg, xi, yi: one(lg[None], xi[None], yi[None]))(
+                run.model(x), x, y
+            )
+        return [summed[n] for n in names], float(losses.mean())
+
+    def _one_by_one(
+        self,
+        run: LocalRun,
+        x: torch.Tensor,
+        y: torch.Tensor,
+        closure: Callable[..., torch.Tensor],
+    ) -> tuple[list[torch.Tensor], float]:
+        params = run.parameters
         total = [torch.zeros_like(p) for p in params]
         losses = []
-        for i in range(0 if x is None else len(x)):
+        for i in range(len(x)):
             losses.append(float(closure(x[i : i + 1], y[i : i + 1]).detach()))
             with torch.no_grad():
                 grads = [
@@ -297,17 +391,7 @@ class PrivateSteps(Hook):
                 factor = min(1.0, self.clip / max(float(norm), 1e-30))
                 for t, g in zip(total, grads, strict=True):
                     t.add_(g, alpha=factor)
-        stdev = self.noise_multiplier * self.clip
-        scale = 1.0 / run.settings.batch_size
-        with torch.no_grad():
-            for p, t in zip(params, total, strict=True):
-                noise = torch.randn(
-                    t.shape, generator=self.generator, dtype=t.dtype
-                ).to(t.device)
-                p.grad = (t + stdev * noise) * scale
-        default_step()
-        self.taken += 1
-        return torch.tensor(sum(losses) / len(losses) if losses else 0.0)
+        return total, sum(losses) / len(losses)
 
     def events(self, state: Mapping[str, Any]) -> list[tuple[float, float, int]]:
         """The node's earlier steps: ``(sigma, q, steps)`` per round."""
@@ -375,7 +459,7 @@ def private_hooks(
                 "calibration",
                 {"epsilon": epsilon, "delta": delta, "sigma": sigma},
             )
-    return [PrivateSteps(clip, sigma, delta, epsilon)]
+    return [PrivateSteps(clip, sigma, delta, epsilon, loss_hooks=hooks)]
 
 
 def _save_events(

@@ -4,6 +4,7 @@ import numpy as np
 import torch
 from flwr.app import RecordDict
 
+from bouquet.clientapps import per_example
 from bouquet.clientapps.loop import TrainSettings, train_local
 from bouquet.clientapps.recipes import diff2
 from bouquet.strategies.aggregation import to_record
@@ -123,20 +124,22 @@ def test_factored_layers_equal_vmap_with_batchnorm_and_conv():
     buffers = dict(model.named_buffers())
 
     def loss(p, xi, yi):
-        logits = diff2.functional_call(model, (p, buffers), (xi[None],))
+        logits = per_example.functional_call(model, (p, buffers), (xi[None],))
         return run.loss_fn(logits, yi[None], run)
 
-    def per_example(params):
-        return diff2.vmap(diff2.grad(loss), in_dims=(None, 0, 0))(params, x, y)
+    def vmapped(params):
+        return per_example.vmap(per_example.grad(loss), in_dims=(None, 0, 0))(
+            params, x, y
+        )
 
-    assert diff2._layered(model)
-    g_now, g_before = per_example(now), per_example(before)
-    fast_now = diff2._layer_terms(run, now, x, y)
-    fast_before = diff2._layer_terms(run, before, x, y)
+    assert per_example.layered(model)
+    g_now, g_before = vmapped(now), vmapped(before)
+    fast_now = per_example._layer_terms(run, now, x, y)
+    fast_before = per_example._layer_terms(run, before, x, y)
     # Each example's gradient, and the clipped sums of gradients and differences.
     ones = torch.eye(5)
     for key in now:
-        rows = torch.stack([diff2.weighted(fast_now[key], e) for e in ones])
+        rows = torch.stack([per_example.weighted(fast_now[key], e) for e in ones])
         np.testing.assert_allclose(rows.numpy(), g_now[key].numpy(), atol=1e-6)
     for clip in (0.05, 1e6):
         dense = {k: ("dense", g, None, g.shape[1:]) for k, g in g_now.items()}
@@ -145,7 +148,10 @@ def test_factored_layers_equal_vmap_with_batchnorm_and_conv():
             (fast_now, None, dense, None),
             (fast_now, fast_before, dense, dense_before),
         ):
-            got, expected = diff2.clipped_sum(a, b, clip), diff2.clipped_sum(c, d, clip)
+            got, expected = (
+                per_example.clipped_sum(a, b, clip),
+                per_example.clipped_sum(c, d, clip),
+            )
             for key in now:
                 np.testing.assert_allclose(
                     got[key].numpy(), expected[key].numpy(), atol=1e-6

@@ -18,7 +18,7 @@ from flwr.supercore.privacy_accounting.rdp_accountant import RdpAccountant
 from torch import nn
 
 from bouquet.clientapps.bounds import ConfigError
-from bouquet.clientapps.hooks import Hook, SharpnessAwareStep
+from bouquet.clientapps.hooks import Hook, ProximalTerm, SharpnessAwareStep
 from bouquet.clientapps.loop import TrainSettings, train_local
 from bouquet.clientapps.privacy import (
     PrivateSteps,
@@ -63,7 +63,15 @@ def _per_example_grads(model: nn.Module, x, y, hooks=()):
     return grads
 
 
-def test_one_step_is_the_mean_of_clipped_per_example_gradients():
+class OneByOne(PrivateSteps):
+    """DP-SGD forced onto its micro-batch path."""
+
+    def _vectorised(self, run, x, y):
+        return False
+
+
+@pytest.mark.parametrize("steps", [PrivateSteps, OneByOne], ids=["layers", "one"])
+def test_one_step_is_the_mean_of_clipped_per_example_gradients(steps):
     # q = B / n = 1: every example joins every batch; no noise.
     clip, lr = 0.5, 0.3
     reference = _linear()
@@ -82,7 +90,7 @@ def test_one_step_is_the_mean_of_clipped_per_example_gradients():
         model,
         (X, Y),
         settings,
-        [*hooks, PrivateSteps(clip, 0.0, 1e-5, noise=_seeded())],
+        [*hooks, steps(clip, 0.0, 1e-5, noise=_seeded(), loss_hooks=hooks)],
         generator=torch.Generator().manual_seed(0),
     )
     for p, e in zip(model.parameters(), expected, strict=True):
@@ -90,6 +98,34 @@ def test_one_step_is_the_mean_of_clipped_per_example_gradients():
     assert any(
         math.sqrt(sum(float((t**2).sum()) for t in g)) > clip for g in grads
     )  # the case clips
+
+
+def test_both_paths_take_the_same_noisy_steps_and_prox_terms_go_one_by_one():
+    torch.manual_seed(0)
+    x, y = torch.randn(40, 6), torch.randint(0, 3, (40,))
+
+    def mlp():
+        torch.manual_seed(2)
+        return nn.Sequential(nn.Linear(6, 8), nn.ReLU(), nn.Linear(8, 3))
+
+    settings = TrainSettings(epochs=2, batch_size=8, lr=0.2, momentum=0.5)
+    margin = [MarginControl(0.3)]
+    models = []
+    for steps in (PrivateSteps, OneByOne):
+        model = mlp()
+        hook = steps(0.4, 0.8, 1e-5, noise=_seeded(9), loss_hooks=margin)
+        train_local(
+            model, (x, y), settings, [*margin, hook], generator=torch.Generator()
+        )
+        models.append(model)
+        if steps is PrivateSteps:
+            assert hook._fast  # the margin reads the logits only
+    for a, b in zip(*(m.parameters() for m in models), strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
+    prox = [ProximalTerm(0.1)]
+    hook = PrivateSteps(0.4, 0.8, 1e-5, noise=_seeded(9), loss_hooks=prox)
+    train_local(mlp(), (x, y), settings, [*prox, hook], generator=torch.Generator())
+    assert hook._fast is False  # the proximal term reads the parameters
 
 
 def test_without_clipping_or_noise_it_is_full_batch_gradient_descent():
@@ -142,11 +178,11 @@ def test_batches_are_poisson_samples_of_rate_batch_over_n():
     train_local(
         model,
         (x, y),
-        TrainSettings(epochs=5, batch_size=20, lr=0.0, momentum=0.0),
+        TrainSettings(epochs=2, batch_size=20, lr=0.0, momentum=0.0),
         [hook, Sizes()],
         generator=torch.Generator().manual_seed(0),
     )
-    assert len(sizes) == 5 * 20  # round(n / B) batches per epoch
+    assert len(sizes) == 2 * 20  # round(n / B) batches per epoch
     assert len(set(sizes)) > 3  # sizes vary, as Poisson sampling's do
     assert np.mean(sizes) == pytest.approx(20, rel=0.1)
 
