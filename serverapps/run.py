@@ -11,6 +11,7 @@ run are refused).
 from __future__ import annotations
 
 import dataclasses
+import importlib.util
 import json
 import math
 import os
@@ -302,6 +303,11 @@ def checked_strategy(run_config: Mapping[str, Any]) -> BouquetStrategy:
         check_loss(setting(run_config, "loss"))
         if private_clients(run_config):
             check_routine(strategy.routine)
+            if importlib.util.find_spec("dp_accounting") is None:
+                raise ValueError(
+                    "dp-sgd: the clients' accountant needs dp-accounting: "
+                    'pip install "flwr-bouquet[dp]"'
+                )
     except (ValueError, TypeError, KeyError) as err:
         message = err.args[0] if err.args else str(err)
         raise RunConfigError(str(message)) from None
