@@ -63,7 +63,10 @@ Decisions:
   ``'none'``); routines whose hooks read the local data outside the noisy
   steps (a selection or scoring phase, a data-dependent example order, a
   step of their own: DIFF2, SFPrompt's pruning, FedSpeed's SAM step, FAL,
-  the curriculum).
+  the curriculum). The hook runs first and seals ``run.data``, so a hook
+  that reads the data anywhere else (a statistic such as EF21-W's
+  smoothness, FedLoGe's class counts, FedD2S's representations) fails the
+  call with the reason instead of releasing it unprotected.
 - Noise comes from the operating system's entropy (noise a known seed
   reproduces protects nothing).
 """
@@ -265,6 +268,9 @@ class PrivateSteps(Hook):
 
     def setup(self, run: LocalRun) -> None:
         check_model(run.model)
+        # The loop keeps its own reference; a hook that reads the data outside
+        # the noisy steps (a statistic, a score, soft labels) fails loudly.
+        run.data = SealedData()  # type: ignore[assignment]
         self.generator = self._noise()
         self.taken = 0
         self._fast = None
@@ -413,6 +419,21 @@ class PrivateSteps(Hook):
         if math.isfinite(spent):  # metrics must be finite (a noiseless test run)
             run.metrics[wire.DP_SGD_EPSILON_METRIC] = spent
         run.metrics[wire.DP_SGD_NOISE_METRIC] = self.noise_multiplier
+
+
+class SealedData:
+    """``run.data`` under DP-SGD: reading it outside the noisy steps is refused."""
+
+    def _refuse(self, *_: object) -> None:
+        raise ConfigError(
+            wire.DP_SGD_NOISE_MULTIPLIER,
+            "on",
+            "a routine whose hooks read the local data only through the loop's "
+            "noisy steps (one of them reads run.data, which DP-SGD cannot "
+            "protect)",
+        )
+
+    __iter__ = __getitem__ = __len__ = _refuse
 
 
 def steps_per_call(num_examples: int, settings: TrainSettings) -> int:

@@ -337,7 +337,8 @@ def train_client(
         # transforms) draw from the same derived seed.
         x, y = as_tensors(data, batch_keys)
         # DP-SGD (clientapps/privacy.py) when the message asks for it.
-        hooks += private_hooks(config, context.state, len(x), hooks, settings)
+        private = private_hooks(config, context.state, len(x), hooks, settings)
+        hooks = [*private, *hooks]  # first: its setup seals run.data
         result = train_local(
             model,
             (x, y),

@@ -253,6 +253,22 @@ def test_hooks_that_read_data_outside_the_noisy_steps_and_batchnorm_are_refused(
         check_model(nn.Sequential(nn.Linear(2, 2), nn.BatchNorm1d(2)))
 
 
+def test_a_hook_reading_the_local_data_outside_the_steps_fails_loudly():
+    class Statistic(Hook):
+        def finish(self, run):
+            run.metrics["label-mean"] = float(run.data[1].float().mean())
+
+    private = PrivateSteps(1.0, 1.0, 1e-5, noise=_seeded())
+    with pytest.raises(ConfigError, match=r"run\.data"):
+        train_local(
+            _linear(),
+            (X, Y),
+            TrainSettings(epochs=1, batch_size=3, lr=0.1, momentum=0.0),
+            [private, Statistic()],
+            generator=torch.Generator(),
+        )
+
+
 def test_round_metric_is_the_largest_epsilon():
     replies = [
         ClientReply(i, None, n, {wire.DP_SGD_EPSILON_METRIC: e, "train-loss": e})
