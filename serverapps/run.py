@@ -190,6 +190,13 @@ def _central_evaluator(run_config: Mapping[str, Any], num_partitions: int):  # n
     return model, evaluate
 
 
+def _input_shape(run_config: Mapping[str, Any]) -> tuple[int, ...]:
+    from bouquet.tasks import DataSpec, dataset_info
+
+    spec = DataSpec.from_run_config(run_config, num_partitions=1)
+    return tuple(dataset_info(spec).input_shape)
+
+
 def clock(run_config: Mapping[str, Any]) -> VirtualClock | WallClock:
     """The clock of an asynchronous run (ignored by synchronous ones)."""
     if setting(run_config, "async-clock") == "wall":
@@ -265,9 +272,10 @@ def checked_strategy(run_config: Mapping[str, Any]) -> BouquetStrategy:
         check_attack(
             setting(run_config, "attack"), setting(run_config, "attack-fraction")
         )
-        if setting(run_config, "compressor") != "none" and setting(
-            run_config, "attack"
-        ) in UNCOMPRESSIBLE_ATTACKS:
+        if (
+            setting(run_config, "compressor") != "none"
+            and setting(run_config, "attack") in UNCOMPRESSIBLE_ATTACKS
+        ):
             # Client-side attacks rewrite the model before the uplink encodes
             # it (train_client's poison); these act elsewhere.
             raise ValueError(
@@ -373,6 +381,7 @@ def run_server(
     model, evaluate = _central_evaluator(
         run_config, setting(run_config, "num-partitions") or num_nodes
     )
+    strategy.use_server_model(model, _input_shape(run_config))
     directory = RunDirectory(path)
     directory.write_config(dict(run_config))
 
