@@ -93,7 +93,9 @@ def test_the_split_as_messages_trains_as_the_simulated_split(tmp_path):
             messages.arrays[name].numpy(), simulated.arrays[name].numpy(), atol=1e-6
         )
     for key in ("uplink-bytes", "downlink-bytes", "bytes-total"):
-        assert row[f"train-sfprompt.split-{key}"] == sim_row[f"train-sfprompt.split-{key}"]
+        assert (
+            row[f"train-sfprompt.split-{key}"] == sim_row[f"train-sfprompt.split-{key}"]
+        )
     assert row["train-loss"] == pytest.approx(sim_row["train-loss"], abs=1e-6)
     # Per node: begin, then per step tail and step, then the round's train message.
     types = [t for node, t in grid.calls if node == 1000]
@@ -117,9 +119,10 @@ def test_a_frozen_head_needs_no_gradient_exchange(tmp_path):
     # s up, h down (in the step message): no tail exchange, no gradients;
     # no prompt tokens (16 patches + the class token).
     assert [t for n, t in grid.calls if n == 1000] == ["train.split"] * 3 + ["train"]
-    assert row["train-sfprompt.split-bytes-total"] == sim_row[
-        "train-sfprompt.split-bytes-total"
-    ]
+    assert (
+        row["train-sfprompt.split-bytes-total"]
+        == sim_row["train-sfprompt.split-bytes-total"]
+    )
     assert row["train-sfprompt.split-bytes-total"] == 2 * 2 * 2 * 16 * 17 * 64 * 4
 
 
