@@ -63,7 +63,8 @@ traffic, the simulated one for experiments. The arrays travel twice down
 (``begin`` and the train message, which Flower's contract and acceptance
 read) and once up. Refused: a body with trainable entries (``peft`` that
 trains inside the body: the server's copy does not train), and compressed
-uplinks or downlinks.
+uplinks or downlinks. A simulated client-side attack that acts through
+training hooks (label flipping) is not applied in the split's steps.
 
 **Bytes per round** (per selected client, ``n'`` kept examples, ``E`` split
 epochs, ``T`` tokens incl. class and prompt tokens, width ``d``, 4-byte
@@ -220,9 +221,10 @@ class SFPrompt(FedAvg):
     split_client_time = 0.0
 
     def use_server_model(self, model: Any, input_shape: tuple[int, ...]) -> None:
-        """Keep the server's copy of the model: its frozen body runs here."""
-        self.server_model = copy.deepcopy(model).train()
+        """Keep the server's model: with ``split="messages"`` its body runs here."""
+        self.server_model = model  # copied when the split first needs it
         self.input_shape = tuple(input_shape)
+        self._server_body = None
 
     def exchange_train(
         self, messages: list[Message], exchange: Exchange, timeout: float
@@ -360,7 +362,12 @@ class SFPrompt(FedAvg):
                 "sfprompt.split = 'messages' sends several messages per round: "
                 "use compressor = 'none' and downlink-compressor = 'none'."
             )
-        body = _ServerBody(model, self.input_shape, self.head_blocks, self.tail_blocks)
+        split = (self.head_blocks, self.tail_blocks)
+        cached = getattr(self, "_server_body", None)
+        if cached is not None and cached.split == split:
+            return cached if cached.blocks else None
+        # A copy: the ServerApp evaluates with its own (in eval mode).
+        body = _ServerBody(copy.deepcopy(model).train(), self.input_shape, *split)
         if any(p.requires_grad for block in body.blocks for p in block.parameters()):
             raise ValueError(
                 "sfprompt.split = 'messages' needs a frozen body (the server's "
@@ -368,6 +375,7 @@ class SFPrompt(FedAvg):
                 "peft = 'prompt' or 'head', other head/tail blocks, or "
                 "split = 'simulated'."
             )
+        self._server_body = body
         return body if body.blocks else None
 
 

@@ -107,6 +107,7 @@ def test_the_split_as_messages_trains_as_the_simulated_split(tmp_path):
     assert row["bytes-sent"] == 2 * (2 * arrays + 2 * 2 * tensor)
     assert row["bytes-received"] == 2 * (arrays + 2 * 2 * tensor)
     assert row["train-sfprompt.split-uplink-bytes"] == 2 * 2 * 16 * 21 * 64 * 4
+    assert row["train-sfprompt.split-client-time"] > 0  # the nodes' split compute
 
 
 def test_a_frozen_head_needs_no_gradient_exchange(tmp_path):
