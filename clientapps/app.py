@@ -139,6 +139,18 @@ def train(msg: Message, context: Context) -> Message:
     return _timed(reply, start)
 
 
+@app.train("split")  # tasks.wire.SPLIT_ACTION (this module imports lazily)
+def split(msg: Message, context: Context) -> Message:
+    """One exchange of split learning inside a train round (SFPrompt)."""
+    start = time.perf_counter()
+    from bouquet.clientapps.routine import split_client
+
+    run_config = run_config_of(msg, context)
+    with _model_and_data(run_config, context, msg) as (model, data, _):
+        reply = split_client(msg, context, model, (data.train_x, data.train_y))
+    return _timed(reply, start)
+
+
 @app.evaluate()
 def evaluate(msg: Message, context: Context) -> Message:
     """Evaluate the global model on the node's held-out split."""

@@ -171,6 +171,10 @@ NUM_ROUNDS = Bound(wire.NUM_ROUNDS, 1, 1, INT63_MAX)
 """The run's rounds (the driver sends it in every train config)."""
 ROUTINE = Bound(wire.ROUTINE, wire.PLAIN_ROUTINE)
 MODEL_WRAPPER = Bound(wire.MODEL_WRAPPER, "none", choices=models.WRAPPERS)
+SPLIT_PHASE = Bound(
+    wire.SPLIT_PHASE, "train", choices=("train", "begin", "tail", "step")
+)
+"""``train``: the round's own train message; the others: ``train.split`` ones."""
 DP_CLIPPING_NORM = Bound(wire.DP_CLIPPING_NORM, 0.0, 0.0, RATE_MAX)
 """Client-side DP clipping of the reply's update; 0: none."""
 UPLINK_COMPRESSOR = Bound(

@@ -67,7 +67,7 @@ from bouquet.clientapps.hooks import Hook
 from bouquet.clientapps.inputs import DataSource, as_tensors, labels_of
 from bouquet.clientapps.loop import OptimizerFactory, TrainSettings, train_local
 from bouquet.clientapps.privacy import private_hooks
-from bouquet.clientapps.recipes import get_evaluation, get_recipe
+from bouquet.clientapps.recipes import get_evaluation, get_recipe, get_split
 from bouquet.clientapps.state import load_arrays, save_arrays
 from bouquet.tasks import flower_engine, wire
 from bouquet.tasks.arrays import array_record, array_view
@@ -201,6 +201,8 @@ def unsent_frozen(msg: Message, model: nn.Module) -> list[str]:
                 f"this node's frozen backbone ({own[:12]}...): a different "
                 "pretrained model or PEFT setting",
             )
+    if wire.ARRAYS not in msg.content:  # a split exchange: no arrays at all
+        return frozen
     sent = msg.content[wire.ARRAYS]
     return [k for k in frozen if k not in sent]
 
@@ -418,6 +420,53 @@ def train_client(
         content[wire.ARRAYS] = array_record(
             poison(local, {k: sent_arrays[k].numpy() for k in local})
         )
+    return Message(content, reply_to=msg)
+
+
+def split_client(
+    msg: Message,
+    context: Context,
+    model: nn.Module,
+    data: Data,
+    *,
+    batch_keys: Sequence[str] | None = None,
+) -> Message:
+    """Answer one exchange of split learning inside a train round (``train.split``).
+
+    The first exchange (``split-phase = begin``) carries the round's arrays
+    and config and is the routine's own training up to the cut:
+    :func:`train_client` runs it, and the reply keeps what the recipe put
+    in it (the activations) without the model. The later ones carry
+    activations or gradients only; the recipe's ``split_step`` answers them
+    from the node's ``Context.state``. The round's own train message comes
+    last and is :func:`train_client`'s as always (``strategies/sfprompt.py``).
+    """
+    config = dict(msg.content[wire.CONFIG])
+    name = routine_of(msg)
+    step = get_split(name)
+    if step is None:
+        raise bounds.ConfigError(wire.ROUTINE, name, "a routine with split learning")
+    phase = bounds.SPLIT_PHASE.read(config)
+    if phase == "train":
+        raise bounds.ConfigError(
+            wire.SPLIT_PHASE, phase, "begin, tail or step in a train.split message"
+        )
+    if phase == "begin":
+        reply = train_client(msg, context, model, data, batch_keys=batch_keys)
+        content = RecordDict(
+            {k: v for k, v in reply.content.items() if k != wire.ARRAYS}
+        )
+        return Message(content, reply_to=msg)
+    settings = TrainSettings.from_config(config, context.run_config)
+    unsent_frozen(msg, model)  # the backbone's digest
+    seed = client_seed(msg, context)
+    device = next(model.parameters()).device
+    with seeded_rng(seed, device):
+        content = step(
+            msg, context, model, as_tensors(data, batch_keys), settings, seed
+        )
+    content[wire.CLIENT_INFO] = ConfigRecord({wire.ROUTINE: name})
+    content[wire.METRICS] = MetricRecord({})  # the ClientApp adds client-time
     return Message(content, reply_to=msg)
 
 

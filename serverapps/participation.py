@@ -65,6 +65,10 @@ def participation_grid(grid: Grid, run_config: Mapping[str, Any]) -> Grid:
     )
 
 
+def _is_train(message: Message) -> bool:
+    return str(message.metadata.message_type).split(".")[0] == MessageType.TRAIN
+
+
 def _round_of(msg: Message) -> int:
     config = msg.content.config_records.get(wire.CONFIG, {})
     if wire.SERVER_ROUND in config:
@@ -156,15 +160,14 @@ class ParticipationGrid(GridView):
 
     def outgoing(self, messages: Iterable[Message]) -> list[Message]:
         messages = list(messages)
-        train = [m for m in messages if m.metadata.message_type == MessageType.TRAIN]
+        # A round's train messages, and its split-learning exchanges
+        # (``train.split``): an unavailable node gets none of them.
+        train = [m for m in messages if _is_train(m)]
         if not train:
             return messages
         server_round = _round_of(train[0])
         open_ = self.available(server_round, {m.metadata.dst_node_id for m in train})
         self.available_counts[server_round] = len(open_)
         return [
-            m
-            for m in messages
-            if m.metadata.message_type != MessageType.TRAIN
-            or m.metadata.dst_node_id in open_
+            m for m in messages if not _is_train(m) or m.metadata.dst_node_id in open_
         ]

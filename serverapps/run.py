@@ -192,6 +192,13 @@ def _central_evaluator(run_config: Mapping[str, Any], num_partitions: int):  # n
     return model, evaluate
 
 
+def _input_shape(run_config: Mapping[str, Any]) -> tuple[int, ...]:
+    from bouquet.tasks import DataSpec, dataset_info
+
+    spec = DataSpec.from_run_config(run_config, num_partitions=1)
+    return tuple(dataset_info(spec).input_shape)
+
+
 def clock(run_config: Mapping[str, Any]) -> VirtualClock | WallClock:
     """The clock of an asynchronous run (ignored by synchronous ones)."""
     if setting(run_config, "async-clock") == "wall":
@@ -406,6 +413,7 @@ def run_server(
             check_model(model)
         except ValueError as err:
             raise RunConfigError(str(err)) from None
+    strategy.use_server_model(model, _input_shape(run_config))
     directory = RunDirectory(path)
     directory.write_config(dict(run_config))
 

@@ -39,8 +39,9 @@ what), :meth:`outgoing_records` (extra records for every node),
 :meth:`aggregate` (the whole update, when the chain does not fit),
 :meth:`expected_records`, :meth:`record_specs` (records not shaped like
 the model), :meth:`train_metrics`, :meth:`evaluate_metrics`,
-:meth:`skipped`, and :meth:`reply_codec` / :meth:`decoded` (replies that
-travel compressed).
+:meth:`skipped`, :meth:`reply_codec` / :meth:`decoded` (replies that
+travel compressed), and :meth:`exchange_train` (several exchanges per round:
+split learning).
 """
 
 from __future__ import annotations
@@ -87,6 +88,7 @@ from bouquet.tasks.params import Param, Range
 
 if TYPE_CHECKING:
     from bouquet.strategies.downlink import Downlink
+    from bouquet.strategies.driver import Exchange
 
 Record = ArrayRecord | ConfigRecord | MetricRecord
 """A record that can travel in a message besides ``arrays`` and ``config``."""
@@ -547,6 +549,28 @@ class BouquetStrategy(Strategy):
             if records := self.compressed_records(ctx):
                 values[wire.UPLINK_RECORDS] = ",".join(records)
         return values
+
+    def exchange_train(
+        self, messages: list[Message], exchange: Exchange, timeout: float
+    ) -> list[Message]:
+        """Send the round's train messages; the replies ``aggregate_train`` reads.
+
+        The driver's :class:`~strategies.driver.Rounds` calls it between
+        ``configure_train`` and ``aggregate_train``. One round trip here; an
+        algorithm with several exchanges per round (SFPrompt's split as
+        messages) overrides it, sending every message through ``exchange``
+        (bytes, error and missing replies are counted there) and returning
+        the replies to ``messages``.
+        """
+        return exchange.round_trip(messages, timeout)
+
+    def use_server_model(self, model: Any, input_shape: tuple[int, ...]) -> None:
+        """The run's model as the server builds it (the ServerApp passes it).
+
+        ``input_shape`` is one example's. Unused by default; an algorithm whose
+        server computes with part of the model (split learning's body) keeps
+        a copy.
+        """
 
     def dp_problem(self) -> str:
         """Why DP wrappers cannot protect this strategy; "" when they can.

@@ -13,7 +13,9 @@ Flower's differential-privacy wrappers) through one path
   counted in one place, and a missing reply names the node it was sent to;
 - **a schedule** decides what to send and when to aggregate: :class:`Rounds`
   (synchronous rounds, Flower's contract) or the asynchronous event schedule
-  of :mod:`strategies.asynchrony`, chosen by the strategy's ``schedule``;
+  of :mod:`strategies.asynchrony`, chosen by the strategy's ``schedule``; a
+  round's train exchange is the strategy's ``exchange_train`` (one round
+  trip, or several for split learning), always through the :class:`Exchange`;
 - **commits**: after each round (or model version) the central evaluation,
   the :class:`RoundReport` (accounting, the strategy's drops), a log line as
   Flower's ``start`` writes it, a checkpoint and the ``on_round_end``
@@ -307,7 +309,10 @@ class Rounds:
             messages = strategy.configure_train(
                 rnd, run.arrays, run.train_config, run.grid
             )
-            replies = exchange.round_trip(messages, run.timeout)
+            if run.core is not None:  # several exchanges per round (a split)
+                replies = run.core.exchange_train(list(messages), exchange, run.timeout)
+            else:
+                replies = exchange.round_trip(messages, run.timeout)
             times = client_times(replies)
             if times:
                 report.client_time = max(times)

@@ -270,6 +270,26 @@ def split_blocks(
 
 
 @contextlib.contextmanager
+def swapped_blocks(model: nn.Module, blocks: list[nn.Module]) -> Iterator[nn.Module]:
+    """``model`` with its block stack replaced by ``blocks`` for the duration.
+
+    The model's own forward runs the new list with the arguments it gives
+    its blocks (masks, positions), so a stand-in module placed in the list
+    sees what a body block would. The list is restored afterwards.
+    """
+    stack = block_stack(model)
+    if stack is None:
+        raise ValueError(f"{type(model).__name__} has no transformer block stack")
+    owner, attribute = stack
+    saved = getattr(owner, attribute)
+    owner._modules[attribute] = nn.ModuleList(blocks)
+    try:
+        yield model
+    finally:
+        owner._modules[attribute] = saved
+
+
+@contextlib.contextmanager
 def without_body(
     model: nn.Module, head_blocks: int, tail_blocks: int
 ) -> Iterator[nn.Module]:
@@ -279,17 +299,131 @@ def without_body(
     duration, and restored afterwards; the blocks are the same modules, so
     training through it trains the model's own parameters.
     """
-    stack = block_stack(model)
-    _, body, _ = split_blocks(model, head_blocks, tail_blocks)
-    if stack is None or not body:
+    head, body, tail = split_blocks(model, head_blocks, tail_blocks)
+    if not body:
         yield model
         return
-    owner, attribute = stack
-    blocks = getattr(owner, attribute)
-    skipped = {id(block) for block in body}
-    kept = nn.ModuleList([b for b in blocks if id(b) not in skipped])
-    owner._modules[attribute] = kept
-    try:
+    with swapped_blocks(model, [*head, *tail]):
         yield model
-    finally:
-        owner._modules[attribute] = blocks
+
+
+# Split learning as messages (SFPrompt's ``split = "messages"``): the client
+# computes up to the body's input, the server runs the body, the client the
+# rest. Stand-ins placed in the block list do it through the model's own
+# forward, so any block stack (ViT, GPT-2) works unchanged.
+
+
+class _Reached(Exception):  # noqa: N818 - control flow, not an error
+    def __init__(self, hidden: torch.Tensor) -> None:
+        super().__init__()
+        self.hidden = hidden
+
+
+class _Stop(nn.Module):
+    """Ends the forward pass where it stands, with the hidden state it got."""
+
+    def forward(self, hidden: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
+        raise _Reached(hidden)
+
+
+class _Given(nn.Module):
+    """Returns a given tensor in place of its input (the server's start)."""
+
+    def __init__(self, value: torch.Tensor) -> None:
+        super().__init__()
+        self.value = value
+
+    def forward(self, hidden: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
+        return self.value
+
+
+def _run_until_stop(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    try:
+        model(x)
+    except _Reached as reached:
+        return reached.hidden
+    raise RuntimeError("the forward pass never reached the split point")
+
+
+def smashed(
+    model: nn.Module, head_blocks: int, tail_blocks: int, x: torch.Tensor
+) -> torch.Tensor:
+    """``s = head(x)``: the activations a client sends (the body's input)."""
+    head, _, _ = split_blocks(model, head_blocks, tail_blocks)
+    with swapped_blocks(model, [*head, _Stop()]):
+        return _run_until_stop(model, x)
+
+
+def body_output(
+    model: nn.Module,
+    head_blocks: int,
+    tail_blocks: int,
+    s: torch.Tensor,
+    probe: torch.Tensor,
+) -> torch.Tensor:
+    """``h = body(s)``, on the server (differentiable in ``s``).
+
+    The model's forward runs on ``probe`` (any input of the batch's shape:
+    what reaches the body's blocks besides the hidden state, such as a
+    causal mask, depends on the shape only); the head's output is replaced
+    by ``s`` and the pass stops after the body.
+    """
+    _, body, _ = split_blocks(model, head_blocks, tail_blocks)
+    with swapped_blocks(model, [_Given(s), *body, _Stop()]):
+        return _run_until_stop(model, probe)
+
+
+class _RemoteBody(torch.autograd.Function):
+    @staticmethod
+    def forward(
+        ctx: Any,
+        s: torch.Tensor,
+        h: torch.Tensor,
+        stand_in: RemoteBody,
+    ) -> torch.Tensor:
+        ctx.stand_in = stand_in
+        return h.detach().to(s.dtype).clone()
+
+    @staticmethod
+    def backward(ctx: Any, grad_h: torch.Tensor) -> tuple[Any, Any, None]:
+        stand_in = ctx.stand_in
+        stand_in.grad_h = grad_h.detach().clone()
+        grad_s = stand_in.grad_s
+        if grad_s is not None and ctx.needs_input_grad[0]:
+            grad_s = grad_s.to(grad_h.dtype)
+        else:
+            grad_s = None
+        return grad_s, None, None
+
+
+class RemoteBody(nn.Module):
+    """The body as the client sees it: the server's ``h``, and its ``dL/ds``.
+
+    Placed in the block list in place of the body (:func:`remote_body`):
+    the forward pass returns ``h`` (what the server computed from this
+    client's ``s``); the backward pass keeps ``dL/dh`` in :attr:`grad_h`
+    (what the client sends back) and passes ``grad_s`` (the server's
+    ``dL/ds``; None before the server has answered) on to the head.
+    """
+
+    def __init__(self, h: torch.Tensor, grad_s: torch.Tensor | None = None) -> None:
+        super().__init__()
+        self.h = h
+        self.grad_s = grad_s
+        self.grad_h: torch.Tensor | None = None
+
+    def forward(self, hidden: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
+        # h "requires grad" so that the tail's backward reaches this stand-in
+        # even where nothing before the body trains.
+        h = self.h.detach().requires_grad_(True)
+        return _RemoteBody.apply(hidden, h, self)
+
+
+@contextlib.contextmanager
+def remote_body(
+    model: nn.Module, head_blocks: int, tail_blocks: int, stand_in: RemoteBody
+) -> Iterator[nn.Module]:
+    """``model`` as ``tail(stand_in(head(x)))``: the client's half of a split step."""
+    head, _, tail = split_blocks(model, head_blocks, tail_blocks)
+    with swapped_blocks(model, [*head, stand_in, *tail]):
+        yield model

@@ -35,6 +35,19 @@ whose saved values differ from the config Flower gives the ClientApps (which is
 this submission's, not the interrupted run's); they override
 ``context.run_config`` (``serverapps/resume.py``)."""
 
+SPLIT_ACTION = "split"
+"""Split learning's exchanges inside a train round travel as messages of type
+``train.split`` (the ClientApp's ``@app.train("split")``): the routine the
+config names answers them (its recipe's ``split_step``); the round's own train
+message comes last and gets the usual reply (``strategies/sfprompt.py``)."""
+SPLIT_PHASE = "split-phase"
+"""Config key of a ``train.split`` message: which exchange of the split it is."""
+SPLIT_TENSORS = "split"
+"""ArrayRecord of a ``train.split`` message or reply: the activations or
+gradients crossing the cut."""
+SPLIT_INFO = "split-info"
+"""ConfigRecord of a ``train.split`` reply: what the client asks next."""
+
 # Keys of the CONFIG record (server -> client).
 SERVER_ROUND = "server-round"
 NUM_ROUNDS = "num-server-rounds"

@@ -56,6 +56,16 @@ def get_evaluation(name: str) -> Callable[..., Any] | None:
     return getattr(_module(name), "evaluation_model", None)
 
 
+def get_split(name: str) -> Callable[..., Any] | None:
+    """Recipe ``name``'s ``split_step(msg, context, model, data, settings, seed)``.
+
+    A routine with split learning as messages (SFPrompt) answers the
+    ``train.split`` exchanges after the first with it (:func:`clientapps.
+    routine.split_client`); None: the routine has none.
+    """
+    return getattr(_module(name), "split_step", None)
+
+
 def _module(name: str) -> Any:
     if not _NAME.match(name) or name not in list_recipes():
         known = ", ".join(list_recipes())

@@ -16,7 +16,15 @@ from bouquet.clientapps.recipes.sfprompt import (
     kept_indices,
 )
 from bouquet.tasks.finetune import build_task_model
-from bouquet.tasks.foundation import block_stack, split_blocks, without_body
+from bouquet.tasks.foundation import (
+    RemoteBody,
+    block_stack,
+    body_output,
+    remote_body,
+    smashed,
+    split_blocks,
+    without_body,
+)
 from bouquet.tasks.spec import DatasetInfo
 
 pytest.importorskip("transformers")
@@ -154,3 +162,40 @@ def test_a_failed_run_leaves_no_byte_counter_on_the_pooled_model():
     )
     assert result.run.metrics[UPLINK_BYTES] == 10 * 17 * 64 * 4
     assert not any(h for h in model.net.vit.layers[1]._forward_pre_hooks.values())
+
+
+@pytest.mark.parametrize(
+    ("model_name", "info", "peft", "split"),
+    [
+        ("vit-tiny", INFO, "prompt", (1, 1)),
+        ("gpt2-tiny", DatasetInfo("grammar-text", (12,), 20), "head", (0, 1)),
+    ],
+)
+def test_the_cut_passes_the_full_models_gradients(model_name, info, peft, split):
+    # Client: s = head(x); server: h = body(s); client: tail(h), dL/dh;
+    # server: dL/ds; client: the step with RemoteBody. Same as one backward.
+    model = build_task_model({"model": model_name, "peft": peft, "seed": 1}, info)
+    generator = torch.Generator().manual_seed(0)
+    if model_name == "vit-tiny":
+        x, y = X, Y
+    else:
+        x = torch.randint(0, 20, (3, 12), generator=generator).float()
+        y = torch.randint(0, 20, (3, 12), generator=generator)
+    nn.functional.cross_entropy(model(x), y).backward()
+    full = {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+    model.zero_grad(set_to_none=True)
+
+    s = smashed(model, *split, x).detach().requires_grad_(True)
+    h = body_output(model, *split, s, torch.zeros_like(x))  # the server's probe
+    tail_only = RemoteBody(h.detach())
+    with remote_body(model, *split, tail_only):
+        nn.functional.cross_entropy(model(x), y).backward()
+    (grad_s,) = torch.autograd.grad(h, s, tail_only.grad_h)
+    model.zero_grad(set_to_none=True)
+    with remote_body(model, *split, RemoteBody(h.detach(), grad_s)):
+        nn.functional.cross_entropy(model(x), y).backward()
+    for name, param in model.named_parameters():
+        if param.requires_grad:
+            torch.testing.assert_close(param.grad, full[name], rtol=0, atol=1e-7)
+    blocks = getattr(*block_stack(model))  # the model's own list is back
+    assert list(blocks) == [b for part in split_blocks(model, *split) for b in part]
