@@ -184,3 +184,38 @@ def test_composed_run_fedld_dp_sgd_sign_flip_topk(
         assert row["bytes-received"] < NODES * 17_226 * 4 / 4, row
     spent = [r["train-dp-sgd.epsilon"] for r in rows[1:]]
     assert 0 < spent[0] < spent[1] <= 4.0, spent
+
+
+def test_sfprompt_split_as_messages_on_supernodes(
+    flower, deployment, app_dir, tmp_path
+):
+    """SFPrompt with ``split='messages'``: the body runs in the ServerApp.
+
+    One step: ``begin``, ``tail``, ``step`` (``train.split`` messages) and the
+    round's train message, each in a fresh ``flwr-clientapp`` process, so the
+    node's split progress can only come from its Context.state.
+    """
+    rows = run_on_supernodes(
+        flower,
+        deployment,
+        app_dir,
+        tmp_path,
+        {
+            "algorithm": "sfprompt",
+            "sfprompt.split": "messages",
+            "model": "vit-tiny",
+            "dataset": "digits-shift",
+            "peft": "prompt",
+            "num-server-rounds": 1,
+            "local-steps": 1,
+            "batch-size": 16,
+            "fraction-evaluate": 0.0,
+        },
+    )
+    row = rows[1]
+    assert row["train-replies"] == NODES and row["train-dropped"] == 0, row
+    assert row["error-replies"] == 0 and row["train-missing"] == 0, row
+    # Per node, s and dL/dh of one batch up: 16 examples x 21 tokens x 64 floats.
+    assert row["train-sfprompt.split-uplink-bytes"] == 2 * 16 * 21 * 64 * 4, row
+    assert row["bytes-received"] > NODES * 2 * 16 * 21 * 64 * 4, row
+    assert row["train-sfprompt.split-client-time"] > 0, row
