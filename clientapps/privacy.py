@@ -67,6 +67,10 @@ Decisions:
   that reads the data anywhere else (a statistic such as EF21-W's
   smoothness, FedLoGe's class counts, FedD2S's representations) fails the
   call with the reason instead of releasing it unprotected.
+- **What is not privatized**: the reply's ``num-examples`` (FedAvg's weight;
+  the node's sampling rate depends on it too) and evaluation replies, as in
+  Flower's and Opacus' examples. Train losses are computed on the local data
+  outside the accounting, so a private node does not report them.
 - Noise comes from the operating system's entropy (noise a known seed
   reproduces protects nothing).
 """

@@ -360,7 +360,7 @@ def train_client(
     if sent_model is not None:
         downlink.keep(sent_model, config, context.state)
     metrics = _base_metrics(context, result.num_examples)
-    if result.steps:
+    if result.steps and not private:  # under DP-SGD a loss is an unprotected release
         metrics[wire.TRAIN_LOSS] = result.loss_mean
         metrics[wire.TRAIN_LOSS_FIRST] = result.loss_first
     metrics.update(result.run.metrics)
