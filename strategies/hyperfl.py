@@ -42,6 +42,9 @@ Decisions where the spec was open:
   decay are the shared keys (the paper: 0.5, 5e-4).
 - ``hyper-epochs`` defaults to 1 (the paper: 5; its config sets it) to keep
   runs short; ``head-epochs`` = 1 as the paper.
+- Measured (``simulations/results/hyperfl``, digits, 20 nodes with 3 classes,
+  50 rounds, 3 seeds): node accuracy 0.878 ± 0.036 vs FedAvg 0.864,
+  FedAvg + fine-tuning 0.942, local-only 0.979; 8x FedAvg's traffic.
 - Every node gets the new ``phi`` only when sampled (Flower's message API);
   the official code pushes it to all clients, which matters only with
   partial participation.
