@@ -5,58 +5,64 @@ Inversion Method with Feature Domain Optimization", ICCV 2023,
 https://arxiv.org/abs/2308.04699; official code
 ffhibnese/GIFD_Gradient_Inversion_Attack), i.e. Inverting Gradients (Geiping
 et al., NeurIPS 2020): an honest-but-curious server that knows the model it
-sent and one client's reply, computed on a single example, optimises a
-candidate input ``x`` (pixels in ``[0, 1]`` through a sigmoid) with Adam so that
-its gradient matches the observed one in cosine distance (all observed
-entries as one vector), plus ``tv`` times the total variation. The label
-comes from the reply where the classifier's bias gradient is observed (iDLG:
-the only negative entry of ``softmax - onehot``); otherwise every label is
-tried and the best match kept. Where the first layer is a linear layer whose
-weight and bias gradients are observed, the input also follows in closed form
-(``grad_W = g x^T``, ``grad_b = g``: :func:`closed_form_input`).
+sent and one client's reply, computed on a batch (one example by default),
+optimises a candidate input ``x`` (pixels in ``[0, 1]`` through a sigmoid)
+with Adam so that its gradient matches the observed one in cosine distance
+(all observed entries as one vector), plus ``tv`` times the total variation.
+The label comes from the reply where the classifier's bias gradient is
+observed (iDLG: the only negative entry of ``softmax - onehot``; a batch:
+:func:`labels_from_bias`); otherwise every label is tried and the best match
+kept (a batch: the true labels are given, an upper bound on the attack).
+Where the first layer is a linear layer whose weight and bias gradients are
+observed, the input also follows in closed form (``grad_W = g x^T``,
+``grad_b = g``: :func:`closed_form_input`).
 
-An audit, not an algorithm to train with (not registered). Replies are made by
-the pack's own client code on one digits example (``load_digits``, 8x8 in
-``[0, 1]``) from the seeded ``mlp``:
+With a generative prior (``--prior``: the DCGAN of
+:mod:`simulations.gifd_prior`, trained offline on the other half of digits)
+GIFD proper runs too (:func:`gifd`): the latent search (4 restarts in the
+paper; ``--restarts`` here), then the layer-wise search over the generator's
+intermediate features, each kept in an l1 ball around where its stage
+started (:func:`project_l1`), the best reconstruction over all stages kept.
+The table reports the latent search alone (GGL-like) and GIFD beside IG.
 
-- ``fedavg``: one local SGD step, batch 1; the observed gradient is
-  ``(x - y) / lr`` (a FedSGD reply);
-- ``fedavg-5-steps``: five local steps on the same example, read as one
-  gradient (the attacker does not model the steps: weaker, as the spec says);
-- ``dp-sigma-<s>``: the one-step update clipped to norm ``C = 1`` plus
-  Gaussian noise ``N(0, (s C)^2)`` (DP-FedAvg's mechanism on one client);
-- ``hyperfl``: HyperFL's reply (``strategies/hyperfl.py``): one stage-2 step
-  on the hypernetwork ``phi`` of a node whose embedding and head are its own;
-  the attacker knows ``phi`` and the model it sent, not the node's embedding
-  (it uses the server's copy).
+An audit, not an algorithm to train with (not registered). Two inputs:
 
-Scores against the true example: MSE, PSNR (range 1) and a single-window
-SSIM over the 8x8 image. ``python -m bouquet.simulations.gifd_audit
---samples 4`` prints the table (mean over examples) and writes JSON with
-``--out``. GIFD proper (a GAN prior searched in its feature domain) needs a
-pretrained generator and is not run.
+- ``--captured <file>``: a round saved by any Bouquet run with
+  ``audit-capture`` (:mod:`tasks.capture`): the attacker rebuilds the model,
+  reads the reply as the server does and inverts it
+  (:func:`audit_captured`);
+- otherwise, replies made by the pack's own client code on ``--batch``
+  examples of the half of ``load_digits`` the prior never saw (8x8 in
+  ``[0, 1]``), from the seeded ``mlp``:
 
-Measured (``--samples 4 --steps 300 --restarts 1 --seed 0``, mean over the 4
-examples; one run, CPU):
+  - ``fedavg``: one local SGD step; the observed gradient is
+    ``(x - y) / lr`` (a FedSGD reply);
+  - ``fedavg-5-steps``: five local steps on the same batch, read as one
+    gradient (the attacker does not model the steps: weaker, as the spec
+    says);
+  - ``dp-eps-<e>``: the one-step update clipped to norm ``C = 1`` plus
+    Gaussian noise ``N(0, (sigma C)^2)``, ``sigma`` calibrated by DIFF2's
+    RDP accountant so that this one release spends ``epsilon = e`` at
+    ``delta = 1e-5`` (replace-one neighbours);
+  - ``topk-0.01``: the one-step update with only its 1% largest entries
+    (the attacker matches on the coordinates sent);
+  - ``hyperfl``: HyperFL's reply (``strategies/hyperfl.py``): one stage-2
+    step on the hypernetwork ``phi`` of a node whose embedding and head are
+    its own; the attacker knows ``phi`` and the model it sent, not the
+    node's embedding (it uses the server's copy).
 
-=================  ======  =========  =====  =======================
-reply              MSE     PSNR (dB)  SSIM   PSNR closed form (dB)
-=================  ======  =========  =====  =======================
-fedavg             0.0005  33.8       0.998  139.4
-fedavg-5-steps     0.0203  17.0       0.913  149.2
-dp-sigma-0.01      0.1149  9.5        0.565  6.7
-dp-sigma-0.1       0.3032  5.2        0.034  6.6
-hyperfl            0.0085  21.9       0.964  n/a
-=================  ======  =========  =====  =======================
+Decisions where the spec was open: the l1 radii are relative to the
+feature's own l1 norm where its stage starts (0.2 for ``h1``, 0.4 for
+``h2``: growing with depth, as the paper's absolute radii do for BigGAN);
+each GIFD stage runs ``--steps`` steps, so GIFD spends three times IG's
+steps; the ``||x||^2`` regulariser (1e-6 in the paper) is left out (pixels
+are bounded by the sigmoid); the generator runs in eval mode.
 
-A FedSGD reply gives the input away (exactly, in closed form, from the first
-layer; five steps on one example too, since every step's first-layer gradient
-is a multiple of the same ``x^T``). Gaussian noise at ``sigma = 0.01`` of the
-clip already defeats both attacks here. HyperFL's ``phi`` reply is inverted
-less well than FedAvg's (21.9 vs 33.8 dB) but still recognisably (SSIM 0.96)
-by an attacker that uses the server's embedding and head and tries every
-label: at this scale its protection is far from the paper's claim (which
-used its own per-tensor hypernetwork heads and larger models).
+Scores against the true batch (each reconstruction against its closest true
+image): MSE, PSNR (range 1) and a single-window SSIM over the 8x8 image.
+``python -m bouquet.simulations.gifd_audit --samples 4 --prior`` prints the
+table (mean over samples) and writes JSON with ``--out``. Measured tables
+and their reading: ``simulations/results/gifd/README.md``.
 """
 
 from __future__ import annotations
