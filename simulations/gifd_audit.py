@@ -557,8 +557,8 @@ def audit_captured(
     The attacker rebuilds the run's model from the run config with the sent
     arrays (entries the server does not send, e.g. personal ones: its own
     seeded copy), reads the reply as a model (a compressed uplink's payload
-    decoded as the server decodes it; the update's support then masks the
-    matching), and takes ``sent - reply`` over the shared parameters as one
+    decoded as the server decodes it; a sparse payload's indices then mask
+    the matching), and takes ``sent - reply`` over the shared parameters as one
     gradient of a batch of ``min(batch-size, num-examples)`` (the local steps
     are not modelled: a multi-step update is attacked as one step). Labels
     come from the classifier's bias gradient when it is sent, else every
@@ -593,7 +593,10 @@ def audit_captured(
         size = sum(np.asarray(sent[k]).size for k in keys)
         delta = compression.unflatten(compressor.decode(reply, size), sent, keys)
         received = {k: sent[k] + delta[k] for k in keys}
-        masks_by_name = {k: (delta[k] != 0) for k in keys}
+        if "indices" in reply:  # a sparse payload: match on what was sent
+            support = np.zeros(size)
+            support[np.asarray(reply["indices"], np.int64)] = 1.0
+            masks_by_name = compression.unflatten(support, sent, keys)
     params = dict(model.named_parameters())
     names = [n for n in params if n in received and n in sent]
     target = [

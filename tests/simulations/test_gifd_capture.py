@@ -8,26 +8,36 @@ from bouquet.simulations.gifd_audit import audit_captured, gifd, project_l1
 from bouquet.simulations.inprocess import run_inprocess
 from bouquet.tasks.capture import load_capture
 
+ONE_STEP_ON_ONE_EXAMPLE = {
+    "num-server-rounds": 1,
+    "local-epochs": 1,
+    "local-steps": 1,
+    "batch-size": 1,
+    "momentum": 0.0,
+    "fraction-evaluate": 0.0,
+    "min-evaluate-nodes": 0,
+    "plot": False,
+    "audit-capture-round": 1,
+    "audit-capture-node": 1,
+}
 
-def test_a_captured_round_is_saved_and_inverted(tmp_path):
+
+def _capture(tmp_path, **overrides):
     folder = tmp_path / "captured"
     run_inprocess(
         {
-            "num-server-rounds": 1,
-            "local-epochs": 1,
-            "local-steps": 1,
-            "batch-size": 1,
-            "momentum": 0.0,
-            "fraction-evaluate": 0.0,
-            "min-evaluate-nodes": 0,
-            "plot": False,
+            **ONE_STEP_ON_ONE_EXAMPLE,
             "output-dir": str(tmp_path / "run"),
             "audit-capture": str(folder),
-            "audit-capture-round": 1,
-            "audit-capture-node": 1,
+            **overrides,
         },
         num_nodes=2,
     )
+    return folder
+
+
+def test_a_captured_round_is_saved_and_inverted(tmp_path):
+    folder = _capture(tmp_path)
     (path,) = folder.iterdir()  # only the chosen node, only the chosen round
     assert path.name == "capture-round1-node1.npz"
     captured = load_capture(path)
@@ -38,6 +48,15 @@ def test_a_captured_round_is_saved_and_inverted(tmp_path):
     row = audit_captured(path, steps=40)
     # One example through an MLP: gradient matching recovers it closely.
     assert row["batch"] == 1 and row["ig-psnr"] > 15
+
+
+def test_a_compressed_reply_is_decoded_as_the_server_does(tmp_path):
+    # Top-k keeping every coordinate is lossless: the decoded reply is the
+    # dense one, so the attack does as well as on an uncompressed reply.
+    folder = _capture(tmp_path, compressor="topk", **{"compressor-k": 17226})
+    (path,) = folder.iterdir()
+    assert "values" in "".join(load_capture(path)["reply"]["arrays"])
+    assert audit_captured(path, steps=40)["ig-psnr"] > 15
 
 
 def test_l1_projection_is_the_nearest_point_of_the_ball():
