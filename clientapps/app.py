@@ -108,10 +108,13 @@ def _model_and_data(
 def train(msg: Message, context: Context) -> Message:
     """Local training with the run's algorithm (and the run's attack, if any)."""
     start = time.perf_counter()
+    from bouquet.clientapps import capture
     from bouquet.clientapps.attacks import attack_for_node
     from bouquet.clientapps.routine import client_seed, train_client
 
     run_config = run_config_of(msg, context)
+    # audit-capture (tasks/capture.py): records the batches, changes nothing.
+    recorder = capture.recorder(msg, context, run_config)
     with _model_and_data(run_config, context, msg) as (model, data, num_classes):
         attack = attack_for_node(
             run_config, context.node_config, context.node_id, num_classes
@@ -130,12 +133,17 @@ def train(msg: Message, context: Context) -> Message:
             context,
             model,
             (data.train_x, data.train_y),
-            extra_hooks=attack.hooks() if attack else (),
+            extra_hooks=(
+                *(attack.hooks() if attack else ()),
+                *((recorder,) if recorder else ()),
+            ),
             poison=poison,
         )
     if attack is not None and not attack.rewrites_model:
         # FRL's rank reversal rewrites its rankings record, not the model.
         attack.poison(reply, msg, context.state, client_seed(msg, context))
+    if recorder is not None:
+        capture.save(recorder, msg, reply, run_config)
     return _timed(reply, start)
 
 

@@ -16,7 +16,7 @@ from typing import Any
 from bouquet.strategies.clocks import SPEED_MODELS
 from bouquet.strategies.sampling import LINKS, MODELS
 from bouquet.strategies.uplink import CHOICES as UPLINK_CHOICES
-from bouquet.tasks import finetune, wire
+from bouquet.tasks import capture, finetune, wire
 from bouquet.tasks.params import Param, defaults
 
 SETTINGS: tuple[Param, ...] = (
@@ -97,6 +97,8 @@ SETTINGS: tuple[Param, ...] = (
     Param("attack", "none", help="clientapps/attacks.py"),
     Param("attack-fraction", 0.0, "[0, 1]"),
     Param("attack-scale", 0.0, ">= 0", "0 = the attack's default"),
+    # Saving one node's round for the gradient-inversion audit (tasks/capture.py).
+    *capture.PARAMS,
     Param("participation", "uniform", choices=MODELS),
     Param("participation-mean", 0.1, "(0, 1]"),
     Param("participation-min", 0.02, "[0, 1]"),

@@ -40,6 +40,10 @@ Decisions where the spec was open:
 - Votes are unweighted (one per client), as the official code.
 - The score optimizer is the shared local SGD (``lr``, ``momentum``,
   ``weight-decay``; the paper: 0.4, 0.9, 1e-4, with ``lr * 0.999^t``).
+- Golden fixture: the official ``Find_rank``, ``FRL_Vote`` and ``GetSubnet``
+  run on CPU (``tests/strategies/data/frl_official.json``, @4cf2550): our
+  positions, vote and mask of the raw scores match; the ``|score|`` mask
+  differs, as said above.
 """
 
 from __future__ import annotations

@@ -56,6 +56,12 @@ Decisions where the spec was open:
   code's sets flap on one clean round).
 - Weights are uniform (the official code's plain mean); if every reply is
   excluded, the model is left as it was.
+- The unreliable test's pool is every client not confirmed malicious; the
+  official code also drops this round's sign-flip suspects but keeps its
+  noise suspects. A golden fixture from the official ``Server.mud_hog``
+  (``tests/strategies/data/mudhog_official.json``, @753d82e) matches our
+  sign-flip, noise and targeted flags of one detection round; only the
+  unreliable counters of that round's suspects differ.
 """
 
 from __future__ import annotations

@@ -1,6 +1,9 @@
 """FRL: the vote on hand-made rankings, the client's edge-popup step, and both
 halves agreeing on the frozen weights and the mask."""
 
+import json
+from pathlib import Path
+
 import numpy as np
 import torch
 from torch.nn import functional
@@ -123,3 +126,22 @@ def test_server_and_client_agree_on_the_masked_model():
 def test_registered_declaration():
     strategy = FRL()
     assert strategy.k == 0.5 and strategy.reply_records == (RANKS,)
+
+
+def test_vote_and_mask_match_the_official_code():
+    # Numbers from FRL's official Find_rank, FRL_Vote and GetSubnet run on
+    # CPU (repo and commit in "source"; /work/scratch/robust-golden/frl).
+    case = json.loads(
+        (Path(__file__).parent / "data" / "frl_official.json").read_text()
+    )
+    users = [np.asarray(u, np.float32) for u in case["user_scores"]]
+    rankings = [positions(u) for u in users]
+    for ours, official in zip(rankings, case["official_ranks"], strict=True):
+        # Official ranks list edges in ascending order; ours: each edge's place.
+        np.testing.assert_array_equal(np.argsort(ours.ravel()), official)
+    values = np.asarray(case["global_scores"], np.float32)
+    voted = vote(rankings, values)
+    np.testing.assert_allclose(voted, case["voted_scores"], rtol=1e-6)
+    np.testing.assert_array_equal(top_k_mask(voted, 0.5), case["mask_of_scores"])
+    # Documented difference: the official MaskConv ranks |score|, we rank score.
+    assert not np.array_equal(top_k_mask(voted, 0.5), case["mask_of_abs_scores"])
