@@ -8,10 +8,11 @@ https://arxiv.org/abs/2404.06448 (no public code).
   (``lora-targets``). Clients score every adapter they train with AdaLoRA's
   sensitivity (``|theta grad|``, smoothed by an EMA ``importance-beta1``
   and weighted by its uncertainty, EMA ``importance-beta2``: the score is
-  ``mean(I_bar U_bar)`` over the adapter's entries) and return the scores.
-  The server keeps each adapter's latest score (the weighted mean over the
-  replies that trained it). For ``warmup-rounds`` every adapter is
-  trained; then, and every ``reselect-every`` rounds, the top
+  ``mean(I_bar U_bar)`` over the adapter's entries) and return the scores as
+  shares of their total. The server keeps each adapter's latest score (the
+  weighted mean over the replies that trained it). For ``warmup-rounds``
+  every adapter is trained; after them, and every ``reselect-every`` rounds
+  after that, the top
   ``select-share`` of the adapters by score are kept, with hysteresis
   (:func:`strategies.fedpipe_plan.select`). A dropped adapter is pruned:
   its ``B`` is set to zero (``Delta W = 0``, AdaLoRA's pruning) and it is
@@ -56,6 +57,11 @@ minimises the training loss within the servers' resources):
   MILP solver is needed. Node resources are simulated tiers; the defaults
   (memory 1 / 2 / 4, speeds 1 / 1.1 / 1.3) give ranks 2 / 4 / 8 on the
   stand-in's ViT.
+- Scores are shares of each node's total (AdaLoRA ranks within one model;
+  raw ``|theta grad|`` differs across nodes by their loss scale, and a
+  diverging node would outvote the rest). An adapter not trained keeps its
+  last score; a re-selected one restarts with ``B = 0``, so its first score
+  is low: a bias towards the kept set, on top of the hysteresis.
 - Selection is per adapted weight matrix, not per singular direction (the
   adapters are LoRA's ``B A``, not AdaLoRA's ``P Lambda Q``); the same set
   for every node (the spec's first stage is global).
@@ -194,7 +200,7 @@ class FedPipe(FedAvg):
         Param("tokens", 1, ">= 1", "positions per example through an adapted layer"),
         Param("round-examples", 256, ">= 1", "examples a node trains per round (cost)"),
         Param("select-share", 0.5, "(0, 1]", "share of the adapters kept"),
-        Param("warmup-rounds", 1, ">= 0", "rounds training every adapter first"),
+        Param("warmup-rounds", 1, ">= 1", "rounds training every adapter first"),
         Param("reselect-every", 5, ">= 1", "rounds between selections"),
         Param("hysteresis", 0.1, ">= 0", "factor a newcomer's score must beat"),
         Param("importance-beta1", 0.85, "[0, 1)", "EMA of the sensitivity", send=True),
