@@ -61,7 +61,10 @@ def partial_arrays(name: str) -> bool:
 
     Its nodes may be sent part of the trainable model (FedPipe: the adapters
     they train, cut to their rank) and reply in the shapes they were sent.
+    False for a routine this client has no recipe for (a user's own hooks).
     """
+    if not _NAME.match(name) or name not in list_recipes():
+        return False
     return bool(getattr(_module(name), "PARTIAL_ARRAYS", False))
 
 
