@@ -62,6 +62,12 @@ minimises the training loss within the servers' resources):
   diverging node would outvote the rest). An adapter not trained keeps its
   last score; a re-selected one restarts with ``B = 0``, so its first score
   is low: a bias towards the kept set, on top of the hysteresis.
+- The sensitivity is AdaLoRA's official ``RankAllocator`` (``update_ipt``,
+  ``calculate_score``): ``I = |p grad|``, the uncertainty EMA taken against
+  the already-updated ``I_bar``, element score ``I_bar U_bar``. AdaLoRA then
+  scores each singular triplet by the means over its ``A`` row and ``B``
+  column; here an adapter's score is the mean over all its entries within
+  the node's rank. FedPipe itself has no public code (searched again).
 - Selection is per adapted weight matrix, not per singular direction (the
   adapters are LoRA's ``B A``, not AdaLoRA's ``P Lambda Q``); the same set
   for every node (the spec's first stage is global).
