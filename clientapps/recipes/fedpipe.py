@@ -105,24 +105,24 @@ class Importance(Hook):
 
     def __init__(self, rank: int, beta1: float, beta2: float) -> None:
         self.rank, self.beta1, self.beta2 = int(rank), float(beta1), float(beta2)
-        self.adapters: list[list[torch.nn.Parameter]] = []
+        self.adapters: list[list[tuple[torch.nn.Parameter, int]]] = []
         self.smooth: dict[int, torch.Tensor] = {}
         self.uncertain: dict[int, torch.Tensor] = {}
 
     def setup(self, run: LocalRun) -> None:
-        found: dict[str, list[torch.nn.Parameter]] = {}
+        found: dict[str, list[tuple[torch.nn.Parameter, int]]] = {}
         for name, parameter in run.model.named_parameters():
-            if ".lora_A." in name:
-                found.setdefault(name.split(".lora_A.")[0], []).append(parameter)
-            elif ".lora_B." in name:
-                found.setdefault(name.split(".lora_B.")[0], []).append(parameter)
+            for factor, dim in ((".lora_A.", 0), (".lora_B.", 1)):  # the rank's axis
+                if factor in name:
+                    adapter = name.split(factor)[0]
+                    found.setdefault(adapter, []).append((parameter, dim))
         self.adapters = list(found.values())
         self.smooth, self.uncertain = {}, {}
 
     def before_step(self, run: LocalRun) -> None:
         with torch.no_grad():
             for factors in self.adapters:
-                for p in factors:
+                for p, _ in factors:
                     if p.grad is None:
                         continue
                     sensitivity = (p * p.grad).abs()
@@ -139,10 +139,9 @@ class Importance(Hook):
         scores = np.zeros(len(self.adapters), dtype=np.float32)
         for i, factors in enumerate(self.adapters):
             total, count = 0.0, 0
-            for p in factors:
+            for p, dim in factors:
                 if id(p) not in self.smooth:
                     continue
-                dim = 0 if p is factors[0] else 1  # A (rank, in), B (out, rank)
                 score = self.smooth[id(p)] * self.uncertain[id(p)]
                 score = score.narrow(dim, 0, min(self.rank, p.shape[dim]))
                 total += float(score.sum())
