@@ -62,12 +62,17 @@ from flwr.app import (
 )
 from torch import nn
 
-from bouquet.clientapps import bounds, downlink, uplink
+from bouquet.clientapps import bounds, downlink, partial, uplink
 from bouquet.clientapps.hooks import Hook
 from bouquet.clientapps.inputs import DataSource, as_tensors, labels_of
 from bouquet.clientapps.loop import OptimizerFactory, TrainSettings, train_local
 from bouquet.clientapps.privacy import private_hooks
-from bouquet.clientapps.recipes import get_evaluation, get_recipe, get_split
+from bouquet.clientapps.recipes import (
+    get_evaluation,
+    get_recipe,
+    get_split,
+    partial_arrays,
+)
 from bouquet.clientapps.state import load_arrays, save_arrays
 from bouquet.tasks import flower_engine, wire
 from bouquet.tasks.arrays import array_record, array_view
@@ -324,6 +329,17 @@ def train_client(
     if sent_model is not None:  # a compressed downlink: train from x_hat_t
         msg.content[wire.ARRAYS] = downlink.as_record(sent_model)
     personal = personal_names(msg, model)
+    part_sent = None
+    if partial_arrays(name):  # part of the model: full shapes, zero elsewhere
+        if compressed:
+            raise bounds.ConfigError(
+                wire.UPLINK_COMPRESSOR,
+                config[wire.UPLINK_COMPRESSOR],
+                f"'none' for the routine '{name}' (its nodes get part of the model)",
+            )
+        part_sent = msg.content[wire.ARRAYS]
+        skip = {*personal, *frozen_names(model)}
+        msg.content[wire.ARRAYS] = partial.expand(part_sent, model, skip)
     frozen = unsent_frozen(msg, model)
     load_model(model, msg.content[wire.ARRAYS], personal, context.state)
 
@@ -420,6 +436,8 @@ def train_client(
         content[wire.ARRAYS] = array_record(
             poison(local, {k: sent_arrays[k].numpy() for k in local})
         )
+    if part_sent is not None:  # the reply in the shapes sent
+        content[wire.ARRAYS] = partial.shrink(content[wire.ARRAYS], part_sent)
     return Message(content, reply_to=msg)
 
 

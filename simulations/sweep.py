@@ -57,6 +57,21 @@ def time_to_target(rows: Sequence[Mapping[str, Any]], target: float) -> float | 
     return None
 
 
+def client_seconds(rows: Sequence[Mapping[str, Any]]) -> float | None:
+    """Mean over trained rounds of the clients' summed train time per round.
+
+    Read from each round's ``client-time-total`` (the ``client-time`` the
+    ClientApps measure around their train handler and report, summed by the
+    driver); None when no round has it (another ClientApp).
+    """
+    times = [
+        float(r["client-time-total"])
+        for r in rows
+        if r["round"] > 0 and r.get("client-time-total") is not None
+    ]
+    return statistics.mean(times) if times else None
+
+
 def _mean_std(values: Sequence[float]) -> str:
     if not values:
         return "n/a"
@@ -100,6 +115,7 @@ def run_sweep(
                     "seed": int(seed),
                     "run-dir": str(path),
                     **summary(rows),
+                    "client-time-per-round": client_seconds(rows),
                     "target": target,
                     "rounds-to-target": rounds_to_target(rows, target),
                     "sim-time-to-target": time_to_target(rows, target),

@@ -398,6 +398,16 @@ class BouquetStrategy(Strategy):
         """
         return {name: model_spec for name in self.expected_records(ctx)}
 
+    def node_reply_specs(self, ctx: RoundContext) -> dict[int, Any]:
+        """Per node, the ``arrays`` entries (shape, dtype) its train reply carries.
+
+        Only for nodes sent part of the model (FedPipe sends each node the
+        slices of its LoRA rank and the adapters it trains, and they come
+        back in those shapes); default: none, every reply is shaped like the
+        shared model. Acceptance checks each reply against its node's entry.
+        """
+        return {}
+
     def skipped(self, ctx: RoundContext) -> None:
         """The round's update was skipped (too few accepted replies)."""
 
@@ -679,6 +689,7 @@ class BouquetStrategy(Strategy):
                 k: tuple(Range.parse(r) for r in ((v,) if isinstance(v, str) else v))
                 for k, v in self.reply_metric_ranges.items()
             },
+            node_arrays=self.node_reply_specs(ctx) if codec is None else {},
         )
 
     def reply_problem(self, reply: ClientReply, ctx: RoundContext) -> str:

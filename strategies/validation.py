@@ -107,6 +107,10 @@ class Contract:
         Valid ranges of declared metrics (a value in any of them is valid); a
         declared metric without one must be a finite number of magnitude at
         most :data:`METRIC_LIMIT`.
+    node_arrays : mapping
+        Node id -> the ``arrays`` entries that node's reply carries, where it
+        was sent part of the model (FedPipe's rank slices); every other node's
+        reply carries ``arrays``.
 
     """
 
@@ -117,6 +121,7 @@ class Contract:
     weight_key: str = wire.NUM_EXAMPLES
     max_weight: float = MAX_NUM_EXAMPLES
     metric_ranges: Mapping[str, tuple[Range, ...]] = field(default_factory=dict)
+    node_arrays: Mapping[int, ArraySpec] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -350,7 +355,8 @@ def accept(
             return routine_reason(contract.routine, ran)
     expected_records = dict(contract.records)
     if contract.arrays is not None:
-        expected_records[wire.ARRAYS] = contract.arrays
+        node = expected.node if sent is not None else int(msg.metadata.src_node_id)
+        expected_records[wire.ARRAYS] = contract.node_arrays.get(node, contract.arrays)
     if set(content.array_records) != set(expected_records):
         return (
             f"array records {sorted(content.array_records)} != "

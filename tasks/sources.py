@@ -154,6 +154,46 @@ def _digits_shift() -> Source:
     )
 
 
+DOMAINS = ("shift", "inverted", "rot90", "faint")
+"""``digits-domains``' per-image transformations (:func:`_digits_domains`)."""
+
+
+def _digits_domains() -> Source:
+    """The target half of digits, each image in one of four domains.
+
+    A mixture of domains inside every client (FedIns' setting, where the
+    instance decides which scaling and shift fits): each image draws its
+    domain uniformly (seeded, the same for every run): ``shift``
+    (``digits-shift``'s rotation and noise), ``inverted`` (``1 - x``),
+    ``rot90`` (turned a quarter), ``faint`` (``0.4 x`` plus N(0, 0.15)
+    noise), clipped to [0, 1]. The source task is ``digits-shift``'s (the
+    clean other half), so ``pretrained='source'`` applies.
+    """
+    shifted = _digits_shift().arrays
+    assert shifted is not None
+    _, target = _digits_halves()
+    rng = np.random.default_rng(SHIFT_SEED + 2)
+    clean = target["x"].reshape(-1, 8, 8)
+    domain = rng.integers(0, len(DOMAINS), len(clean))
+    faint = 0.4 * clean + rng.normal(0.0, 0.15, clean.shape)
+    images = np.where(
+        (domain == 0)[:, None, None],
+        shifted["x"].reshape(-1, 8, 8),
+        np.where(
+            (domain == 1)[:, None, None],
+            1.0 - clean,
+            np.where((domain == 2)[:, None, None], np.rot90(clean, axes=(1, 2)), faint),
+        ),
+    )
+    arrays = {
+        "x": np.clip(images, 0.0, 1.0).reshape(len(clean), 64).astype(np.float32),
+        "label": target["label"],
+    }
+    return Source(
+        in_memory_dataset(**arrays), None, "x", "label", (1, 8, 8), arrays=arrays
+    )
+
+
 def _grammar_text() -> Source:
     """Character-level next-token prediction on a generated grammar (text.py)."""
     from bouquet.tasks.text import CONTEXT, grammar_corpus
@@ -174,19 +214,20 @@ def _grammar_text() -> Source:
 def source_task(dataset: str) -> tuple[np.ndarray, np.ndarray]:
     """Inputs and labels of ``dataset``'s source task (for ``pretrained=source``).
 
-    ``digits-shift``: the other half of digits, clean. ``grammar-text``: other
-    sentences of its grammar, two of its four topics (``text.SOURCE_TOPICS``).
-    Only datasets built as a shift of a source task have one.
+    ``digits-shift`` and ``digits-domains``: the other half of digits, clean.
+    ``grammar-text``: other sentences of its grammar, two of its four topics
+    (``text.SOURCE_TOPICS``). Only datasets built as a shift of a source task have one.
     """
     if dataset == "grammar-text":
         from bouquet.tasks.text import SOURCE_TOPICS, TEXT_SEED, grammar_corpus
 
         corpus = grammar_corpus(SOURCE_TOPICS, seed=TEXT_SEED + 1)
         return corpus["x"], corpus["label"]
-    if dataset != "digits-shift":
+    if dataset not in ("digits-shift", "digits-domains"):
         raise ValueError(
             f"dataset {dataset!r} has no source task to pretrain on; "
-            "pretrained='source' works with dataset='digits-shift' or 'grammar-text' "
+            "pretrained='source' works with dataset='digits-shift', "
+            "'digits-domains' or 'grammar-text' "
             "(or give pretrained=<path> to a checkpoint)"
         )
     source, _ = _digits_halves()
@@ -349,6 +390,8 @@ def open_source(spec: DataSpec) -> Source:
             return _digits()
         case "digits-shift":
             return _digits_shift()
+        case "digits-domains":
+            return _digits_domains()
         case "mnist1d":
             return _mnist1d()
         case "synthetic":

@@ -66,6 +66,18 @@ def get_split(name: str) -> Callable[..., Any] | None:
     return getattr(_module(name), "split_step", None)
 
 
+def partial_arrays(name: str) -> bool:
+    """Whether recipe ``name`` declares ``PARTIAL_ARRAYS`` (:mod:`clientapps.partial`).
+
+    Its nodes may be sent part of the trainable model (FedPipe: the adapters
+    they train, cut to their rank) and reply in the shapes they were sent.
+    False for a routine this client has no recipe for (a user's own hooks).
+    """
+    if not _NAME.match(name) or name not in list_recipes():
+        return False
+    return bool(getattr(_module(name), "PARTIAL_ARRAYS", False))
+
+
 def _module(name: str) -> Any:
     if not _NAME.match(name) or name not in list_recipes():
         known = ", ".join(list_recipes())

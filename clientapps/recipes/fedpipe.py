@@ -2,13 +2,21 @@
 
 Fang et al., "Automated Federated Pipeline for Parameter-Efficient
 Fine-Tuning of Large Language Models", arXiv 2404.06448. The model is built
-with ``peft="lora"`` at the run's largest rank ``r_max`` (the padded shape);
-this node trains the leading ``fedpipe.rank`` slices only:
+with ``peft="lora"`` at the run's largest rank ``r_max``; the message
+carries only the adapters this node trains, cut to its rank, and the reply
+goes back in those shapes (``PARTIAL_ARRAYS``, :mod:`clientapps.partial`:
+what was not sent is zero here). This node trains the leading
+``fedpipe.rank`` slices only:
 
-- at the start, ``A[r:, :]`` and ``B[:, r:]`` of every adapter are set to
-  zero (the server's slices beyond ``r`` are not this node's: FedPipe sends
-  each server the slice of its rank), and their gradients are zeroed before
-  every step, so they stay zero in the reply;
+- at the start, ``A[r:, :]`` and ``B[:, r:]`` of every adapter are zero, and
+  their gradients are zeroed before every step, so they stay zero; an
+  adapter not sent is zero in both factors, so it has no gradient;
+- before every step, each adapter's AdaLoRA sensitivity ``I = |theta grad|``
+  (per entry, over its ``A`` and ``B``) updates ``I_bar <- beta1 I_bar +
+  (1 - beta1) I`` and ``U_bar <- beta2 U_bar + (1 - beta2) |I - I_bar|``;
+  the reply's record ``fedpipe.importance`` holds, per adapter in model
+  order, the mean of ``I_bar U_bar`` over its entries within the rank, as a
+  share of the node's total (bounded, comparable across nodes);
 - with ``fedpipe.quant-bits`` > 0 every frozen weight matrix (2-D or more:
   linear and convolution weights; biases and norms stay full precision, as in
   QLoRA) is replaced by its NormalFloat quantisation
@@ -21,16 +29,23 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
+import numpy as np
 import torch
 
 from bouquet.clientapps.bounds import Bound, ConfigError
 from bouquet.clientapps.hooks import Hook
 from bouquet.clientapps.loop import LocalRun
+from bouquet.tasks.arrays import array_record
 
 NAME = "fedpipe"
 RANK = Bound(f"{NAME}.rank", 8, 1, 4096)
 QUANT_BITS = Bound(f"{NAME}.quant-bits", 4, 0, 8)
-BOUNDS = (RANK, QUANT_BITS)
+BETA1 = Bound(f"{NAME}.importance-beta1", 0.85, 0.0, 1.0, high_open=True)
+BETA2 = Bound(f"{NAME}.importance-beta2", 0.85, 0.0, 1.0, high_open=True)
+BOUNDS = (RANK, QUANT_BITS, BETA1, BETA2)
+PARTIAL_ARRAYS = True
+IMPORTANCE = f"{NAME}.importance"
+SCORES = "scores"
 
 
 def rank_slices(model: torch.nn.Module) -> list[tuple[torch.nn.Parameter, int]]:
@@ -85,6 +100,65 @@ class RankAndQuantisation(Hook):
         self.originals = []
 
 
+class Importance(Hook):
+    """AdaLoRA's smoothed sensitivity of every adapter, returned as a record."""
+
+    def __init__(self, rank: int, beta1: float, beta2: float) -> None:
+        self.rank, self.beta1, self.beta2 = int(rank), float(beta1), float(beta2)
+        self.adapters: list[list[tuple[torch.nn.Parameter, int]]] = []
+        self.smooth: dict[int, torch.Tensor] = {}
+        self.uncertain: dict[int, torch.Tensor] = {}
+
+    def setup(self, run: LocalRun) -> None:
+        found: dict[str, list[tuple[torch.nn.Parameter, int]]] = {}
+        for name, parameter in run.model.named_parameters():
+            for factor, dim in ((".lora_A.", 0), (".lora_B.", 1)):  # the rank's axis
+                if factor in name:
+                    adapter = name.split(factor)[0]
+                    found.setdefault(adapter, []).append((parameter, dim))
+        self.adapters = list(found.values())
+        self.smooth, self.uncertain = {}, {}
+
+    def before_step(self, run: LocalRun) -> None:
+        with torch.no_grad():
+            for factors in self.adapters:
+                for p, _ in factors:
+                    if p.grad is None:
+                        continue
+                    sensitivity = (p * p.grad).abs()
+                    smooth = self.smooth.get(id(p), torch.zeros_like(p))
+                    smooth = self.beta1 * smooth + (1 - self.beta1) * sensitivity
+                    spread = (sensitivity - smooth).abs()
+                    uncertain = self.uncertain.get(id(p), torch.zeros_like(p))
+                    self.uncertain[id(p)] = (
+                        self.beta2 * uncertain + (1 - self.beta2) * spread
+                    )
+                    self.smooth[id(p)] = smooth
+
+    def finish(self, run: LocalRun) -> None:
+        scores = np.zeros(len(self.adapters), dtype=np.float32)
+        for i, factors in enumerate(self.adapters):
+            total, count = 0.0, 0
+            for p, dim in factors:
+                if id(p) not in self.smooth:
+                    continue
+                score = self.smooth[id(p)] * self.uncertain[id(p)]
+                score = score.narrow(dim, 0, min(self.rank, p.shape[dim]))
+                total += float(score.sum())
+                count += score.numel()
+            scores[i] = total / count if count else 0.0
+        # Shares of this node's total: bounded, and comparable across nodes
+        # whose losses (so gradients) differ in scale.
+        scores = np.nan_to_num(scores, nan=0.0, posinf=0.0, neginf=0.0)
+        if scores.sum() > 0:
+            scores = (scores / scores.sum()).astype(np.float32)
+        run.reply_records[IMPORTANCE] = array_record({SCORES: scores})
+
+
 def make_hooks(config: Mapping[str, Any]) -> list[Hook]:
-    """One hook: rank masking and the simulated NF quantisation."""
-    return [RankAndQuantisation(RANK.read(config), QUANT_BITS.read(config))]
+    """Rank masking with the simulated NF quantisation; the importance scores."""
+    rank = RANK.read(config)
+    return [
+        RankAndQuantisation(rank, QUANT_BITS.read(config)),
+        Importance(rank, BETA1.read(config), BETA2.read(config)),
+    ]

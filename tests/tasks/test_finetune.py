@@ -19,7 +19,7 @@ from bouquet.tasks.finetune import (
     frozen_names,
     pretrain_on_source,
 )
-from bouquet.tasks.sources import _digits_halves, _digits_shift
+from bouquet.tasks.sources import _digits_domains, _digits_halves, _digits_shift
 
 DIGITS = dataset_info(DataSpec(dataset="digits-shift"))
 MLP = {"model": "mlp", "dataset": "digits-shift", "seed": 3}
@@ -94,6 +94,27 @@ def test_digits_shift_is_the_other_half_rotated_and_noisy():
     difference = np.abs(shifted["x"] - target["x"]).mean()
     assert 0.05 < difference < 0.5
     np.testing.assert_array_equal(_digits_shift().arrays["x"], shifted["x"])
+
+
+def test_digits_domains_mixes_four_transformations_of_the_same_half():
+    _, target = _digits_halves()
+    clean = target["x"].reshape(-1, 8, 8)
+    mixed = _digits_domains().arrays
+    np.testing.assert_array_equal(mixed["label"], target["label"])
+    x = mixed["x"].reshape(-1, 8, 8)
+    shifted = _digits_shift().arrays["x"].reshape(-1, 8, 8)
+    found = np.stack(
+        [
+            np.isclose(x, shifted).all(axis=(1, 2)),
+            np.isclose(x, 1.0 - clean).all(axis=(1, 2)),
+            np.isclose(x, np.rot90(clean, axes=(1, 2))).all(axis=(1, 2)),
+        ]
+    )
+    faint = ~found.any(axis=0)  # the rest: 0.4 x plus noise, fainter
+    assert found.all(axis=0).sum() == 0
+    shares = [*found.mean(axis=1), faint.mean()]
+    assert all(0.2 < share < 0.3 for share in shares), shares
+    assert x[faint].mean() < clean[faint].mean()
 
 
 def test_pretraining_is_deterministic_and_learns_the_source():
