@@ -1,14 +1,24 @@
 """HideNseek: SynFlow masks, the sign vote on hand-made replies, the client's bits."""
 
+import json
+import math
+
 import numpy as np
 import torch
 
 from bouquet.clientapps.loop import TrainSettings, train_local
 from bouquet.clientapps.recipes.hidenseek import make_hooks
 from bouquet.clientapps.state import load_arrays
+from bouquet.simulations.inprocess import run_inprocess
 from bouquet.strategies.aggregation import to_record
 from bouquet.strategies.context import RoundContext
-from bouquet.strategies.hidenseek import SIGNS, KeptSigns, SignVote, synflow_mask
+from bouquet.strategies.hidenseek import (
+    SIGNS,
+    KeptSigns,
+    SignVote,
+    masked_keys,
+    synflow_mask,
+)
 from bouquet.strategies.validation import ClientReply
 from bouquet.tasks import wire
 
@@ -144,3 +154,25 @@ def test_binary_client_masks_the_initial_weights_by_the_estimator():
     kept = s.reshape(-1)[init.reshape(-1) != 0]  # 5 kept weights
     signs = result.run.reply_records[wire.ARRAYS]["signs"].numpy()
     np.testing.assert_array_equal(np.unpackbits(signs, count=5), (kept >= 0).numpy())
+
+
+def test_binary_masks_run_end_to_end_within_the_pruned_weights(tmp_path):
+    config = {
+        "algorithm": "hidenseek",
+        "hidenseek.mask": "binary",
+        "num-server-rounds": 2,
+        "fraction-evaluate": 0.0,
+        "local-steps": 2,
+        "model": "mlp",
+        "seed": 3,
+        "plot": False,
+        "output-dir": str(tmp_path),
+    }
+    result, path, _ = run_inprocess(config, num_nodes=4)
+    rows = json.loads((path / "metrics.json").read_text())["rounds"][1:]
+    assert all(r["train-replies"] == 4 and r["train-dropped"] == 0 for r in rows)
+    final = {k: v.numpy() for k, v in result.arrays.items()}
+    weights = [final[k] for k in masked_keys(final)]
+    total = sum(w.size for w in weights)
+    on = sum(int(np.count_nonzero(w)) for w in weights)
+    assert 0 < on <= math.ceil(0.3 * total)  # within the pruned theta_0 P
