@@ -171,6 +171,22 @@ class TopK(Compressor):
         return self.size(d) / d
 
 
+def topk_rows(x: np.ndarray, k: int) -> np.ndarray:
+    """``TopK(k)``'s ``decode(encode(row))`` of every row of ``x`` at once.
+
+    For simulations of many nodes in one array (the batched runs of
+    ``simulations/ef21w_logreg.py`` and ``econtrol_lstsq.py``): the same
+    coordinates (ties by position) and float32 values as the payload; float64.
+    """
+    x = np.asarray(x, np.float64)
+    size = TopK(k).size(x.shape[1])
+    chosen = np.argsort(-np.abs(x), axis=1, kind="stable")[:, :size]
+    out = np.zeros_like(x)
+    picked = np.take_along_axis(x, chosen, axis=1).astype(np.float32)
+    np.put_along_axis(out, chosen, picked.astype(np.float64), axis=1)
+    return out
+
+
 @dataclass(frozen=True)
 class RandK(TopK):
     """``k`` coordinates drawn uniformly, scaled by ``d/k``.

@@ -3,6 +3,8 @@
 - ``logreg``: one linear layer (multinomial logistic regression, FedProx's
   model for Synthetic data).
 - ``mlp``: flatten, two hidden ReLU layers (128, 64).
+- ``mlp-wide``: flatten, two hidden ReLU layers (256, 256): the width that
+  supermasks over frozen random weights need (HideNseek's target model).
 - ``cnn``: two 3x3 (or width-5 for 1-D signals) conv blocks, then adaptive
   average pooling, so one definition fits 8x8 digits, 28x28 MNIST, 32x32 CIFAR
   and (C, L) signals such as MNIST-1D.
@@ -41,7 +43,16 @@ from torch import nn
 
 from bouquet.tasks.spec import DatasetInfo, unknown_name_error
 
-MODELS = ("logreg", "mlp", "cnn", "resnet18", "vit-tiny", "gpt2-tiny", "gcn")
+MODELS = (
+    "logreg",
+    "mlp",
+    "mlp-wide",
+    "cnn",
+    "resnet18",
+    "vit-tiny",
+    "gpt2-tiny",
+    "gcn",
+)
 NORMS = ("batch", "group", "none")
 WRAPPERS = ("none", "gated", "masked", "hyper")
 
@@ -60,14 +71,14 @@ def _norm_layer(norm: str, dims: int) -> Callable[[int], nn.Module]:
     return lambda channels: nn.Identity()
 
 
-def _mlp(info: DatasetInfo) -> nn.Module:
+def _mlp(info: DatasetInfo, hidden: tuple[int, int] = (128, 64)) -> nn.Module:
     return nn.Sequential(
         nn.Flatten(),
-        nn.Linear(math.prod(info.input_shape), 128),
+        nn.Linear(math.prod(info.input_shape), hidden[0]),
         nn.ReLU(),
-        nn.Linear(128, 64),
+        nn.Linear(hidden[0], hidden[1]),
         nn.ReLU(),
-        nn.Linear(64, info.num_classes),
+        nn.Linear(hidden[1], info.num_classes),
     )
 
 
@@ -225,6 +236,8 @@ def _build(name: str, info: DatasetInfo, norm: str, seed: int) -> nn.Module:
             )
         if name == "mlp":
             return _mlp(info)
+        if name == "mlp-wide":
+            return _mlp(info, (256, 256))
         if name == "cnn":
             return _cnn(info, norm)
         if name == "vit-tiny":

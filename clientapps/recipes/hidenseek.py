@@ -10,8 +10,15 @@ score by the straight-through estimator, ``s <- s - lr |w_0| grad_w``, and
 is reset to ``|w_0| sign(s)`` (pruned weights, ``w_0 = 0``, stay 0); other
 entries are restored to the received values at the end (frozen). The reply
 is ``sign(s)`` over the kept weights, one bit each; ``|s|`` stays in
-``Context.state`` (``hidenseek.scores``). Config key read:
-``hidenseek.score-init``.
+``Context.state`` (``hidenseek.scores``). Config keys read:
+``hidenseek.score-init``, ``hidenseek.mask``.
+
+With ``hidenseek.mask = "binary"`` (the {0,1} supermask baseline) the weight
+is ``theta_0 [s >= 0]`` over the pruned initial weights ``theta_0 P`` that
+the message carries (record ``hidenseek.init``: a dropped weight is 0 in the
+model), the step is ``s <- s - lr theta_0 grad_w`` (the same estimator with
+``d[s >= 0]/ds := 1``), scores start positive where the received model keeps
+the weight, and the reply bit is 1 for a kept weight.
 """
 
 from __future__ import annotations
@@ -22,7 +29,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from bouquet.clientapps.bounds import RATE_MAX, Bound
+from bouquet.clientapps.bounds import RATE_MAX, Bound, ConfigError
 from bouquet.clientapps.hooks import Hook, parameter_names
 from bouquet.clientapps.loop import LocalRun
 from bouquet.clientapps.state import array_record, load_arrays, save_arrays
@@ -32,7 +39,9 @@ NAMESPACE = "hidenseek"
 SCORE_INIT = Bound(
     wire.algorithm_key(NAMESPACE, "score-init"), 1e-4, 0.0, RATE_MAX, low_open=True
 )
-BOUNDS = (SCORE_INIT,)
+MASK = Bound(wire.algorithm_key(NAMESPACE, "mask"), "sign", choices=("sign", "binary"))
+INIT = wire.algorithm_key(NAMESPACE, "init")
+BOUNDS = (SCORE_INIT, MASK)
 
 
 class SignSupermask(Hook):
@@ -40,8 +49,10 @@ class SignSupermask(Hook):
 
     fixed_optimizer = True
 
-    def __init__(self, score_init: float) -> None:
+    def __init__(self, score_init: float, binary: bool = False) -> None:
         self.score_init = float(score_init)
+        self.binary = bool(binary)
+        self.reads = (INIT,) if self.binary else ()
 
     def setup(self, run: LocalRun) -> None:
         names = parameter_names(run)
@@ -52,7 +63,16 @@ class SignSupermask(Hook):
             for name, p in zip(names, run.parameters, strict=True)
             if name not in run.personal and p.dim() >= 2 and p.is_floating_point()
         ]
-        self.magnitude = {name: p.detach().abs().clone() for name, p in self.masked}
+        if self.binary:  # w = theta_0 [s >= 0]: the "magnitude" keeps its sign
+            if INIT not in run.incoming:
+                raise ConfigError(INIT, None, "present with binary masks")
+            init = run.incoming[INIT]
+            self.magnitude = {
+                name: torch.as_tensor(init[name].numpy(), dtype=p.dtype).clone()
+                for name, p in self.masked
+            }
+        else:
+            self.magnitude = {name: p.detach().abs().clone() for name, p in self.masked}
         flat = torch.cat([self.magnitude[n].reshape(-1) for n, _ in self.masked])
         saved = (load_arrays(run.state, NAMESPACE, "scores") or {}).get("scores")
         size = int(flat.numel())
@@ -62,9 +82,10 @@ class SignSupermask(Hook):
         for name, p in self.masked:
             n = p.numel()
             part = torch.as_tensor(saved[offset : offset + n], dtype=torch.float64)
-            scores[name] = part.reshape(p.shape) * torch.where(
-                p.detach() < 0, -1.0, 1.0
-            ).to(torch.float64)
+            off = p.detach() == 0 if self.binary else p.detach() < 0
+            scores[name] = part.reshape(p.shape) * torch.where(off, -1.0, 1.0).to(
+                torch.float64
+            )
             offset += n
         self.scores = scores
 
@@ -82,8 +103,13 @@ class SignSupermask(Hook):
                     continue
                 a = self.magnitude[name]
                 self.scores[name] -= lr * (a * p.grad).to(torch.float64)
-                p.copy_(a * torch.where(self.scores[name] < 0, -1.0, 1.0).to(p.dtype))
+                p.copy_(a * self.mask_of(self.scores[name]).to(p.dtype))
         return loss
+
+    def mask_of(self, scores: torch.Tensor) -> torch.Tensor:
+        """``sign(s)`` in {-1, +1}, or ``[s >= 0]`` in {0, 1} for binary masks."""
+        low = 0.0 if self.binary else -1.0
+        return torch.where(scores < 0, low, 1.0)
 
     def finish(self, run: LocalRun) -> None:
         masked = {name for name, _ in self.masked}
@@ -93,7 +119,7 @@ class SignSupermask(Hook):
                     value.copy_(self.start[key])  # frozen
         kept = torch.cat(
             [
-                self.scores[n].reshape(-1)[self.magnitude[n].reshape(-1) > 0]
+                self.scores[n].reshape(-1)[self.magnitude[n].reshape(-1) != 0]
                 for n, _ in self.masked
             ]
         )
@@ -107,4 +133,4 @@ class SignSupermask(Hook):
 
 def make_hooks(config: Mapping[str, Any]) -> list[Hook]:
     """One hook: the sign supermask."""
-    return [SignSupermask(SCORE_INIT.read(config))]
+    return [SignSupermask(SCORE_INIT.read(config), MASK.read(config) == "binary")]

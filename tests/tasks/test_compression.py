@@ -288,3 +288,12 @@ def test_huffman_gives_the_shortest_code_to_the_most_frequent_symbol():
     payload = c.encode(x, np.random.default_rng(0))
     # 8,000 zeros at 1 bit, 2,000 kept entries at 1 or 2 bits, two centroids.
     assert 8000 / 8 + 2000 / 8 + 8 < c.huffman_bytes(payload, 10_000) <= 12000 / 8 + 8
+
+
+def test_topk_rows_is_the_payload_round_trip_of_every_row():
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((5, 9))
+    x[0, :3] = [2.0, -2.0, 2.0]  # a tie: broken by position as the payload does
+    codec = cz.TopK(2)
+    expected = [codec.decode(codec.encode(row, rng), 9) for row in x]
+    np.testing.assert_array_equal(cz.topk_rows(x, 2), expected)

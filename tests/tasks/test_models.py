@@ -23,6 +23,7 @@ def layer_types(model):
         ("logreg", SYNTHETIC),
         ("mlp", SYNTHETIC),
         ("mlp", DIGITS),
+        ("mlp-wide", DIGITS),
         ("cnn", DIGITS),
         ("cnn", MNIST1D),
         ("cnn", MNIST),
@@ -148,3 +149,9 @@ def test_uninitialised_model_with_an_unsaved_buffer_is_initialised(monkeypatch):
     monkeypatch.setattr(bouquet.tasks.models, "_mlp", with_unsaved_buffer)
     model = build_model("mlp", SYNTHETIC, initialize=False)
     assert torch.equal(model.scale, torch.ones(1))  # not left arbitrary
+
+
+def test_mlp_wide_is_the_hidenseek_target_width():
+    model = build_model("mlp-wide", DIGITS, seed=0)
+    shapes = [tuple(p.shape) for n, p in model.named_parameters() if "weight" in n]
+    assert shapes == [(256, 64), (256, 256), (DIGITS.num_classes, 256)]
