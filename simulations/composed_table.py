@@ -6,7 +6,7 @@ run's ``metrics.json`` for the epsilon the clients spent (the last round's
 ``dp-sgd.epsilon``, the largest over the nodes) and the bytes the nodes sent
 per round. Prints a Markdown table, mean ± std over seeds. Usage::
 
-    python -m bouquet.simulations.composed_table OUT/results.csv > table.md
+    python -m bouquet.simulations.composed_table OUT/results.csv [...] > table.md
 """
 
 from __future__ import annotations
@@ -35,9 +35,15 @@ def _spread(values: Sequence[float], digits: int = 4) -> str:
     return f"{statistics.mean(values):.{digits}f} ± {std:.{digits}f}"
 
 
-def rows(results: Path) -> list[str]:
-    """Table lines for the runs listed in ``results`` (a sweep's results.csv)."""
+def rows(*results: Path) -> list[str]:
+    """Table lines for the runs listed in ``results`` (sweeps' results.csv)."""
     runs: dict[tuple[str, str], list[dict]] = {}
+    for path in results:
+        _read(path, runs)
+    return _table(runs)
+
+
+def _read(results: Path, runs: dict[tuple[str, str], list[dict]]) -> None:
     with open(results, newline="") as fh:
         for record in csv.DictReader(fh):
             algorithm, _, arm = record["label"].partition(" / ")
@@ -53,6 +59,9 @@ def rows(results: Path) -> list[str]:
                     "epsilon": last.get("train-dp-sgd.epsilon"),
                 }
             )
+
+
+def _table(runs: dict[tuple[str, str], list[dict]]) -> list[str]:
     lines = [
         "| algorithm | arm | final accuracy | uplink kB per round | epsilon spent |",
         "|---|---|---|---|---|",
@@ -74,9 +83,9 @@ def rows(results: Path) -> list[str]:
 def main(argv: Sequence[str] | None = None) -> None:
     """Print the table of a sweep's ``results.csv``."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("results", type=Path)
+    parser.add_argument("results", type=Path, nargs="+")
     args = parser.parse_args(argv)
-    print("\n".join(rows(args.results)))
+    print("\n".join(rows(*args.results)))
 
 
 if __name__ == "__main__":
