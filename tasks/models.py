@@ -3,6 +3,8 @@
 - ``logreg``: one linear layer (multinomial logistic regression, FedProx's
   model for Synthetic data).
 - ``mlp``: flatten, two hidden ReLU layers (128, 64).
+- ``mlp-tanh``: flatten, one hidden tanh layer (64): a smooth model, for
+  methods whose theory needs an L-smooth loss (DIFF2; ReLU is not smooth).
 - ``cnn``: two 3x3 (or width-5 for 1-D signals) conv blocks, then adaptive
   average pooling, so one definition fits 8x8 digits, 28x28 MNIST, 32x32 CIFAR
   and (C, L) signals such as MNIST-1D.
@@ -41,7 +43,16 @@ from torch import nn
 
 from bouquet.tasks.spec import DatasetInfo, unknown_name_error
 
-MODELS = ("logreg", "mlp", "cnn", "resnet18", "vit-tiny", "gpt2-tiny", "gcn")
+MODELS = (
+    "logreg",
+    "mlp",
+    "mlp-tanh",
+    "cnn",
+    "resnet18",
+    "vit-tiny",
+    "gpt2-tiny",
+    "gcn",
+)
 NORMS = ("batch", "group", "none")
 WRAPPERS = ("none", "gated", "masked", "hyper")
 
@@ -67,6 +78,15 @@ def _mlp(info: DatasetInfo) -> nn.Module:
         nn.ReLU(),
         nn.Linear(128, 64),
         nn.ReLU(),
+        nn.Linear(64, info.num_classes),
+    )
+
+
+def _mlp_tanh(info: DatasetInfo) -> nn.Module:
+    return nn.Sequential(
+        nn.Flatten(),
+        nn.Linear(math.prod(info.input_shape), 64),
+        nn.Tanh(),
         nn.Linear(64, info.num_classes),
     )
 
@@ -225,6 +245,8 @@ def _build(name: str, info: DatasetInfo, norm: str, seed: int) -> nn.Module:
             )
         if name == "mlp":
             return _mlp(info)
+        if name == "mlp-tanh":
+            return _mlp_tanh(info)
         if name == "cnn":
             return _cnn(info, norm)
         if name == "vit-tiny":

@@ -23,6 +23,7 @@ def layer_types(model):
         ("logreg", SYNTHETIC),
         ("mlp", SYNTHETIC),
         ("mlp", DIGITS),
+        ("mlp-tanh", SYNTHETIC),
         ("cnn", DIGITS),
         ("cnn", MNIST1D),
         ("cnn", MNIST),
@@ -37,7 +38,7 @@ def test_forward_gives_one_logit_per_class(name, info):
     assert torch.isfinite(logits).all()
 
 
-@pytest.mark.parametrize("name", ["logreg", "mlp", "cnn"])
+@pytest.mark.parametrize("name", ["logreg", "mlp", "mlp-tanh", "cnn"])
 def test_same_seed_same_weights_and_global_rng_untouched(name):
     torch.manual_seed(123)
     expected_draw = torch.rand(1)
@@ -148,3 +149,10 @@ def test_uninitialised_model_with_an_unsaved_buffer_is_initialised(monkeypatch):
     monkeypatch.setattr(bouquet.tasks.models, "_mlp", with_unsaved_buffer)
     model = build_model("mlp", SYNTHETIC, initialize=False)
     assert torch.equal(model.scale, torch.ones(1))  # not left arbitrary
+
+
+def test_mlp_tanh_is_one_smooth_hidden_layer():
+    model = build_model("mlp-tanh", SYNTHETIC)
+    linears = [m for m in model.modules() if isinstance(m, nn.Linear)]
+    assert [(m.in_features, m.out_features) for m in linears] == [(60, 64), (64, 10)]
+    assert nn.Tanh in layer_types(model) and nn.ReLU not in layer_types(model)
