@@ -5,10 +5,12 @@ Eight are embedded and work offline: ``digits`` (scikit-learn), ``digits-shift``
 pretrained on the other half), ``digits-domains`` (that half, each image in
 one of four domains: a mixture inside every client), ``mnist1d`` (generated
 by the ``mnist1d`` package), ``synthetic`` (FedProx's Synthetic(alpha, beta),
-generated here), ``grammar-text`` (character-level causal language modelling on
-sentences of a generated grammar, four topics: :mod:`tasks.text`) and
-``sbm-graph`` (an attributed stochastic-block-model graph, one community per
-node, rows are nodes with their GCN computation tree: :mod:`tasks.graph`).
+generated here), ``tabular`` (scikit-learn's ``make_classification``: 40,000
+rows, 20 features, 2 classes), ``grammar-text`` (character-level causal
+language modelling on sentences of a generated grammar, four topics:
+:mod:`tasks.text`) and ``sbm-graph`` (an attributed stochastic-block-model
+graph, one community per node, rows are nodes with their GCN computation
+tree: :mod:`tasks.graph`).
 The others come from the Hugging Face Hub through flwr-datasets and need
 network access the first time.
 
@@ -59,6 +61,9 @@ EMBEDDED: dict[str, DatasetInfo] = {
     "digits-domains": DatasetInfo("digits-domains", (1, 8, 8), 10),
     "mnist1d": DatasetInfo("mnist1d", (1, 40), 10),
     "synthetic": DatasetInfo("synthetic", (60,), 10),
+    # scikit-learn's make_classification, 40,000 rows (sources.py): DIFF2's
+    # tabular reproduction target.
+    "tabular": DatasetInfo("tabular", (20,), 2),
     # Character-level next-token prediction on a generated grammar (text.py):
     # inputs are 32 character ids, targets the next 32, classes the vocabulary.
     "grammar-text": DatasetInfo("grammar-text", (32,), 28),

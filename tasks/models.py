@@ -5,6 +5,8 @@
 - ``mlp``: flatten, two hidden ReLU layers (128, 64).
 - ``mlp-wide``: flatten, two hidden ReLU layers (256, 256): the width that
   supermasks over frozen random weights need (HideNseek's target model).
+- ``mlp-tanh``: flatten, one hidden tanh layer (64): a smooth model, for
+  methods whose theory needs an L-smooth loss (DIFF2; ReLU is not smooth).
 - ``cnn``: two 3x3 (or width-5 for 1-D signals) conv blocks, then adaptive
   average pooling, so one definition fits 8x8 digits, 28x28 MNIST, 32x32 CIFAR
   and (C, L) signals such as MNIST-1D.
@@ -47,6 +49,7 @@ MODELS = (
     "logreg",
     "mlp",
     "mlp-wide",
+    "mlp-tanh",
     "cnn",
     "resnet18",
     "vit-tiny",
@@ -79,6 +82,15 @@ def _mlp(info: DatasetInfo, hidden: tuple[int, int] = (128, 64)) -> nn.Module:
         nn.Linear(hidden[0], hidden[1]),
         nn.ReLU(),
         nn.Linear(hidden[1], info.num_classes),
+    )
+
+
+def _mlp_tanh(info: DatasetInfo) -> nn.Module:
+    return nn.Sequential(
+        nn.Flatten(),
+        nn.Linear(math.prod(info.input_shape), 64),
+        nn.Tanh(),
+        nn.Linear(64, info.num_classes),
     )
 
 
@@ -238,6 +250,8 @@ def _build(name: str, info: DatasetInfo, norm: str, seed: int) -> nn.Module:
             return _mlp(info)
         if name == "mlp-wide":
             return _mlp(info, (256, 256))
+        if name == "mlp-tanh":
+            return _mlp_tanh(info)
         if name == "cnn":
             return _cnn(info, norm)
         if name == "vit-tiny":

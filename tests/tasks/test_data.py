@@ -21,7 +21,7 @@ from bouquet.tasks import (
 )
 from bouquet.tasks.synthetic import make_synthetic
 
-EMBEDDED = ["digits", "mnist1d", "synthetic"]
+EMBEDDED = ["digits", "mnist1d", "synthetic", "tabular"]
 
 
 @pytest.fixture(autouse=True)

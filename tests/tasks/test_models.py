@@ -24,6 +24,7 @@ def layer_types(model):
         ("mlp", SYNTHETIC),
         ("mlp", DIGITS),
         ("mlp-wide", DIGITS),
+        ("mlp-tanh", SYNTHETIC),
         ("cnn", DIGITS),
         ("cnn", MNIST1D),
         ("cnn", MNIST),
@@ -38,7 +39,7 @@ def test_forward_gives_one_logit_per_class(name, info):
     assert torch.isfinite(logits).all()
 
 
-@pytest.mark.parametrize("name", ["logreg", "mlp", "cnn"])
+@pytest.mark.parametrize("name", ["logreg", "mlp", "mlp-tanh", "cnn"])
 def test_same_seed_same_weights_and_global_rng_untouched(name):
     torch.manual_seed(123)
     expected_draw = torch.rand(1)
@@ -155,3 +156,10 @@ def test_mlp_wide_is_the_hidenseek_target_width():
     model = build_model("mlp-wide", DIGITS, seed=0)
     shapes = [tuple(p.shape) for n, p in model.named_parameters() if "weight" in n]
     assert shapes == [(256, 64), (256, 256), (DIGITS.num_classes, 256)]
+
+
+def test_mlp_tanh_is_one_smooth_hidden_layer():
+    model = build_model("mlp-tanh", SYNTHETIC)
+    linears = [m for m in model.modules() if isinstance(m, nn.Linear)]
+    assert [(m.in_features, m.out_features) for m in linears] == [(60, 64), (64, 10)]
+    assert nn.Tanh in layer_types(model) and nn.ReLU not in layer_types(model)
