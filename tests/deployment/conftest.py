@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from bouquet.simulations.processes import FlowerProcesses
-from bouquet.simulations.proctools import APP_DIR
+from bouquet.simulations.proctools import APP_DIR, STATUS_COMPLETED, read_run_metrics
 
 
 @pytest.fixture(scope="module")
@@ -39,3 +39,22 @@ def pytest_runtest_makereport(item, call):
         for value in getattr(item, "funcargs", {}).values():
             if isinstance(value, FlowerProcesses):
                 report.sections.append(("Flower process logs", value.logs()))
+
+
+NODES = 2
+"""SuperNodes of the SuperLink test files' deployments."""
+
+
+def run_on_supernodes(flower, deployment, app_dir, tmp_path, run_config: dict) -> list:
+    """Submit one run, wait until it completed, return its metrics rows."""
+    connection = deployment.superlink.connection
+    run = flower.submit_run(
+        connection,
+        app_dir,
+        run_config={**run_config, "output-dir": str(tmp_path)},
+        timeout=300,
+    )
+    status = flower.wait_for_run(run.run_id, connection, timeout=60)
+    assert status == STATUS_COMPLETED, run.output
+    rows, _ = read_run_metrics(tmp_path)
+    return rows
